@@ -1,0 +1,79 @@
+"""`python -m ce_export`: a thin layer over pipeline.py. User errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+
+from ce_export.errors import CeExportError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from ce_export.capture import DTYPES
+    from ce_export.export import TARGETS
+
+    parser = argparse.ArgumentParser(prog="python -m ce_export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="export MODEL (a checkpoint folder, or 'demo') and verify it")
+    build.add_argument("model", help="checkpoint folder (config.json + safetensors), or 'demo' for the built-in CE model")
+    build.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
+    build.add_argument("--target", choices=TARGETS, default="portable",
+                       help="portable: custom nodes with ONNX function bodies; ort: plain MoE layers as "
+                            "com.microsoft::MoE; trt: custom nodes marked for our TensorRT plugin")
+    build.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    build.add_argument("--max-batch", type=int, default=64)
+    build.add_argument("--max-seq", type=int, default=4096, help="longest input sequence per call (prefill)")
+    build.add_argument("--max-context", type=int, default=4096, help="longest KV cache (past length)")
+    build.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    build.add_argument("--no-verify", action="store_true", help="skip the parity check (not recommended)")
+
+    verify = sub.add_parser("verify", help="rerun the parity check of a build folder; exit 1 when it fails")
+    verify.add_argument("folder")
+
+    demo = sub.add_parser("demo", help="write the built-in demo checkpoint (CE by default) to a folder")
+    demo.add_argument("out")
+    demo.add_argument("--plain", action="store_true", help="the same model without compressed experts (top-k MoE)")
+    demo.add_argument("--force", action="store_true")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ce_export import pipeline
+    from ce_export.demo import write_demo_checkpoint
+
+    if args.command == "build":
+        for flag in ("max_batch", "max_seq", "max_context"):
+            if getattr(args, flag) < 1:
+                raise CeExportError(f"--{flag.replace('_', '-')} must be at least 1")
+        options = pipeline.BuildOptions(target=args.target, dtype=args.dtype, max_batch=args.max_batch,
+                                        max_seq=args.max_seq, max_context=args.max_context, force=args.force,
+                                        verify=not args.no_verify)
+        pipeline.build(args.model, args.out, options)
+    elif args.command == "verify":
+        pipeline.verify(args.folder)
+    elif args.command == "demo":
+        path = write_demo_checkpoint(args.out, compressed=not args.plain, force=args.force)
+        print(f"demo checkpoint ({'plain' if args.plain else 'CE'}): {path.absolute()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        run(args)
+    except CeExportError as error:
+        print(f"ce_export: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("ce_export: interrupted", file=sys.stderr)
+        return 130
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0

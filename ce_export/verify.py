@@ -1,0 +1,181 @@
+"""Stage 5, verify: PyTorch vs ONNX Runtime on the exported decoder -> parity.json.
+
+Two checks, both against the captured PyTorch model (whose MoE blocks run moe_math.py):
+- logits and present K/V on several (batch, sequence, past) shapes, with and without past;
+  per output the max absolute error and the relative error max|ort - torch| / max|torch|;
+- greedy generation (prefill, then a decode loop over the KV cache) from a left-padded batch:
+  ONNX Runtime must produce the same tokens as transformers' generate on the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ce_export.capture import KvCacheDecoder
+
+GENERATION_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria for one exported precision.
+
+    statistic/threshold: the relative-error statistic of each output vs the fp32 reference that
+    must stay under the threshold (max for fp32; for fp16/bf16 the mean, since a router near-tie
+    that rounding flips changes a few tokens' outputs completely, on any runtime).
+    near_tie: generation may diverge from PyTorch only at a step whose two candidate tokens'
+    PyTorch logits differ by at most this fraction of that step's largest |logit|.
+    """
+
+    statistic: str
+    threshold: float
+    near_tie: float
+
+
+TOLERANCES = {
+    "fp32": Tolerance("max_rel", 1e-4, 0.0),
+    "fp16": Tolerance("mean_rel", 2e-2, 2e-2),
+    "bf16": Tolerance("mean_rel", 5e-2, 5e-2),
+}
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    batch: int
+    sequence: int
+    past: int
+
+    @property
+    def name(self) -> str:
+        return f"b{self.batch}_s{self.sequence}_p{self.past}"
+
+
+PARITY_CASES = (
+    ParityCase(1, 1, 0), ParityCase(1, 7, 0), ParityCase(2, 16, 0), ParityCase(4, 64, 0),
+    ParityCase(1, 1, 16), ParityCase(2, 1, 37), ParityCase(4, 8, 20), ParityCase(3, 64, 64),
+)
+
+
+class OrtDecoder:
+    """ONNX Runtime session over an exported decoder, fed and read as torch tensors."""
+
+    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, input_ids, attention_mask, position_ids, past: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        arrays = [input_ids, attention_mask, position_ids, *past]
+        feed = {name: tensor.detach().contiguous().numpy() for name, tensor in zip(self.input_names, arrays)}
+        return [torch.from_numpy(out) for out in self.session.run(self.output_names, feed)]
+
+
+def random_inputs(case: ParityCase, vocab: int, kv_shape: tuple[int, int], num_layers: int, dtype, gen: torch.Generator):
+    heads, head_dim = kv_shape
+    ids = torch.randint(0, vocab, (case.batch, case.sequence), generator=gen)
+    mask = torch.ones(case.batch, case.past + case.sequence, dtype=torch.int64)
+    positions = torch.arange(case.past, case.past + case.sequence).expand(case.batch, -1).contiguous()
+    past = tuple(torch.randn(case.batch, heads, case.past, head_dim, generator=gen).to(dtype) for _ in range(2 * num_layers))
+    return ids, mask, positions, past
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    reference, candidate = reference.double(), candidate.double()
+    if reference.shape != candidate.shape:
+        return {"shape_mismatch": [list(reference.shape), list(candidate.shape)], "max_abs": float("inf"), "max_rel": float("inf")}
+    if reference.numel() == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "mean_rel": 0.0}
+    abs_err = (reference - candidate).abs()
+    scale = reference.abs().max().item() or 1.0
+    return {"max_abs": abs_err.max().item(), "max_rel": abs_err.max().item() / scale,
+            "mean_abs": abs_err.mean().item(), "mean_rel": abs_err.mean().item() / scale}
+
+
+def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0) -> dict:
+    reference = KvCacheDecoder(reference_lm).eval()
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for case in cases:
+        inputs = random_inputs(case, spec.vocab_size, (spec.num_key_value_heads, spec.head_dim), spec.num_layers, dtype, gen)
+        with torch.no_grad():
+            expected = reference(*inputs[:3], tuple(t.float() for t in inputs[3]))
+        actual = runtime(*inputs)
+        per_output = {name: compare(e, a) for name, e, a in zip(output_names, expected, actual)}
+        top1 = (expected[0].argmax(-1) == actual[0].argmax(-1)).double().mean().item()
+        results.append({"case": case.name, "batch": case.batch, "sequence": case.sequence, "past": case.past,
+                        "max_rel": max(r["max_rel"] for r in per_output.values()),
+                        "mean_rel": max(r["mean_rel"] for r in per_output.values()),
+                        "logits_top1_agreement": top1, "outputs": per_output})
+    worst = max(r[tolerance.statistic] for r in results)
+    return {"statistic": tolerance.statistic, "threshold": tolerance.threshold, "worst": worst,
+            "max_rel": max(r["max_rel"] for r in results), "passed": bool(worst <= tolerance.threshold), "cases": results}
+
+
+def generation_prompt(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of 8 tokens; the first is left-padded by 3 (pad id 0), as batched serving does."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (2, 8), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[0, :3] = 0
+    mask[0, :3] = 0
+    return ids, mask
+
+
+def greedy_onnx(runtime, ids, mask, new_tokens: int, spec, dtype) -> torch.Tensor:
+    batch = ids.shape[0]
+    past = tuple(torch.zeros(batch, spec.num_key_value_heads, 0, spec.head_dim, dtype=dtype) for _ in range(2 * spec.num_layers))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = ids
+    step_ids = ids
+    for _ in range(new_tokens):
+        logits, *past = runtime(step_ids, mask, positions, tuple(past))
+        step_ids = logits[:, -1].float().argmax(-1, keepdim=True)
+        out = torch.cat([out, step_ids], dim=1)
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        positions = positions[:, -1:] + 1
+    return out[:, ids.shape[1]:]
+
+
+def greedy_torch(lm, ids, mask, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' generate: (new tokens [B, N], the logits of each step [B, N, V])."""
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                          return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
+
+
+def check_generation(lm_at_export_dtype, runtime, spec, dtype, tolerance: Tolerance, new_tokens: int = GENERATION_TOKENS) -> dict:
+    ids, mask = generation_prompt(spec.vocab_size)
+    start = time.perf_counter()
+    expected, step_logits = greedy_torch(lm_at_export_dtype, ids, mask, new_tokens)
+    torch_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    actual = greedy_onnx(runtime, ids, mask, new_tokens, spec, dtype)
+    ort_seconds = time.perf_counter() - start
+    rows = []
+    for row, (e, a) in enumerate(zip(expected, actual)):
+        differ = (e != a).nonzero()
+        if not len(differ):
+            rows.append({"identical": True, "first_difference": None, "near_tie_margin": None, "passed": True})
+            continue
+        step = int(differ[0])
+        logits = step_logits[row, step]
+        margin = ((logits[e[step]] - logits[a[step]]) / logits.abs().max()).item()
+        rows.append({"identical": False, "first_difference": step, "near_tie_margin": margin,
+                     "passed": bool(margin <= tolerance.near_tie)})
+    return {"new_tokens": new_tokens, "near_tie_tolerance": tolerance.near_tie,
+            "passed": all(r["passed"] for r in rows), "rows": rows,
+            "torch_tokens": expected.tolist(), "onnx_tokens": actual.tolist(),
+            "torch_seconds": torch_seconds, "onnxruntime_seconds": ort_seconds}

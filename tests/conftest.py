@@ -1,0 +1,23 @@
+import pytest
+
+from ce_export.demo import write_demo_checkpoint
+
+
+@pytest.fixture(scope="session")
+def demo_ce(tmp_path_factory):
+    return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo_ce", compressed=True)
+
+
+@pytest.fixture(scope="session")
+def demo_plain(tmp_path_factory):
+    return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo_plain", compressed=False)
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """`build demo` (portable, fp32), once per test session."""
+    from ce_export import pipeline
+
+    out = tmp_path_factory.mktemp("builds") / "demo"
+    pipeline.build("demo", out, pipeline.BuildOptions(), report=lambda line: None)
+    return out

@@ -1,0 +1,109 @@
+"""The exported decoder: structure, ONNX validity, ONNX Runtime parity and generation."""
+
+import json
+
+import onnx
+import pytest
+
+from ce_export import pipeline
+from checkpoints import demo_variant
+
+QUIET = dict(report=lambda line: None)
+
+
+def load_manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def load_parity(folder):
+    return json.loads((folder / "parity.json").read_text())
+
+
+def test_demo_build_artifacts(demo_build):
+    assert sorted(p.name for p in demo_build.iterdir()) == ["checkpoint", "manifest.json", "model.onnx", "parity.json"]
+    manifest = load_manifest(demo_build)
+    assert manifest["onnx"]["inputs"][:5] == ["input_ids", "attention_mask", "position_ids",
+                                              "past_key_values.0.key", "past_key_values.0.value"]
+    assert manifest["onnx"]["outputs"][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert manifest["onnx"]["dynamic_axes"]["input_ids"] == {"0": "batch", "1": "sequence"}
+    assert manifest["onnx"]["dynamic_axes"]["past_key_values.0.key"] == {"0": "batch", "2": "past_sequence"}
+    assert manifest["model"]["moe_layers"][0]["n_ce"] == 2
+    assert manifest["tools"]["onnxruntime"] != "not installed"
+
+
+def test_onnx_has_one_custom_node_per_moe_layer_with_a_standard_body(demo_build):
+    model = onnx.load(demo_build / "model.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    moe_nodes = [n for n in model.graph.node if n.domain == "ce_export"]
+    assert [n.op_type for n in moe_nodes] == ["CompressedMoE"] * 4
+    assert [f.name for f in model.functions] == ["CompressedMoE"]
+    body_ops = {n.op_type for n in model.functions[0].node}
+    assert all(n.domain in ("", "ai.onnx") for n in model.functions[0].node)
+    assert not body_ops & {"ScatterND", "ScatterElements", "NonZero", "Loop"}
+
+
+def test_demo_parity_fp32(demo_build):
+    parity = load_parity(demo_build)
+    assert parity["passed"]
+    assert parity["logits"]["statistic"] == "max_rel" and parity["logits"]["max_rel"] <= 1e-4
+    shapes = {(c["batch"], c["sequence"], c["past"]) for c in parity["logits"]["cases"]}
+    assert {b for b, _, _ in shapes} >= {1, 2, 4} and {s for _, s, _ in shapes} >= {1, 64}
+    assert any(p == 0 for _, _, p in shapes) and any(p > 0 for _, _, p in shapes)
+    generation = parity["generation"]
+    assert generation["new_tokens"] == 32
+    assert generation["torch_tokens"] == generation["onnx_tokens"]
+    assert len(set(generation["torch_tokens"][1])) > 8  # the demo does not collapse into a repeated token
+
+
+def test_verify_command_reruns_parity(demo_build):
+    parity = pipeline.verify(demo_build, **QUIET)
+    assert parity["passed"]
+
+
+def test_ort_target_lowers_plain_moe_to_com_microsoft(demo_plain, tmp_path):
+    out = tmp_path / "ort"
+    pipeline.build(str(demo_plain), out, pipeline.BuildOptions(target="ort"), **QUIET)
+    model = onnx.load(out / "model.onnx")
+    ms = [n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
+    assert len(ms) == 4 and not model.functions
+    assert not [n for n in model.graph.node if n.domain == "ce_export"]
+    assert load_parity(out)["passed"]
+
+
+def test_ort_target_keeps_compressed_layers_portable(demo_ce, tmp_path):
+    out = tmp_path / "ort_ce"
+    pipeline.build(str(demo_ce), out, pipeline.BuildOptions(target="ort"), **QUIET)
+    model = onnx.load(out / "model.onnx")
+    assert [n.op_type for n in model.graph.node if n.domain == "ce_export"] == ["CompressedMoE"] * 4
+
+
+def test_trt_target_marks_plugin_nodes(demo_ce, tmp_path):
+    out = tmp_path / "trt"
+    pipeline.build(str(demo_ce), out, pipeline.BuildOptions(target="trt"), **QUIET)
+    model = onnx.load(out / "model.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    for node in (n for n in model.graph.node if n.domain == "ce_export"):
+        attrs = {a.name: a for a in node.attribute}
+        assert attrs["plugin_namespace"].s == b"ce_export" and attrs["plugin_version"].s == b"1"
+    assert load_parity(out)["passed"]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_low_precision_builds_pass_their_thresholds(demo_ce, tmp_path, dtype):
+    out = tmp_path / dtype
+    pipeline.build(str(demo_ce), out, pipeline.BuildOptions(dtype=dtype), **QUIET)
+    parity = load_parity(out)
+    assert parity["passed"] and parity["dtype"] == dtype
+    assert parity["logits"]["statistic"] == "mean_rel"
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    expected = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype]
+    assert model.graph.output[0].type.tensor_type.elem_type == expected
+
+
+def test_trimmed_model_builds_and_verifies(tmp_path):
+    folder = demo_variant(tmp_path / "trimmed", keep=[[0, 2, 3, 5, 7], list(range(8)), -1, [1, 4, 6, 7]])
+    out = tmp_path / "trimmed_build"
+    manifest = pipeline.build(str(folder), out, pipeline.BuildOptions(), **QUIET)
+    assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [5, 8, 0, 4]
+    assert len(manifest["onnx"]["moe_nodes"]) == 3
+    assert load_parity(out)["passed"]

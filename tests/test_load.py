@@ -1,0 +1,49 @@
+"""Loading checkpoint folders into the per-layer MoE description."""
+
+import torch
+
+from ce_export.load import load_checkpoint
+from ce_export.spec import LAYER_MOE, LAYER_REMOVED
+from checkpoints import demo_variant
+
+
+def test_demo_checkpoint_spec(demo_ce):
+    model = load_checkpoint(demo_ce)
+    spec = model.spec
+    assert spec.architecture == "olmoe" and spec.use_ce and spec.n_ce == 2
+    assert len(spec.moe_layers) == spec.num_layers == 4
+    layer = spec.moe_layers[0]
+    assert (layer.num_experts, layer.top_k, layer.n_ce, layer.n_main, layer.norm_topk_prob) == (8, 4, 2, 2, False)
+    weights = model.moe_weights[0]
+    assert weights.gate_up.shape == (8, 128, 128) and weights.down.shape == (8, 128, 64)
+    assert weights.ces.shape == (8, 3, 128)
+
+
+def test_fused_and_sharded_layouts_load_the_same_weights(demo_ce, tmp_path):
+    reference = load_checkpoint(demo_ce)
+    for folder in (demo_variant(tmp_path / "fused", layout="fused"), demo_variant(tmp_path / "sharded", shards=3),
+                   demo_variant(tmp_path / "fused_sharded", layout="fused", shards=2)):
+        model = load_checkpoint(folder)
+        assert model.spec.moe_layers == reference.spec.moe_layers
+        for layer, weights in reference.moe_weights.items():
+            for name in ("router", "gate_up", "down", "ces"):
+                assert torch.equal(getattr(model.moe_weights[layer], name), getattr(weights, name)), (folder, name)
+        assert model.dense_tensors.keys() == reference.dense_tensors.keys()
+
+
+def test_plain_checkpoint_has_no_compressed_experts(demo_plain):
+    model = load_checkpoint(demo_plain)
+    assert not model.spec.use_ce
+    assert all(layer.n_ce == 0 for layer in model.spec.moe_layers)
+    assert all(weights.ces is None for weights in model.moe_weights.values())
+
+
+def test_trimmed_checkpoint_per_layer_expert_counts(tmp_path):
+    keep = [[0, 2, 3, 5, 7], list(range(8)), -1, [1, 4, 6, 7]]
+    model = load_checkpoint(demo_variant(tmp_path / "trimmed", keep=keep))
+    kinds = [layer.kind for layer in model.spec.moe_layers]
+    assert kinds == [LAYER_MOE, LAYER_MOE, LAYER_REMOVED, LAYER_MOE]
+    assert [layer.num_experts for layer in model.spec.moe_layers] == [5, 8, 0, 4]
+    assert model.spec.moe_layers[3].expert_ids == (1, 4, 6, 7)
+    assert model.moe_weights[3].gate_up.shape[0] == 4 and model.moe_weights[3].ces.shape[0] == 4
+    assert 2 not in model.moe_weights
