@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     verify = sub.add_parser("verify", help="rerun the parity check of a build folder; exit 1 when it fails")
     verify.add_argument("folder")
 
+    bench = sub.add_parser("bench", help="time a build folder: PyTorch, transformers and ONNX Runtime side by side")
+    bench.add_argument("folder")
+    bench.add_argument("--out", help="where bench.json / bench.md / bench.png go (default: the build folder)")
+    bench.add_argument("--budget", type=float, default=1.0, help="seconds of timed repetitions per row and point")
+
     demo = sub.add_parser("demo", help="write the built-in demo checkpoint (CE by default) to a folder")
     demo.add_argument("out")
     demo.add_argument("--plain", action="store_true", help="the same model without compressed experts (top-k MoE)")
@@ -56,6 +61,15 @@ def run(args: argparse.Namespace) -> None:
         pipeline.build(args.model, args.out, options)
     elif args.command == "verify":
         pipeline.verify(args.folder)
+    elif args.command == "bench":
+        from pathlib import Path
+
+        from ce_export import bench
+
+        data = bench.bench(args.folder, budget_s=args.budget)
+        files = bench.write_results(data, Path(args.out or args.folder))
+        print(bench.markdown_table(data))
+        print("results: " + ", ".join(str(f) for f in files))
     elif args.command == "demo":
         path = write_demo_checkpoint(args.out, compressed=not args.plain, force=args.force)
         print(f"demo checkpoint ({'plain' if args.plain else 'CE'}): {path.absolute()}")
