@@ -49,8 +49,7 @@ def point_inputs(point: Point, spec, dtype, gen: torch.Generator):
     ids = torch.randint(0, spec.vocab_size, (point.batch, seq), generator=gen)
     mask = torch.ones(point.batch, past + seq, dtype=torch.int64)
     positions = torch.arange(past, past + seq).expand(point.batch, -1).contiguous()
-    kv = (point.batch, spec.num_key_value_heads, past, spec.head_dim)
-    past_kv = tuple(torch.randn(kv, generator=gen).to(dtype) for _ in range(2 * spec.num_layers))
+    past_kv = tuple(torch.randn(shape, generator=gen).to(dtype) for shape in spec.past_shapes(point.batch, past))
     return ids, mask, positions, past_kv
 
 

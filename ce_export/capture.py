@@ -14,30 +14,55 @@ from torch import nn
 from transformers import DynamicCache
 
 from ce_export import ops  # noqa: F401  (registers torch.ops.ce_export.moe)
-from ce_export.spec import LAYER_MOE, LoadedModel, MoeLayerSpec, MoeLayerWeights
+from ce_export.spec import LAYER_DENSE, LAYER_MOE, LoadedModel, ModelSpec, MoeLayerSpec, MoeLayerWeights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor.clone(), requires_grad=False)
+
+
+class SharedExpert(nn.Module):
+    """An always-on SwiGLU expert beside the routed ones, optionally gated by sigmoid(h @ g)."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, gate: torch.Tensor | None):
+        super().__init__()
+        self.gate_up, self.down, self.gate = frozen(gate_up), frozen(down), frozen(gate)
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(flat, self.gate_up).chunk(2, dim=-1)
+        out = F.linear(F.silu(gate) * up, self.down)
+        if self.gate is not None:
+            out = out * torch.sigmoid(F.linear(flat, self.gate))
+        return out
+
+
 class MoeBlock(nn.Module):
-    """Router matmul + one `ce_export::moe` call; replaces a transformers sparse MoE block."""
+    """Router matmul + one `ce_export::moe` call (+ shared expert); replaces a transformers MoE block."""
 
     def __init__(self, spec: MoeLayerSpec, weights: MoeLayerWeights):
         super().__init__()
         self.spec = spec
-        self.router = nn.Parameter(weights.router.clone(), requires_grad=False)
-        self.gate_up = nn.Parameter(weights.gate_up.clone(), requires_grad=False)
-        self.down = nn.Parameter(weights.down.clone(), requires_grad=False)
-        ces = None if weights.ces is None else nn.Parameter(weights.ces.clone(), requires_grad=False)
-        self.ces = ces
+        self.router = frozen(weights.router)
+        self.gate_up = frozen(weights.gate_up)
+        self.down = frozen(weights.down)
+        self.ces = frozen(weights.ces)
+        self.shared = None
+        if weights.shared_gate_up is not None:
+            self.shared = SharedExpert(weights.shared_gate_up, weights.shared_down, weights.shared_gate)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        router_logits = F.linear(flat, self.router)
+        spec = self.spec
+        # DeepSeek routes in fp32 (transformers casts hidden and router weight); the others in the model dtype.
+        router_logits = F.linear(flat.float(), self.router.float()) if spec.routing_scale != 1.0 else F.linear(flat, self.router)
         out = torch.ops.ce_export.moe(
             flat, router_logits, self.gate_up, self.down, self.ces,
-            self.spec.top_k, self.spec.n_ce, self.spec.norm_topk_prob,
+            spec.top_k, spec.n_ce, spec.norm_topk_prob, spec.routing, spec.routing_scale, spec.jitter_eps,
         )
+        if self.shared is not None:
+            out = out + self.shared(flat)
         return out.reshape(hidden_states.shape)
 
 
@@ -48,13 +73,17 @@ class RemovedMoe(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def hf_config_for(model: LoadedModel):
+def hf_config_for(spec: ModelSpec):
     from transformers import AutoConfig
 
-    config = dict(model.spec.hf_config)
-    counts = [layer.num_experts for layer in model.spec.moe_layers if layer.kind == LAYER_MOE]
+    from ce_export.load import ARCHITECTURES
+
+    config = dict(spec.hf_config)
+    counts = [layer.num_experts for layer in spec.moe_layers if layer.kind == LAYER_MOE]
     # transformers' config takes one expert count; our blocks carry their own per-layer counts.
-    config["num_experts"] = max(counts, default=1)
+    for key in ARCHITECTURES[spec.architecture].experts_keys:
+        if key in config:
+            config[key] = max(counts, default=2)
     for key in ("use_ce", "n_ce", "bottom_k", "layer_experts_idx"):
         config.pop(key, None)
     hf_config = AutoConfig.for_model(**config)
@@ -66,12 +95,14 @@ def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32) ->
     """The captured causal LM (a transformers *ForCausalLM with our MoE blocks), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    config = hf_config_for(model)
+    config = hf_config_for(model.spec)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     moe_param_names = set()
     for spec in model.spec.moe_layers:
         decoder_layer = lm.model.layers[spec.layer]
+        if spec.kind == LAYER_DENSE:
+            continue
         if spec.kind == LAYER_MOE:
             decoder_layer.mlp = MoeBlock(spec, model.moe_weights[spec.layer])
         else:
@@ -92,7 +123,45 @@ def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32) ->
     # Rotary frequencies stay fp32 (transformers computes the angles in fp32); casting them to
     # bf16 would shift every position's phase. Rebuilding also replaces the meta-device buffer.
     lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config)
+    if model.spec.architecture == "deepseek_v2":
+        use_real_rotary_for_deepseek(lm)
     return lm.eval()
+
+
+def use_real_rotary_for_deepseek(lm: nn.Module) -> None:
+    """transformers' DeepSeek-V2 rotates q/k with complex tensors, which ONNX cannot express.
+
+    Swap in the same rotation in real arithmetic: the rotary module returns (cos, sin) pairs and
+    the attention's rotation function (patched at module level, and still delegating to the
+    original for complex inputs, so stock models in the process are unaffected) applies them.
+    """
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as deepseek
+
+    original_rotary = type(lm.model.rotary_emb)
+
+    class RealRotaryEmbedding(original_rotary):
+        def forward(self, x, position_ids):
+            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+            return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
+
+    rotary = lm.model.rotary_emb
+    rotary.__class__ = RealRotaryEmbedding
+    if not getattr(deepseek.apply_rotary_emb, "handles_real", False):
+        complex_rotation = deepseek.apply_rotary_emb
+
+        def apply_rotary_emb(xq, xk, freqs):
+            if freqs.is_complex():
+                return complex_rotation(xq, xk, freqs)
+            cos, sin = (part.unsqueeze(1) for part in freqs.unbind(-1))  # [B, 1, S, d/2]
+
+            def rotate(x):
+                real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+                return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(3).type_as(x)
+
+            return rotate(xq), rotate(xk)
+
+        apply_rotary_emb.handles_real = True
+        deepseek.apply_rotary_emb = apply_rotary_emb
 
 
 def flatten_cache(cache: DynamicCache) -> list[torch.Tensor]:
@@ -131,7 +200,5 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def empty_past(model: LoadedModel, batch: int, past: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    spec = model.spec
-    shape = (batch, spec.num_key_value_heads, past, spec.head_dim)
-    return tuple(torch.zeros(shape, dtype=dtype) for _ in range(2 * spec.num_layers))
+def empty_past(spec: ModelSpec, batch: int, past: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(batch, past))

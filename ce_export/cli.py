@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     build.add_argument("--max-context", type=int, default=4096, help="longest KV cache (past length)")
     build.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     build.add_argument("--no-verify", action="store_true", help="skip the parity check (not recommended)")
+    build.add_argument("--plugin-lib", help="--target trt: our TensorRT plugin library (default: $CE_EXPORT_PLUGIN_LIB "
+                                            "or plugins/trt/build/libce_export_trt.so when built)")
+    build.add_argument("--triton-repo", help="also write a Triton Inference Server model repository to this folder")
 
     verify = sub.add_parser("verify", help="rerun the parity check of a build folder; exit 1 when it fails")
     verify.add_argument("folder")
@@ -39,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("folder")
     bench.add_argument("--out", help="where bench.json / bench.md / bench.png go (default: the build folder)")
     bench.add_argument("--budget", type=float, default=1.0, help="seconds of timed repetitions per row and point")
+    bench.add_argument("--trtexec", action="store_true",
+                       help="instead, run trtexec on the folder's TensorRT engine (writes bench_trtexec.json)")
 
     demo = sub.add_parser("demo", help="write the built-in demo checkpoint (CE by default) to a folder")
     demo.add_argument("out")
@@ -57,7 +62,8 @@ def run(args: argparse.Namespace) -> None:
                 raise CeExportError(f"--{flag.replace('_', '-')} must be at least 1")
         options = pipeline.BuildOptions(target=args.target, dtype=args.dtype, max_batch=args.max_batch,
                                         max_seq=args.max_seq, max_context=args.max_context, force=args.force,
-                                        verify=not args.no_verify)
+                                        verify=not args.no_verify, plugin_library=args.plugin_lib,
+                                        triton_repo=args.triton_repo)
         pipeline.build(args.model, args.out, options)
     elif args.command == "verify":
         pipeline.verify(args.folder)
@@ -66,6 +72,11 @@ def run(args: argparse.Namespace) -> None:
 
         from ce_export import bench
 
+        if args.trtexec:
+            from ce_export.trtexec import run_trtexec
+
+            run_trtexec(args.folder, out=Path(args.folder) / "bench_trtexec.json")
+            return
         data = bench.bench(args.folder, budget_s=args.budget)
         files = bench.write_results(data, Path(args.out or args.folder))
         print(bench.markdown_table(data))

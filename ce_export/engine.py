@@ -418,6 +418,10 @@ def build_engine(
                              f"({c['plugin']} plugin layers, {c['inlined']} inlined body layers; "
                              f"{len(unbound)} of {len(moe_nodes)} MoE nodes unbound) with {plugin['library']}")
         plugin["bound"] = True
+    elif moe_nodes and len(bound) == len(moe_nodes):  # creators registered earlier in this process
+        plugin.update(bound=True, mechanism="already registered in this process")
+        plugin.pop("reason", None)
+        use_plugin = True
     else:
         not_inlined = [name for name, c in counts.items() if c["inlined"] == 0]
         if not_inlined:

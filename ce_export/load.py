@@ -13,12 +13,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 
 from ce_export.errors import LoadError
+from ce_export.moe_math import SOFTMAX_TOPK, SPARSEMIXER
 from ce_export.spec import (
+    LAYER_DENSE,
     LAYER_MOE,
     LAYER_REMOVED,
     LoadedModel,
@@ -31,26 +34,79 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 
 
+def _softmax_routing(norm_default: bool):
+    def routing(config: dict) -> dict:
+        return {"routing": SOFTMAX_TOPK, "norm_topk_prob": bool(config.get("norm_topk_prob", norm_default))}
+    return routing
+
+
+def _mixtral_routing(config: dict) -> dict:
+    return {"routing": SOFTMAX_TOPK, "norm_topk_prob": True}
+
+
+def _deepseek_routing(config: dict) -> dict:
+    method = config.get("topk_method", "greedy")
+    if method != "greedy":
+        raise LoadError(f"deepseek topk_method {method!r} is not supported (only 'greedy')")
+    return {"routing": SOFTMAX_TOPK, "norm_topk_prob": False,
+            "routing_scale": float(config.get("routed_scaling_factor", 1.0))}
+
+
+def _phimoe_routing(config: dict) -> dict:
+    return {"routing": SPARSEMIXER, "norm_topk_prob": False, "jitter_eps": float(config.get("router_jitter_noise", 0.01))}
+
+
+def _every_layer(config: dict, layer: int) -> bool:
+    return True
+
+
+def _qwen_sparse_layer(config: dict, layer: int) -> bool:
+    step = config.get("decoder_sparse_step", 1) or 1
+    return layer not in (config.get("mlp_only_layers") or []) and (layer + 1) % step == 0
+
+
+def _deepseek_sparse_layer(config: dict, layer: int) -> bool:
+    step = config.get("moe_layer_freq", 1) or 1
+    return layer >= config.get("first_k_dense_replace", 0) and layer % step == 0
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """How one transformers model family names its config keys and tensors."""
+    """How one transformers model family names its MoE config keys and on-disk tensors.
+
+    Everything outside the MoE blocks is taken from transformers' own model class, whose
+    parameter names and shapes say which other tensors the checkpoint must hold.
+    """
 
     model_type: str
-    experts_key: str  # config key with the expert count (int, or a per-layer list when trimmed)
-    top_k_key: str
-    layer_prefix: str  # format string with {layer}
-    moe_prefix: str  # relative to the layer prefix
+    experts_keys: tuple[str, ...]  # config keys with the expert count (int, or a per-layer list when trimmed)
+    intermediate_key: str  # the routed experts' intermediate size
+    moe_module: str  # the MoE block's name on disk, under model.layers.{l}.
+    expert_names: tuple[str, str, str]  # gate, up, down projection names on disk
+    routing: Callable[[dict], dict]
+    is_moe_layer: Callable[[dict, int], bool] = _every_layer
+    shared_module: str | None = None  # the shared expert's name on disk, under the MoE block
+    shared_intermediate: Callable[[dict], int] | None = None
+    shared_gate: str | None = None  # the shared expert gate's name on disk, under the MoE block
+    top_k_key: str = "num_experts_per_tok"
 
 
-ARCHITECTURES = {
-    "olmoe": Architecture(
-        model_type="olmoe",
-        experts_key="num_experts",
-        top_k_key="num_experts_per_tok",
-        layer_prefix="model.layers.{layer}.",
-        moe_prefix="mlp.",
-    ),
-}
+SWIGLU_NAMES = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_NAMES = ("w1", "w3", "w2")
+
+ARCHITECTURES = {arch.model_type: arch for arch in (
+    Architecture("olmoe", ("num_experts",), "intermediate_size", "mlp", SWIGLU_NAMES, _softmax_routing(False)),
+    Architecture("mixtral", ("num_local_experts",), "intermediate_size", "block_sparse_moe", MIXTRAL_NAMES, _mixtral_routing),
+    Architecture("qwen2_moe", ("num_experts", "num_local_experts"), "moe_intermediate_size", "mlp", SWIGLU_NAMES,
+                 _softmax_routing(False), _qwen_sparse_layer, "shared_expert",
+                 lambda c: c["shared_expert_intermediate_size"], "shared_expert_gate"),
+    Architecture("qwen3_moe", ("num_experts", "num_local_experts"), "moe_intermediate_size", "mlp", SWIGLU_NAMES,
+                 _softmax_routing(False), _qwen_sparse_layer),
+    Architecture("deepseek_v2", ("n_routed_experts",), "moe_intermediate_size", "mlp", SWIGLU_NAMES, _deepseek_routing,
+                 _deepseek_sparse_layer, "shared_experts",
+                 lambda c: c["moe_intermediate_size"] * c.get("n_shared_experts", 1)),
+    Architecture("phimoe", ("num_local_experts",), "intermediate_size", "block_sparse_moe", MIXTRAL_NAMES, _phimoe_routing),
+)}
 
 
 def load_checkpoint(folder: str | Path) -> LoadedModel:
@@ -143,16 +199,15 @@ def model_spec_from_config(config: dict, arch: Architecture, tensors: dict, fold
     hidden = config_int(config, "hidden_size", folder)
     num_layers = config_int(config, "num_hidden_layers", folder)
     heads = config_int(config, "num_attention_heads", folder)
-    kv_heads = config_int(config, "num_key_value_heads", folder, default=heads)
-    head_dim = config.get("head_dim") or hidden // heads
-    intermediate = config_int(config, "intermediate_size", folder)
+    intermediate = config_int(config, arch.intermediate_key, folder)
     top_k = config_int(config, arch.top_k_key, folder)
     use_ce = bool(config.get("use_ce", False))
     n_ce = config.get("n_ce", 0) if use_ce else 0
-    if use_ce and (not isinstance(n_ce, int) or not 1 <= n_ce < top_k):
+    if use_ce and (not isinstance(n_ce, int) or isinstance(n_ce, bool) or not 1 <= n_ce < top_k):
         raise LoadError(f"{where}: n_ce={n_ce!r} is invalid for {arch.top_k_key}={top_k} (need 1..{top_k - 1})")
-    if heads % kv_heads:
-        raise LoadError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    kv_heads, key_dim, value_dim = kv_cache_dims(config, arch, folder)
+    routing = arch.routing(config)
+    shared_size = arch.shared_intermediate(config) if arch.shared_intermediate else 0
 
     expert_counts = per_layer_expert_counts(config, arch, num_layers, where)
     kept_ids = config.get("layer_experts_idx")
@@ -161,11 +216,12 @@ def model_spec_from_config(config: dict, arch: Architecture, tensors: dict, fold
 
     layers = []
     for layer, count in enumerate(expert_counts):
+        if not arch.is_moe_layer(config, layer) or count is None:
+            layers.append(MoeLayerSpec(layer=layer, kind=LAYER_DENSE))
+            continue
         if count in (-1, 0):
             layers.append(MoeLayerSpec(layer=layer, kind=LAYER_REMOVED))
             continue
-        if count is None:
-            raise LoadError(f"{where}: layer {layer} is a dense MLP (null expert count); {arch.model_type} has none")
         if top_k > count:
             raise LoadError(f"{where}: layer {layer} keeps {count} experts, fewer than {arch.top_k_key}={top_k}")
         ids = tuple(kept_ids[layer]) if kept_ids is not None else tuple(range(count))
@@ -173,33 +229,48 @@ def model_spec_from_config(config: dict, arch: Architecture, tensors: dict, fold
             raise LoadError(f"{where}: layer_experts_idx[{layer}] has {len(ids)} entries, expected {count}")
         layers.append(MoeLayerSpec(
             layer=layer, num_experts=count, hidden_size=hidden, intermediate_size=intermediate,
-            top_k=top_k, n_ce=n_ce, norm_topk_prob=bool(config.get("norm_topk_prob", False)),
-            expert_ids=ids, ces_width=hidden if n_ce else 0,
+            top_k=top_k, n_ce=n_ce, expert_ids=ids, ces_width=max(hidden, intermediate) if n_ce else 0,
+            shared_intermediate_size=shared_size, shared_expert_gate=arch.shared_gate is not None, **routing,
         ))
     if not use_ce:
-        stray = next((name for name in tensors if name.endswith(".mlp.ces")), None)
+        stray = next((name for name in tensors if name.endswith(".ces")), None)
         if stray is not None:
             raise LoadError(f"{where}: checkpoint has {stray!r} but use_ce is not true (compressed experts would be ignored)")
-    dtypes = {tensor.dtype for tensor in tensors.values()}
-    checkpoint_dtype = str(max(dtypes, key=lambda dt: torch.finfo(dt).bits if dt.is_floating_point else 0)).removeprefix("torch.")
+    floats = [tensor.dtype for tensor in tensors.values() if tensor.is_floating_point()]
+    checkpoint_dtype = str(max(set(floats), key=floats.count)).removeprefix("torch.") if floats else "unknown"
     return ModelSpec(
         architecture=arch.model_type, vocab_size=config_int(config, "vocab_size", folder), hidden_size=hidden,
-        num_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        num_layers=num_layers, num_attention_heads=heads, kv_heads=kv_heads, key_dim=key_dim, value_dim=value_dim,
         use_ce=use_ce, n_ce=n_ce, checkpoint_dtype=checkpoint_dtype, moe_layers=tuple(layers), hf_config=config,
     )
 
 
+def kv_cache_dims(config: dict, arch: Architecture, folder: Path) -> tuple[int, int, int]:
+    """(kv heads, key dim, value dim) of each layer's cache, as transformers' attention stores it."""
+    heads = config_int(config, "num_attention_heads", folder)
+    if arch.model_type == "deepseek_v2":
+        # Multi-head latent attention caches the compressed latent ("key": [B, 1, P, kv_lora_rank])
+        # and the shared rotary key ("value": [B, 1, P, qk_rope_head_dim]), not per-head K and V.
+        return 1, config_int(config, "kv_lora_rank", folder), config_int(config, "qk_rope_head_dim", folder)
+    kv_heads = config_int(config, "num_key_value_heads", folder, default=heads)
+    if heads % kv_heads:
+        raise LoadError(f"{folder / 'config.json'}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    head_dim = config.get("head_dim") or config_int(config, "hidden_size", folder) // heads
+    return kv_heads, head_dim, head_dim
+
+
 def per_layer_expert_counts(config: dict, arch: Architecture, num_layers: int, where: Path) -> list:
-    counts = config.get(arch.experts_key)
+    key = next((key for key in arch.experts_keys if config.get(key) is not None), arch.experts_keys[0])
+    counts = config.get(key)
     if isinstance(counts, list):
         if len(counts) != num_layers:
-            raise LoadError(f"{where}: {arch.experts_key} lists {len(counts)} layers, num_hidden_layers={num_layers}")
+            raise LoadError(f"{where}: {key} lists {len(counts)} layers, num_hidden_layers={num_layers}")
         for count in counts:
             if count is not None and (not isinstance(count, int) or count < -1):
-                raise LoadError(f"{where}: {arch.experts_key} entry {count!r} is not -1, 0, null or a count")
+                raise LoadError(f"{where}: {key} entry {count!r} is not -1, 0, null or a count")
         return counts
     if not isinstance(counts, int) or isinstance(counts, bool) or counts <= 0:
-        raise LoadError(f"{where}: {arch.experts_key} must be a positive integer or a per-layer list, got {counts!r}")
+        raise LoadError(f"{where}: {key} must be a positive integer or a per-layer list, got {counts!r}")
     return [counts] * num_layers
 
 
@@ -218,7 +289,7 @@ def take(tensors: dict, name: str, shape: tuple, folder: Path) -> torch.Tensor:
 
 
 def take_moe_weights(tensors: dict, arch: Architecture, layer: MoeLayerSpec, spec: ModelSpec, folder: Path) -> MoeLayerWeights:
-    prefix = arch.layer_prefix.format(layer=layer.layer) + arch.moe_prefix
+    prefix = f"model.layers.{layer.layer}.{arch.moe_module}."
     experts, hidden, inter = layer.num_experts, layer.hidden_size, layer.intermediate_size
     router = take(tensors, prefix + "gate.weight", (experts, hidden), folder)
     fused = prefix + "experts.gate_up_proj"
@@ -226,57 +297,70 @@ def take_moe_weights(tensors: dict, arch: Architecture, layer: MoeLayerSpec, spe
         gate_up = take(tensors, fused, (experts, 2 * inter, hidden), folder)
         down = take(tensors, prefix + "experts.down_proj", (experts, hidden, inter), folder)
     else:
+        gate_name, up_name, down_name = arch.expert_names
         gates, ups, downs = [], [], []
         for expert in range(experts):
             name = f"{prefix}experts.{expert}."
-            gates.append(take(tensors, name + "gate_proj.weight", (inter, hidden), folder))
-            ups.append(take(tensors, name + "up_proj.weight", (inter, hidden), folder))
-            downs.append(take(tensors, name + "down_proj.weight", (hidden, inter), folder))
+            gates.append(take(tensors, f"{name}{gate_name}.weight", (inter, hidden), folder))
+            ups.append(take(tensors, f"{name}{up_name}.weight", (inter, hidden), folder))
+            downs.append(take(tensors, f"{name}{down_name}.weight", (hidden, inter), folder))
         gate_up = torch.cat([torch.stack(gates), torch.stack(ups)], dim=1)
         down = torch.stack(downs)
-    ces = None
+    weights = MoeLayerWeights(router=router, gate_up=gate_up, down=down, ces=None)
     if layer.is_compressed:
-        ces = take(tensors, prefix + "ces", (experts, 3, hidden), folder)
-        if inter > hidden:
+        if prefix + "ces" in tensors and tensors[prefix + "ces"].ndim == 3 and tensors[prefix + "ces"].shape[2] < layer.ces_width:
             raise LoadError(
-                f"{folder}: layer {layer.layer} has intermediate_size {inter} > hidden_size {hidden}; "
-                "CE checkpoints store the activation scale in ces[:, 1, :hidden] and cannot cover it"
+                f"{folder}: {prefix}ces has width {tensors[prefix + 'ces'].shape[2]}, but the activation scale needs "
+                f"{inter} (intermediate_size > hidden_size); store ces as [E, 3, max(H, I)]"
             )
-    return MoeLayerWeights(router=router, gate_up=gate_up, down=down, ces=ces)
+        weights.ces = take(tensors, prefix + "ces", (experts, 3, layer.ces_width), folder)
+    if layer.shared_intermediate_size:
+        shared = f"{prefix}{arch.shared_module}."
+        size = layer.shared_intermediate_size
+        gate_name, up_name, down_name = SWIGLU_NAMES
+        weights.shared_gate_up = torch.cat([take(tensors, f"{shared}{gate_name}.weight", (size, hidden), folder),
+                                            take(tensors, f"{shared}{up_name}.weight", (size, hidden), folder)])
+        weights.shared_down = take(tensors, f"{shared}{down_name}.weight", (hidden, size), folder)
+        if arch.shared_gate:
+            weights.shared_gate = take(tensors, f"{prefix}{arch.shared_gate}.weight", (1, hidden), folder)
+    return weights
 
 
 def take_dense_tensors(tensors: dict, spec: ModelSpec, arch: Architecture, folder: Path) -> dict[str, torch.Tensor]:
-    hidden, q_dim = spec.hidden_size, spec.num_attention_heads * spec.head_dim
-    kv_dim = spec.num_key_value_heads * spec.head_dim
-    bias = bool(spec.hf_config.get("attention_bias", False))
-    shapes = {"model.embed_tokens.weight": (spec.vocab_size, hidden), "model.norm.weight": (hidden,)}
-    if not spec.hf_config.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (spec.vocab_size, hidden)
+    """Every parameter of transformers' model outside our MoE blocks, checked against its shape."""
+    shapes = dense_parameter_shapes(spec)
     for layer in spec.moe_layers:
-        prefix = arch.layer_prefix.format(layer=layer.layer)
-        projections = {"q_proj": (q_dim, hidden), "k_proj": (kv_dim, hidden), "v_proj": (kv_dim, hidden), "o_proj": (hidden, q_dim)}
-        for proj, shape in projections.items():
-            shapes[f"{prefix}self_attn.{proj}.weight"] = shape
-            if bias:
-                shapes[f"{prefix}self_attn.{proj}.bias"] = (shape[0],)
-        shapes[f"{prefix}self_attn.q_norm.weight"] = (q_dim,)
-        shapes[f"{prefix}self_attn.k_norm.weight"] = (kv_dim,)
-        shapes[f"{prefix}input_layernorm.weight"] = (hidden,)
-        if layer.kind == LAYER_MOE or f"{prefix}post_attention_layernorm.weight" in tensors:
-            shapes[f"{prefix}post_attention_layernorm.weight"] = (hidden,)
+        prefix = f"model.layers.{layer.layer}."
+        if layer.kind != LAYER_DENSE:
+            shapes = {name: shape for name, shape in shapes.items() if not name.startswith(prefix + "mlp.")}
+        norm = prefix + "post_attention_layernorm."
+        if layer.kind == LAYER_REMOVED and not any(name.startswith(norm) for name in tensors):
+            shapes = {name: shape for name, shape in shapes.items() if not name.startswith(norm)}
+    if spec.hf_config.get("tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
     return {name: take(tensors, name, shape, folder) for name, shape in shapes.items()}
+
+
+def dense_parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    from ce_export.capture import hf_config_for
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config_for(spec))
+    return {name: tuple(param.shape) for name, param in model.state_dict().items()}
 
 
 def parameter_count(model: LoadedModel) -> tuple[int, int]:
     """(total parameters, parameters active per token)."""
-    dense = sum(t.numel() for t in model.dense_tensors.values())
-    total = active = dense
+    total = active = sum(t.numel() for t in model.dense_tensors.values())
     for layer in model.spec.moe_layers:
         if layer.kind != LAYER_MOE:
             continue
         weights = model.moe_weights[layer.layer]
         per_expert = math.prod(weights.gate_up.shape[1:]) + math.prod(weights.down.shape[1:])
-        ces = weights.ces.numel() if weights.ces is not None else 0
-        total += weights.router.numel() + per_expert * layer.num_experts + ces
-        active += weights.router.numel() + per_expert * layer.n_main + (3 * weights.ces.shape[2] * layer.n_ce if ces else 0)
+        always = weights.router.numel() + sum(
+            t.numel() for t in (weights.shared_gate_up, weights.shared_down, weights.shared_gate) if t is not None)
+        total += always + per_expert * layer.num_experts + (weights.ces.numel() if weights.ces is not None else 0)
+        active += always + per_expert * layer.n_main + (3 * layer.ces_width * layer.n_ce if weights.ces is not None else 0)
     return total, active

@@ -23,6 +23,10 @@ import torch.nn.functional as F
 
 CES_GATE_INPUT, CES_ACTIVATION, CES_UP_INPUT = 0, 1, 2
 
+SOFTMAX_TOPK = "softmax_topk"  # OLMoE, Qwen-MoE, Mixtral (renormalised), DeepSeek (scaled)
+SPARSEMIXER = "sparsemixer"  # Phi-3.5-MoE, inference form (top-2)
+ROUTINGS = (SOFTMAX_TOPK, SPARSEMIXER)
+
 
 def route_softmax_topk(
     router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool
@@ -36,6 +40,39 @@ def route_softmax_topk(
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts
+
+
+def route_sparsemixer_top2(router_logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's SparseMixer at inference: two argmax rounds, each weighted by a softmax over
+    the logits within a relative band 2 * jitter_eps of that round's maximum.
+
+    Returns (weights fp32 [T, 2], expert ids int64 [T, 2]); the first column is the argmax.
+    """
+    scores = router_logits.float()
+    weights, experts = [], []
+    remaining = scores
+    for _ in range(2):
+        top, index = remaining.max(dim=-1, keepdim=True)
+        outside_band = (top - scores) / scores.abs().clamp(min=top) > 2 * jitter_eps
+        gates = torch.softmax(remaining.masked_fill(outside_band, float("-inf")), dim=-1)
+        weights.append(gates.gather(-1, index))
+        experts.append(index)
+        remaining = remaining.scatter(-1, index, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(experts, dim=-1)
+
+
+def route(router_logits, top_k: int, norm_topk_prob: bool, routing: str = SOFTMAX_TOPK,
+          routing_scale: float = 1.0, jitter_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights fp32 [T, K], expert ids [T, K]) in rank order, which CE splits into main and aux:
+    softmax top-k by descending weight; SparseMixer by selection round (its argmax first)."""
+    if routing == SOFTMAX_TOPK:
+        weights, experts = route_softmax_topk(router_logits, top_k, norm_topk_prob)
+        return weights * routing_scale, experts
+    if routing == SPARSEMIXER:
+        if top_k != 2:
+            raise ValueError(f"sparsemixer routing is defined for top_k=2, got {top_k}")
+        return route_sparsemixer_top2(router_logits, jitter_eps)
+    raise ValueError(f"unknown routing {routing!r} (known: {', '.join(ROUTINGS)})")
 
 
 def mix_compressed_experts(
@@ -72,10 +109,16 @@ def moe_reference(
     top_k: int,
     n_ce: int,
     norm_topk_prob: bool,
+    routing: str = SOFTMAX_TOPK,
+    routing_scale: float = 1.0,
+    jitter_eps: float = 0.0,
 ) -> torch.Tensor:
-    """One MoE block (plain when n_ce == 0, Compressed Experts otherwise). Returns [T, H]."""
+    """One MoE block's routed experts (plain when n_ce == 0, Compressed Experts otherwise): [T, H].
+
+    Shared experts, where an architecture has them, are dense MLPs added beside this (capture.py).
+    """
     check_moe_arguments(hidden, router_logits, gate_up, down, ces, top_k, n_ce)
-    weights, experts = route_softmax_topk(router_logits, top_k, norm_topk_prob)
+    weights, experts = route(router_logits, top_k, norm_topk_prob, routing, routing_scale, jitter_eps)
     n_main = top_k - n_ce
     main_weights, main_experts = weights[:, :n_main], experts[:, :n_main]
 

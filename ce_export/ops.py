@@ -2,7 +2,7 @@
 
 The op is what torch.export sees in place of a whole MoE block; its fake implementation gives
 shapes, its CPU implementation is the reference math (moe_math.py) and its CUDA implementation
-is our Triton kernels (plugins/ce_kernels) when they are installed.
+is our Triton kernels (plugins/ce_kernels) when Triton is installed and the inputs suit them.
 """
 
 from __future__ import annotations
@@ -24,10 +24,31 @@ def moe(
     top_k: int,
     n_ce: int,
     norm_topk_prob: bool,
+    routing: str = moe_math.SOFTMAX_TOPK,
+    routing_scale: float = 1.0,
+    jitter_eps: float = 0.0,
 ) -> torch.Tensor:
-    return moe_math.moe_reference(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob)
+    return moe_math.moe_reference(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
+                                  routing, routing_scale, jitter_eps)
 
 
 @moe.register_fake
-def _moe_fake(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob):
+def _moe_fake(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
+              routing=moe_math.SOFTMAX_TOPK, routing_scale=1.0, jitter_eps=0.0):
     return torch.empty_like(hidden)
+
+
+@moe.register_kernel("cuda")
+def _moe_cuda(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
+              routing=moe_math.SOFTMAX_TOPK, routing_scale=1.0, jitter_eps=0.0):
+    args = (hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob, routing, routing_scale, jitter_eps)
+    try:
+        # Imported here: Triton fixes interpreted-or-compiled mode at its first import.
+        from ce_kernels import fused_moe
+    except ImportError:  # no triton: the reference still runs on CUDA tensors
+        return moe_math.moe_reference(*args)
+    same_dtype = hidden.dtype == gate_up.dtype == down.dtype
+    bf16_capable = hidden.dtype != torch.bfloat16 or torch.cuda.get_device_capability(hidden.device) >= (8, 0)
+    if not (same_dtype and bf16_capable):
+        return moe_math.moe_reference(*args)
+    return fused_moe(*args)

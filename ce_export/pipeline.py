@@ -41,6 +41,8 @@ class BuildOptions:
     max_context: int = 4096
     force: bool = False
     verify: bool = True
+    plugin_library: str | None = None  # our TensorRT plugin (.so), for --target trt
+    triton_repo: str | None = None  # also write a Triton Inference Server model repository here
 
 
 def tool_versions() -> dict[str, str]:
@@ -105,7 +107,21 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         if options.verify:
             parity = run_parity(staging, manifest, loaded, timer)
             write_json(staging / PARITY, parity)
+        if options.target == "trt":
+            from ce_export.engine import build_engine, default_plugin_library
+            from ce_export.trtexec import write_trtexec_script
+
+            with timer("build: TensorRT engine"):
+                library = options.plugin_library or default_plugin_library()
+                manifest["engine"] = build_engine(staging, max_batch=options.max_batch, max_seq=options.max_seq,
+                                                  max_context=options.max_context, plugin_library=library, report=report)
+            write_json(staging / MANIFEST, manifest)
+            write_trtexec_script(staging, engine=manifest["engine"])
     report(f"artifacts: {out.absolute()}")
+    if options.triton_repo:
+        from ce_export.triton_repo import write_triton_repo
+
+        write_triton_repo(out, options.triton_repo, force=options.force, report=report)
     if options.verify:
         report(summarize(parity))
         if not parity["passed"]:

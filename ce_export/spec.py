@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-ROUTING_SOFTMAX_TOPK = "softmax_topk"
-ROUTINGS = (ROUTING_SOFTMAX_TOPK,)
+from ce_export.moe_math import SOFTMAX_TOPK
 
 LAYER_MOE = "moe"
 LAYER_REMOVED = "removed"  # MoE sub-layer dropped (compression study: -1, or 0 experts)
+LAYER_DENSE = "dense"  # an ordinary MLP layer of the architecture (not exported as our op)
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,12 @@ class MoeLayerSpec:
     top_k: int = 0
     n_ce: int = 0  # compressed experts out of top_k; 0 = plain MoE
     norm_topk_prob: bool = False
-    routing: str = ROUTING_SOFTMAX_TOPK
+    routing: str = SOFTMAX_TOPK  # see moe_math.ROUTINGS
+    routing_scale: float = 1.0  # multiplies the routing weights (DeepSeek's routed_scaling_factor)
+    jitter_eps: float = 0.0  # SparseMixer's band (Phi-3.5-MoE's router_jitter_noise)
     expert_ids: tuple[int, ...] = ()  # original indices of the kept experts (trimmed models)
-    shared_intermediate_size: int = 0  # always-on shared expert, 0 = none
+    shared_intermediate_size: int = 0  # always-on shared expert (a dense SwiGLU MLP), 0 = none
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(h @ g)
     ces_width: int = 0  # C in ces [E, 3, C]; 0 when n_ce == 0
 
     @property
@@ -56,13 +59,20 @@ class ModelSpec:
     hidden_size: int
     num_layers: int
     num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
+    kv_heads: int  # per layer, the KV cache holds key [B, kv_heads, P, key_dim], value [..., value_dim]
+    key_dim: int
+    value_dim: int
     use_ce: bool
     n_ce: int
     checkpoint_dtype: str
     moe_layers: tuple[MoeLayerSpec, ...]
     hf_config: dict = field(repr=False, default_factory=dict)  # the config.json as read
+
+    def past_shapes(self, batch: int, past: int) -> list[tuple[int, int, int, int]]:
+        """Shapes of the flat past_key_values inputs: key, value for each layer."""
+        key = (batch, self.kv_heads, past, self.key_dim)
+        value = (batch, self.kv_heads, past, self.value_dim)
+        return [key, value] * self.num_layers
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -79,6 +89,9 @@ class MoeLayerWeights:
     gate_up: torch.Tensor  # [E, 2I, H]
     down: torch.Tensor  # [E, H, I]
     ces: torch.Tensor | None  # [E, 3, C] or None
+    shared_gate_up: torch.Tensor | None = None  # [2Is, H]
+    shared_down: torch.Tensor | None = None  # [H, Is]
+    shared_gate: torch.Tensor | None = None  # [1, H]
 
 
 @dataclass

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from ce_export.artifacts import MANIFEST, read_json, write_json
 from ce_export.engine import DECODE, PLAN, PREFILL, PLUGIN_LIBRARY_ENV, TensorSpec, onnx_io, resolve_dims
 from ce_export.errors import BuildError
@@ -154,10 +156,16 @@ def write_trtexec_script(
     duration_s: int = DEFAULT_DURATION_S,
     warmup_ms: int = DEFAULT_WARMUP_MS,
     iterations: int = DEFAULT_ITERATIONS,
+    engine: dict | None = None,
 ) -> Path:
-    """Write DIR/trtexec.sh (executable, atomically): `bash trtexec.sh [--build] [POINT ...]`."""
+    """Write DIR/trtexec.sh (executable, atomically): `bash trtexec.sh [--build] [POINT ...]`.
+
+    `engine`: build_engine's result (default: manifest["engine"]) for the limits, profiles and plugin.
+    """
     build_dir = Path(build_dir)
     manifest = read_json(build_dir / MANIFEST, "manifest (is this a ce_export build folder?)")
+    if engine is not None:
+        manifest = {**manifest, "engine": engine}
     inputs, _ = onnx_io(build_dir, manifest)
     limits = engine_limits(manifest)
     points = check_points(points if points is not None else default_points(limits), limits)
@@ -342,11 +350,16 @@ def _percent_key(text: str) -> str:
 
 
 def trtexec_percentile(sorted_values: list[float], percentile: float) -> float:
-    """trtexec's definition (sampleReporting.cpp findPercentile): drop the top (1 - p/100) share, take the next."""
+    """trtexec's definition (sampleReporting.cpp findPercentile): drop the top (1 - p/100) share, take the next.
+
+    The share is computed in float32 as trtexec does, so the result matches its summary exactly
+    (e.g. p99 of 100 samples is the maximum: float32 (1 - 0.99) * 100 truncates to 0).
+    """
     count = len(sorted_values)
     if count == 0:
         return math.inf
-    exclude = int((1 - percentile / 100) * count)
+    share = np.float32(1) - np.float32(percentile) / np.float32(100)
+    exclude = int(share * np.float32(count))
     return sorted_values[max(count - 1 - exclude, 0)]
 
 
@@ -436,15 +449,21 @@ def run_trtexec(
     warmup_ms: int = DEFAULT_WARMUP_MS,
     iterations: int = DEFAULT_ITERATIONS,
     timeout_s: float = 600,
+    engine: dict | None = None,
+    out: str | Path | None = None,
     report: Callable[[str], None] = print,
 ) -> dict:
     """Benchmark DIR/model.plan with trtexec at each point; writes DIR/bench.json (atomically) and returns it.
 
     Every point's log and --exportTimes JSON stay in DIR/trtexec/. Raises BuildError when trtexec is
     missing, the plan is missing, or a point fails (bench.json is written first, with the failure).
+    `engine`: build_engine's result (default: manifest["engine"]) for the limits and plugin library.
+    `out`: where the JSON goes (default DIR/bench.json; note ce_export.bench writes that name too).
     """
     build_dir = Path(build_dir)
     manifest = read_json(build_dir / MANIFEST, "manifest (is this a ce_export build folder?)")
+    if engine is not None:
+        manifest = {**manifest, "engine": engine}
     plan = build_dir / PLAN
     if not plan.is_file():
         raise BuildError(f"{plan}: missing engine (build with --target trt first)")
@@ -506,9 +525,10 @@ def run_trtexec(
         "points": rows,
         "passed": all(r["passed"] for r in rows),
     }
-    write_json(build_dir / BENCH, bench)
+    out = Path(out) if out is not None else build_dir / BENCH
+    write_json(out, bench)
     failed = [r for r in rows if not r["passed"]]
     if failed:
-        raise BuildError(f"{build_dir / BENCH}: trtexec failed at {len(failed)} of {len(rows)} points "
+        raise BuildError(f"{out}: trtexec failed at {len(failed)} of {len(rows)} points "
                          f"(first: {failed[0]['name']}: {failed[0]['error']})")
     return bench

@@ -81,12 +81,11 @@ class OrtDecoder:
         return [torch.from_numpy(out) for out in self.session.run(self.output_names, feed)]
 
 
-def random_inputs(case: ParityCase, vocab: int, kv_shape: tuple[int, int], num_layers: int, dtype, gen: torch.Generator):
-    heads, head_dim = kv_shape
-    ids = torch.randint(0, vocab, (case.batch, case.sequence), generator=gen)
+def random_inputs(case: ParityCase, spec, dtype, gen: torch.Generator):
+    ids = torch.randint(0, spec.vocab_size, (case.batch, case.sequence), generator=gen)
     mask = torch.ones(case.batch, case.past + case.sequence, dtype=torch.int64)
     positions = torch.arange(case.past, case.past + case.sequence).expand(case.batch, -1).contiguous()
-    past = tuple(torch.randn(case.batch, heads, case.past, head_dim, generator=gen).to(dtype) for _ in range(2 * num_layers))
+    past = tuple(torch.randn(shape, generator=gen).to(dtype) for shape in spec.past_shapes(case.batch, case.past))
     return ids, mask, positions, past
 
 
@@ -107,7 +106,7 @@ def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: To
     gen = torch.Generator().manual_seed(seed)
     results = []
     for case in cases:
-        inputs = random_inputs(case, spec.vocab_size, (spec.num_key_value_heads, spec.head_dim), spec.num_layers, dtype, gen)
+        inputs = random_inputs(case, spec, dtype, gen)
         with torch.no_grad():
             expected = reference(*inputs[:3], tuple(t.float() for t in inputs[3]))
         actual = runtime(*inputs)
@@ -134,7 +133,7 @@ def generation_prompt(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Te
 
 def greedy_onnx(runtime, ids, mask, new_tokens: int, spec, dtype) -> torch.Tensor:
     batch = ids.shape[0]
-    past = tuple(torch.zeros(batch, spec.num_key_value_heads, 0, spec.head_dim, dtype=dtype) for _ in range(2 * spec.num_layers))
+    past = tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(batch, 0))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = ids
     step_ids = ids

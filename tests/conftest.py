@@ -1,3 +1,12 @@
+import os
+
+import torch
+
+# No GPU here: Triton kernels run in its interpreter. Set before anything imports triton
+# (transformers and torch.export do), since Triton reads it once.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from ce_export.demo import write_demo_checkpoint

@@ -1,0 +1,381 @@
+"""Ahead-of-time compilation of every ce_kernels kernel to PTX and cubin, with no GPU.
+
+    python -m ce_kernels.aot --arch 80 90 --out DIR [--dtypes bf16 fp16] [--num-experts 64 ...]
+                             [--top-k 8] [--n-ce 4] [--norm-topk-prob]
+                             [--routing softmax_topk|sparsemixer] [--routing-scale S] [--jitter-eps J]
+
+writes DIR/sm{arch}/{stem}.ptx and .cubin and DIR/manifest.json, the contract a C++ TensorRT plugin
+launches from: per kernel its entry name, ordered arguments (Triton type and a formula for the value
+in terms of the shapes and the workspace buffers), constexprs, grid formula, num_warps, shared
+memory, and the registers / spills ptxas reports. Shapes: T tokens, H hidden, I intermediate,
+C = ces.shape[2], E experts, K top_k, KM = K - n_ce main experts.
+
+Kernels are compiled with the divisibility hints a JIT launch would derive for ordinary shapes:
+every pointer and every H-, I- or C-derived integer is assumed a multiple of 16 (manifest
+"assumptions"); the plugin must check them and refuse other shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.interpreter import InterpretedFunction
+
+from ce_export.moe_math import ROUTINGS, SOFTMAX_TOPK, SPARSEMIXER
+from ce_kernels import align, combine, grouped_gemm, routing, theta
+from ce_kernels.tile_configs import H100_TILE_TABLE, MoeTileConfig, tile_configs
+
+# Largest dynamic shared memory one block may opt into, per compute capability (CUDA guide table).
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+# Everything a grid or argument formula may use besides the shape letters and constexprs.
+FORMULA_DEFINITIONS = {
+    "cdiv(a, b)": "(a + b - 1) // b",
+    "max_padded": "T*KM + min(E, T*KM) * (BLOCK_M - 1)",
+    "max_blocks": "cdiv(max_padded, BLOCK_M)",
+}
+
+WORKSPACE = [
+    # name, dtype, shape formula, written by
+    ("routing_weights", "fp32", "[T, K]", "topk_softmax_kernel or sparsemixer_top2_kernel"),
+    ("expert_ids", "i32", "[T, K]", "topk_softmax_kernel or sparsemixer_top2_kernel"),
+    ("theta", "model", "[T, 3, C]", "mix_compressed_experts_kernel (CE only)"),
+    ("expert_counts", "i32", "[E]", "count_pairs_per_expert_kernel"),
+    ("sorted_pair_ids", "i32", "[max_padded]", "scatter_pairs_by_expert_kernel"),
+    ("block_expert_ids", "i32", "[max_blocks]", "scatter_pairs_by_expert_kernel"),
+    ("num_padded", "i32", "[1]", "scatter_pairs_by_expert_kernel"),
+    ("act", "model", "[T*KM, I]", "gate_up_swiglu_kernel"),
+    ("pair_out", "model", "[T*KM, H]", "down_weighted_kernel"),
+]
+
+NOTES = [
+    "Pick the launch plan for the model dtype, the layer's E and the smallest max_tokens >= T (else the last); "
+    "launch its kernels in order on one stream.",
+    "Every PTX entry takes two extra trailing pointer parameters (global and profile scratch); "
+    "pass null: both sizes are 0.",
+    "blockDim = num_warps * 32; dynamic shared memory = 'shared' bytes; above 48 KiB set "
+    "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first.",
+    "Skip every launch when T == 0. Pointer offsets such as 'routing_weights + KM' are in elements.",
+    "No buffer needs zero-filling; entries of sorted_pair_ids / block_expert_ids past num_padded are never read.",
+]
+
+
+@dataclass(frozen=True)
+class AotModel:
+    num_experts: tuple[int, ...] = (64,)
+    top_k: int = 8
+    n_ce: int = 4
+    norm_topk_prob: bool = False
+    routing: str = SOFTMAX_TOPK
+    routing_scale: float = 1.0
+    jitter_eps: float = 0.0
+
+    @property
+    def km(self) -> int:
+        return self.top_k - self.n_ce
+
+
+@dataclass
+class KernelBuild:
+    kernel: object                 # a triton JITFunction
+    stem: str
+    args: list[tuple[str, str, str]]   # (name, triton type, value formula), in kernel order
+    constexprs: dict
+    divisible_by_16: set[str]
+    grid: list[str]
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _i32(name: str, value: str) -> tuple[str, str, str]:
+    return (name, "i32", value)
+
+
+def routing_build(model: AotModel, dtype: str, num_experts: int) -> KernelBuild:
+    blocks = routing.routing_block_sizes(num_experts, model.top_k)
+    if model.routing == SOFTMAX_TOPK:
+        kernel, stem = routing.topk_softmax_kernel, f"topk_softmax_{dtype}_e{num_experts}"
+        constexprs = {"TOP_K": model.top_k, "NORM_TOPK_PROB": model.norm_topk_prob,
+                      "ROUTING_SCALE": float(model.routing_scale), **blocks}
+    else:
+        kernel, stem = routing.sparsemixer_top2_kernel, f"sparsemixer_top2_{dtype}_e{num_experts}"
+        constexprs = {"JITTER_EPS": float(model.jitter_eps), "BLOCK_T": blocks["BLOCK_T"], "BLOCK_E": blocks["BLOCK_E"]}
+    return KernelBuild(
+        kernel, stem,
+        [("logits_ptr", TRITON_TYPES[dtype], "router_logits"),
+         ("weights_ptr", "*fp32", "routing_weights"),
+         ("expert_ids_ptr", "*i32", "expert_ids"),
+         _i32("num_tokens", "T"), _i32("num_experts", "E"), _i32("stride_logits_t", "E")],
+        constexprs, {"logits_ptr", "weights_ptr", "expert_ids_ptr"}, ["cdiv(T, BLOCK_T)", "1", "1"],
+    )
+
+
+def theta_build(model: AotModel, dtype: str) -> KernelBuild:
+    ptr = TRITON_TYPES[dtype]
+    return KernelBuild(
+        theta.mix_compressed_experts_kernel, f"mix_compressed_experts_{dtype}",
+        [("aux_weights_ptr", "*fp32", "routing_weights + KM"),
+         ("aux_ids_ptr", "*i32", "expert_ids + KM"),
+         ("ces_ptr", ptr, "ces"), ("theta_ptr", ptr, "theta"),
+         _i32("num_tokens", "T"), _i32("num_columns", "C"), _i32("stride_aux_t", "K"),
+         _i32("stride_ces_e", "3*C"), _i32("stride_ces_r", "C"),
+         _i32("stride_theta_t", "3*C"), _i32("stride_theta_r", "C")],
+        {"N_CE": model.n_ce, "BLOCK_T": theta.THETA_TOKENS_PER_PROGRAM, "BLOCK_C": theta.THETA_COLUMNS_PER_PROGRAM},
+        {"ces_ptr", "theta_ptr", "num_columns", "stride_ces_e", "stride_ces_r", "stride_theta_t", "stride_theta_r"},
+        ["cdiv(T, BLOCK_T)", "cdiv(C, BLOCK_C)", "1"],
+    )
+
+
+def align_builds(model: AotModel, num_experts: int, block_m: int) -> list[KernelBuild]:
+    ids = [("expert_ids_ptr", "*i32", "expert_ids")]
+    common = {"KM": model.km, "BLOCK_P": align.PAIRS_PER_CHUNK}
+    count = KernelBuild(
+        align.count_pairs_per_expert_kernel, f"count_pairs_per_expert_e{num_experts}",
+        ids + [("counts_ptr", "*i32", "expert_counts"), _i32("num_tokens", "T"), _i32("stride_ids_t", "K")],
+        dict(common), {"expert_ids_ptr", "counts_ptr"}, ["E", "1", "1"],
+    )
+    scatter = KernelBuild(
+        align.scatter_pairs_by_expert_kernel, f"scatter_pairs_by_expert_bm{block_m}_e{num_experts}",
+        ids + [("counts_ptr", "*i32", "expert_counts"),
+               ("sorted_pair_ids_ptr", "*i32", "sorted_pair_ids"),
+               ("block_expert_ids_ptr", "*i32", "block_expert_ids"),
+               ("num_padded_ptr", "*i32", "num_padded"),
+               _i32("num_tokens", "T"), _i32("num_experts", "E"), _i32("stride_ids_t", "K")],
+        {**common, "BLOCK_M": block_m, "BLOCK_E": triton.next_power_of_2(num_experts)},
+        {"expert_ids_ptr", "counts_ptr", "sorted_pair_ids_ptr", "block_expert_ids_ptr", "num_padded_ptr"},
+        ["E", "1", "1"],
+    )
+    return [count, scatter]
+
+
+def _alignment_args() -> list[tuple[str, str, str]]:
+    return [("sorted_pair_ids_ptr", "*i32", "sorted_pair_ids"),
+            ("block_expert_ids_ptr", "*i32", "block_expert_ids"),
+            ("num_padded_ptr", "*i32", "num_padded")]
+
+
+def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[KernelBuild]:
+    ptr = TRITON_TYPES[dtype]
+    has_ce = model.n_ce > 0
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    swap = "_swap" if config.swap_ab else ""
+    alignment_ptrs = {"sorted_pair_ids_ptr", "block_expert_ids_ptr", "num_padded_ptr"}
+    gate = config.gate_up
+    gate_up = KernelBuild(
+        grouped_gemm.gate_up_swiglu_kernel,
+        f"gate_up_swiglu_{dtype}_{'ce' if has_ce else 'plain'}_bm{config.block_m}_bn{gate.block_n}_bk{gate.block_k}"
+        f"_w{gate.num_warps}_s{gate.num_stages}{swap}",
+        [("hidden_ptr", ptr, "hidden"), ("theta_ptr", ptr, "theta" if has_ce else "hidden"),
+         ("gate_up_ptr", ptr, "gate_up"), ("act_ptr", ptr, "act"), *_alignment_args(),
+         _i32("num_pairs", "T*KM"), _i32("hidden_size", "H"), _i32("intermediate", "I"),
+         _i32("stride_hidden_t", "H"), _i32("stride_theta_t", "3*C" if has_ce else "0"),
+         _i32("stride_theta_r", "C" if has_ce else "0"), _i32("stride_w_e", "2*I*H"), _i32("stride_w_n", "H"),
+         _i32("stride_act_p", "I")],
+        {"KM": model.km, "HAS_CE": has_ce, "DOT_PRECISION": precision, "BLOCK_M": config.block_m,
+         "BLOCK_N": gate.block_n, "BLOCK_K": gate.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab},
+        {"hidden_ptr", "theta_ptr", "gate_up_ptr", "act_ptr", *alignment_ptrs, "hidden_size", "intermediate",
+         "stride_hidden_t", "stride_w_e", "stride_w_n", "stride_act_p"}
+        | ({"stride_theta_t", "stride_theta_r"} if has_ce else set()),
+        ["max_blocks * cdiv(I, BLOCK_N)", "1", "1"], gate.num_warps, gate.num_stages,
+    )
+    tiles = config.down
+    down = KernelBuild(
+        grouped_gemm.down_weighted_kernel,
+        f"down_weighted_{dtype}_bm{config.block_m}_bn{tiles.block_n}_bk{tiles.block_k}"
+        f"_w{tiles.num_warps}_s{tiles.num_stages}{swap}",
+        [("act_ptr", ptr, "act"), ("down_ptr", ptr, "down"),
+         ("routing_weights_ptr", "*fp32", "routing_weights"), ("out_ptr", ptr, "pair_out"),
+         *_alignment_args(),
+         _i32("num_pairs", "T*KM"), _i32("hidden_size", "H"), _i32("intermediate", "I"),
+         _i32("stride_act_p", "I"), _i32("stride_w_e", "H*I"), _i32("stride_w_n", "I"),
+         _i32("stride_routing_t", "K"), _i32("stride_out_p", "H")],
+        {"KM": model.km, "DOT_PRECISION": precision, "BLOCK_M": config.block_m,
+         "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab},
+        {"act_ptr", "down_ptr", "routing_weights_ptr", "out_ptr", *alignment_ptrs, "hidden_size", "intermediate",
+         "stride_act_p", "stride_w_e", "stride_w_n", "stride_out_p"},
+        ["max_blocks * cdiv(H, BLOCK_N)", "1", "1"], tiles.num_warps, tiles.num_stages,
+    )
+    return [gate_up, down]
+
+
+def combine_build(model: AotModel, dtype: str) -> KernelBuild:
+    ptr = TRITON_TYPES[dtype]
+    return KernelBuild(
+        combine.sum_main_slots_kernel, f"sum_main_slots_{dtype}",
+        [("pair_out_ptr", ptr, "pair_out"), ("out_ptr", ptr, "out"), _i32("num_tokens", "T"),
+         _i32("hidden_size", "H"), _i32("stride_pair_p", "H"), _i32("stride_out_t", "H")],
+        {"KM": model.km, "BLOCK_T": combine.COMBINE_TOKENS_PER_PROGRAM, "BLOCK_H": combine.COMBINE_COLUMNS_PER_PROGRAM},
+        {"pair_out_ptr", "out_ptr", "hidden_size", "stride_pair_p", "stride_out_t"},
+        ["cdiv(T, BLOCK_T)", "cdiv(H, BLOCK_H)", "1"],
+    )
+
+
+def plan_launches(
+    model: AotModel, dtypes: list[str], table: list[dict] = H100_TILE_TABLE
+) -> tuple[list[KernelBuild], list[dict]]:
+    """The distinct kernel variants the model needs, and for every (dtype, E, tile entry) the
+    variants to launch, in order: routing, theta (CE only), align (2), GEMMs (2), combine."""
+    builds: dict[str, KernelBuild] = {}
+    plans = []
+    for dtype in dtypes:
+        for num_experts in model.num_experts:
+            for config in tile_configs(table):
+                sequence = [routing_build(model, dtype, num_experts)]
+                if model.n_ce > 0:
+                    sequence.append(theta_build(model, dtype))
+                sequence += align_builds(model, num_experts, config.block_m)
+                sequence += gemm_builds(model, dtype, config)
+                sequence.append(combine_build(model, dtype))
+                for build in sequence:
+                    builds.setdefault(build.stem, build)
+                plans.append({"dtype": dtype, "num_experts": num_experts, "max_tokens": config.max_tokens,
+                              "launch": [build.stem for build in sequence]})
+    return list(builds.values()), plans
+
+
+def compile_build(build: KernelBuild, arch: int, out_dir: Path) -> dict:
+    """Compiles one variant for sm_{arch}; writes .ptx and .cubin; returns its manifest entry."""
+    names = build.kernel.arg_names
+    signature = {name: ttype for name, ttype, _ in build.args}
+    signature.update({name: "constexpr" for name in build.constexprs})
+    missing = set(names) - set(signature)
+    if missing:
+        raise ValueError(f"{build.stem}: no type for arguments {sorted(missing)}")
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in build.divisible_by_16}
+    target = GPUTarget("cuda", arch, 32)
+    options = triton.compiler.make_backend(target).parse_options(
+        {"num_warps": build.num_warps, "num_stages": build.num_stages, "enable_fp_fusion": True}
+    )
+    compiled = triton.compile(
+        ASTSource(build.kernel, signature, build.constexprs, attrs), target=target, options=options.__dict__
+    )
+    if compiled.metadata.global_scratch_size or compiled.metadata.profile_scratch_size:
+        raise RuntimeError(f"{build.stem}: needs global/profile scratch memory, which the plugin does not provide")
+    limit = MAX_SHARED_BYTES.get(arch)
+    if limit is not None and compiled.metadata.shared > limit:
+        raise RuntimeError(f"{build.stem}: {compiled.metadata.shared} B shared memory > {limit} B allowed on sm_{arch}")
+    arch_dir = out_dir / f"sm{arch}"
+    arch_dir.mkdir(parents=True, exist_ok=True)
+    ptx_path, cubin_path = arch_dir / f"{build.stem}.ptx", arch_dir / f"{build.stem}.cubin"
+    ptx_path.write_text(compiled.asm["ptx"])
+    cubin_path.write_bytes(compiled.asm["cubin"])
+    return {
+        "stem": build.stem,
+        "arch": arch,
+        "entry": compiled.metadata.name,
+        "ptx": str(ptx_path.relative_to(out_dir)),
+        "cubin": str(cubin_path.relative_to(out_dir)),
+        "args": [{"name": n, "type": t, "value": v, "divisible_by_16": n in build.divisible_by_16}
+                 for n, t, v in build.args],
+        "constexprs": build.constexprs,
+        "grid": build.grid,
+        "num_warps": build.num_warps,
+        "num_stages": build.num_stages,
+        "shared": compiled.metadata.shared,
+        "resources": ptxas_resources(ptx_path, arch),
+    }
+
+
+def ptxas_resources(ptx_path: Path, arch: int) -> dict:
+    """Registers and spills from the wheel's ptxas (the system one is too old for Triton's PTX)."""
+    arch_flag = "sm_90a" if arch == 90 else f"sm_{arch}"
+    ptxas = NVIDIA_BIN / "ptxas-blackwell"
+    if not ptxas.exists():
+        ptxas = NVIDIA_BIN / "ptxas"
+    result = subprocess.run(
+        [str(ptxas), f"-arch={arch_flag}", "-v", str(ptx_path), "-o", "/dev/null"],
+        capture_output=True, text=True, check=True,
+    )
+    report = result.stderr + result.stdout
+
+    def number(pattern: str) -> int:
+        match = re.search(pattern, report)
+        return int(match.group(1)) if match else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        "stack_frame": number(r"(\d+) bytes stack frame"),
+    }
+
+
+def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: Path,
+                table: list[dict] = H100_TILE_TABLE) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    builds, plans = plan_launches(model, dtypes, table)
+    manifest = {
+        "triton_version": triton.__version__,
+        "model": {"num_experts": list(model.num_experts), "top_k": model.top_k, "n_ce": model.n_ce,
+                  "km": model.km, "norm_topk_prob": model.norm_topk_prob, "routing": model.routing,
+                  "routing_scale": model.routing_scale, "jitter_eps": model.jitter_eps},
+        "assumptions": ["H % 16 == 0", "I % 16 == 0", "C % 16 == 0", "every buffer 16-byte aligned",
+                        "hidden, gate_up, down, ces and out contiguous"],
+        "definitions": FORMULA_DEFINITIONS,
+        "workspace": [{"name": n, "dtype": d, "shape": s, "written_by": w} for n, d, s, w in WORKSPACE],
+        "tile_table": table,
+        "notes": NOTES,
+        "launch_plans": plans,
+        "kernels": [compile_build(build, arch, out_dir) for arch in archs for build in builds],
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def evaluate_formula(formula: str, shapes: dict[str, int], constexprs: dict) -> int:
+    """Evaluates a grid or argument formula (integers only), for tests and for Python launchers."""
+    names = {**shapes, **{k: v for k, v in constexprs.items() if isinstance(v, int)}}
+
+    def cdiv(a: int, b: int) -> int:
+        return (a + b - 1) // b
+
+    names["cdiv"], names["min"] = cdiv, min
+    if "BLOCK_M" in names:
+        names["max_padded"] = align.max_padded_pairs(names["T"] * names["KM"], names["E"], names["BLOCK_M"])
+        names["max_blocks"] = align.max_blocks(names["T"] * names["KM"], names["E"], names["BLOCK_M"])
+    return int(eval(formula, {"__builtins__": {}}, names))  # formulas come from this module only
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ce_kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=sorted(TRITON_TYPES))
+    parser.add_argument("--num-experts", type=int, nargs="+", default=[64], help="every expert count in the model")
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--n-ce", type=int, default=4)
+    parser.add_argument("--norm-topk-prob", action="store_true")
+    parser.add_argument("--routing", choices=ROUTINGS, default=SOFTMAX_TOPK)
+    parser.add_argument("--routing-scale", type=float, default=1.0, help="softmax_topk weights are multiplied by it")
+    parser.add_argument("--jitter-eps", type=float, default=0.0, help="sparsemixer's band")
+    args = parser.parse_args(argv)
+    if not 0 <= args.n_ce < args.top_k:
+        parser.error(f"--n-ce must be in 0..{args.top_k - 1}")
+    if args.routing == SPARSEMIXER and args.top_k != 2:
+        parser.error("--routing sparsemixer needs --top-k 2")
+    if isinstance(routing.topk_softmax_kernel, InterpretedFunction):
+        parser.error("TRITON_INTERPRET=1 is set: unset it to compile ahead of time")
+    model = AotModel(tuple(args.num_experts), args.top_k, args.n_ce, args.norm_topk_prob,
+                     args.routing, args.routing_scale, args.jitter_eps)
+    manifest = compile_all(model, args.arch, args.dtypes, args.out)
+    for entry in manifest["kernels"]:
+        res = entry["resources"]
+        print(f"sm{entry['arch']} {entry['stem']}: {res['registers']} registers, "
+              f"{res['spill_stores']} B spill stores, {entry['shared']} B shared")
+    print(f"wrote {len(manifest['kernels'])} kernels and {args.out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

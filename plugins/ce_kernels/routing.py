@@ -1,0 +1,142 @@
+"""Stage 1, routing: router logits [T, E] -> (weights fp32 [T, K], expert ids int32 [T, K]).
+
+Two routings, as in `ce_export.moe_math.route` (the torch twin; its ids are int64):
+- softmax_topk: softmax over all experts in fp32, top-k sorted descending, optional renormalisation,
+  then times routing_scale (OLMoE, Qwen-MoE, Mixtral, DeepSeek-style scaling);
+- sparsemixer: Phi-3.5-MoE's inference-time top-2, two argmax rounds each weighted by a softmax
+  over the logits within a relative band 2 * jitter_eps of that round's maximum.
+Ties between equal values go to the lower expert id.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ce_export.moe_math import SOFTMAX_TOPK, SPARSEMIXER
+
+ROUTING_TOKENS_PER_PROGRAM = 16
+
+
+@triton.jit
+def topk_softmax_kernel(
+    logits_ptr, weights_ptr, expert_ids_ptr,
+    num_tokens, num_experts, stride_logits_t,
+    TOP_K: tl.constexpr, NORM_TOPK_PROB: tl.constexpr, ROUTING_SCALE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program routes BLOCK_T tokens. weights fp32 [T, TOP_K], expert_ids int32 [T, TOP_K]."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    expert_ok = experts < num_experts
+    logits = tl.load(
+        logits_ptr + rows[:, None].to(tl.int64) * stride_logits_t + experts[None, :],
+        mask=row_ok[:, None] & expert_ok[None, :], other=0.0,
+    ).to(tl.float32)
+    logits = tl.where(expert_ok[None, :], logits, float("-inf"))
+    shifted = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = shifted / tl.sum(shifted, axis=1)[:, None]
+    # A real expert's probability can underflow to 0; -1 keeps padding lanes below it.
+    probs = tl.where(expert_ok[None, :], probs, -1.0)
+
+    slots = tl.arange(0, BLOCK_K)
+    top_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    top_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    for k in range(TOP_K):
+        best = tl.max(probs, axis=1)
+        best_id = tl.argmax(probs, axis=1)
+        top_weights = tl.where(slots[None, :] == k, best[:, None], top_weights)
+        top_ids = tl.where(slots[None, :] == k, best_id[:, None], top_ids)
+        probs = tl.where(experts[None, :] == best_id[:, None], -2.0, probs)
+    if NORM_TOPK_PROB:
+        top_weights = top_weights / tl.sum(top_weights, axis=1)[:, None]
+    if ROUTING_SCALE != 1.0:
+        top_weights = top_weights * ROUTING_SCALE
+
+    out_offsets = rows[:, None].to(tl.int64) * TOP_K + slots[None, :]
+    out_mask = row_ok[:, None] & (slots[None, :] < TOP_K)
+    tl.store(weights_ptr + out_offsets, top_weights, mask=out_mask)
+    tl.store(expert_ids_ptr + out_offsets, top_ids, mask=out_mask)
+
+
+@triton.jit
+def sparsemixer_top2_kernel(
+    logits_ptr, weights_ptr, expert_ids_ptr,
+    num_tokens, num_experts, stride_logits_t,
+    JITTER_EPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """One program routes BLOCK_T tokens. weights fp32 [T, 2], expert_ids int32 [T, 2]."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    expert_ok = experts < num_experts
+    scores = tl.load(
+        logits_ptr + rows[:, None].to(tl.int64) * stride_logits_t + experts[None, :],
+        mask=row_ok[:, None] & expert_ok[None, :], other=0.0,
+    ).to(tl.float32)
+    scores = tl.where(expert_ok[None, :], scores, float("-inf"))
+
+    slots = tl.arange(0, 2)
+    top_weights = tl.zeros((BLOCK_T, 2), dtype=tl.float32)
+    top_ids = tl.zeros((BLOCK_T, 2), dtype=tl.int32)
+    remaining = scores
+    for k in tl.static_range(2):
+        top = tl.max(remaining, axis=1)
+        best_id = tl.argmax(remaining, axis=1)
+        # Padding lanes read as `top` (gap 0); `remaining` keeps them at -inf regardless. A zero
+        # denominator (the reference's 0/0 or x/0) always lands inside the band; so does gap/1.
+        finite = tl.where(expert_ok[None, :], scores, top[:, None])
+        denominator = tl.maximum(tl.abs(finite), top[:, None])
+        relative_gap = (top[:, None] - finite) / tl.where(denominator == 0.0, 1.0, denominator)
+        in_band = tl.where(relative_gap > 2 * JITTER_EPS, float("-inf"), remaining)
+        shifted = tl.exp(in_band - top[:, None])
+        gates = shifted / tl.sum(shifted, axis=1)[:, None]
+        is_best = experts[None, :] == best_id[:, None]
+        weight = tl.sum(tl.where(is_best, gates, 0.0), axis=1)
+        top_weights = tl.where(slots[None, :] == k, weight[:, None], top_weights)
+        top_ids = tl.where(slots[None, :] == k, best_id[:, None], top_ids)
+        remaining = tl.where(is_best, float("-inf"), remaining)
+
+    out_offsets = rows[:, None].to(tl.int64) * 2 + slots[None, :]
+    tl.store(weights_ptr + out_offsets, top_weights, mask=row_ok[:, None])
+    tl.store(expert_ids_ptr + out_offsets, top_ids, mask=row_ok[:, None])
+
+
+def routing_block_sizes(num_experts: int, top_k: int) -> dict[str, int]:
+    return {
+        "BLOCK_T": ROUTING_TOKENS_PER_PROGRAM,
+        "BLOCK_E": triton.next_power_of_2(num_experts),
+        "BLOCK_K": triton.next_power_of_2(top_k),
+    }
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
+    routing: str = SOFTMAX_TOPK, routing_scale: float = 1.0, jitter_eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] (any float dtype) -> (weights fp32 [T, K], expert ids int32 [T, K])."""
+    if routing not in (SOFTMAX_TOPK, SPARSEMIXER):
+        raise ValueError(f"unknown routing {routing!r} (known: {SOFTMAX_TOPK}, {SPARSEMIXER})")
+    if routing == SPARSEMIXER and top_k != 2:
+        raise ValueError(f"sparsemixer routing is defined for top_k=2, got {top_k}")
+    num_tokens, num_experts = router_logits.shape
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if num_tokens == 0:
+        return weights, expert_ids
+    blocks = routing_block_sizes(num_experts, top_k)
+    grid = (triton.cdiv(num_tokens, blocks["BLOCK_T"]),)
+    args = (router_logits, weights, expert_ids, num_tokens, num_experts, router_logits.stride(0))
+    if routing == SOFTMAX_TOPK:
+        topk_softmax_kernel[grid](
+            *args, TOP_K=top_k, NORM_TOPK_PROB=norm_topk_prob, ROUTING_SCALE=float(routing_scale), **blocks,
+        )
+    else:
+        sparsemixer_top2_kernel[grid](
+            *args, JITTER_EPS=float(jitter_eps), BLOCK_T=blocks["BLOCK_T"], BLOCK_E=blocks["BLOCK_E"],
+        )
+    return weights, expert_ids

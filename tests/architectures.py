@@ -1,0 +1,105 @@
+"""Tiny random models of each supported architecture, made and saved by transformers' own classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, pad_token_id=0,
+              bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+
+
+def configs() -> dict:
+    from transformers import (DeepseekV2Config, MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
+
+    return {
+        "olmoe": OlmoeConfig(**COMMON, num_experts=8, num_experts_per_tok=4),
+        "mixtral": MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2),
+        "qwen2_moe": Qwen2MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=96, norm_topk_prob=False, decoder_sparse_step=1,
+                                    mlp_only_layers=[1]),
+        "qwen3_moe": Qwen3MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                                    norm_topk_prob=True),
+        "deepseek_v2": DeepseekV2Config(**(COMMON | {"num_key_value_heads": 4}), n_routed_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                                        n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                                        routed_scaling_factor=1.5, topk_method="greedy"),
+        "phimoe": PhimoeConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2),
+    }
+
+
+def save_tiny(arch: str, folder: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs()[arch], attn_implementation="eager").eval()
+    model.save_pretrained(folder)
+    return folder
+
+
+def add_compressed_experts(folder: Path, n_ce: int, seed: int = 0) -> Path:
+    """Turn a saved checkpoint into a CE checkpoint: use_ce / n_ce in config.json, `ces` tensors
+    [E, 3, max(H, I)] in each MoE block (the CE reference code's names, under the block's module)."""
+    config = json.loads((folder / "config.json").read_text())
+    config.update(use_ce=True, n_ce=n_ce)
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(folder / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    width = max(config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"])
+    for name in [n for n in tensors if n.endswith(".gate.weight") and ".experts." not in n]:
+        experts = tensors[name].shape[0]
+        tensors[name.removesuffix("gate.weight") + "ces"] = 1 + 0.3 * torch.randn(experts, 3, width, generator=gen)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def drop_experts(folder: Path, keep: list[list[int]]) -> Path:
+    """Expert Drop in the compression study's format: per-layer expert count lists and
+    `layer_experts_idx`, router rows and experts renumbered (any of our architectures' layouts)."""
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts") if isinstance(config.get(k), int))
+    for layer, kept in enumerate(keep):
+        router = next(n for n in tensors if n.startswith(f"model.layers.{layer}.") and n.endswith(".gate.weight")
+                      and ".experts." not in n and "shared" not in n)
+        block = router.removesuffix("gate.weight")
+        tensors[router] = tensors[router][kept].clone()
+        if block + "ces" in tensors:
+            tensors[block + "ces"] = tensors[block + "ces"][kept].clone()
+        experts = {n: tensors.pop(n) for n in [n for n in tensors if n.startswith(block + "experts.")]}
+        for new, old in enumerate(kept):
+            for name, tensor in experts.items():
+                prefix = f"{block}experts.{old}."
+                if name.startswith(prefix):
+                    tensors[f"{block}experts.{new}." + name.removeprefix(prefix)] = tensor
+    config[key] = [len(kept) for kept in keep]
+    config["layer_experts_idx"] = [list(kept) for kept in keep]
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def drop_blocks(folder: Path, dropped: list[int]) -> Path:
+    """Block Drop as the compression study stores it: whole decoder blocks removed, the rest
+    renumbered, num_hidden_layers lowered, layer_mapping.json beside (new index -> original)."""
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    kept = [layer for layer in range(config["num_hidden_layers"]) if layer not in dropped]
+    renamed = {}
+    for name, tensor in tensors.items():
+        if not name.startswith("model.layers."):
+            renamed[name] = tensor
+            continue
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        if int(layer) in kept:
+            renamed[f"model.layers.{kept.index(int(layer))}.{rest}"] = tensor
+    config["num_hidden_layers"] = len(kept)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "layer_mapping.json").write_text(json.dumps({str(new): old for new, old in enumerate(kept)}))
+    save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

@@ -1,0 +1,99 @@
+"""Every supported architecture through the same pipeline, against transformers' own classes."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from architectures import add_compressed_experts, configs, drop_blocks, drop_experts, save_tiny
+from ce_export import pipeline
+from ce_export.capture import empty_past
+from ce_export.load import load_checkpoint
+from ce_export.verify import OrtDecoder, generation_prompt, greedy_torch
+from ce_oracle import ce_moe_loop
+
+QUIET = dict(report=lambda line: None)
+ARCHITECTURES = sorted(configs())
+
+
+def build(folder, out, target="ort"):
+    manifest = pipeline.build(str(folder), out, pipeline.BuildOptions(target=target), **QUIET)
+    return manifest, json.loads((out / "parity.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_onnx_matches_transformers(arch, tmp_path):
+    folder = save_tiny(arch, tmp_path / "ckpt")
+    manifest, parity = build(folder, tmp_path / "build")
+    assert parity["passed"] and parity["logits"]["max_rel"] <= 1e-4
+    spec = load_checkpoint(folder).spec
+
+    stock = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", experts_implementation="eager").eval()
+    ids = torch.randint(0, spec.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = stock(ids).logits
+    runtime = OrtDecoder(tmp_path / "build" / "model.onnx")
+    got = runtime(ids, torch.ones_like(ids), torch.arange(13).expand(2, -1).contiguous(), empty_past(spec, 2, 0, torch.float32))[0]
+    assert (got - want).abs().max() / want.abs().max() <= 1e-4
+
+    prompt, mask = generation_prompt(spec.vocab_size)
+    stock_tokens, _ = greedy_torch(stock, prompt, mask, 32)
+    assert parity["generation"]["onnx_tokens"] == stock_tokens.tolist()
+    assert len(set(stock_tokens[1].tolist())) > 4
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
+def test_compressed_experts_on_top2_architectures(arch, tmp_path):
+    folder = add_compressed_experts(save_tiny(arch, tmp_path / "ckpt"), n_ce=1)
+    model = load_checkpoint(folder)
+    layer = model.spec.moe_layers[0]
+    assert (layer.top_k, layer.n_ce, layer.n_main) == (2, 1, 1)
+    weights = model.moe_weights[0]
+    hidden = torch.randn(17, model.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    logits = hidden @ weights.router.T
+    args = (hidden, logits, weights.gate_up, weights.down, weights.ces, layer.top_k, layer.n_ce, layer.norm_topk_prob,
+            layer.routing, layer.routing_scale, layer.jitter_eps)
+    got = torch.ops.ce_export.moe(*args)
+    torch.testing.assert_close(got.double(), ce_moe_loop(*args), rtol=1e-5, atol=1e-5)
+
+    _, parity = build(folder, tmp_path / "build", target="portable")
+    assert parity["passed"]
+
+
+def test_intermediate_larger_than_hidden_needs_full_width_ces(tmp_path):
+    """Phi-3.5-MoE has I > H: theta1 must be I long, which the released CE code could not store."""
+    folder = save_tiny("phimoe", tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["intermediate_size"] < config["hidden_size"]  # the tiny model; widen it below
+    import transformers
+
+    cfg = configs()["phimoe"]
+    cfg.intermediate_size = 96
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "wide")
+    wide = add_compressed_experts(tmp_path / "wide", n_ce=1)
+    model = load_checkpoint(wide)
+    assert model.moe_weights[0].ces.shape == (8, 3, 96)
+    _, parity = build(wide, tmp_path / "build", target="portable")
+    assert parity["passed"]
+
+
+def test_mixtral_with_a_quarter_of_experts_dropped_unevenly(tmp_path):
+    folder = drop_experts(save_tiny("mixtral", tmp_path / "ckpt"), keep=[[0, 1, 3, 4, 6], [0, 1, 2, 3, 5, 6, 7], [1, 2, 4, 5, 6, 7]])
+    manifest, parity = build(folder, tmp_path / "build")
+    assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [5, 7, 6]
+    assert sum(layer["num_experts"] for layer in manifest["model"]["moe_layers"]) == 18  # 24 - 25%
+    assert parity["passed"]
+
+
+def test_deepseek_with_two_blocks_dropped(tmp_path):
+    cfg = configs()["deepseek_v2"]
+    cfg.num_hidden_layers = 5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
+    folder = drop_blocks(tmp_path / "ckpt", dropped=[2, 3])
+    manifest, parity = build(folder, tmp_path / "build")
+    assert manifest["model"]["num_layers"] == 3
+    assert [layer["kind"] for layer in manifest["model"]["moe_layers"]] == ["dense", "moe", "moe"]
+    assert parity["passed"]

@@ -1,0 +1,118 @@
+"""Ahead-of-time compilation of every kernel for sm_80 and sm_90 on a machine with no GPU, and what
+the machine code looks like: Hopper matrix instructions in the sm_90 GEMMs, no spills anywhere.
+
+The CLI runs in a subprocess without TRITON_INTERPRET (tests/test_kernels.py sets it in this
+process when there is no GPU, and an interpreted kernel cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+GEMM_PREFIXES = ("gate_up_swiglu", "down_weighted")
+MODEL_BUFFERS = {"hidden", "router_logits", "gate_up", "down", "ces", "out"}
+SHAPES = {"T": 37, "H": 2048, "I": 1024, "C": 2048, "E": 64, "K": 8, "KM": 4}
+
+
+def compile_ahead_of_time(out: Path, *options: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "plugins"), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "ce_kernels.aot", "--out", str(out), *options],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def aot_output(tmp_path_factory):
+    """The default model (OLMoE-CE: E 64, top-8, 4 compressed), bf16, for sm_80 and sm_90."""
+    out = tmp_path_factory.mktemp("aot")
+    return out, compile_ahead_of_time(out, "--arch", "80", "90", "--dtypes", "bf16")
+
+
+def sass(cubin: Path) -> str:
+    return subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "-sass", str(cubin)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_every_kernel_compiles_for_both_architectures(aot_output):
+    out, manifest = aot_output
+    stems = {arch: {k["stem"] for k in manifest["kernels"] if k["arch"] == arch} for arch in (80, 90)}
+    assert stems[80] == stems[90]
+    assert {k["entry"] for k in manifest["kernels"]} == {
+        "topk_softmax_kernel", "mix_compressed_experts_kernel", "count_pairs_per_expert_kernel",
+        "scatter_pairs_by_expert_kernel", "gate_up_swiglu_kernel", "down_weighted_kernel", "sum_main_slots_kernel",
+    }
+    for plan in manifest["launch_plans"]:
+        assert set(plan["launch"]) <= stems[90]
+    for kernel in manifest["kernels"]:
+        ptx = (out / kernel["ptx"]).read_text()
+        assert (out / kernel["cubin"]).stat().st_size > 0
+        assert f".target sm_{kernel['arch']}{'a' if kernel['arch'] == 90 else ''}" in ptx
+        entry = re.search(rf"\.entry {kernel['entry']}\((.*?)\)", ptx, re.S)
+        # The listed arguments plus Triton's two scratch pointers, as the manifest notes say.
+        assert entry and entry.group(1).count(".param") == len(kernel["args"]) + 2, kernel["stem"]
+
+
+def test_sm90_gemms_use_hopper_matrix_instructions(aot_output):
+    out, manifest = aot_output
+    gemms = [k for k in manifest["kernels"] if k["stem"].startswith(GEMM_PREFIXES)]
+    assert {k["arch"] for k in gemms} == {80, 90}
+    for kernel in gemms:
+        ptx, code = (out / kernel["ptx"]).read_text(), sass(out / kernel["cubin"])
+        if kernel["arch"] == 90:
+            assert "wgmma.mma_async" in ptx and "HGMMA" in code, kernel["stem"]
+        else:
+            assert "mma.sync" in ptx and "HMMA" in code, kernel["stem"]
+
+
+def test_no_kernel_spills_to_local_memory(aot_output):
+    out, manifest = aot_output
+    for kernel in manifest["kernels"]:
+        resources = kernel["resources"]
+        assert 0 < resources["registers"] <= 255, kernel["stem"]
+        assert resources["spill_stores"] == resources["spill_loads"] == 0, (kernel["stem"], resources)
+    for kernel in manifest["kernels"]:
+        if kernel["arch"] == 90 and kernel["stem"].startswith(GEMM_PREFIXES):
+            usage = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "-res-usage", str(out / kernel["cubin"])],
+                                   capture_output=True, text=True, check=True).stdout
+            assert re.search(r"\bLOCAL:0\b", usage) and re.search(r"\bSTACK:0\b", usage), (kernel["stem"], usage)
+
+
+def test_manifest_formulas_are_complete(aot_output):
+    from ce_kernels.aot import evaluate_formula
+
+    _, manifest = aot_output
+    buffers = MODEL_BUFFERS | {w["name"] for w in manifest["workspace"]}
+    for kernel in manifest["kernels"]:
+        grid = [evaluate_formula(g, SHAPES, kernel["constexprs"]) for g in kernel["grid"]]
+        assert all(g >= 1 for g in grid), (kernel["stem"], grid)
+        for arg in kernel["args"]:
+            if arg["type"].startswith("*"):
+                assert arg["value"].split(" + ")[0] in buffers, (kernel["stem"], arg)
+            else:
+                assert evaluate_formula(arg["value"], SHAPES, kernel["constexprs"]) >= 0, (kernel["stem"], arg)
+
+
+def test_plain_moe_with_sparsemixer_routing_compiles(tmp_path):
+    manifest = compile_ahead_of_time(tmp_path, "--arch", "90", "--dtypes", "fp16", "--routing", "sparsemixer",
+                                     "--top-k", "2", "--n-ce", "0", "--jitter-eps", "0.01", "--num-experts", "16")
+    entries = {k["entry"] for k in manifest["kernels"]}
+    assert "sparsemixer_top2_kernel" in entries and "topk_softmax_kernel" not in entries
+    assert "mix_compressed_experts_kernel" not in entries  # no theta without compressed experts
+    gate_up = [k for k in manifest["kernels"] if k["entry"] == "gate_up_swiglu_kernel"]
+    assert gate_up and all(k["constexprs"]["HAS_CE"] is False for k in gate_up)
+    assert all(k["resources"]["spill_stores"] == 0 for k in manifest["kernels"])
