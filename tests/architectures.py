@@ -13,23 +13,25 @@ COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_l
               bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
 
 
-def configs() -> dict:
+def configs(**overrides) -> dict:
+    """A tiny config of each architecture; `overrides` replace the common sizes (e.g. num_hidden_layers)."""
     from transformers import (DeepseekV2Config, MixtralConfig, OlmoeConfig, PhimoeConfig, Qwen2MoeConfig,
                               Qwen3MoeConfig)
 
+    common = COMMON | overrides
     return {
-        "olmoe": OlmoeConfig(**COMMON, num_experts=8, num_experts_per_tok=4),
-        "mixtral": MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2),
-        "qwen2_moe": Qwen2MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+        "olmoe": OlmoeConfig(**common, num_experts=8, num_experts_per_tok=4),
+        "mixtral": MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2),
+        "qwen2_moe": Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
                                     shared_expert_intermediate_size=96, norm_topk_prob=False, decoder_sparse_step=1,
                                     mlp_only_layers=[1]),
-        "qwen3_moe": Qwen3MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+        "qwen3_moe": Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
                                     norm_topk_prob=True),
-        "deepseek_v2": DeepseekV2Config(**(COMMON | {"num_key_value_heads": 4}), n_routed_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+        "deepseek_v2": DeepseekV2Config(**(common | {"num_key_value_heads": 4}), n_routed_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
                                         n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
                                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                                         routed_scaling_factor=1.5, topk_method="greedy"),
-        "phimoe": PhimoeConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2),
+        "phimoe": PhimoeConfig(**common, num_local_experts=8, num_experts_per_tok=2),
     }
 
 
@@ -42,11 +44,11 @@ def save_tiny(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def add_compressed_experts(folder: Path, n_ce: int, seed: int = 0) -> Path:
+def add_compressed_experts(folder: Path, n_ce: int | None = None, seed: int = 0) -> Path:
     """Turn a saved checkpoint into a CE checkpoint: use_ce / n_ce in config.json, `ces` tensors
     [E, 3, max(H, I)] in each MoE block (the CE reference code's names, under the block's module)."""
     config = json.loads((folder / "config.json").read_text())
-    config.update(use_ce=True, n_ce=n_ce)
+    config.update(use_ce=True, n_ce=n_ce or config["num_experts_per_tok"] // 2)
     (folder / "config.json").write_text(json.dumps(config))
     tensors = load_file(str(folder / "model.safetensors"))
     gen = torch.Generator().manual_seed(seed)
@@ -58,16 +60,24 @@ def add_compressed_experts(folder: Path, n_ce: int, seed: int = 0) -> Path:
     return folder
 
 
-def drop_experts(folder: Path, keep: list[list[int]]) -> Path:
-    """Expert Drop in the compression study's format: per-layer expert count lists and
-    `layer_experts_idx`, router rows and experts renumbered (any of our architectures' layouts)."""
+def drop_experts(folder: Path, keep: list) -> Path:
+    """Expert and Layer Drop in the compression study's format: per layer a list of kept original
+    expert ids (renumbered, router rows sliced), -1 for a dropped MoE sub-layer (its block and
+    post-attention norm removed), or None for a dense layer left as it is; the config gets per-layer
+    expert counts and `layer_experts_idx`. Works on any of our architectures' on-disk layouts."""
     config = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
     key = next(k for k in ("num_local_experts", "num_experts", "n_routed_experts") if isinstance(config.get(k), int))
     for layer, kept in enumerate(keep):
+        if kept is None:
+            continue
         router = next(n for n in tensors if n.startswith(f"model.layers.{layer}.") and n.endswith(".gate.weight")
                       and ".experts." not in n and "shared" not in n)
         block = router.removesuffix("gate.weight")
+        if kept == -1:
+            for name in [n for n in tensors if n.startswith(block) or n.startswith(f"model.layers.{layer}.post_attention_layernorm.")]:
+                tensors.pop(name)
+            continue
         tensors[router] = tensors[router][kept].clone()
         if block + "ces" in tensors:
             tensors[block + "ces"] = tensors[block + "ces"][kept].clone()
@@ -77,8 +87,8 @@ def drop_experts(folder: Path, keep: list[list[int]]) -> Path:
                 prefix = f"{block}experts.{old}."
                 if name.startswith(prefix):
                     tensors[f"{block}experts.{new}." + name.removeprefix(prefix)] = tensor
-    config[key] = [len(kept) for kept in keep]
-    config["layer_experts_idx"] = [list(kept) for kept in keep]
+    config[key] = [kept if kept in (None, -1) else len(kept) for kept in keep]
+    config["layer_experts_idx"] = [list(kept) if isinstance(kept, list) else [] for kept in keep]
     (folder / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -15,6 +15,10 @@ from ce_oracle import ce_moe_loop
 
 QUIET = dict(report=lambda line: None)
 ARCHITECTURES = sorted(configs())
+# Which MoE layers `--target ort` hands to ONNX Runtime's fused com.microsoft::MoE (only where exact).
+ORT_FUSED = {"olmoe": True, "mixtral": True, "qwen2_moe": True, "qwen3_moe": True,
+             "deepseek_v2": False,  # routing scale: no such attribute in com.microsoft::MoE
+             "phimoe": False}  # ORT's sparse mixer does not reproduce Phi-3.5-MoE's routing
 
 
 def build(folder, out, target="ort"):
@@ -28,6 +32,8 @@ def test_onnx_matches_transformers(arch, tmp_path):
     manifest, parity = build(folder, tmp_path / "build")
     assert parity["passed"] and parity["logits"]["max_rel"] <= 1e-4
     spec = load_checkpoint(folder).spec
+    domains = {node["domain"] for node in manifest["onnx"]["moe_nodes"]}
+    assert domains == ({"com.microsoft"} if ORT_FUSED[arch] else {"ce_export"})
 
     stock = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", experts_implementation="eager").eval()
     ids = torch.randint(0, spec.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
@@ -43,13 +49,14 @@ def test_onnx_matches_transformers(arch, tmp_path):
     assert len(set(stock_tokens[1].tolist())) > 4
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
-def test_compressed_experts_on_top2_architectures(arch, tmp_path):
-    folder = add_compressed_experts(save_tiny(arch, tmp_path / "ckpt"), n_ce=1)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_compressed_experts_on_every_architecture(arch, tmp_path):
+    """n_ce = K / 2: for the top-2 architectures (Mixtral, Phi-3.5-MoE) 1 main + 1 compressed."""
+    folder = add_compressed_experts(save_tiny(arch, tmp_path / "ckpt"))
     model = load_checkpoint(folder)
-    layer = model.spec.moe_layers[0]
-    assert (layer.top_k, layer.n_ce, layer.n_main) == (2, 1, 1)
-    weights = model.moe_weights[0]
+    layer = next(layer for layer in model.spec.moe_layers if layer.kind == "moe")
+    assert layer.n_ce == layer.top_k // 2 and layer.n_main == layer.top_k - layer.n_ce
+    weights = model.moe_weights[layer.layer]
     hidden = torch.randn(17, model.spec.hidden_size, generator=torch.Generator().manual_seed(0))
     logits = hidden @ weights.router.T
     args = (hidden, logits, weights.gate_up, weights.down, weights.ces, layer.top_k, layer.n_ce, layer.norm_topk_prob,
@@ -68,8 +75,7 @@ def test_intermediate_larger_than_hidden_needs_full_width_ces(tmp_path):
     assert config["intermediate_size"] < config["hidden_size"]  # the tiny model; widen it below
     import transformers
 
-    cfg = configs()["phimoe"]
-    cfg.intermediate_size = 96
+    cfg = configs(intermediate_size=96)["phimoe"]
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "wide")
     wide = add_compressed_experts(tmp_path / "wide", n_ce=1)
@@ -88,8 +94,7 @@ def test_mixtral_with_a_quarter_of_experts_dropped_unevenly(tmp_path):
 
 
 def test_deepseek_with_two_blocks_dropped(tmp_path):
-    cfg = configs()["deepseek_v2"]
-    cfg.num_hidden_layers = 5
+    cfg = configs(num_hidden_layers=5)["deepseek_v2"]
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
     folder = drop_blocks(tmp_path / "ckpt", dropped=[2, 3])
@@ -97,3 +102,29 @@ def test_deepseek_with_two_blocks_dropped(tmp_path):
     assert manifest["model"]["num_layers"] == 3
     assert [layer["kind"] for layer in manifest["model"]["moe_layers"]] == ["dense", "moe", "moe"]
     assert parity["passed"]
+
+
+def test_qwen2_moe_trimmed_with_layer_drop(tmp_path):
+    """Expert counts with a dense layer (null) and a dropped MoE sub-layer (-1), and uneven experts."""
+    cfg = configs(num_hidden_layers=4)["qwen2_moe"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
+    folder = drop_experts(tmp_path / "ckpt", keep=[[0, 2, 3, 5, 6, 7], None, -1, [1, 2, 3, 4, 5]])
+    manifest, parity = build(folder, tmp_path / "build")
+    assert [layer["kind"] for layer in manifest["model"]["moe_layers"]] == ["moe", "dense", "removed", "moe"]
+    assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [6, 0, 0, 5]
+    assert parity["passed"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_trt_target_parses_and_builds_without_the_plugin(arch, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (the installable builder) is not installed")
+    from ce_export.engine import build_engine
+
+    folder = save_tiny(arch, tmp_path / "ckpt")
+    out = tmp_path / "trt"
+    manifest = pipeline.build(str(folder), out, pipeline.BuildOptions(target="trt", verify=False, max_seq=256,
+                                                                       max_context=256, max_batch=4), **QUIET)
+    assert all(node["domain"] == "ce_export" for node in manifest["onnx"]["moe_nodes"])
+    assert (out / "model.plan").stat().st_size > 0
+    assert manifest["engine"]["plugin"]["bound"] is False

@@ -1,0 +1,1188 @@
+// Unit tests of the plugin's TensorRT- and CUDA-free logic (moe_plugin_logic.h, formula.h,
+// mini_json.h). No test framework: CHECK macros and a registry of named cases.
+//
+//   ce_moe_logic_tests [--fixtures DIR] [--aot-dir DIR ...] [CASE ...]
+//
+// --fixtures: folder with the AOT manifests in tests/fixtures (default: the source tree's, set by
+// CMake). --aot-dir: a folder written by `python -m ce_kernels.aot`; the case aot_contract then
+// checks its manifest against the PTX it describes and builds plans for every shape class.
+// Prints "[ OK ] name" / "[FAIL] name" per case and "N passed, M failed"; exit 1 on failure.
+
+#include "formula.h"
+#include "mini_json.h"
+#include "moe_plugin_logic.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+// ------------------------------------------------------------------------------------------------
+// Allocation counting (alloc_counter.cpp): buildLaunchPlan and evalFormula must not allocate (they
+// run in enqueue).
+long allocationCount();
+
+// ------------------------------------------------------------------------------------------------
+// A tiny test harness
+
+namespace
+{
+
+struct TestCase
+{
+    char const* name;
+    std::function<void()> body;
+};
+
+std::vector<TestCase>& registry()
+{
+    static std::vector<TestCase> cases;
+    return cases;
+}
+
+struct Registrar
+{
+    Registrar(char const* name, std::function<void()> body)
+    {
+        registry().push_back({name, std::move(body)});
+    }
+};
+
+int gFailures = 0;
+std::string gFixtures = CE_TRT_FIXTURES_DIR;
+std::vector<std::string> gAotDirs;
+
+#define TEST_CASE(name)                                                                                                \
+    static void test_##name();                                                                                         \
+    static Registrar registrar_##name(#name, test_##name);                                                             \
+    static void test_##name()
+
+#define CHECK(cond)                                                                                                    \
+    do                                                                                                                 \
+    {                                                                                                                  \
+        if (!(cond))                                                                                                   \
+        {                                                                                                              \
+            ++gFailures;                                                                                               \
+            std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK(" #cond ") failed\n";                                 \
+        }                                                                                                              \
+    } while (0)
+
+#define CHECK_EQ(a, b)                                                                                                 \
+    do                                                                                                                 \
+    {                                                                                                                  \
+        auto const va_ = (a);                                                                                          \
+        auto const vb_ = (b);                                                                                          \
+        if (!(va_ == vb_))                                                                                             \
+        {                                                                                                              \
+            ++gFailures;                                                                                               \
+            std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK_EQ(" #a ", " #b ") failed: " << va_ << " != " << vb_ \
+                      << "\n";                                                                                         \
+        }                                                                                                              \
+    } while (0)
+
+#define CHECK_CONTAINS(text, part)                                                                                     \
+    do                                                                                                                 \
+    {                                                                                                                  \
+        std::string const t_ = (text);                                                                                 \
+        if (t_.find(part) == std::string::npos)                                                                        \
+        {                                                                                                              \
+            ++gFailures;                                                                                               \
+            std::cerr << __FILE__ << ":" << __LINE__ << ": '" << t_ << "' does not contain '" << (part) << "'\n";      \
+        }                                                                                                              \
+    } while (0)
+
+std::string readFile(std::string const& path)
+{
+    std::ifstream in(path, std::ios::binary);
+    if (!in)
+    {
+        std::cerr << "cannot read " << path << "\n";
+        ++gFailures;
+        return {};
+    }
+    std::stringstream buffer;
+    buffer << in.rdbuf();
+    return buffer.str();
+}
+
+using namespace ce_trt;
+
+int64_t cdiv(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+int64_t maxPadded(int64_t pairs, int64_t experts, int64_t blockM)
+{
+    return pairs + std::min(experts, pairs) * (blockM - 1);
+}
+
+int64_t maxBlocks(int64_t pairs, int64_t experts, int64_t blockM)
+{
+    return cdiv(maxPadded(pairs, experts, blockM), blockM);
+}
+
+KernelLibrary const& ceLibrary()
+{
+    static KernelLibrary library = [] {
+        KernelLibrary lib;
+        std::string error;
+        if (!lib.addManifest(readFile(gFixtures + "/aot_manifest_ce_k4_nce2_e8.json"), "ce fixture", &error))
+        {
+            std::cerr << error << "\n";
+            ++gFailures;
+        }
+        return lib;
+    }();
+    return library;
+}
+
+KernelLibrary const& fixtureLibrary(char const* name)
+{
+    KernelLibrary* lib = new KernelLibrary; // leaked on purpose: lives for the whole run
+    std::string error;
+    if (!lib->addManifest(readFile(gFixtures + "/" + name), name, &error))
+    {
+        std::cerr << error << "\n";
+        ++gFailures;
+    }
+    return *lib;
+}
+
+KernelLibrary const& sparseMixerLibrary()
+{
+    static KernelLibrary const& library = fixtureLibrary("aot_manifest_sparsemixer_e8_e16.json");
+    return library;
+}
+
+KernelLibrary const& scaledLibrary()
+{
+    static KernelLibrary const& library = fixtureLibrary("aot_manifest_plain_k2_scale2p5_e8.json");
+    return library;
+}
+
+// A hand-written manifest in the AOT format: two routing variants (logits bf16 / fp32), one kernel
+// with an offset pointer, a u32 argument, a grid that can be empty and one trailing scratch pointer.
+char const* const kSyntheticManifest = R"json({
+ "triton_version": "test",
+ "model": {"num_experts": [4], "top_k": 2, "n_ce": 1, "km": 1, "norm_topk_prob": true},
+ "definitions": {"cdiv(a, b)": "(a + b - 1) // b", "rows": "T * KM", "padded": "rows + min(E, rows) * (BLOCK_M - 1)"},
+ "workspace": [
+  {"name": "weights", "dtype": "fp32", "shape": "[T, K]", "written_by": "route"},
+  {"name": "ids", "dtype": "i32", "shape": "[T, K]", "written_by": "route"},
+  {"name": "scratch", "dtype": "model", "shape": "[padded, H]", "written_by": "work"}
+ ],
+ "tile_table": [{"max_tokens": 8, "block_m": 4}, {"max_tokens": 1000000, "block_m": 16}],
+ "launch_plans": [
+  {"dtype": "bf16", "num_experts": 4, "max_tokens": 1000000, "launch": ["route_bf16", "work_bm16"]},
+  {"dtype": "bf16", "num_experts": 4, "max_tokens": 8, "launch": ["route_bf16", "work_bm4"]}
+ ],
+ "kernels": [
+  {"stem": "route_bf16", "arch": 80, "entry": "route", "cubin": "sm80/route_bf16.cubin",
+   "args": [{"name": "logits_ptr", "type": "*bf16", "value": "router_logits", "divisible_by_16": true},
+            {"name": "w_ptr", "type": "*fp32", "value": "weights", "divisible_by_16": true},
+            {"name": "n", "type": "i32", "value": "T", "divisible_by_16": false}],
+   "constexprs": {"TOP_K": 2, "BLOCK_T": 16}, "grid": ["cdiv(T, BLOCK_T)", "1", "1"], "num_warps": 4, "num_stages": 1, "shared": 0},
+  {"stem": "route_fp32", "arch": 80, "entry": "route", "cubin": "sm80/route_fp32.cubin",
+   "args": [{"name": "logits_ptr", "type": "*fp32", "value": "router_logits", "divisible_by_16": true},
+            {"name": "w_ptr", "type": "*fp32", "value": "weights", "divisible_by_16": true},
+            {"name": "n", "type": "i32", "value": "T", "divisible_by_16": false}],
+   "constexprs": {"TOP_K": 2, "BLOCK_T": 16}, "grid": ["cdiv(T, BLOCK_T)", "1", "1"], "num_warps": 4, "num_stages": 1, "shared": 0},
+  {"stem": "work_bm16", "arch": 80, "entry": "work", "cubin": "sm80/work_bm16.cubin", "trailing_null_params": 1,
+   "args": [{"name": "aux_ptr", "type": "*i32", "value": "ids + KM", "divisible_by_16": false},
+            {"name": "x_ptr", "type": "*bf16", "value": "hidden", "divisible_by_16": true},
+            {"name": "count", "type": "u32", "value": "padded", "divisible_by_16": false},
+            {"name": "width", "type": "i32", "value": "H * 1024 * 1024", "divisible_by_16": true}],
+   "constexprs": {"BLOCK_M": 16, "SKIP": false}, "grid": ["cdiv(padded, BLOCK_M)", "C", "1"], "num_warps": 2, "num_stages": 1, "shared": 70000},
+  {"stem": "work_bm4", "arch": 80, "entry": "work", "cubin": "sm80/work_bm4.cubin", "trailing_null_params": 1,
+   "args": [{"name": "aux_ptr", "type": "*i32", "value": "ids + KM", "divisible_by_16": false},
+            {"name": "x_ptr", "type": "*bf16", "value": "hidden", "divisible_by_16": true},
+            {"name": "count", "type": "u32", "value": "padded", "divisible_by_16": false},
+            {"name": "width", "type": "i32", "value": "H * 1024 * 1024", "divisible_by_16": true}],
+   "constexprs": {"BLOCK_M": 4, "SKIP": false}, "grid": ["cdiv(padded, BLOCK_M)", "C", "1"], "num_warps": 2, "num_stages": 1, "shared": 1000}
+ ]
+})json";
+
+KernelLibrary const& syntheticLibrary()
+{
+    static KernelLibrary library = [] {
+        KernelLibrary lib;
+        std::string error;
+        if (!lib.addManifest(kSyntheticManifest, "synthetic", &error))
+        {
+            std::cerr << error << "\n";
+            ++gFailures;
+        }
+        return lib;
+    }();
+    return library;
+}
+
+PlanRequest ceRequest(int64_t tokens, int32_t arch = 90, DType act = DType::kBF16)
+{
+    PlanRequest r;
+    r.variant = Variant::kCompressed;
+    r.attrs.topK = 4;
+    r.attrs.nCe = 2;
+    r.attrs.normTopkProb = 0;
+    r.activation = act;
+    r.logits = act;
+    r.dims = LayerDims{tokens, 128, 64, 8, 128};
+    r.arch = arch;
+    return r;
+}
+
+std::string stemOf(KernelLibrary const& lib, LaunchPlan const& plan, int32_t i)
+{
+    return lib.sets()[plan.set].kernels[plan.launches[i].kernel].stem;
+}
+
+// ------------------------------------------------------------------------------------------------
+
+TEST_CASE(json_parse)
+{
+    json::Value v;
+    std::string error;
+    CHECK(json::parse(R"({"a": [1, -2, 4611686018427387904, 1.5e3, true, null, "x\"\u00e9\n"], "b": {}})", v, &error));
+    CHECK(v.isObject());
+    json::Value const* a = v.find("a");
+    CHECK(a != nullptr && a->isArray() && a->array.size() == 7);
+    if (a != nullptr && a->array.size() == 7)
+    {
+        CHECK_EQ(a->array[1].integer, -2);
+        CHECK_EQ(a->array[2].integer, int64_t{1} << 62);
+        CHECK(a->array[3].kind == json::Value::Kind::kFloat && a->array[3].number == 1500.0);
+        CHECK(a->array[4].isBool() && a->array[4].boolean);
+        CHECK(a->array[5].isNull());
+        CHECK_EQ(a->array[6].string, std::string("x\"\xc3\xa9\n"));
+    }
+    CHECK(v.find("b") != nullptr && v.find("b")->isObject());
+    CHECK(v.find("zz") == nullptr);
+    CHECK(!json::parse(R"({"a": [1, 2})", v, &error));
+    CHECK_CONTAINS(error, "JSON:");
+    CHECK(!json::parse(R"({"a": 1} x)", v, &error));
+    CHECK(!json::parse(R"(99999999999999999999)", v, &error));
+}
+
+TEST_CASE(formula_eval)
+{
+    FormulaScope scope;
+    scope.constants["BLOCK_N"] = 64;
+    scope.definitions["max_padded"] = "T*KM + min(E, T*KM) * (BLOCK_M - 1)";
+    scope.definitions["max_blocks"] = "cdiv(max_padded, BLOCK_M)";
+    VarValues vars{};
+    vars[static_cast<int>(Var::kT)] = 5;
+    vars[static_cast<int>(Var::kKM)] = 4;
+    vars[static_cast<int>(Var::kE)] = 64;
+    vars[static_cast<int>(Var::kI)] = 1024;
+    vars[static_cast<int>(Var::kBLOCK_M)] = 16;
+    struct Case
+    {
+        char const* text;
+        int64_t expected;
+    };
+    for (Case const c : {Case{"1 + 2 * 3", 7}, Case{"(1 + 2) * 3", 9}, Case{"7 // 2", 3}, Case{"-7 // 2", -4},
+             Case{"7 % 3", 1}, Case{"cdiv(1025, BLOCK_N)", 17}, Case{"min(3, 1, 2)", 1}, Case{"max(3, 9, 2)", 9},
+             Case{"T*KM", 20}, Case{"max_padded", 20 + 20 * 15}, Case{"max_blocks * cdiv(I, BLOCK_N)", 20 * 16},
+             Case{"- -3", 3}, Case{"cdiv(0, 16)", 0}})
+    {
+        Formula f;
+        std::string error;
+        CHECK(compileFormula(c.text, scope, f, &error));
+        int64_t value = -999;
+        CHECK(evalFormula(f, vars, value) == EvalStatus::kOk);
+        if (value != c.expected)
+        {
+            ++gFailures;
+            std::cerr << "formula " << c.text << " = " << value << ", expected " << c.expected << "\n";
+        }
+    }
+    Formula f;
+    std::string error;
+    CHECK(!compileFormula("T + unknown", scope, f, &error));
+    CHECK_CONTAINS(error, "unknown name unknown");
+    CHECK(!compileFormula("T / 2", scope, f, &error));
+    CHECK_CONTAINS(error, "'//'");
+    CHECK(!compileFormula("cdiv(T)", scope, f, &error));
+    CHECK(!compileFormula("T +", scope, f, &error));
+    CHECK(!compileFormula("foo(T)", scope, f, &error));
+    FormulaScope loop;
+    loop.definitions["a"] = "b";
+    loop.definitions["b"] = "a";
+    CHECK(!compileFormula("a", loop, f, &error));
+    CHECK_CONTAINS(error, "too deep");
+
+    CHECK(compileFormula("T * 4611686018427387904", scope, f, &error));
+    int64_t value = 0;
+    CHECK(evalFormula(f, vars, value) == EvalStatus::kOverflow);
+    CHECK(compileFormula("T // (KM - 4)", scope, f, &error));
+    CHECK(evalFormula(f, vars, value) == EvalStatus::kDivisionByZero);
+    CHECK(compileFormula("3", scope, f, &error) && f.isConstant());
+    CHECK(compileFormula("T", scope, f, &error) && !f.isConstant());
+}
+
+TEST_CASE(fields_roundtrip)
+{
+    for (Variant v : kAllVariants)
+    {
+        MoeAttrs attrs;
+        attrs.routing = routingOf(v);
+        bool const softmax = attrs.routing == Routing::kSoftmaxTopK;
+        attrs.topK = softmax ? 8 : 2;
+        attrs.nCe = isCompressed(v) ? (softmax ? 4 : 1) : 0;
+        attrs.normTopkProb = softmax ? 1 : 0;
+        attrs.routingScale = softmax ? 2.5f : 1.0f;
+        attrs.jitterEps = softmax ? 0.0f : 0.01f;
+        attrs.maxTokens = int64_t{1} << 40;
+        SerializedFields fields;
+        fields.fill(v, attrs);
+        CHECK_EQ(fields.count(), static_cast<int32_t>(creatorFieldNames(v).size()) + 1);
+        MoeAttrs parsed;
+        std::string error;
+        bool const ok = parseFields(v, fields.fields(), fields.count(), parsed, &error);
+        CHECK(ok);
+        if (!ok)
+        {
+            std::cerr << pluginName(v) << ": " << error << "\n";
+        }
+        CHECK(parsed == attrs);
+        // Serializing twice from the same object gives views into its own storage.
+        fields.fill(v, parsed);
+        CHECK(parseFields(v, fields.fields(), fields.count(), parsed, &error));
+        CHECK(parsed == attrs);
+    }
+    // What the ONNX parser gives: INT32 / FLOAT32 attributes, no max_tokens, unknown fields ignored.
+    int32_t const topK = 8;
+    int32_t const nCe = 4;
+    int32_t const norm = 0;
+    float const scale = 16.0f;
+    char const text[] = "ce_export";
+    FieldView const onnx[] = {
+        {"top_k", &topK, FieldType::kINT32, 1},
+        {"n_ce", &nCe, FieldType::kINT32, 1},
+        {"norm_topk_prob", &norm, FieldType::kINT32, 1},
+        {"routing_scale", &scale, FieldType::kFLOAT32, 1},
+        {"plugin_namespace", text, FieldType::kCHAR, 9},
+    };
+    MoeAttrs attrs;
+    std::string error;
+    CHECK(parseFields(Variant::kCompressed, onnx, 5, attrs, &error));
+    CHECK_EQ(attrs.topK, 8);
+    CHECK_EQ(attrs.nCe, 4);
+    CHECK_EQ(attrs.routingScale, 16.0f);
+    CHECK_EQ(attrs.maxTokens, 0);
+    CHECK(attrs.routing == Routing::kSoftmaxTopK);
+    // INT64 attributes are accepted too; defaults fill the rest.
+    int64_t const topK64 = 2;
+    FieldView const wide[] = {{"top_k", &topK64, FieldType::kINT64, 1}};
+    CHECK(parseFields(Variant::kPlain, wide, 1, attrs, &error));
+    CHECK_EQ(attrs.topK, 2);
+    CHECK_EQ(attrs.nCe, 0);
+    CHECK_EQ(attrs.normTopkProb, 0);
+    CHECK_EQ(attrs.routingScale, 1.0f);
+    // SparseMixer: top_k is 2 without a field.
+    float const eps = 0.01f;
+    FieldView const sm[] = {{"jitter_eps", &eps, FieldType::kFLOAT32, 1}};
+    CHECK(parseFields(Variant::kSparseMixer, sm, 1, attrs, &error));
+    CHECK_EQ(attrs.topK, 2);
+    CHECK(attrs.routing == Routing::kSparseMixer);
+    CHECK_EQ(attrs.jitterEps, 0.01f);
+    int32_t const one = 1;
+    FieldView const csm[] = {{"n_ce", &one, FieldType::kINT32, 1}, {"jitter_eps", &eps, FieldType::kFLOAT32, 1}};
+    CHECK(parseFields(Variant::kCompressedSparseMixer, csm, 2, attrs, &error));
+    CHECK_EQ(attrs.nCe, 1);
+    CHECK(!parseFields(Variant::kCompressedSparseMixer, sm, 1, attrs, &error)); // needs n_ce = 1
+    FieldView const sm3[] = {{"top_k", &topK, FieldType::kINT32, 1}};
+    CHECK(!parseFields(Variant::kSparseMixer, sm3, 1, attrs, &error));
+    CHECK_CONTAINS(error, "top-2");
+    // Errors.
+    CHECK(!parseFields(Variant::kCompressed, onnx + 1, 2, attrs, &error));
+    CHECK_CONTAINS(error, "missing field top_k");
+    CHECK(!parseFields(Variant::kPlain, onnx, 2, attrs, &error));
+    CHECK_CONTAINS(error, "n_ce=4");
+    int32_t const badNce = 8;
+    FieldView const bad[] = {{"top_k", &topK, FieldType::kINT32, 1}, {"n_ce", &badNce, FieldType::kINT32, 1}};
+    CHECK(!parseFields(Variant::kCompressed, bad, 2, attrs, &error));
+    CHECK_CONTAINS(error, "outside 1..7");
+    CHECK(!parseFields(Variant::kCompressed, bad, 1, attrs, &error)); // CE needs n_ce >= 1
+    float const f = 1.0f;
+    FieldView const typed[] = {{"top_k", &f, FieldType::kFLOAT32, 1}};
+    CHECK(!parseFields(Variant::kPlain, typed, 1, attrs, &error));
+    CHECK_CONTAINS(error, "FLOAT32");
+    FieldView const intScale[] = {{"top_k", &topK, FieldType::kINT32, 1}, {"routing_scale", &topK, FieldType::kINT32, 1}};
+    CHECK(!parseFields(Variant::kPlain, intScale, 2, attrs, &error));
+    CHECK_CONTAINS(error, "expected FLOAT32");
+    float const inf = 1.0f / 0.0f;
+    FieldView const infScale[] = {{"top_k", &topK, FieldType::kINT32, 1}, {"routing_scale", &inf, FieldType::kFLOAT32, 1}};
+    CHECK(!parseFields(Variant::kPlain, infScale, 2, attrs, &error));
+    int32_t const norm2 = 2;
+    FieldView const badNorm[] = {{"top_k", &topK, FieldType::kINT32, 1}, {"norm_topk_prob", &norm2, FieldType::kINT32, 1}};
+    CHECK(!parseFields(Variant::kPlain, badNorm, 2, attrs, &error));
+    FieldView const empty[] = {{"top_k", nullptr, FieldType::kINT32, 0}};
+    CHECK(!parseFields(Variant::kPlain, empty, 1, attrs, &error));
+}
+
+TEST_CASE(creator_field_names)
+{
+    auto names = [](Variant v) {
+        std::string out;
+        for (FieldView const& f : creatorFieldNames(v))
+        {
+            out += std::string(out.empty() ? "" : ",") + f.name + (f.type == FieldType::kINT32 ? ":i" : ":f");
+        }
+        return out;
+    };
+    CHECK_EQ(names(Variant::kPlain), std::string("top_k:i,norm_topk_prob:i,routing_scale:f"));
+    CHECK_EQ(names(Variant::kCompressed), std::string("top_k:i,n_ce:i,norm_topk_prob:i,routing_scale:f"));
+    CHECK_EQ(names(Variant::kSparseMixer), std::string("jitter_eps:f"));
+    CHECK_EQ(names(Variant::kCompressedSparseMixer), std::string("n_ce:i,jitter_eps:f"));
+    CHECK_EQ(std::string(pluginName(Variant::kPlain)), std::string("MoE"));
+    CHECK_EQ(std::string(pluginName(Variant::kCompressed)), std::string("CompressedMoE"));
+    CHECK_EQ(std::string(pluginName(Variant::kSparseMixer)), std::string("SparseMixerMoE"));
+    CHECK_EQ(std::string(pluginName(Variant::kCompressedSparseMixer)), std::string("CompressedSparseMixerMoE"));
+    CHECK_EQ(numInputs(Variant::kPlain), 4);
+    CHECK_EQ(numInputs(Variant::kCompressed), 5);
+    CHECK_EQ(numInputs(Variant::kSparseMixer), 4);
+    CHECK_EQ(numInputs(Variant::kCompressedSparseMixer), 5);
+    CHECK_EQ(std::string(kPluginNamespace), std::string("ce_export"));
+    CHECK_EQ(std::string(kPluginVersion), std::string("1"));
+}
+
+TEST_CASE(shape_rules)
+{
+    std::string error;
+    LayerDims dims;
+    Shape ce[] = {Shape::of({7, 2048}), Shape::of({7, 64}), Shape::of({64, 2048, 2048}), Shape::of({64, 2048, 1024}),
+        Shape::of({64, 3, 2048})};
+    CHECK(checkShapes(Variant::kCompressed, ce, 5, dims, &error));
+    CHECK_EQ(dims.T, 7);
+    CHECK_EQ(dims.H, 2048);
+    CHECK_EQ(dims.I, 1024);
+    CHECK_EQ(dims.E, 64);
+    CHECK_EQ(dims.C, 2048);
+    CHECK(!checkShapes(Variant::kPlain, ce, 5, dims, &error));
+    CHECK_CONTAINS(error, "takes 4 inputs");
+    CHECK(checkShapes(Variant::kPlain, ce, 4, dims, &error));
+    CHECK_EQ(dims.C, 0);
+
+    // [B, S, H] hidden, unknown dims (build time: -1).
+    Shape batched[] = {Shape::of({-1, 5, 128}), Shape::of({-1, 5, 8}), Shape::of({8, 128, 128}), Shape::of({8, 128, 64})};
+    CHECK(checkShapes(Variant::kPlain, batched, 4, dims, &error));
+    CHECK_EQ(dims.T, -1);
+    CHECK_EQ(dims.I, 64);
+    batched[0].d[0] = 3;
+    CHECK(checkShapes(Variant::kPlain, batched, 4, dims, &error));
+    CHECK_EQ(dims.T, 15);
+
+    Shape out = outputShape(ce[0]);
+    CHECK_EQ(out.rank, 2);
+    CHECK_EQ(out.d[0], 7);
+    CHECK_EQ(out.d[1], 2048);
+
+    Shape bad[5];
+    auto reset = [&] {
+        for (int i = 0; i < 5; ++i)
+        {
+            bad[i] = ce[i];
+        }
+    };
+    reset();
+    bad[kCes] = Shape::of({64, 3, 1000}); // C < H
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+    CHECK_CONTAINS(error, ">= max(H, I)");
+    reset();
+    bad[kCes] = Shape::of({64, 2, 2048});
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+    reset();
+    bad[kRouterLogits] = Shape::of({7, 32}); // E mismatch
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+    CHECK_CONTAINS(error, "inconsistent");
+    reset();
+    bad[kRouterLogits] = Shape::of({6, 64}); // T mismatch
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+    reset();
+    bad[kGateUp] = Shape::of({64, 2047, 2048});
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+    CHECK_CONTAINS(error, "even");
+    reset();
+    bad[kGateUp] = Shape::of({64, 2000, 2048}); // 2I = 2000 != 2 * 1024
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+    reset();
+    bad[kHidden] = Shape::of({7, 2040}); // H not a multiple of 16 (everything consistent)
+    bad[kGateUp] = Shape::of({64, 2048, 2040});
+    bad[kDown] = Shape::of({64, 2040, 1024});
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+    CHECK_CONTAINS(error, "multiple of 16");
+    reset();
+    bad[kHidden] = Shape::of({2048});
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+    CHECK_CONTAINS(error, "rank");
+    reset();
+    bad[kDown] = Shape::of({64, 2048});
+    CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+}
+
+TEST_CASE(type_rules)
+{
+    std::string error;
+    DType const bf16[] = {DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16};
+    CHECK(checkTypes(Variant::kCompressed, bf16, 5, &error));
+    CHECK(outputType(bf16, 5) == DType::kBF16);
+    DType const fp32Logits[] = {DType::kFP16, DType::kFP32, DType::kFP16, DType::kFP16};
+    CHECK(checkTypes(Variant::kPlain, fp32Logits, 4, &error));
+    CHECK(outputType(fp32Logits, 4) == DType::kFP16);
+    DType const fp32[] = {DType::kFP32, DType::kFP32, DType::kFP32, DType::kFP32};
+    CHECK(checkTypes(Variant::kPlain, fp32, 4, &error));
+    DType const mixedLogits[] = {DType::kBF16, DType::kFP16, DType::kBF16, DType::kBF16};
+    CHECK(!checkTypes(Variant::kPlain, mixedLogits, 4, &error));
+    CHECK_CONTAINS(error, "router_logits is fp16");
+    DType const mixedWeights[] = {DType::kBF16, DType::kBF16, DType::kBF16, DType::kFP16};
+    CHECK(!checkTypes(Variant::kPlain, mixedWeights, 4, &error));
+    CHECK_CONTAINS(error, "down is fp16");
+    DType const ints[] = {DType::kINT32, DType::kINT32, DType::kINT32, DType::kINT32};
+    CHECK(!checkTypes(Variant::kPlain, ints, 4, &error));
+    CHECK(!checkTypes(Variant::kCompressed, bf16, 4, &error));
+    CHECK_EQ(dtypeSize(DType::kBF16), size_t{2});
+    CHECK(parseDType("*bf16") == DType::kBF16);
+    CHECK(parseDType("i32") == DType::kINT32);
+    CHECK(parseDType("u8") == DType::kOther);
+}
+
+TEST_CASE(format_combinations)
+{
+    MoeAttrs attrs;
+    attrs.topK = 4;
+    attrs.nCe = 2;
+    auto combo = [](DType act, DType logits, DType weights, DType out, bool linear = true) {
+        std::vector<TensorTypeFormat> v = {{act, linear}, {logits, true}, {weights, true}, {weights, true},
+            {weights, true}, {out, true}};
+        return v;
+    };
+    auto allOk = [&](std::vector<TensorTypeFormat> const& c, KernelLibrary const* lib) {
+        for (int32_t pos = 0; pos < 6; ++pos)
+        {
+            if (!supportsCombination(Variant::kCompressed, attrs, pos, c.data(), 5, 1, lib))
+            {
+                return false;
+            }
+        }
+        return true;
+    };
+    // Pure type rules (no library).
+    CHECK(allOk(combo(DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16), nullptr));
+    CHECK(allOk(combo(DType::kFP32, DType::kFP32, DType::kFP32, DType::kFP32), nullptr));
+    CHECK(allOk(combo(DType::kFP16, DType::kFP32, DType::kFP16, DType::kFP16), nullptr));
+    CHECK(!allOk(combo(DType::kFP16, DType::kBF16, DType::kFP16, DType::kFP16), nullptr));
+    CHECK(!allOk(combo(DType::kBF16, DType::kBF16, DType::kBF16, DType::kFP32), nullptr));
+    CHECK(!allOk(combo(DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16, false), nullptr));
+    CHECK(!allOk(combo(DType::kINT32, DType::kINT32, DType::kINT32, DType::kINT32), nullptr));
+    CHECK(!supportsCombination(Variant::kCompressed, attrs, 0, combo(DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16).data(), 4, 1, nullptr));
+    // The CE fixture has bf16 and fp16 kernels, no fp32 ones and no fp32-logits routing.
+    KernelLibrary const& lib = ceLibrary();
+    CHECK(allOk(combo(DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16), &lib));
+    CHECK(allOk(combo(DType::kFP16, DType::kFP16, DType::kFP16, DType::kFP16), &lib));
+    CHECK(!allOk(combo(DType::kFP32, DType::kFP32, DType::kFP32, DType::kFP32), &lib));
+    CHECK(!allOk(combo(DType::kBF16, DType::kFP32, DType::kBF16, DType::kBF16), &lib));
+    // Attributes the library has no set for: fall back to type rules (configurePlugin explains).
+    MoeAttrs other = attrs;
+    other.topK = 8;
+    auto c = combo(DType::kFP32, DType::kFP32, DType::kFP32, DType::kFP32);
+    CHECK(supportsCombination(Variant::kCompressed, other, 0, c.data(), 5, 1, &lib));
+    // The synthetic library has a routing kernel for fp32 logits.
+    MoeAttrs synth;
+    synth.topK = 2;
+    synth.nCe = 1;
+    synth.normTopkProb = 1;
+    auto s = combo(DType::kBF16, DType::kFP32, DType::kBF16, DType::kBF16);
+    CHECK(supportsCombination(Variant::kCompressed, synth, 1, s.data(), 5, 1, &syntheticLibrary()));
+}
+
+TEST_CASE(select_arch)
+{
+    std::vector<int32_t> const archs = {80, 90};
+    CHECK_EQ(selectArch(archs, 80), 80);
+    CHECK_EQ(selectArch(archs, 86), 80);
+    CHECK_EQ(selectArch(archs, 89), 80);
+    CHECK_EQ(selectArch(archs, 90), 90);
+    CHECK_EQ(selectArch(archs, 100), -1); // sm_90a cubins do not run on Blackwell
+    CHECK_EQ(selectArch(archs, 120), -1);
+    CHECK_EQ(selectArch(archs, 75), -1);
+    std::vector<int32_t> const more = {80, 86, 90, 100};
+    CHECK_EQ(selectArch(more, 87), 86);
+    CHECK_EQ(selectArch(more, 100), 100);
+    CHECK_EQ(selectArch(more, 103), -1);
+    CHECK_EQ(selectArch({}, 90), -1);
+}
+
+TEST_CASE(manifest_fixture_ce)
+{
+    KernelLibrary const& lib = ceLibrary();
+    CHECK_EQ(lib.sets().size(), size_t{1});
+    CHECK_CONTAINS(lib.describe(), "softmax_topk top_k=4 n_ce=2 norm_topk_prob=0 routing_scale=1 E={8} dtypes={bf16,fp16} sm={80,90}");
+    MoeAttrs attrs;
+    attrs.topK = 4;
+    attrs.nCe = 2;
+    CHECK_EQ(lib.findSet(attrs, 8), 0);
+    CHECK_EQ(lib.findSet(attrs, 16), -1);
+    CHECK_EQ(lib.findSet(attrs, -1), 0);
+    attrs.normTopkProb = 1;
+    CHECK_EQ(lib.findSet(attrs, 8), -1);
+    attrs.normTopkProb = 0;
+    attrs.routingScale = 2.0f; // compiled into the routing kernel: must match
+    CHECK_EQ(lib.findSet(attrs, 8), -1);
+    CHECK(lib.archs() == std::vector<int32_t>({80, 90}));
+
+    struct Expect
+    {
+        int64_t tokens;
+        int64_t blockM;
+        int64_t gateBlockN;
+        int64_t downBlockN;
+        char const* gateStem;
+    };
+    for (Expect const e : {Expect{1, 16, 64, 64, "gate_up_swiglu_bf16_ce_bm16_bn64_bk128_w4_s3_swap"},
+             Expect{32, 16, 64, 64, "gate_up_swiglu_bf16_ce_bm16_bn64_bk128_w4_s3_swap"},
+             Expect{33, 16, 64, 128, "gate_up_swiglu_bf16_ce_bm16_bn64_bk128_w4_s3_swap"},
+             Expect{1024, 32, 64, 128, "gate_up_swiglu_bf16_ce_bm32_bn64_bk64_w4_s4_swap"},
+             Expect{5000, 64, 128, 128, "gate_up_swiglu_bf16_ce_bm64_bn128_bk64_w8_s3"}})
+    {
+        LaunchPlan plan;
+        std::string error;
+        PlanRequest req = ceRequest(e.tokens);
+        bool const ok = buildLaunchPlan(lib, req, plan, &error);
+        CHECK(ok);
+        if (!ok)
+        {
+            std::cerr << error << "\n";
+            continue;
+        }
+        int64_t const T = e.tokens;
+        int64_t const H = 128;
+        int64_t const I = 64;
+        int64_t const E = 8;
+        int64_t const C = 128;
+        int64_t const K = 4;
+        int64_t const KM = 2;
+        CHECK_EQ(plan.numLaunches, 7);
+        CHECK_EQ(stemOf(lib, plan, 0), std::string("topk_softmax_bf16_e8"));
+        CHECK_EQ(stemOf(lib, plan, 1), std::string("mix_compressed_experts_bf16"));
+        CHECK_EQ(stemOf(lib, plan, 2), std::string("count_pairs_per_expert_e8"));
+        CHECK_EQ(stemOf(lib, plan, 3), "scatter_pairs_by_expert_bm" + std::to_string(e.blockM) + "_e8");
+        CHECK_EQ(stemOf(lib, plan, 4), std::string(e.gateStem));
+        CHECK_EQ(stemOf(lib, plan, 6), std::string("sum_main_slots_bf16"));
+        for (int32_t i = 0; i < plan.numLaunches; ++i)
+        {
+            CHECK_EQ(lib.sets()[plan.set].kernels[plan.launches[i].kernel].arch, 90);
+        }
+
+        KernelLaunch const& route = plan.launches[0];
+        CHECK_EQ(route.grid[0], static_cast<uint32_t>(cdiv(T, 16)));
+        CHECK_EQ(route.grid[1], 1u);
+        CHECK_EQ(route.block, 128u);
+        CHECK_EQ(route.numArgs, 6 + 2);
+        CHECK_EQ(route.args[0].buffer, static_cast<int32_t>(kBufRouterLogits));
+        CHECK_EQ(route.args[1].buffer, kNumIoBuffers + 0); // routing_weights
+        CHECK_EQ(route.args[2].buffer, kNumIoBuffers + 1); // expert_ids
+        CHECK_EQ(route.args[3].value, T);
+        CHECK_EQ(route.args[4].value, E);
+        CHECK_EQ(route.args[5].value, E);
+        CHECK_EQ(route.args[6].buffer, -1);
+        CHECK_EQ(route.args[7].buffer, -1);
+
+        KernelLaunch const& theta = plan.launches[1];
+        CHECK_EQ(theta.grid[0], static_cast<uint32_t>(cdiv(T, 8)));
+        CHECK_EQ(theta.grid[1], static_cast<uint32_t>(cdiv(C, 256)));
+        CHECK_EQ(theta.args[0].buffer, kNumIoBuffers + 0); // routing_weights + KM
+        CHECK_EQ(theta.args[0].value, KM * 4);
+        CHECK(!theta.args[0].aligned16);
+        CHECK_EQ(theta.args[1].value, KM * 4); // expert_ids + KM (int32)
+        CHECK_EQ(theta.args[2].buffer, static_cast<int32_t>(kBufCes));
+        CHECK_EQ(theta.args[3].buffer, kNumIoBuffers + 2); // theta
+        CHECK_EQ(theta.args[5].value, C);
+        CHECK_EQ(theta.args[7].value, 3 * C);
+
+        CHECK_EQ(plan.launches[2].grid[0], static_cast<uint32_t>(E));
+        CHECK_EQ(plan.launches[3].grid[0], static_cast<uint32_t>(E));
+
+        KernelLaunch const& gate = plan.launches[4];
+        int64_t const blocks = maxBlocks(T * KM, E, e.blockM);
+        CHECK_EQ(gate.grid[0], static_cast<uint32_t>(blocks * cdiv(I, e.gateBlockN)));
+        CHECK_EQ(gate.numArgs, 16 + 2);
+        CHECK_EQ(gate.args[0].buffer, static_cast<int32_t>(kBufHidden));
+        CHECK(gate.args[0].aligned16);
+        CHECK_EQ(gate.args[1].buffer, kNumIoBuffers + 2); // theta
+        CHECK_EQ(gate.args[3].buffer, kNumIoBuffers + 7); // act
+        CHECK_EQ(gate.args[7].value, T * KM);
+        CHECK_EQ(gate.args[13].value, 2 * I * H);
+        CHECK(gate.block == 128u || gate.block == 256u);
+
+        KernelLaunch const& down = plan.launches[5];
+        CHECK_EQ(down.grid[0], static_cast<uint32_t>(blocks * cdiv(H, e.downBlockN)));
+        CHECK_EQ(down.args[3].buffer, kNumIoBuffers + 8); // pair_out
+        CHECK_EQ(down.args[13].value, K);                 // stride_routing_t
+
+        KernelLaunch const& combine = plan.launches[6];
+        CHECK_EQ(combine.grid[0], static_cast<uint32_t>(cdiv(T, 4))); // BLOCK_T = 4 in this snapshot
+        CHECK_EQ(combine.grid[1], static_cast<uint32_t>(cdiv(H, 256)));
+        CHECK_EQ(combine.args[1].buffer, static_cast<int32_t>(kBufOut));
+        CHECK_EQ(combine.args[2].value, T);
+
+        // Workspace: the manifest's buffers in order, 256-aligned, sized with the worst BLOCK_M.
+        WorkspaceLayout const& ws = plan.workspace;
+        CHECK_EQ(ws.count, 9);
+        int64_t worstPadded = 0;
+        int64_t worstBlocks = 0;
+        for (int64_t bm : {16, 32, 64})
+        {
+            worstPadded = std::max(worstPadded, maxPadded(T * KM, E, bm));
+            worstBlocks = std::max(worstBlocks, maxBlocks(T * KM, E, bm));
+        }
+        size_t const expected[] = {size_t(T * K * 4), size_t(T * K * 4), size_t(T * 3 * C * 2), size_t(E * 4),
+            size_t(worstPadded * 4), size_t(worstBlocks * 4), 4, size_t(T * KM * I * 2), size_t(T * KM * H * 2)};
+        size_t offset = 0;
+        for (int32_t i = 0; i < ws.count; ++i)
+        {
+            CHECK_EQ(ws.bytes[i], expected[i]);
+            CHECK_EQ(ws.offset[i], offset);
+            CHECK_EQ(ws.offset[i] % kWorkspaceAlignment, size_t{0});
+            offset = (offset + expected[i] + 255) / 256 * 256;
+        }
+        CHECK_EQ(ws.total, offset);
+        CHECK_EQ(workspaceBytes(lib, req, &error), ws.total);
+    }
+}
+
+TEST_CASE(workspace_monotone)
+{
+    // Any T <= T_max must fit in the workspace sized for T_max (enqueue relies on it).
+    KernelSet const& set = ceLibrary().sets()[0];
+    size_t previous = 0;
+    for (int64_t T = 0; T <= 5000; T += (T < 300 ? 1 : 37))
+    {
+        WorkspaceLayout ws;
+        std::string error;
+        CHECK(computeWorkspace(set, LayerDims{T, 2048, 1024, 8, 2048}, 4, 2, DType::kBF16, ws, &error));
+        CHECK(ws.total >= previous);
+        previous = ws.total;
+    }
+    // A plain MoE (C = 0) has an empty theta buffer.
+    WorkspaceLayout ws;
+    std::string error;
+    CHECK(computeWorkspace(sparseMixerLibrary().sets()[0], LayerDims{10, 128, 64, 8, 0}, 2, 2, DType::kFP16, ws, &error));
+    CHECK_EQ(ws.bytes[2], size_t{0});
+    CHECK(!computeWorkspace(set, LayerDims{-1, 2048, 1024, 8, 2048}, 4, 2, DType::kBF16, ws, &error));
+}
+
+TEST_CASE(manifest_fixture_sparsemixer)
+{
+    KernelLibrary const& lib = sparseMixerLibrary();
+    CHECK_CONTAINS(lib.describe(), "sparsemixer top_k=2 n_ce=0 jitter_eps=0.01 E={8,16} dtypes={fp16} sm={90}");
+    MoeAttrs attrs;
+    attrs.routing = Routing::kSparseMixer;
+    attrs.topK = 2;
+    attrs.jitterEps = 0.01f;
+    CHECK_EQ(lib.findSet(attrs, 16), 0);
+    PlanRequest req;
+    req.variant = Variant::kSparseMixer;
+    req.attrs = attrs;
+    req.activation = DType::kFP16;
+    req.logits = DType::kFP16;
+    req.dims = LayerDims{64, 128, 64, 16, 0};
+    req.arch = 90;
+    LaunchPlan plan;
+    std::string error;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    CHECK_EQ(plan.numLaunches, 6); // no theta kernel
+    CHECK_EQ(stemOf(lib, plan, 0), std::string("sparsemixer_top2_fp16_e16"));
+    KernelLaunch const& gate = plan.launches[3];
+    CHECK_EQ(gate.args[1].buffer, static_cast<int32_t>(kBufHidden)); // theta_ptr -> hidden, never read
+    CHECK_EQ(gate.args[11].value, 0);                                  // stride_theta_t
+    CHECK_EQ(gate.args[12].value, 0);
+    for (int32_t i = 0; i < plan.numLaunches; ++i)
+    {
+        for (int32_t a = 0; a < plan.launches[i].numArgs; ++a)
+        {
+            CHECK(plan.launches[i].args[a].buffer != static_cast<int32_t>(kBufCes));
+        }
+    }
+    // A different band was compiled into the kernel: refused.
+    req.attrs.jitterEps = 0.02f;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "SparseMixerMoE(top_k=2, n_ce=0, jitter_eps=0.02) E=16: no AOT kernels compiled for it");
+    // A softmax op with the same top_k does not take SparseMixer kernels.
+    req.attrs = attrs;
+    req.attrs.routing = Routing::kSoftmaxTopK;
+    req.variant = Variant::kPlain;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    // sm_80 is not in this manifest.
+    req.variant = Variant::kSparseMixer;
+    req.attrs = attrs;
+    req.arch = 80;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "no kernel image for sm_80");
+}
+
+TEST_CASE(manifest_fixture_scaled)
+{
+    KernelLibrary const& lib = scaledLibrary();
+    MoeAttrs attrs;
+    attrs.topK = 2;
+    attrs.normTopkProb = 1;
+    attrs.routingScale = 2.5f;
+    CHECK_EQ(lib.findSet(attrs, 8), 0);
+    attrs.routingScale = 1.0f;
+    CHECK_EQ(lib.findSet(attrs, 8), -1);
+    attrs.routingScale = 2.5f;
+    attrs.normTopkProb = 0;
+    CHECK_EQ(lib.findSet(attrs, 8), -1);
+    attrs.normTopkProb = 1;
+    PlanRequest req;
+    req.variant = Variant::kPlain;
+    req.attrs = attrs;
+    req.activation = DType::kFP16;
+    req.logits = DType::kFP16;
+    req.dims = LayerDims{3, 256, 128, 8, 0};
+    req.arch = 90;
+    LaunchPlan plan;
+    std::string error;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    CHECK_EQ(stemOf(lib, plan, 0), std::string("topk_softmax_fp16_e8"));
+    CHECK_EQ(plan.numLaunches, 6);
+}
+
+TEST_CASE(plan_errors)
+{
+    KernelLibrary const& lib = ceLibrary();
+    LaunchPlan plan;
+    std::string error;
+    PlanRequest req = ceRequest(16);
+    req.dims.E = 16;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "no AOT kernels compiled for it");
+    CHECK_CONTAINS(error, "E={8}");
+    req = ceRequest(16, 90, DType::kFP32);
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "no AOT kernels for activations fp32");
+    req = ceRequest(16);
+    req.logits = DType::kFP32;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "no routing kernel for fp32 router logits");
+    req = ceRequest(16, 75);
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    req = ceRequest(16);
+    req.attrs.nCe = 4;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    // H not a multiple of 16: the kernels' divisible_by_16 arguments refuse it.
+    req = ceRequest(16);
+    req.dims.H = 120;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "multiple of 16");
+    // sm_86 / sm_89 run the sm_80 cubins but allow 99 KiB of shared memory per block: the prefill
+    // GEMM (112 KiB on sm_80) does not fit; decode tiles do.
+    req = ceRequest(5000, 80);
+    req.maxSharedBytes = 101376;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "shared memory");
+    req = ceRequest(8, 80);
+    req.maxSharedBytes = 101376;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    // 32-bit arguments: T * KM beyond int32 is refused.
+    req = ceRequest(int64_t{1} << 31);
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "does not fit i32");
+    // Unknown shapes.
+    req = ceRequest(-1);
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+}
+
+TEST_CASE(plan_zero_tokens)
+{
+    LaunchPlan plan;
+    std::string error;
+    CHECK(buildLaunchPlan(ceLibrary(), ceRequest(0), plan, &error));
+    CHECK_EQ(plan.numLaunches, 0);
+}
+
+TEST_CASE(synthetic_manifest)
+{
+    KernelLibrary const& lib = syntheticLibrary();
+    PlanRequest req;
+    req.variant = Variant::kCompressed;
+    req.attrs.topK = 2;
+    req.attrs.nCe = 1;
+    req.attrs.normTopkProb = 1;
+    req.activation = DType::kBF16;
+    req.logits = DType::kFP32;
+    req.dims = LayerDims{20, 16, 16, 4, 16};
+    req.arch = 80;
+    LaunchPlan plan;
+    std::string error;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    CHECK_EQ(plan.numLaunches, 2);
+    CHECK_EQ(stemOf(lib, plan, 0), std::string("route_fp32")); // fp32 logits: the variant
+    CHECK_EQ(stemOf(lib, plan, 1), std::string("work_bm16"));
+    KernelLaunch const& work = plan.launches[1];
+    int64_t const padded = 20 + 4 * 15;
+    CHECK_EQ(work.grid[0], static_cast<uint32_t>(cdiv(padded, 16)));
+    CHECK_EQ(work.grid[1], 16u);
+    CHECK_EQ(work.block, 64u);
+    CHECK_EQ(work.shared, 70000u);
+    CHECK_EQ(work.numArgs, 4 + 1);
+    CHECK_EQ(work.args[0].buffer, kNumIoBuffers + 1);
+    CHECK_EQ(work.args[0].value, 4); // ids + KM: one int32
+    CHECK(work.args[2].kind == ArgKind::kU32);
+    CHECK_EQ(work.args[2].value, padded);
+    CHECK_EQ(work.args[3].value, 16 * 1024 * 1024);
+    // Workspace "scratch" [padded, H] with the worst BLOCK_M (16).
+    CHECK_EQ(plan.workspace.bytes[2], size_t(padded * 16 * 2));
+    // Small T picks the BLOCK_M = 4 plan.
+    req.dims.T = 8;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    CHECK_EQ(stemOf(lib, plan, 1), std::string("work_bm4"));
+    // Logits of the activation type use the plan's own routing kernel.
+    req.logits = DType::kBF16;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    CHECK_EQ(stemOf(lib, plan, 0), std::string("route_bf16"));
+    // C = 0 gives an empty grid: that launch is skipped, like Triton's launcher does.
+    req.dims.C = 0;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    CHECK_EQ(plan.numLaunches, 1);
+    // H * 2^20 beyond int32.
+    req.dims.C = 16;
+    req.dims.H = 4096;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "does not fit i32");
+    CHECK(lib.hasLogitsType(0, DType::kBF16, DType::kFP32));
+    CHECK(!lib.hasLogitsType(0, DType::kFP16, DType::kFP16));
+}
+
+TEST_CASE(manifest_errors)
+{
+    KernelLibrary lib;
+    std::string error;
+    CHECK(!lib.addManifest("{", "broken", &error));
+    CHECK_CONTAINS(error, "broken: JSON");
+    CHECK(!lib.addManifest(R"({"model": {"top_k": 2, "n_ce": 0, "norm_topk_prob": false}})", "x", &error));
+    CHECK_CONTAINS(error, "workspace");
+    std::string bad = kSyntheticManifest;
+    bad.replace(bad.find("\"ids + KM\""), 10, "\"nowhere\"");
+    CHECK(!lib.addManifest(bad, "x", &error));
+    CHECK_CONTAINS(error, "unknown buffer 'nowhere'");
+    bad = kSyntheticManifest;
+    bad.replace(bad.find("\"cdiv(T, BLOCK_T)\""), 18, "\"cdiv(T, BLOCK_Q)\"");
+    CHECK(!lib.addManifest(bad, "x", &error));
+    CHECK_CONTAINS(error, "unknown name BLOCK_Q");
+    bad = kSyntheticManifest;
+    bad.replace(bad.find("\"type\": \"u32\""), 13, "\"type\": \"fp32\"");
+    CHECK(!lib.addManifest(bad, "x", &error));
+    CHECK_CONTAINS(error, "unsupported type fp32");
+    CHECK(lib.empty());
+    CHECK_EQ(lib.describe(), std::string("no kernels embedded"));
+    // Two sets: each layer finds its own.
+    CHECK(lib.addManifest(readFile(gFixtures + "/aot_manifest_ce_k4_nce2_e8.json"), "ce", &error));
+    CHECK(lib.addManifest(readFile(gFixtures + "/aot_manifest_sparsemixer_e8_e16.json"), "sparsemixer", &error));
+    MoeAttrs plain;
+    plain.routing = Routing::kSparseMixer;
+    plain.topK = 2;
+    plain.jitterEps = 0.01f;
+    MoeAttrs ce;
+    ce.topK = 4;
+    ce.nCe = 2;
+    CHECK_EQ(lib.findSet(plain, 8), 1);
+    CHECK_EQ(lib.findSet(ce, 8), 0);
+    CHECK(lib.setsFor(plain) == std::vector<int32_t>({1}));
+    CHECK(lib.setsFor(ce) == std::vector<int32_t>({0}));
+    ce.topK = 5;
+    CHECK(lib.setsFor(ce).empty());
+}
+
+TEST_CASE(resolve_pointers)
+{
+    uint64_t bases[kMaxBuffers] = {};
+    bases[kBufHidden] = 0x10000;
+    bases[kNumIoBuffers + 0] = 0x20000;
+    uint64_t address = 1;
+    CHECK(resolvePointer(LaunchArg{ArgKind::kPointer, -1, 0, false}, bases, address));
+    CHECK_EQ(address, uint64_t{0});
+    CHECK(resolvePointer(LaunchArg{ArgKind::kPointer, kBufHidden, 32, true}, bases, address));
+    CHECK_EQ(address, uint64_t{0x10020});
+    CHECK(!resolvePointer(LaunchArg{ArgKind::kPointer, kBufHidden, 8, true}, bases, address)); // misaligned
+    CHECK(resolvePointer(LaunchArg{ArgKind::kPointer, kNumIoBuffers, 8, false}, bases, address));
+    CHECK_EQ(address, uint64_t{0x20008});
+    CHECK(!resolvePointer(LaunchArg{ArgKind::kPointer, kBufCes, 0, false}, bases, address)); // not bound
+    CHECK(!resolvePointer(LaunchArg{ArgKind::kPointer, kMaxBuffers, 0, false}, bases, address));
+}
+
+TEST_CASE(no_allocation_in_plan)
+{
+    KernelLibrary const& lib = ceLibrary();
+    static LaunchPlan plan; // static: keep the 16 KiB plan off the small-stack question entirely
+    std::string error;
+    PlanRequest const req = ceRequest(300);
+    CHECK(buildLaunchPlan(lib, req, plan, &error)); // warm-up
+    long const before = allocationCount();
+    bool ok = true;
+    for (int64_t T : {1, 7, 32, 33, 300, 1024, 4096})
+    {
+        ok = buildLaunchPlan(lib, ceRequest(T), plan, nullptr) && ok;
+    }
+    long const after = allocationCount();
+    CHECK(ok);
+    CHECK_EQ(after - before, 0L);
+}
+
+// With --aot-dir: the manifest agrees with the PTX it describes (entry name, parameter count =
+// manifest args + trailing scratch pointers), and plans build for every dtype, E and tile entry.
+TEST_CASE(aot_contract)
+{
+    if (gAotDirs.empty())
+    {
+        std::cout << "  (no --aot-dir given: nothing to check)\n";
+        return;
+    }
+    for (std::string const& dir : gAotDirs)
+    {
+        KernelLibrary lib;
+        std::string error;
+        std::string const text = readFile(dir + "/manifest.json");
+        bool const loaded = lib.addManifest(text, dir, &error);
+        CHECK(loaded);
+        if (!loaded)
+        {
+            std::cerr << error << "\n";
+            continue;
+        }
+        json::Value root;
+        CHECK(json::parse(text, root, &error));
+        json::Value const* kernels = root.find("kernels");
+        int checked = 0;
+        for (json::Value const& k : kernels->array)
+        {
+            // ".visible .entry NAME(\n .param ..., ...\n)"
+            std::string const ptx = readFile(dir + "/" + k.find("ptx")->string);
+            std::string const marker = ".visible .entry ";
+            size_t const at = ptx.find(marker);
+            size_t const open = at == std::string::npos ? at : ptx.find('(', at);
+            size_t const close = open == std::string::npos ? open : ptx.find(')', open);
+            CHECK(close != std::string::npos);
+            if (close == std::string::npos)
+            {
+                continue;
+            }
+            CHECK_EQ(ptx.substr(at + marker.size(), open - at - marker.size()), k.find("entry")->string);
+            std::string const params = ptx.substr(open + 1, close - open - 1);
+            int64_t count = 0;
+            for (size_t pos = params.find(".param"); pos != std::string::npos; pos = params.find(".param", pos + 1))
+            {
+                ++count;
+            }
+            int64_t const trailing = k.find("trailing_null_params") ? k.find("trailing_null_params")->integer : 2;
+            int64_t const expected = static_cast<int64_t>(k.find("args")->array.size()) + trailing;
+            if (count != expected)
+            {
+                ++gFailures;
+                std::cerr << k.find("stem")->string << ": PTX has " << count << " params, manifest implies " << expected << "\n";
+            }
+            std::ifstream cubin(dir + "/" + k.find("cubin")->string, std::ios::binary);
+            CHECK(cubin.good());
+            ++checked;
+        }
+        CHECK(checked > 0);
+        KernelSet const& set = lib.sets()[0];
+        MoeAttrs attrs;
+        attrs.routing = set.routing;
+        attrs.topK = set.topK;
+        attrs.nCe = set.nCe;
+        attrs.normTopkProb = set.normTopkProb ? 1 : 0;
+        attrs.routingScale = static_cast<float>(set.routingScale);
+        attrs.jitterEps = static_cast<float>(set.jitterEps);
+        bool const sparse = set.routing == Routing::kSparseMixer;
+        Variant const variant = set.nCe > 0 ? (sparse ? Variant::kCompressedSparseMixer : Variant::kCompressed)
+                                            : (sparse ? Variant::kSparseMixer : Variant::kPlain);
+        for (PlanSpec const& p : set.plans)
+        {
+            for (int32_t arch : set.archs)
+            {
+                for (int64_t T : {int64_t{1}, int64_t{17}, int64_t{255}, int64_t{1000}, int64_t{8192}})
+                {
+                    PlanRequest req;
+                    req.variant = variant;
+                    req.attrs = attrs;
+                    req.activation = p.dtype;
+                    req.logits = p.dtype;
+                    req.dims = LayerDims{T, 2048, 1024, p.numExperts, set.nCe > 0 ? 2048 : 0};
+                    req.arch = arch;
+                    LaunchPlan plan;
+                    bool const ok = buildLaunchPlan(lib, req, plan, &error);
+                    CHECK(ok);
+                    if (!ok)
+                    {
+                        std::cerr << error << "\n";
+                    }
+                    CHECK_EQ(plan.numLaunches, static_cast<int32_t>(p.stems.size()));
+                }
+            }
+        }
+        std::cout << "  " << dir << ": " << checked << " kernels match their PTX; " << set.plans.size()
+                  << " launch plans build\n";
+    }
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    std::vector<std::string> only;
+    for (int i = 1; i < argc; ++i)
+    {
+        std::string const arg = argv[i];
+        if (arg == "--fixtures" && i + 1 < argc)
+        {
+            gFixtures = argv[++i];
+        }
+        else if (arg == "--aot-dir" && i + 1 < argc)
+        {
+            gAotDirs.push_back(argv[++i]);
+        }
+        else if (arg == "--list")
+        {
+            for (auto const& c : registry())
+            {
+                std::cout << c.name << "\n";
+            }
+            return 0;
+        }
+        else
+        {
+            only.push_back(arg);
+        }
+    }
+    int passed = 0;
+    int failed = 0;
+    for (auto const& c : registry())
+    {
+        if (!only.empty() && std::find(only.begin(), only.end(), c.name) == only.end())
+        {
+            continue;
+        }
+        int const before = gFailures;
+        c.body();
+        if (gFailures == before)
+        {
+            ++passed;
+            std::cout << "[ OK ] " << c.name << "\n";
+        }
+        else
+        {
+            ++failed;
+            std::cout << "[FAIL] " << c.name << "\n";
+        }
+    }
+    std::cout << passed << " passed, " << failed << " failed\n";
+    return failed == 0 && passed > 0 ? 0 : 1;
+}

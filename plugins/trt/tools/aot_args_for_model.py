@@ -1,0 +1,74 @@
+"""The `python -m ce_kernels.aot` runs a model needs, from a ce_export build folder's manifest.json.
+
+    python3 aot_args_for_model.py DIR/manifest.json [--arch 80 90] [--dtypes bf16 ...]
+
+prints one line per distinct routed-experts configuration of the model's MoE layers (top_k, n_ce,
+norm_topk_prob, routing, routing_scale, jitter_eps), each the AOT arguments (without --out) with
+every expert count those layers use. The routing constants and K are compiled into the kernels, so
+a model whose layers differ needs one kernel set per configuration; the plugin embeds them all and
+picks per layer. Activation dtype: the manifest's "dtype" unless --dtypes is given. Standard
+library only (CMake runs it at configure time: -DCE_MODEL_MANIFEST=...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def configurations(manifest: dict) -> list[tuple[tuple, list[int]]]:
+    """[(config key, sorted expert counts)] in first-layer order."""
+    model = manifest.get("model") or {}
+    found: dict[tuple, set[int]] = {}
+    for layer in model.get("moe_layers", []):
+        if layer.get("kind", "moe") != "moe":
+            continue
+        key = (
+            int(layer["top_k"]), int(layer.get("n_ce", 0)), bool(layer.get("norm_topk_prob", False)),
+            layer.get("routing", "softmax_topk"), float(layer.get("routing_scale", 1.0)),
+            float(layer.get("jitter_eps", 0.0)),
+        )
+        found.setdefault(key, set()).add(int(layer["num_experts"]))
+    return [(key, sorted(experts)) for key, experts in found.items()]
+
+
+def aot_arguments(key: tuple, experts: list[int], archs: list[int], dtypes: list[str]) -> list[str]:
+    top_k, n_ce, norm, routing, scale, jitter = key
+    args = ["--arch", *map(str, archs), "--dtypes", *dtypes, "--num-experts", *map(str, experts),
+            "--top-k", str(top_k), "--n-ce", str(n_ce)]
+    if norm:
+        args.append("--norm-topk-prob")
+    if routing != "softmax_topk":
+        args += ["--routing", routing]
+    if scale != 1.0:
+        args += ["--routing-scale", repr(scale)]
+    if jitter != 0.0:
+        args += ["--jitter-eps", repr(jitter)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("manifest", type=Path, help="a ce_export build folder's manifest.json")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtypes", nargs="+", help="activation dtypes (default: the manifest's dtype)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = json.loads(args.manifest.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        print(f"{args.manifest}: cannot read a manifest ({error})", file=sys.stderr)
+        return 2
+    dtypes = args.dtypes or [manifest.get("dtype", "bf16")]
+    configs = configurations(manifest)
+    if not configs:
+        print(f"{args.manifest}: the model has no MoE layers", file=sys.stderr)
+        return 2
+    for key, experts in configs:
+        print(" ".join(aot_arguments(key, experts, args.arch, dtypes)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
