@@ -126,7 +126,7 @@ def machine_facts() -> dict:
     import os
 
     facts = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-             "cpu_count": os.cpu_count()}
+             "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -23,7 +23,7 @@ from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, read_json, staged_folder, write_json
 from ce_export.capture import DTYPES, build_torch_model
 from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
-from ce_export.errors import ExportError, OutputError, VerifyError
+from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
 from ce_export.onnx_precision import OnnxPrecisionView
 
@@ -61,6 +61,11 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         raise ExportError(f"unknown dtype {options.dtype!r} (choose from {', '.join(DTYPES)})")
     if options.target not in export_stage.TARGETS:
         raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(export_stage.TARGETS)})")
+    if options.plugin_library is not None:
+        if options.target != "trt":
+            raise BuildError("--plugin-lib applies to --target trt only")
+        if not Path(options.plugin_library).is_file():
+            raise BuildError(f"{options.plugin_library}: plugin library not found")
     out = Path(out)
     with staged_folder(out, force=options.force) as staging:
         timer = StageTimer(report)

@@ -160,3 +160,10 @@ def test_exit_code_from_a_real_process(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"ce_export: error: {tmp_path / 'missing'}: not a checkpoint folder (does not exist or is not a directory)"]
+
+
+def test_missing_plugin_library(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "build", "demo", "--target", "trt", "--out", str(out), "--plugin-lib", str(tmp_path / "no.so"))
+    assert_one_line_error(code, err, "no.so", "plugin library not found")
+    assert not out.exists()
