@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -179,7 +179,7 @@ def write_trtexec_script(
         "#   bash trtexec.sh [POINT ...]   run every point (default) or the named ones; logs + --exportTimes JSON in $OUT",
         "#   bash trtexec.sh --build        build model.plan from model.onnx with trtexec (both profiles) instead",
         "#   bash trtexec.sh --list         print the point names",
-        f"# Environment: TRTEXEC (else trtexec on PATH, else $TRT_ROOT/bin/trtexec), TRT_MAJOR (else read from the",
+        "# Environment: TRTEXEC (else trtexec on PATH, else $TRT_ROOT/bin/trtexec), TRT_MAJOR (else read from the",
         f"# banner of `trtexec --help`), {PLUGIN_LIBRARY_ENV} (plugin .so, loaded with --staticPlugins), OUT,",
         "# DURATION (s), WARMUP (ms), ITERATIONS.",
         "# TensorRT 11 trtexec: CUDA graphs on, data transfers off, separate profile run, strong typing by default;",

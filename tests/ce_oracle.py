@@ -41,7 +41,7 @@ def sparsemixer_top2(logits: list[float], jitter_eps: float) -> tuple[list[int],
 def ce_moe_loop(hidden, router_logits, gate_up, down, ces, top_k: int, n_ce: int, norm_topk_prob: bool,
                 routing: str = "softmax_topk", routing_scale: float = 1.0, jitter_eps: float = 0.0):
     tokens, hidden_size = hidden.shape
-    num_experts, intermediate = down.shape[0], down.shape[2]
+    intermediate = down.shape[2]
     h = hidden.double()
     gate_w, up_w, down_w = gate_up[:, :intermediate].double(), gate_up[:, intermediate:].double(), down.double()
     out = torch.zeros(tokens, hidden_size, dtype=torch.float64)

@@ -79,3 +79,18 @@ def demo_variant(folder: Path, compressed: bool = True, layout: str = "per_exper
     if layout == "fused":
         tensors = fused_expert_tensors(config, tensors)
     return write(folder, config, tensors, shards)
+
+
+TRT_LIMITS = {"max_batch": 4, "max_seq": 64, "max_context": 128}
+
+
+def trt_demo(tmp_path_factory) -> Path:
+    """`build demo --target trt` (no parity check, small limits), once per session (cached on disk)."""
+    from ce_export import pipeline
+    from ce_export.artifacts import MANIFEST
+
+    folder = tmp_path_factory.getbasetemp() / "trt_demo"
+    if not (folder / MANIFEST).is_file():
+        pipeline.build("demo", folder, pipeline.BuildOptions(target="trt", verify=False, **TRT_LIMITS),
+                       report=lambda line: None)
+    return folder

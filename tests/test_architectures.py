@@ -119,7 +119,6 @@ def test_qwen2_moe_trimmed_with_layer_drop(tmp_path):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_trt_target_parses_and_builds_without_the_plugin(arch, tmp_path):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (the installable builder) is not installed")
-    from ce_export.engine import build_engine
 
     folder = save_tiny(arch, tmp_path / "ckpt")
     out = tmp_path / "trt"

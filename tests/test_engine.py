@@ -15,23 +15,13 @@ from pathlib import Path
 import onnx
 import pytest
 
-from ce_export import pipeline
 from ce_export.artifacts import MANIFEST, read_json, write_json
 from ce_export.engine import (DECODE, PLAN, PLUGIN_LIBRARY_ENV, PLUGIN_NAMESPACE, PLUGIN_VERSION, PREFILL,
                               build_engine, default_plugin_library, load_tensorrt, onnx_io, profile_axes,
                               profile_shapes)
 from ce_export.errors import BuildError
+from checkpoints import trt_demo
 
-LIMITS = {"max_batch": 4, "max_seq": 64, "max_context": 128}
-
-
-def trt_demo(tmp_path_factory) -> Path:
-    """`build demo --target trt` (no parity check, small limits), once per session (cached on disk)."""
-    folder = tmp_path_factory.getbasetemp() / "trt_demo"
-    if not (folder / MANIFEST).is_file():
-        pipeline.build("demo", folder, pipeline.BuildOptions(target="trt", verify=False, **LIMITS),
-                       report=lambda line: None)
-    return folder
 
 
 def trt_demo_engine(tmp_path_factory, lines: list[str] | None = None) -> tuple[Path, dict]:

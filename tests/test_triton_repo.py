@@ -12,23 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from ce_export import pipeline
 from ce_export.artifacts import MANIFEST, read_json, write_json
 from ce_export.engine import PLAN, build_engine, load_tensorrt, onnx_io
 from ce_export.errors import BuildError, OutputError
 from ce_export.triton_repo import (ONNX_PLATFORM, TRT_PLATFORM, load_model_config_pb2, model_config_text,
                                    validate_model_config, write_triton_repo)
+from checkpoints import trt_demo
 
-LIMITS = {"max_batch": 4, "max_seq": 64, "max_context": 128}
-
-
-def trt_demo(tmp_path_factory) -> Path:
-    """`build demo --target trt` (no parity check, small limits), once per session (cached on disk)."""
-    folder = tmp_path_factory.getbasetemp() / "trt_demo"
-    if not (folder / MANIFEST).is_file():
-        pipeline.build("demo", folder, pipeline.BuildOptions(target="trt", verify=False, **LIMITS),
-                       report=lambda line: None)
-    return folder
 
 
 @pytest.fixture

@@ -17,30 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from ce_export import pipeline
 from ce_export.artifacts import MANIFEST, read_json, write_json
 from ce_export.engine import DECODE, PLAN, PREFILL, onnx_io
 from ce_export.errors import BuildError
 from ce_export.trtexec import (BENCH, SCRIPT, VERSION_FLAGS, BenchPoint, check_points, default_points,
                                find_trtexec, parse_export_times, parse_trtexec_output, run_trtexec, shapes_arg,
                                trtexec_percentile, version_from_banner, write_trtexec_script)
+from checkpoints import trt_demo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trtexec"
-LIMITS = {"max_batch": 4, "max_seq": 64, "max_context": 128}
-
-
 def fixture_log(name: str) -> str:
     """A fixture without its header comment line(s)."""
     return "\n".join(line for line in (FIXTURES / name).read_text().splitlines() if not line.startswith("# "))
 
 
-def trt_demo(tmp_path_factory) -> Path:
-    """`build demo --target trt` (no parity check, small limits), once per session (cached on disk)."""
-    folder = tmp_path_factory.getbasetemp() / "trt_demo"
-    if not (folder / MANIFEST).is_file():
-        pipeline.build("demo", folder, pipeline.BuildOptions(target="trt", verify=False, **LIMITS),
-                       report=lambda line: None)
-    return folder
 
 
 @pytest.fixture
