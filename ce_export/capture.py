@@ -55,8 +55,10 @@ class MoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         spec = self.spec
-        # DeepSeek routes in fp32 (transformers casts hidden and router weight); the others in the model dtype.
-        router_logits = F.linear(flat.float(), self.router.float()) if spec.routing_scale != 1.0 else F.linear(flat, self.router)
+        if spec.router_fp32:
+            router_logits = F.linear(flat.float(), self.router.float())
+        else:
+            router_logits = F.linear(flat, self.router)
         out = torch.ops.ce_export.moe(
             flat, router_logits, self.gate_up, self.down, self.ces,
             spec.top_k, spec.n_ce, spec.norm_topk_prob, spec.routing, spec.routing_scale, spec.jitter_eps,

@@ -45,6 +45,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--trtexec", action="store_true",
                        help="instead, run trtexec on the folder's TensorRT engine (writes bench_trtexec.json)")
 
+    calibrate = sub.add_parser("calibrate", help="router statistics, layer/block similarities and perplexity on "
+                                                 "calibration text (JSON + expert-usage heatmap PNG)")
+    calibrate.add_argument("model", help="checkpoint folder, or 'demo'")
+    calibrate.add_argument("--out", required=True)
+    calibrate.add_argument("--data", help="text, JSONL (a 'text' field) or token ids (.npy / JSON); default: built-in corpus")
+    calibrate.add_argument("--seq-len", type=int, default=128)
+    calibrate.add_argument("--num-sequences", type=int, default=128)
+    calibrate.add_argument("--force", action="store_true")
+
+    trim = sub.add_parser("trim", help="expert / layer / block drop from calibration statistics; writes a checkpoint "
+                                       "in the MoE compression study's format")
+    trim.add_argument("model", help="checkpoint folder (the one calibrated)")
+    trim.add_argument("--stats", required=True, help="calibration.json from `calibrate`")
+    trim.add_argument("--out", required=True)
+    trim.add_argument("--expert-drop", type=float, default=0.0, help="fraction of experts to drop (by router mass)")
+    trim.add_argument("--scope", choices=("global", "layer"), default="global")
+    trim.add_argument("--layer-drop", type=int, default=0, help="MoE sub-layers to drop (most similar in/out)")
+    trim.add_argument("--block-drop", type=int, default=0, help="whole blocks to drop (most similar in/out)")
+    trim.add_argument("--force", action="store_true")
+
     demo = sub.add_parser("demo", help="write the built-in demo checkpoint (CE by default) to a folder")
     demo.add_argument("out")
     demo.add_argument("--plain", action="store_true", help="the same model without compressed experts (top-k MoE)")
@@ -53,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from ce_export import pipeline
     from ce_export.demo import write_demo_checkpoint
 
@@ -68,8 +90,6 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "verify":
         pipeline.verify(args.folder)
     elif args.command == "bench":
-        from pathlib import Path
-
         from ce_export import bench
 
         if args.trtexec:
@@ -81,6 +101,21 @@ def run(args: argparse.Namespace) -> None:
         files = bench.write_results(data, Path(args.out or args.folder))
         print(bench.markdown_table(data))
         print("results: " + ", ".join(str(f) for f in files))
+    elif args.command in ("calibrate", "trim"):
+        import ce_calibrate
+
+        model = args.model
+        if model == "demo":
+            import tempfile
+
+            model = write_demo_checkpoint(Path(tempfile.mkdtemp(prefix="ce_export_demo_")) / "demo")
+        if args.command == "calibrate":
+            ce_calibrate.calibrate(model, args.out, data=args.data, seq_len=args.seq_len,
+                                   num_sequences=args.num_sequences, force=args.force)
+        else:
+            path = ce_calibrate.trim(model, args.stats, args.out, expert_drop=args.expert_drop, scope=args.scope,
+                                     layer_drop=args.layer_drop, block_drop=args.block_drop, force=args.force)
+            print(f"trimmed checkpoint: {path}")
     elif args.command == "demo":
         path = write_demo_checkpoint(args.out, compressed=not args.plain, force=args.force)
         print(f"demo checkpoint ({'plain' if args.plain else 'CE'}): {path.absolute()}")

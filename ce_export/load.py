@@ -48,7 +48,7 @@ def _deepseek_routing(config: dict) -> dict:
     method = config.get("topk_method", "greedy")
     if method != "greedy":
         raise LoadError(f"deepseek topk_method {method!r} is not supported (only 'greedy')")
-    return {"routing": SOFTMAX_TOPK, "norm_topk_prob": False,
+    return {"routing": SOFTMAX_TOPK, "norm_topk_prob": False, "router_fp32": True,
             "routing_scale": float(config.get("routed_scaling_factor", 1.0))}
 
 

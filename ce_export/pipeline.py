@@ -86,27 +86,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         with timer(f"export ({options.target}, {options.dtype})"):
             result = export_stage.export_onnx(loaded, lm, staging, options.target,
                                               options.max_batch, options.max_seq, options.max_context)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": source,
-            "model": loaded.spec.to_json(),
-            "parameters": {"total": total, "active_per_token": active},
-            "target": options.target,
-            "dtype": options.dtype,
-            "onnx": {
-                "file": result.onnx_path.name,
-                "external_data": "model.onnx.data" if result.external_data else None,
-                "opset": export_stage.OPSET,
-                "custom_domain": {"name": "ce_export", "version": 1},
-                "inputs": result.input_names,
-                "outputs": result.output_names,
-                "dynamic_axes": result.dynamic_axes,
-                "moe_nodes": result.moe_nodes,
-                "limits": {"max_batch": options.max_batch, "max_sequence": options.max_seq, "max_context": options.max_context},
-            },
-            "tools": tool_versions(),
-        }
+        manifest = make_manifest(source, loaded, options, result)
         write_json(staging / MANIFEST, manifest)
         if options.verify:
             parity = run_parity(staging, manifest, loaded, timer)
@@ -131,6 +111,31 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         if not parity["passed"]:
             raise VerifyError(f"{out / PARITY}: parity FAILED ({failure_reason(parity)}); artifacts kept for inspection")
     return manifest
+
+
+def make_manifest(source: dict, loaded, options: BuildOptions, result: export_stage.ExportResult) -> dict:
+    total, active = parameter_count(loaded)
+    return {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "model": loaded.spec.to_json(),
+        "parameters": {"total": total, "active_per_token": active},
+        "target": options.target,
+        "dtype": options.dtype,
+        "onnx": {
+            "file": result.onnx_path.name,
+            "external_data": "model.onnx.data" if result.external_data else None,
+            "opset": export_stage.OPSET,
+            "custom_domain": {"name": "ce_export", "version": 1},
+            "inputs": result.input_names,
+            "outputs": result.output_names,
+            "dynamic_axes": result.dynamic_axes,
+            "moe_nodes": result.moe_nodes,
+            "limits": {"max_batch": options.max_batch, "max_sequence": options.max_seq, "max_context": options.max_context},
+        },
+        "tools": tool_versions(),
+    }
 
 
 def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:

@@ -33,6 +33,7 @@ class MoeLayerSpec:
     routing: str = SOFTMAX_TOPK  # see moe_math.ROUTINGS
     routing_scale: float = 1.0  # multiplies the routing weights (DeepSeek's routed_scaling_factor)
     jitter_eps: float = 0.0  # SparseMixer's band (Phi-3.5-MoE's router_jitter_noise)
+    router_fp32: bool = False  # router matmul in fp32 whatever the model dtype (DeepSeek)
     expert_ids: tuple[int, ...] = ()  # original indices of the kept experts (trimmed models)
     shared_intermediate_size: int = 0  # always-on shared expert (a dense SwiGLU MLP), 0 = none
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(h @ g)

@@ -1,0 +1,159 @@
+"""Calibration data: text / JSONL / token-id files (or the built-in corpus) -> fixed-length sequences.
+
+Tokenization: the checkpoint folder's own tokenizer when it has one (transformers AutoTokenizer,
+local files only, never the hub); otherwise the byte-level fallback `byte_tokens`: the text's UTF-8
+bytes, each byte value b becoming token id `b % vocab_size` (the identity for any vocabulary of at
+least 256 ids, such as the demo model's 512). The fallback is deterministic and needs no files; it
+only makes sense for random-weight test models or models actually trained on bytes.
+
+All tokens are concatenated into one stream (documents joined by the tokenizer's EOS token when it
+has one, else by a newline) and cut into sequences of `seq_len` tokens; the remainder is dropped.
+The last `eval_fraction` of the sequences (at least one) is held out for perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ce_export.errors import LoadError
+
+BUILTIN = "builtin"
+CORPUS = Path(__file__).with_name("corpus.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+BYTE_FALLBACK = "bytes (utf-8 byte value modulo vocab_size)"
+
+
+@dataclass
+class CalibrationData:
+    calibration: torch.Tensor  # [N, seq_len] int64
+    evaluation: torch.Tensor  # [M, seq_len] int64
+    source: str
+    tokenizer: str
+    total_tokens: int
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "tokenizer": self.tokenizer,
+            "seq_len": int(self.calibration.shape[1]),
+            "calibration_sequences": int(self.calibration.shape[0]),
+            "evaluation_sequences": int(self.evaluation.shape[0]),
+            "stream_tokens": self.total_tokens,
+        }
+
+
+def byte_tokens(text: str, vocab_size: int) -> list[int]:
+    """The documented fallback tokenizer: UTF-8 bytes, id = byte % vocab_size."""
+    return [byte % vocab_size for byte in text.encode("utf-8")]
+
+
+def read_documents(path: Path) -> list[str] | list[list[int]]:
+    """Texts (list of str) or pre-tokenized sequences (list of lists of int) from a data file."""
+    if not path.is_file():
+        raise LoadError(f"{path}: calibration data file does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise LoadError(f"{path}: not a readable .npy array ({error})") from None
+        if array.dtype.kind not in "iu" or array.ndim not in (1, 2):
+            raise LoadError(f"{path}: expected a 1-D or 2-D integer array of token ids, got {array.dtype} {array.shape}")
+        return [row.tolist() for row in (array[None] if array.ndim == 1 else array)]
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LoadError(f"{path}: not UTF-8 text ({error.reason})") from None
+    if suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise LoadError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise LoadError(f"{path}:{number}: expected an object with a string field \"text\"")
+            texts.append(record["text"])
+        return texts
+    if suffix == ".json":
+        try:
+            data = json.loads(content)
+        except json.JSONDecodeError as error:
+            raise LoadError(f"{path}: not valid JSON ({error.msg})") from None
+        if not (isinstance(data, list) and data and all(isinstance(row, list) for row in data)
+                and all(isinstance(t, int) and not isinstance(t, bool) for row in data for t in row)):
+            raise LoadError(f"{path}: expected a JSON list of lists of token ids")
+        return data
+    return [content]
+
+
+def load_tokenizer(model_folder: Path):
+    """The checkpoint's tokenizer (local files only), or None when the folder has none."""
+    if not any((model_folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True)
+    except Exception as error:  # tokenizers raise many types for broken files
+        raise LoadError(f"{model_folder}: has tokenizer files but they cannot be loaded "
+                        f"({type(error).__name__}: {error})") from None
+
+
+def token_stream(documents, vocab_size: int, model_folder: Path) -> tuple[list[int], str]:
+    if documents and isinstance(documents[0], list):
+        stream = [token for row in documents for token in row]
+        name = "pre-tokenized ids"
+    else:
+        tokenizer = load_tokenizer(model_folder)
+        if tokenizer is None:
+            stream = byte_tokens("\n".join(documents), vocab_size)
+            name = BYTE_FALLBACK
+        else:
+            eos = tokenizer.eos_token_id
+            stream = []
+            for index, text in enumerate(documents):
+                if index:
+                    stream += [eos] if eos is not None else tokenizer.encode("\n", add_special_tokens=False)
+                stream += tokenizer.encode(text, add_special_tokens=False)
+            name = f"{type(tokenizer).__name__} from {model_folder}"
+    bad = next((t for t in stream if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise LoadError(f"token id {bad} is outside the model's vocabulary (vocab_size={vocab_size})")
+    return stream, name
+
+
+def prepare(model_folder: str | Path, vocab_size: int, data: str | Path | None = None, seq_len: int = 128,
+            num_sequences: int | None = None, eval_fraction: float = 0.1) -> CalibrationData:
+    """Read, tokenize and split calibration data; `num_sequences` caps the calibration split."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise LoadError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if num_sequences is not None and (not isinstance(num_sequences, int) or num_sequences < 1):
+        raise LoadError(f"num_sequences must be a positive integer, got {num_sequences!r}")
+    if not 0.0 < eval_fraction < 1.0:
+        raise LoadError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction!r}")
+    model_folder = Path(model_folder)
+    path = CORPUS if data is None else Path(data)
+    documents = read_documents(path)
+    stream, tokenizer = token_stream(documents, vocab_size, model_folder)
+    count = len(stream) // seq_len
+    if count < 2:
+        raise LoadError(f"{path}: {len(stream)} tokens make {count} sequence(s) of {seq_len}; "
+                        f"need at least 2 (one to calibrate, one to evaluate)")
+    chunks = torch.tensor(stream[: count * seq_len], dtype=torch.long).reshape(count, seq_len)
+    held_out = max(1, round(count * eval_fraction))
+    calibration, evaluation = chunks[: count - held_out], chunks[count - held_out:]
+    if num_sequences is not None:
+        calibration = calibration[:num_sequences]
+    return CalibrationData(calibration=calibration, evaluation=evaluation,
+                           source=BUILTIN if data is None else str(path.absolute()),
+                           tokenizer=tokenizer, total_tokens=len(stream))
