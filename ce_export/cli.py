@@ -16,7 +16,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ce_export.capture import DTYPES
     from ce_export.export import TARGETS
 
-    parser = argparse.ArgumentParser(prog="python -m ce_export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ce_export",
+        description="Export MoE and Compressed-Experts language models to ONNX / TensorRT, verified against PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="export MODEL (a checkpoint folder, or 'demo') and verify it")
@@ -35,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             "or plugins/trt/build/libce_export_trt.so when built)")
     build.add_argument("--triton-repo", help="also write a Triton Inference Server model repository to this folder")
 
-    verify = sub.add_parser("verify", help="rerun the parity check of a build folder; exit 1 when it fails")
+    verify = sub.add_parser("verify", help="rerun the parity check of a build folder; exit 2 when it fails")
     verify.add_argument("folder")
 
     bench = sub.add_parser("bench", help="time a build folder: PyTorch, transformers and ONNX Runtime side by side")

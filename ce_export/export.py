@@ -13,6 +13,7 @@ A target then specialises the nodes:
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from ce_export import onnx_functions
 from ce_export.capture import KvCacheDecoder, empty_past, io_names
 from ce_export.errors import ExportError
-from ce_export.spec import LoadedModel
+from ce_export.spec import LAYER_MOE, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,10 @@ def export_onnx(
                 custom_translation_table={torch.ops.ce_export.moe.default: moe_translation},
             )
         except Exception as error:
-            raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {str(error).splitlines()[0]}") from error
+            raise ExportError(f"torch.onnx.export failed: {root_cause(error)}") from error
 
     onnx_model = program.model
-    moe_nodes = name_moe_nodes(onnx_model)
+    moe_nodes = name_moe_nodes(onnx_model, [layer.layer for layer in model.spec.moe_layers if layer.kind == LAYER_MOE])
     attach_functions(onnx_model)
     if target == "ort":
         lower_plain_moe_to_ort(onnx_model)
@@ -121,10 +122,25 @@ def custom_moe_nodes(model: ir.Model) -> list[ir.Node]:
     return [node for node in model.graph if node.domain == onnx_functions.DOMAIN]
 
 
-def name_moe_nodes(model: ir.Model) -> list[dict]:
-    """Give each MoE node a readable name: /model/layers.{l}/mlp/{op_type}, in layer order."""
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost cause's first line, without terminal colour codes (torch.onnx wraps errors in
+    several layers whose outer messages only say which export step failed)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    first_line = ANSI_COLOUR.sub("", (str(error).strip().splitlines() or [""])[0])
+    return f"{type(error).__name__}: {first_line}"
+
+
+def name_moe_nodes(model: ir.Model, moe_layers: list[int]) -> list[dict]:
+    """Give each MoE node a readable name, /model/layers.{l}/mlp/{op_type}; nodes come in layer order."""
+    nodes = custom_moe_nodes(model)
+    if len(nodes) != len(moe_layers):
+        raise ExportError(f"exported graph has {len(nodes)} MoE nodes for {len(moe_layers)} MoE layers")
     entries = []
-    for layer, node in enumerate(custom_moe_nodes(model)):
+    for layer, node in zip(moe_layers, nodes):
         node.name = f"/model/layers.{layer}/mlp/{node.op_type}"
         entries.append({"name": node.name, "layer": layer})
     return entries

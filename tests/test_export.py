@@ -115,3 +115,16 @@ def test_trimmed_model_builds_and_verifies(tmp_path):
     assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [5, 8, 0, 4]
     assert len(manifest["onnx"]["moe_nodes"]) == 3
     assert load_parity(out)["passed"]
+
+
+def test_external_data_when_over_the_protobuf_limit(demo_ce, tmp_path, monkeypatch):
+    """Over 2 GB the weights go to model.onnx.data; the threshold is lowered here to exercise it."""
+    from ce_export import export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "external"
+    manifest = pipeline.build(str(demo_ce), out, pipeline.BuildOptions(), **QUIET)
+    assert manifest["onnx"]["external_data"] == "model.onnx.data"
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    assert load_parity(out)["passed"]
