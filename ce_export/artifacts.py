@@ -13,6 +13,7 @@ from ce_export.errors import OutputError
 
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
+PARITY_PLOT = "parity.png"
 
 
 @contextlib.contextmanager

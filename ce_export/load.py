@@ -118,7 +118,7 @@ def load_checkpoint(folder: str | Path) -> LoadedModel:
     moe_weights = {}
     for layer in spec.moe_layers:
         if layer.kind == LAYER_MOE:
-            moe_weights[layer.layer] = take_moe_weights(tensors, arch, layer, spec, folder)
+            moe_weights[layer.layer] = take_moe_weights(tensors, arch, layer, folder)
     dense = take_dense_tensors(tensors, spec, arch, folder)
     leftover = sorted(name for name in tensors if not IGNORED_TENSORS.match(name))
     if leftover:
@@ -288,7 +288,7 @@ def take(tensors: dict, name: str, shape: tuple, folder: Path) -> torch.Tensor:
     return tensor
 
 
-def take_moe_weights(tensors: dict, arch: Architecture, layer: MoeLayerSpec, spec: ModelSpec, folder: Path) -> MoeLayerWeights:
+def take_moe_weights(tensors: dict, arch: Architecture, layer: MoeLayerSpec, folder: Path) -> MoeLayerWeights:
     prefix = f"model.layers.{layer.layer}.{arch.moe_module}."
     experts, hidden, inter = layer.num_experts, layer.hidden_size, layer.intermediate_size
     router = take(tensors, prefix + "gate.weight", (experts, hidden), folder)

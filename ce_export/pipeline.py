@@ -19,7 +19,7 @@ import torch
 
 from ce_export import export as export_stage
 from ce_export import verify as verify_stage
-from ce_export.artifacts import MANIFEST, PARITY, read_json, staged_folder, write_json
+from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, read_json, staged_folder, write_json
 from ce_export.capture import DTYPES, build_torch_model
 from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
@@ -91,6 +91,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         if options.verify:
             parity = run_parity(staging, manifest, loaded, timer)
             write_json(staging / PARITY, parity)
+            verify_stage.plot_parity(parity, staging / PARITY_PLOT)
         if options.target == "trt":
             from ce_export.engine import build_engine, default_plugin_library
             from ce_export.trtexec import write_trtexec_script
@@ -149,6 +150,7 @@ def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
     parity = run_parity(folder, manifest, loaded, timer)
     try:
         write_json(folder / PARITY, parity)
+        verify_stage.plot_parity(parity, folder / PARITY_PLOT)
     except OSError as error:
         raise OutputError(f"{folder / PARITY}: cannot write ({error.strerror or error})") from None
     report(summarize(parity))

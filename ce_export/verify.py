@@ -177,3 +177,31 @@ def check_generation(lm_at_export_dtype, runtime, spec, dtype, tolerance: Tolera
             "passed": all(r["passed"] for r in rows), "rows": rows,
             "torch_tokens": expected.tolist(), "onnx_tokens": actual.tolist(),
             "torch_seconds": torch_seconds, "onnxruntime_seconds": ort_seconds}
+
+
+def plot_parity(parity: dict, path: Path) -> None:
+    """parity.png: per shape, the max and mean relative error of every output, and the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = parity["logits"]["cases"]
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(cases)), 4))
+    for stat, marker in (("max_rel", "o"), ("mean_rel", "x")):
+        for index, case in enumerate(cases):
+            values = [max(r[stat], 1e-12) for r in case["outputs"].values()]
+            ax.scatter([index] * len(values), values, marker=marker, s=14, alpha=0.6,
+                       color="tab:red" if stat == "max_rel" else "tab:blue",
+                       label=f"{stat} per output" if index == 0 else None)
+    ax.axhline(parity["logits"]["threshold"], color="black", linestyle="--",
+               label=f"threshold on {parity['logits']['statistic']} ({parity['logits']['threshold']:.0e})")
+    ax.set_xticks(range(len(cases)), [case["case"] for case in cases], rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("relative error vs PyTorch fp32")
+    verdict = "PASSED" if parity["passed"] else "FAILED"
+    ax.set_title(f"parity {verdict}: {parity['dtype']}, {parity['runtime']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -20,7 +20,9 @@ def load_parity(folder):
 
 
 def test_demo_build_artifacts(demo_build):
-    assert sorted(p.name for p in demo_build.iterdir()) == ["checkpoint", "manifest.json", "model.onnx", "parity.json"]
+    assert sorted(p.name for p in demo_build.iterdir()) == ["checkpoint", "manifest.json", "model.onnx", "parity.json",
+                                                             "parity.png"]
+    assert (demo_build / "parity.png").read_bytes()[:4] == b"\x89PNG"
     manifest = load_manifest(demo_build)
     assert manifest["onnx"]["inputs"][:5] == ["input_ids", "attention_mask", "position_ids",
                                               "past_key_values.0.key", "past_key_values.0.value"]
