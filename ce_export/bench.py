@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 
 from ce_export.artifacts import MANIFEST, read_json, write_json
-from ce_export.capture import KvCacheDecoder, build_torch_model
+from ce_export.capture import build_torch_model
 from ce_export.load import load_checkpoint
-from ce_export.verify import OrtDecoder, compare
+from ce_export.verify import OrtDecoder, TorchDecoder, compare
 
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
 
@@ -67,16 +67,6 @@ def median_seconds(fn: Callable[[], object], min_reps: int = 5, budget_s: float 
             "repetitions": len(times)}
 
 
-class TorchRunner:
-    def __init__(self, lm):
-        self.decoder = KvCacheDecoder(lm).eval()
-        self.dtype = next(lm.parameters()).dtype
-
-    def __call__(self, ids, mask, positions, past):
-        with torch.no_grad():
-            return self.decoder(ids, mask, positions, tuple(t.to(self.dtype) for t in past))
-
-
 def runners_for(folder: Path, manifest: dict, loaded) -> list[tuple[str, Callable]]:
     rows = []
     checkpoint = folder / manifest["source"]["path"] if manifest["source"]["kind"] == "demo" else Path(manifest["source"]["path"])
@@ -86,8 +76,8 @@ def runners_for(folder: Path, manifest: dict, loaded) -> list[tuple[str, Callabl
         for name, experts in (("transformers eager", "eager"), ("transformers grouped_mm", "grouped_mm")):
             hf = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
                                                       experts_implementation=experts).eval()
-            rows.append((name, TorchRunner(hf)))
-    rows.append(("PyTorch (ce_export op)", TorchRunner(build_torch_model(loaded))))
+            rows.append((name, TorchDecoder(hf)))
+    rows.append(("PyTorch (ce_export op)", TorchDecoder(build_torch_model(loaded))))
     rows.append(("ONNX Runtime CPU", OrtDecoder(folder / manifest["onnx"]["file"])))
     return rows
 
@@ -99,7 +89,7 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, report: 
         report(f"note: benchmarking a {manifest['dtype']} ONNX file on CPU; PyTorch rows run fp32")
     checkpoint = folder / manifest["source"]["path"] if manifest["source"]["kind"] == "demo" else Path(manifest["source"]["path"])
     loaded = load_checkpoint(checkpoint)
-    reference = TorchRunner(build_torch_model(loaded))
+    reference = TorchDecoder(build_torch_model(loaded))
     rows = runners_for(folder, manifest, loaded)
     ort_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(manifest["dtype"], torch.float32)
     results = []

@@ -15,6 +15,7 @@ from ce_export.errors import CeExportError
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ce_export.capture import DTYPES
     from ce_export.export import TARGETS
+    from ce_export.quantize import QUANTIZATIONS
 
     parser = argparse.ArgumentParser(
         prog="python -m ce_export",
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="portable: custom nodes with ONNX function bodies; ort: plain MoE layers as "
                             "com.microsoft::MoE; trt: custom nodes marked for our TensorRT plugin")
     build.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    build.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization, stored as int8 + "
+                                                                 "DequantizeLinear (experts, attention, LM head)")
     build.add_argument("--max-batch", type=int, default=64)
     build.add_argument("--max-seq", type=int, default=4096, help="longest input sequence per call (prefill)")
     build.add_argument("--max-context", type=int, default=4096, help="longest KV cache (past length)")
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> None:
         options = pipeline.BuildOptions(target=args.target, dtype=args.dtype, max_batch=args.max_batch,
                                         max_seq=args.max_seq, max_context=args.max_context, force=args.force,
                                         verify=not args.no_verify, plugin_library=args.plugin_lib,
+                                        quantize=args.quantize,
                                         triton_repo=args.triton_repo)
         pipeline.build(args.model, args.out, options)
     elif args.command == "verify":

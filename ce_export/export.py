@@ -44,6 +44,7 @@ class ExportResult:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     moe_nodes: list[dict]  # one per MoE node: name, op_type, domain, layer
+    quantization: dict | None = None  # what store_weights_as_int8 stored, when quantized
 
 
 def moe_translation(hidden, router_logits, gate_up, down, ces, top_k: int, n_ce: int, norm_topk_prob: bool,
@@ -71,8 +72,9 @@ def dynamic_shapes_for(num_layers: int, max_batch: int, max_seq: int, max_contex
 
 def export_onnx(
     model: LoadedModel, lm: torch.nn.Module, out_dir: Path, target: str = "portable",
-    max_batch: int = 64, max_seq: int = 4096, max_context: int = 4096,
+    max_batch: int = 64, max_seq: int = 4096, max_context: int = 4096, quantize: str | None = None,
 ) -> ExportResult:
+    """`quantize`: store weights as int8 + DequantizeLinear (lm must be fake-quantized to match)."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     onnx_functions.register_schemas()
@@ -108,6 +110,11 @@ def export_onnx(
     elif target == "trt":
         mark_plugin_nodes(onnx_model)
     moe_nodes = [dict(entry, **node_facts(onnx_model, entry["name"])) for entry in moe_nodes]
+    quantization = None
+    if quantize:
+        from ce_export.quantize import store_weights_as_int8
+
+        quantization = store_weights_as_int8(onnx_model)
 
     nbytes = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None)
     external = nbytes > EXTERNAL_DATA_THRESHOLD
@@ -115,7 +122,7 @@ def export_onnx(
     ir.save(onnx_model, onnx_path, external_data="model.onnx.data" if external else None)
     dynamic_axes = {value.name: {i: str(d) for i, d in enumerate(value.shape) if not isinstance(d, int)}
                     for value in list(onnx_model.graph.inputs) + list(onnx_model.graph.outputs)}
-    return ExportResult(onnx_path, external, input_names, output_names, dynamic_axes, moe_nodes)
+    return ExportResult(onnx_path, external, input_names, output_names, dynamic_axes, moe_nodes, quantization)
 
 
 def custom_moe_nodes(model: ir.Model) -> list[ir.Node]:

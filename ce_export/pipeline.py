@@ -25,6 +25,7 @@ from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
 from ce_export.onnx_precision import OnnxPrecisionView
+from ce_export.quantize import QUANTIZATIONS, fake_quantize_model
 
 MANIFEST_FORMAT = 1
 CHECKPOINT_COPY = "checkpoint"
@@ -40,6 +41,7 @@ class BuildOptions:
     max_context: int = 4096
     force: bool = False
     verify: bool = True
+    quantize: str | None = None  # weight-only quantization mode (see quantize.QUANTIZATIONS)
     plugin_library: str | None = None  # our TensorRT plugin (.so), for --target trt
     triton_repo: str | None = None  # also write a Triton Inference Server model repository here
 
@@ -60,6 +62,12 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         raise ExportError(f"unknown dtype {options.dtype!r} (choose from {', '.join(DTYPES)})")
     if options.target not in export_stage.TARGETS:
         raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(export_stage.TARGETS)})")
+    if options.quantize is not None and options.quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization {options.quantize!r} (choose from {', '.join(QUANTIZATIONS)})")
+    if options.quantize is not None and options.dtype != "fp32":
+        # fp16/bf16 scales make DequantizeLinear round differently from the PyTorch reference; until
+        # that is matched and its thresholds measured, quantized builds are fp32 only.
+        raise ExportError(f"--quantize {options.quantize} is supported with --dtype fp32 only for now")
     if options.plugin_library is not None:
         if options.target != "trt":
             raise BuildError("--plugin-lib applies to --target trt only")
@@ -83,9 +91,11 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
                f"{total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active per token)")
         with timer("capture"):
             lm = build_torch_model(loaded, DTYPES[options.dtype])
-        with timer(f"export ({options.target}, {options.dtype})"):
-            result = export_stage.export_onnx(loaded, lm, staging, options.target,
-                                              options.max_batch, options.max_seq, options.max_context)
+            if options.quantize:
+                fake_quantize_model(lm, options.quantize)
+        with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"):
+            result = export_stage.export_onnx(loaded, lm, staging, options.target, options.max_batch,
+                                              options.max_seq, options.max_context, options.quantize)
         manifest = make_manifest(source, loaded, options, result)
         write_json(staging / MANIFEST, manifest)
         if options.verify:
@@ -124,6 +134,7 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
         "parameters": {"total": total, "active_per_token": active},
         "target": options.target,
         "dtype": options.dtype,
+        "quantization": result.quantization,
         "onnx": {
             "file": result.onnx_path.name,
             "external_data": "model.onnx.data" if result.external_data else None,
@@ -162,13 +173,21 @@ def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
 def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dict:
     dtype_name = manifest["dtype"]
     onnx_path = folder / manifest["onnx"]["file"]
+    quantization = (manifest.get("quantization") or {}).get("mode")
     with timer("verify: ONNX Runtime session"):
         view = OnnxPrecisionView(onnx_path, dtype_name)
-        runtime = verify_stage.OrtDecoder(view.path_for_runtime(), threads=None)
+        runtime = verify_stage.OrtDecoder(view.path_for_runtime(), exact_dequantize=bool(quantization))
+    unquantized = build_torch_model(loaded, torch.float32)
     reference = build_torch_model(loaded, torch.float32)
+    if quantization:
+        fake_quantize_model(reference, quantization)
     if view.emulated:
         reference = view.round_weights_like_export(reference)
-    at_dtype = build_torch_model(loaded, DTYPES[dtype_name]) if dtype_name != "fp32" and not view.emulated else reference
+    at_dtype = reference
+    if dtype_name != "fp32" and not view.emulated:
+        at_dtype = build_torch_model(loaded, DTYPES[dtype_name])
+        if quantization:
+            fake_quantize_model(at_dtype, quantization)
     runtime_dtype = view.runtime_torch_dtype
     with timer("verify: logits on %d shapes" % len(verify_stage.PARITY_CASES)):
         tolerance = verify_stage.TOLERANCES[dtype_name]
@@ -176,17 +195,39 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dic
                                            runtime_dtype, tolerance)
     with timer(f"verify: greedy generation of {verify_stage.GENERATION_TOKENS} tokens"):
         generation = verify_stage.check_generation(at_dtype, runtime, loaded.spec, runtime_dtype, tolerance)
+    with timer("verify: held-out perplexity, PyTorch fp32 vs the artifact"):
+        quality = quality_cost(folder, manifest, loaded, unquantized, runtime, runtime_dtype)
     view.cleanup()
     return {
         "runtime": "onnxruntime CPUExecutionProvider",
         "reference": "PyTorch fp32, MoE blocks through ce_export.moe_math (the reference op)",
         "dtype": dtype_name,
-        "numerics": view.numerics_note,
+        "quantization": quantization,
+        "numerics": view.numerics_note + ("; int8 weights dequantized exactly (ORT's MatMulNBits fusion, which "
+                                          "also quantizes activations, disabled)" if quantization else ""),
         "passed": logits["passed"] and generation["passed"],
         "logits": logits,
         "generation": generation,
+        "quality": quality,
         "tools": tool_versions(),
     }
+
+
+def quality_cost(folder: Path, manifest: dict, loaded, unquantized_fp32, runtime, runtime_dtype) -> dict:
+    """Model size and the quality cost of the artifact: perplexity on the held-out slice of the
+    built-in calibration corpus, unquantized PyTorch fp32 vs the exported file in ONNX Runtime."""
+    from ce_calibrate import prepare
+
+    checkpoint = folder / manifest["source"]["path"] if manifest["source"]["kind"] == "demo" else Path(manifest["source"]["path"])
+    data = prepare(checkpoint, loaded.spec.vocab_size, seq_len=64, eval_fraction=0.25)
+    sequences = data.evaluation[:8]
+    torch_ppl = verify_stage.perplexity(verify_stage.TorchDecoder(unquantized_fp32), sequences, loaded.spec, torch.float32)
+    onnx_ppl = verify_stage.perplexity(runtime, sequences, loaded.spec, runtime_dtype)
+    files = [folder / manifest["onnx"]["file"]] + ([folder / manifest["onnx"]["external_data"]] if manifest["onnx"]["external_data"] else [])
+    return {"evaluation": f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}",
+            "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
+            "perplexity_delta": onnx_ppl - torch_ppl, "parameters": manifest["parameters"],
+            "onnx_bytes": sum(f.stat().st_size for f in files)}
 
 
 def failure_reason(parity: dict) -> str:
@@ -208,9 +249,13 @@ def summarize(parity: dict) -> str:
     identical = sum(r["identical"] for r in rows)
     ties = sum(not r["identical"] and r["passed"] for r in rows)
     tokens = f"identical in {identical}/{len(rows)} rows" + (f", {ties} diverging at a near-tie" if ties else "")
-    return (f"parity {verdict} ({parity['dtype']}, {parity['runtime']}): {logits['statistic']} "
+    quality = parity.get("quality")
+    ppl = (f"; held-out perplexity {quality['perplexity_onnx']:.3f} vs {quality['perplexity_torch_fp32']:.3f} "
+           f"in PyTorch fp32" if quality else "")
+    return (f"parity {verdict} ({parity['dtype']}{', ' + parity['quantization'] if parity.get('quantization') else ''}, "
+            f"{parity['runtime']}): {logits['statistic']} "
             f"{logits['worst']:.2e} over {len(logits['cases'])} shapes (threshold {logits['threshold']:.0e}, "
-            f"max relative error {logits['max_rel']:.2e}); greedy {generation['new_tokens']} tokens {tokens}")
+            f"max relative error {logits['max_rel']:.2e}); greedy {generation['new_tokens']} tokens {tokens}{ppl}")
 
 
 class StageTimer:

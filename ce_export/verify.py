@@ -63,11 +63,15 @@ PARITY_CASES = (
 class OrtDecoder:
     """ONNX Runtime session over an exported decoder, fed and read as torch tensors."""
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+    def __init__(self, onnx_path: str | Path, threads: int | None = None, exact_dequantize: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if exact_dequantize:
+            # By default ORT fuses DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, which also
+            # quantizes the activations: faster, but not the weight-only math the file states.
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -118,6 +122,32 @@ def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: To
     worst = max(r[tolerance.statistic] for r in results)
     return {"statistic": tolerance.statistic, "threshold": tolerance.threshold, "worst": worst,
             "max_rel": max(r["max_rel"] for r in results), "passed": bool(worst <= tolerance.threshold), "cases": results}
+
+
+class TorchDecoder:
+    """A PyTorch causal LM behind the same flat interface as OrtDecoder."""
+
+    def __init__(self, lm):
+        self.decoder = KvCacheDecoder(lm).eval()
+        self.dtype = next(lm.parameters()).dtype
+
+    def __call__(self, input_ids, attention_mask, position_ids, past):
+        with torch.no_grad():
+            return self.decoder(input_ids, attention_mask, position_ids, tuple(t.to(self.dtype) for t in past))
+
+
+def perplexity(runtime, sequences: torch.Tensor, spec, dtype) -> float:
+    """exp(mean next-token NLL) of `sequences` [N, S], each run as one prefill."""
+    total_nll, count = 0.0, 0
+    for row in sequences:
+        ids = row[None]
+        positions = torch.arange(ids.shape[1])[None]
+        past = tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(1, 0))
+        logits = runtime(ids, torch.ones_like(ids), positions, past)[0].float()
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+        total_nll += nll.item()
+        count += ids.shape[1] - 1
+    return float(torch.exp(torch.tensor(total_nll / count)))
 
 
 def generation_prompt(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,6 +63,8 @@ def test_demo_parity_fp32(demo_build):
     assert generation["new_tokens"] == 32
     assert generation["torch_tokens"] == generation["onnx_tokens"]
     assert len(set(generation["torch_tokens"][1])) > 8  # the demo does not collapse into a repeated token
+    quality = parity["quality"]
+    assert quality["perplexity_onnx"] == pytest.approx(quality["perplexity_torch_fp32"], rel=1e-4)
 
 
 def test_verify_command_reruns_parity(demo_build):

@@ -1,0 +1,115 @@
+"""Weight-only quantization with explicit DequantizeLinear in the ONNX (TensorRT 11 is strongly typed).
+
+Mode `int8`: symmetric int8, one scale per output channel (per expert and output row for expert
+weights), for the attention, LM-head, shared-expert and expert weights; routers and embeddings
+stay in float (as in the MoE compression study).
+
+Two halves that must agree exactly:
+- `fake_quantize_model` rounds the PyTorch model's weights to their int8 grid (W <- q * s), so the
+  captured model is the reference the exported artifact is checked against;
+- `store_weights_as_int8` replaces each such float initializer of the exported graph by int8 values
+  and scales feeding a DequantizeLinear. Re-quantizing an already-rounded weight gives back the same
+  q and s, because every output channel's largest value sits exactly on +-127.
+Expert weights [E, O, I] are stored as [E*O, I] with per-row scales (DequantizeLinear per-axis,
+opset 13+) and reshaped back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from ce_export.capture import MoeBlock, SharedExpert
+from ce_export.errors import ExportError
+
+QUANTIZATIONS = ("int8",)
+INT8_MAX = 127
+# Input positions of the expert weights: ce_export nodes (gate_up, down), com.microsoft::MoE (fc1, fc2).
+EXPERT_WEIGHT_INPUTS = {"ce_export": (2, 3), "com.microsoft": (2, 4)}
+
+
+def int8_grid(weight: torch.Tensor) -> torch.Tensor:
+    """W rounded to symmetric int8 with one scale per row of its last two dims' first axis."""
+    scale = weight.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
+    return ((weight.float() / scale).round().clamp(-INT8_MAX, INT8_MAX) * scale).to(weight.dtype)
+
+
+def fake_quantize_model(lm: nn.Module, mode: str) -> int:
+    """Round every weight that `store_weights_as_int8` stores to its int8 grid; returns how many.
+
+    Parameters are replaced, not written in place: they may share storage with the loaded checkpoint.
+    """
+    if mode not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization {mode!r} (choose from {', '.join(QUANTIZATIONS)})")
+    rounded = 0
+    with torch.no_grad():
+        for module in lm.modules():
+            if isinstance(module, (MoeBlock, SharedExpert)):
+                names = ("gate_up", "down")
+            elif isinstance(module, nn.Linear):
+                names = ("weight",)
+            else:
+                continue
+            for name in names:
+                setattr(module, name, nn.Parameter(int8_grid(getattr(module, name)), requires_grad=False))
+                rounded += 1
+    return rounded
+
+
+def quantize_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[R, C] float -> (int8 [R, C], scale [R]) with values ~= q * scale[:, None]."""
+    scale = np.maximum(np.abs(values).max(axis=1), 1e-12) / INT8_MAX
+    q = np.clip(np.rint(values / scale[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def store_weights_as_int8(model: ir.Model) -> dict:
+    """Replace expert weights (inputs of MoE nodes) and MatMul weights by int8 + DequantizeLinear."""
+    graph = model.graph
+    stored, saved_bytes = 0, 0
+    for value in list(graph.initializers.values()):
+        if value.const_value is None or not value.uses():
+            continue
+        consumers = {(node.domain, node.op_type, index) for node, index in value.uses()}
+        matmul_weight = consumers == {("", "MatMul", 1)} and len(value.shape) == 2
+        expert_weight = len(value.shape) == 3 and all(
+            index in EXPERT_WEIGHT_INPUTS.get(domain, ()) for domain, _, index in consumers)
+        if not (matmul_weight or expert_weight):
+            continue
+        weights = value.const_value.numpy()
+        float_dtype = weights.dtype
+        if matmul_weight:  # [in, out]: one scale per output column
+            q, scale = quantize_rows(weights.astype(np.float32).T)
+            q, axis = np.ascontiguousarray(q.T), 1
+        else:  # [E, O, I]: one scale per expert and output row
+            q, scale = quantize_rows(weights.astype(np.float32).reshape(-1, weights.shape[-1]))
+            axis = 0
+        name = value.name
+        q_value = ir.Value(name=f"{name}.int8", shape=ir.Shape(q.shape), type=ir.TensorType(ir.DataType.INT8),
+                           const_value=ir.tensor(q, name=f"{name}.int8"))
+        scale_value = ir.Value(name=f"{name}.scale", shape=ir.Shape(scale.shape),
+                               type=ir.TensorType(ir.DataType.from_numpy(np.dtype(float_dtype))),
+                               const_value=ir.tensor(scale.astype(float_dtype), name=f"{name}.scale"))
+        graph.register_initializer(q_value)
+        graph.register_initializer(scale_value)
+        dequantize = ir.node("DequantizeLinear", [q_value, scale_value], attributes={"axis": axis},
+                             name=f"{name}/DequantizeLinear")
+        nodes = [dequantize]
+        result = dequantize.outputs[0]
+        if expert_weight:
+            shape = ir.Value(name=f"{name}.shape", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.INT64),
+                             const_value=ir.tensor(np.array(weights.shape, dtype=np.int64), name=f"{name}.shape"))
+            graph.register_initializer(shape)
+            reshape = ir.node("Reshape", [result, shape], name=f"{name}/Reshape")
+            nodes.append(reshape)
+            result = reshape.outputs[0]
+        first_user = min((node for node, _ in value.uses()), key=lambda node: list(graph).index(node))
+        graph.insert_before(first_user, nodes)
+        result.name, result.shape, result.type = f"{name}.dequantized", value.shape, value.type
+        ir.convenience.replace_all_uses_with(value, result)
+        graph.initializers.pop(name)
+        stored += 1
+        saved_bytes += weights.nbytes - q.nbytes - scale.astype(float_dtype).nbytes
+    return {"mode": "int8", "weights_stored_as_int8": stored, "bytes_saved": int(saved_bytes)}

@@ -1,0 +1,53 @@
+"""Weight-only int8: explicit DequantizeLinear in the ONNX, exact against the fake-quantized reference."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from ce_export import pipeline
+from ce_export.cli import main
+from ce_export.quantize import int8_grid
+
+QUIET = dict(report=lambda line: None)
+
+
+def test_int8_grid_puts_each_rows_largest_value_on_127():
+    import torch
+
+    weight = torch.randn(6, 5, 7)
+    rounded = int8_grid(weight)
+    scale = weight.abs().amax(-1, keepdim=True) / 127
+    q = rounded / scale
+    assert torch.allclose(q, q.round(), atol=1e-4) and torch.allclose(q.abs().amax(-1), torch.full((6, 5), 127.0))
+    assert torch.equal(int8_grid(rounded), rounded)  # idempotent: re-quantizing the stored weights is exact
+
+
+@pytest.mark.parametrize("checkpoint,target", [("demo_ce", "portable"), ("demo_plain", "ort")])
+def test_int8_build_matches_its_reference_and_reports_quality(checkpoint, target, request, tmp_path, demo_build):
+    out = tmp_path / "int8"
+    manifest = pipeline.build(str(request.getfixturevalue(checkpoint)), out,
+                              pipeline.BuildOptions(target=target, quantize="int8"), **QUIET)
+    assert manifest["quantization"]["weights_stored_as_int8"] == 25  # 16 attention, 8 expert, LM head
+    model = onnx.load(out / "model.onnx")
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == 25
+    inits = {i.name: i for i in model.graph.initializer}
+    assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dequantize)
+    router = [i for i in inits if i.endswith("mlp.router")]
+    assert router and all(numpy_helper.to_array(inits[r]).dtype == np.float32 for r in router)
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["quantization"] == "int8" and parity["logits"]["max_rel"] <= 1e-4
+    quality = parity["quality"]
+    assert quality["perplexity_onnx"] > 0 and quality["perplexity_delta"] == pytest.approx(
+        quality["perplexity_onnx"] - quality["perplexity_torch_fp32"])
+    assert quality["onnx_bytes"] < 0.6 * (demo_build / "model.onnx").stat().st_size
+
+
+def test_quantize_needs_fp32(tmp_path, capsys):
+    code = main(["build", "demo", "--out", str(tmp_path / "o"), "--quantize", "int8", "--dtype", "fp16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--dtype fp32" in err[0]
+    assert not (tmp_path / "o").exists()
