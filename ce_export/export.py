@@ -74,7 +74,7 @@ def export_onnx(
     model: LoadedModel, lm: torch.nn.Module, out_dir: Path, target: str = "portable",
     max_batch: int = 64, max_seq: int = 4096, max_context: int = 4096, quantize: str | None = None,
 ) -> ExportResult:
-    """`quantize`: store weights as int8 + DequantizeLinear (lm must be fake-quantized to match)."""
+    """`quantize`: store weights quantized + DequantizeLinear (lm must be fake-quantized to match)."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     onnx_functions.register_schemas()
@@ -112,9 +112,9 @@ def export_onnx(
     moe_nodes = [dict(entry, **node_facts(onnx_model, entry["name"])) for entry in moe_nodes]
     quantization = None
     if quantize:
-        from ce_export.quantize import store_weights_as_int8
+        from ce_export.quantize import store_quantized_weights
 
-        quantization = store_weights_as_int8(onnx_model)
+        quantization = store_quantized_weights(onnx_model, quantize)
 
     nbytes = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None)
     external = nbytes > EXTERNAL_DATA_THRESHOLD

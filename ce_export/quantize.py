@@ -1,15 +1,17 @@
 """Weight-only quantization with explicit DequantizeLinear in the ONNX (TensorRT 11 is strongly typed).
 
-Mode `int8`: symmetric int8, one scale per output channel (per expert and output row for expert
-weights), for the attention, LM-head, shared-expert and expert weights; routers and embeddings
-stay in float (as in the MoE compression study).
+Modes: `int8` (symmetric, round to nearest) and `fp8` (E4M3, the format's largest value 448), one
+scale per output channel (per expert and output row for expert weights), for the attention,
+LM-head, shared-expert and expert weights; routers and embeddings stay in float (as in the MoE
+compression study).
 
 Two halves that must agree exactly:
-- `fake_quantize_model` rounds the PyTorch model's weights to their int8 grid (W <- q * s), so the
+- `fake_quantize_model` rounds the PyTorch model's weights to their grid (W <- q * s), so the
   captured model is the reference the exported artifact is checked against;
-- `store_weights_as_int8` replaces each such float initializer of the exported graph by int8 values
-  and scales feeding a DequantizeLinear. Re-quantizing an already-rounded weight gives back the same
-  q and s, because every output channel's largest value sits exactly on +-127.
+- `store_quantized_weights` replaces each such float initializer of the exported graph by the
+  quantized values and scales feeding a DequantizeLinear. Re-quantizing an already-rounded weight
+  gives back the same q and s, because every output channel's largest value sits exactly on the
+  format's largest value.
 Expert weights [E, O, I] are stored as [E*O, I] with per-row scales (DequantizeLinear per-axis,
 opset 13+) and reshaped back.
 """
@@ -21,19 +23,41 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from dataclasses import dataclass
+
 from ce_export.capture import MoeBlock, SharedExpert
 from ce_export.errors import ExportError
 
-QUANTIZATIONS = ("int8",)
-INT8_MAX = 127
+import ml_dtypes
+
+
+@dataclass(frozen=True)
+class Format:
+    largest: float
+    numpy_dtype: object
+    torch_dtype: torch.dtype | None  # None: integer rounding
+
+
+FORMATS = {
+    "int8": Format(127.0, np.int8, None),
+    "fp8": Format(448.0, ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
+}
+QUANTIZATIONS = tuple(FORMATS)
 # Input positions of the expert weights: ce_export nodes (gate_up, down), com.microsoft::MoE (fc1, fc2).
 EXPERT_WEIGHT_INPUTS = {"ce_export": (2, 3), "com.microsoft": (2, 4)}
 
 
+def rounded_to_grid(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """W rounded to the format's grid with one scale per row (over the last axis)."""
+    fmt = FORMATS[mode]
+    scale = weight.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fmt.largest
+    scaled = (weight.float() / scale).clamp(-fmt.largest, fmt.largest)
+    q = scaled.round() if fmt.torch_dtype is None else scaled.to(fmt.torch_dtype).float()
+    return (q * scale).to(weight.dtype)
+
+
 def int8_grid(weight: torch.Tensor) -> torch.Tensor:
-    """W rounded to symmetric int8 with one scale per row of its last two dims' first axis."""
-    scale = weight.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
-    return ((weight.float() / scale).round().clamp(-INT8_MAX, INT8_MAX) * scale).to(weight.dtype)
+    return rounded_to_grid(weight, "int8")
 
 
 def fake_quantize_model(lm: nn.Module, mode: str) -> int:
@@ -53,20 +77,23 @@ def fake_quantize_model(lm: nn.Module, mode: str) -> int:
             else:
                 continue
             for name in names:
-                setattr(module, name, nn.Parameter(int8_grid(getattr(module, name)), requires_grad=False))
+                setattr(module, name, nn.Parameter(rounded_to_grid(getattr(module, name), mode), requires_grad=False))
                 rounded += 1
     return rounded
 
 
-def quantize_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[R, C] float -> (int8 [R, C], scale [R]) with values ~= q * scale[:, None]."""
-    scale = np.maximum(np.abs(values).max(axis=1), 1e-12) / INT8_MAX
-    q = np.clip(np.rint(values / scale[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale
+def quantize_rows(values: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """[R, C] float -> (q [R, C] in the format, scale [R]) with values ~= q * scale[:, None]."""
+    fmt = FORMATS[mode]
+    scale = (np.maximum(np.abs(values).max(axis=1), 1e-12) / fmt.largest).astype(np.float32)
+    scaled = np.clip(values / scale[:, None], -fmt.largest, fmt.largest)
+    if fmt.torch_dtype is None:
+        scaled = np.rint(scaled)
+    return scaled.astype(fmt.numpy_dtype), scale
 
 
-def store_weights_as_int8(model: ir.Model) -> dict:
-    """Replace expert weights (inputs of MoE nodes) and MatMul weights by int8 + DequantizeLinear."""
+def store_quantized_weights(model: ir.Model, mode: str) -> dict:
+    """Replace expert weights (inputs of MoE nodes) and MatMul weights by `mode` values + DequantizeLinear."""
     graph = model.graph
     stored, saved_bytes = 0, 0
     for value in list(graph.initializers.values()):
@@ -81,14 +108,15 @@ def store_weights_as_int8(model: ir.Model) -> dict:
         weights = value.const_value.numpy()
         float_dtype = weights.dtype
         if matmul_weight:  # [in, out]: one scale per output column
-            q, scale = quantize_rows(weights.astype(np.float32).T)
+            q, scale = quantize_rows(weights.astype(np.float32).T, mode)
             q, axis = np.ascontiguousarray(q.T), 1
         else:  # [E, O, I]: one scale per expert and output row
-            q, scale = quantize_rows(weights.astype(np.float32).reshape(-1, weights.shape[-1]))
+            q, scale = quantize_rows(weights.astype(np.float32).reshape(-1, weights.shape[-1]), mode)
             axis = 0
         name = value.name
-        q_value = ir.Value(name=f"{name}.int8", shape=ir.Shape(q.shape), type=ir.TensorType(ir.DataType.INT8),
-                           const_value=ir.tensor(q, name=f"{name}.int8"))
+        stored_tensor = ir.tensor(q, name=f"{name}.{mode}")
+        q_value = ir.Value(name=f"{name}.{mode}", shape=ir.Shape(q.shape), type=ir.TensorType(stored_tensor.dtype),
+                           const_value=stored_tensor)
         scale_value = ir.Value(name=f"{name}.scale", shape=ir.Shape(scale.shape),
                                type=ir.TensorType(ir.DataType.from_numpy(np.dtype(float_dtype))),
                                const_value=ir.tensor(scale.astype(float_dtype), name=f"{name}.scale"))
@@ -112,4 +140,4 @@ def store_weights_as_int8(model: ir.Model) -> dict:
         graph.initializers.pop(name)
         stored += 1
         saved_bytes += weights.nbytes - q.nbytes - scale.astype(float_dtype).nbytes
-    return {"mode": "int8", "weights_stored_as_int8": stored, "bytes_saved": int(saved_bytes)}
+    return {"mode": mode, "weights_stored": stored, "bytes_saved": int(saved_bytes)}

@@ -14,6 +14,17 @@ from ce_export.quantize import int8_grid
 QUIET = dict(report=lambda line: None)
 
 
+def test_fp8_grid_is_idempotent():
+    import torch
+
+    from ce_export.quantize import rounded_to_grid
+
+    weight = torch.randn(4, 9, 33)
+    rounded = rounded_to_grid(weight, "fp8")
+    assert torch.equal(rounded_to_grid(rounded, "fp8"), rounded)
+    assert not torch.equal(rounded, weight)
+
+
 def test_int8_grid_puts_each_rows_largest_value_on_127():
     import torch
 
@@ -25,21 +36,26 @@ def test_int8_grid_puts_each_rows_largest_value_on_127():
     assert torch.equal(int8_grid(rounded), rounded)  # idempotent: re-quantizing the stored weights is exact
 
 
-@pytest.mark.parametrize("checkpoint,target", [("demo_ce", "portable"), ("demo_plain", "ort")])
-def test_int8_build_matches_its_reference_and_reports_quality(checkpoint, target, request, tmp_path, demo_build):
-    out = tmp_path / "int8"
+STORED_TYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
+
+
+@pytest.mark.parametrize("checkpoint,target,mode", [("demo_ce", "portable", "int8"), ("demo_plain", "ort", "int8"),
+                                                    ("demo_ce", "portable", "fp8")])
+def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, target, mode, request, tmp_path, demo_build):
+    out = tmp_path / mode
     manifest = pipeline.build(str(request.getfixturevalue(checkpoint)), out,
-                              pipeline.BuildOptions(target=target, quantize="int8"), **QUIET)
-    assert manifest["quantization"]["weights_stored_as_int8"] == 25  # 16 attention, 8 expert, LM head
+                              pipeline.BuildOptions(target=target, quantize=mode), **QUIET)
+    assert manifest["quantization"]["weights_stored"] == 25  # 16 attention, 8 expert, LM head
     model = onnx.load(out / "model.onnx")
+    onnx.checker.check_model(model, full_check=True)
     dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dequantize) == 25
     inits = {i.name: i for i in model.graph.initializer}
-    assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dequantize)
+    assert all(inits[n.input[0]].data_type == STORED_TYPE[mode] for n in dequantize)
     router = [i for i in inits if i.endswith("mlp.router")]
     assert router and all(numpy_helper.to_array(inits[r]).dtype == np.float32 for r in router)
     parity = json.loads((out / "parity.json").read_text())
-    assert parity["passed"] and parity["quantization"] == "int8" and parity["logits"]["max_rel"] <= 1e-4
+    assert parity["passed"] and parity["quantization"] == mode and parity["logits"]["max_rel"] <= 1e-4
     quality = parity["quality"]
     assert quality["perplexity_onnx"] > 0 and quality["perplexity_delta"] == pytest.approx(
         quality["perplexity_onnx"] - quality["perplexity_torch_fp32"])
