@@ -29,8 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="portable: custom nodes with ONNX function bodies; ort: plain MoE layers as "
                             "com.microsoft::MoE; trt: custom nodes marked for our TensorRT plugin")
     build.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    build.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization (int8 or FP8 E4M3 per "
-                                                                 "output channel) with explicit DequantizeLinear")
+    build.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization with explicit DequantizeLinear: "
+                                                                 "int8 / FP8 E4M3 per output channel, int4 per 64 inputs")
     build.add_argument("--max-batch", type=int, default=64)
     build.add_argument("--max-seq", type=int, default=4096, help="longest input sequence per call (prefill)")
     build.add_argument("--max-context", type=int, default=4096, help="longest KV cache (past length)")

@@ -44,6 +44,7 @@ class ExportResult:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     moe_nodes: list[dict]  # one per MoE node: name, op_type, domain, layer
+    opset: int
     quantization: dict | None = None  # what store_weights_as_int8 stored, when quantized
 
 
@@ -90,11 +91,16 @@ def export_onnx(
         empty_past(model.spec, batch, past, dtype),
     )
     input_names, output_names = io_names(num_layers)
+    opset = OPSET
+    if quantize:
+        from ce_export.quantize import FORMATS
+
+        opset = max(opset, FORMATS[quantize].opset)
     with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                decoder, sample, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                decoder, sample, dynamo=True, opset_version=opset, optimize=True, verbose=False,
                 input_names=input_names, output_names=output_names,
                 dynamic_shapes=dynamic_shapes_for(num_layers, max_batch, max_seq, max_context),
                 custom_translation_table={torch.ops.ce_export.moe.default: moe_translation},
@@ -122,7 +128,7 @@ def export_onnx(
     ir.save(onnx_model, onnx_path, external_data="model.onnx.data" if external else None)
     dynamic_axes = {value.name: {i: str(d) for i, d in enumerate(value.shape) if not isinstance(d, int)}
                     for value in list(onnx_model.graph.inputs) + list(onnx_model.graph.outputs)}
-    return ExportResult(onnx_path, external, input_names, output_names, dynamic_axes, moe_nodes, quantization)
+    return ExportResult(onnx_path, external, input_names, output_names, dynamic_axes, moe_nodes, opset, quantization)
 
 
 def custom_moe_nodes(model: ir.Model) -> list[ir.Node]:

@@ -138,7 +138,7 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
         "onnx": {
             "file": result.onnx_path.name,
             "external_data": "model.onnx.data" if result.external_data else None,
-            "opset": export_stage.OPSET,
+            "opset": result.opset,
             "custom_domain": {"name": "ce_export", "version": 1},
             "inputs": result.input_names,
             "outputs": result.output_names,

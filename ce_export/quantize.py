@@ -36,11 +36,14 @@ class Format:
     largest: float
     numpy_dtype: object
     torch_dtype: torch.dtype | None  # None: integer rounding
+    block: int | None = None  # scales per group of this many inputs (None: per output channel)
+    opset: int = 20  # the default-domain opset DequantizeLinear needs for this format
 
 
 FORMATS = {
     "int8": Format(127.0, np.int8, None),
     "fp8": Format(448.0, ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
+    "int4": Format(7.0, ml_dtypes.int4, None, block=64, opset=21),  # blocked DequantizeLinear: opset 21
 }
 QUANTIZATIONS = tuple(FORMATS)
 # Input positions of the expert weights: ce_export nodes (gate_up, down), com.microsoft::MoE (fc1, fc2).
@@ -48,12 +51,17 @@ EXPERT_WEIGHT_INPUTS = {"ce_export": (2, 3), "com.microsoft": (2, 4)}
 
 
 def rounded_to_grid(weight: torch.Tensor, mode: str) -> torch.Tensor:
-    """W rounded to the format's grid with one scale per row (over the last axis)."""
+    """W rounded to the format's grid with one scale per row, or per block of a row (last axis)."""
     fmt = FORMATS[mode]
-    scale = weight.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fmt.largest
-    scaled = (weight.float() / scale).clamp(-fmt.largest, fmt.largest)
+    columns = weight.shape[-1]
+    group = fmt.block or columns
+    if columns % group:
+        raise ExportError(f"{mode} quantization needs input sizes divisible by {group}, got {columns}")
+    grouped = weight.float().reshape(*weight.shape[:-1], columns // group, group)
+    scale = grouped.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fmt.largest
+    scaled = (grouped / scale).clamp(-fmt.largest, fmt.largest)
     q = scaled.round() if fmt.torch_dtype is None else scaled.to(fmt.torch_dtype).float()
-    return (q * scale).to(weight.dtype)
+    return (q * scale).reshape(weight.shape).to(weight.dtype)
 
 
 def int8_grid(weight: torch.Tensor) -> torch.Tensor:
@@ -83,13 +91,16 @@ def fake_quantize_model(lm: nn.Module, mode: str) -> int:
 
 
 def quantize_rows(values: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """[R, C] float -> (q [R, C] in the format, scale [R]) with values ~= q * scale[:, None]."""
+    """[R, C] float -> (q [R, C] in the format, scale [R] or [R, C / block]) with values ~= q * scale."""
     fmt = FORMATS[mode]
-    scale = (np.maximum(np.abs(values).max(axis=1), 1e-12) / fmt.largest).astype(np.float32)
-    scaled = np.clip(values / scale[:, None], -fmt.largest, fmt.largest)
+    rows, columns = values.shape
+    group = fmt.block or columns
+    grouped = values.reshape(rows, columns // group, group)
+    scale = (np.maximum(np.abs(grouped).max(axis=2), 1e-12) / fmt.largest).astype(np.float32)
+    scaled = np.clip(grouped / scale[:, :, None], -fmt.largest, fmt.largest).reshape(rows, columns)
     if fmt.torch_dtype is None:
         scaled = np.rint(scaled)
-    return scaled.astype(fmt.numpy_dtype), scale
+    return scaled.astype(fmt.numpy_dtype), (scale if fmt.block else scale[:, 0])
 
 
 def store_quantized_weights(model: ir.Model, mode: str) -> dict:
@@ -107,12 +118,13 @@ def store_quantized_weights(model: ir.Model, mode: str) -> dict:
             continue
         weights = value.const_value.numpy()
         float_dtype = weights.dtype
-        if matmul_weight:  # [in, out]: one scale per output column
+        block = FORMATS[mode].block
+        if matmul_weight:  # [in, out]: scales per output column (and block of inputs)
             q, scale = quantize_rows(weights.astype(np.float32).T, mode)
-            q, axis = np.ascontiguousarray(q.T), 1
-        else:  # [E, O, I]: one scale per expert and output row
+            q, scale, axis = np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T), 0 if block else 1
+        else:  # [E, O, I] as [E*O, I]: scales per expert and output row (and block of inputs)
             q, scale = quantize_rows(weights.astype(np.float32).reshape(-1, weights.shape[-1]), mode)
-            axis = 0
+            axis = 1 if block else 0
         name = value.name
         stored_tensor = ir.tensor(q, name=f"{name}.{mode}")
         q_value = ir.Value(name=f"{name}.{mode}", shape=ir.Shape(q.shape), type=ir.TensorType(stored_tensor.dtype),
@@ -122,7 +134,8 @@ def store_quantized_weights(model: ir.Model, mode: str) -> dict:
                                const_value=ir.tensor(scale.astype(float_dtype), name=f"{name}.scale"))
         graph.register_initializer(q_value)
         graph.register_initializer(scale_value)
-        dequantize = ir.node("DequantizeLinear", [q_value, scale_value], attributes={"axis": axis},
+        attributes = {"axis": axis, **({"block_size": block} if block else {})}
+        dequantize = ir.node("DequantizeLinear", [q_value, scale_value], attributes=attributes,
                              name=f"{name}/DequantizeLinear")
         nodes = [dequantize]
         result = dequantize.outputs[0]
@@ -139,5 +152,6 @@ def store_quantized_weights(model: ir.Model, mode: str) -> dict:
         ir.convenience.replace_all_uses_with(value, result)
         graph.initializers.pop(name)
         stored += 1
-        saved_bytes += weights.nbytes - q.nbytes - scale.astype(float_dtype).nbytes
+        stored_bytes = q.size // 2 if mode == "int4" else q.nbytes  # int4 is packed two per byte on disk
+        saved_bytes += weights.nbytes - stored_bytes - scale.astype(float_dtype).nbytes
     return {"mode": mode, "weights_stored": stored, "bytes_saved": int(saved_bytes)}

@@ -14,14 +14,15 @@ from ce_export.quantize import int8_grid
 QUIET = dict(report=lambda line: None)
 
 
-def test_fp8_grid_is_idempotent():
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_grid_is_idempotent(mode):
     import torch
 
     from ce_export.quantize import rounded_to_grid
 
-    weight = torch.randn(4, 9, 33)
-    rounded = rounded_to_grid(weight, "fp8")
-    assert torch.equal(rounded_to_grid(rounded, "fp8"), rounded)
+    weight = torch.randn(4, 9, 128)
+    rounded = rounded_to_grid(weight, mode)
+    assert torch.equal(rounded_to_grid(rounded, mode), rounded)
     assert not torch.equal(rounded, weight)
 
 
@@ -36,11 +37,11 @@ def test_int8_grid_puts_each_rows_largest_value_on_127():
     assert torch.equal(int8_grid(rounded), rounded)  # idempotent: re-quantizing the stored weights is exact
 
 
-STORED_TYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
+STORED_TYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN, "int4": onnx.TensorProto.INT4}
 
 
 @pytest.mark.parametrize("checkpoint,target,mode", [("demo_ce", "portable", "int8"), ("demo_plain", "ort", "int8"),
-                                                    ("demo_ce", "portable", "fp8")])
+                                                    ("demo_ce", "portable", "fp8"), ("demo_ce", "portable", "int4")])
 def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, target, mode, request, tmp_path, demo_build):
     out = tmp_path / mode
     manifest = pipeline.build(str(request.getfixturevalue(checkpoint)), out,
@@ -59,7 +60,10 @@ def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, t
     quality = parity["quality"]
     assert quality["perplexity_onnx"] > 0 and quality["perplexity_delta"] == pytest.approx(
         quality["perplexity_onnx"] - quality["perplexity_torch_fp32"])
-    assert quality["onnx_bytes"] < 0.6 * (demo_build / "model.onnx").stat().st_size
+    assert quality["onnx_bytes"] < {"int4": 0.4, "int8": 0.6, "fp8": 0.6}[mode] * (demo_build / "model.onnx").stat().st_size
+    if mode == "int4":
+        assert manifest["onnx"]["opset"] == 21
+        assert {a.name: a.i for a in dequantize[0].attribute}["block_size"] == 64
 
 
 def test_quantize_needs_fp32(tmp_path, capsys):
