@@ -62,3 +62,9 @@ def read_json(path: str | Path, what: str = "file"):
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise OutputError(f"{path}: not valid JSON ({error})") from None
+
+
+def checkpoint_of(folder: str | Path, manifest: dict) -> Path:
+    """The checkpoint a build folder was made from (the demo's copy lives inside the folder)."""
+    source = manifest["source"]
+    return Path(folder) / source["path"] if source["kind"] == "demo" else Path(source["path"])

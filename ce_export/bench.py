@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ce_export.artifacts import MANIFEST, read_json, write_json
+from ce_export.artifacts import MANIFEST, checkpoint_of, read_json, write_json
 from ce_export.capture import build_torch_model
 from ce_export.load import load_checkpoint
 from ce_export.verify import OrtDecoder, TorchDecoder, compare
@@ -69,7 +69,7 @@ def median_seconds(fn: Callable[[], object], min_reps: int = 5, budget_s: float 
 
 def runners_for(folder: Path, manifest: dict, loaded) -> list[tuple[str, Callable]]:
     rows = []
-    checkpoint = folder / manifest["source"]["path"] if manifest["source"]["kind"] == "demo" else Path(manifest["source"]["path"])
+    checkpoint = checkpoint_of(folder, manifest)
     if not loaded.spec.use_ce and loaded.spec.architecture == "olmoe" and all(l.kind == "moe" for l in loaded.spec.moe_layers):
         from transformers import AutoModelForCausalLM
 
@@ -87,8 +87,7 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, report: 
     manifest = read_json(folder / MANIFEST, "manifest (is this a ce_export build folder?)")
     if manifest["dtype"] != "fp32":
         report(f"note: benchmarking a {manifest['dtype']} ONNX file on CPU; PyTorch rows run fp32")
-    checkpoint = folder / manifest["source"]["path"] if manifest["source"]["kind"] == "demo" else Path(manifest["source"]["path"])
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint_of(folder, manifest))
     reference = TorchDecoder(build_torch_model(loaded))
     rows = runners_for(folder, manifest, loaded)
     ort_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(manifest["dtype"], torch.float32)

@@ -49,9 +49,12 @@ class OnnxPrecisionView:
         return path
 
     def round_weights_like_export(self, lm: torch.nn.Module) -> torch.nn.Module:
+        """Round every parameter to bf16 and back; parameters are replaced, not written in place,
+        since they may share storage with the loaded checkpoint."""
         with torch.no_grad():
-            for param in lm.parameters():
-                param.copy_(param.to(torch.bfloat16).float())
+            for module in lm.modules():
+                for name, param in list(module.named_parameters(recurse=False)):
+                    setattr(module, name, torch.nn.Parameter(param.to(torch.bfloat16).float(), requires_grad=False))
         return lm
 
     def cleanup(self) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from ce_export import export as export_stage
 from ce_export import verify as verify_stage
-from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, read_json, staged_folder, write_json
+from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
 from ce_export.capture import DTYPES, build_torch_model
 from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
@@ -153,11 +153,9 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
 def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST, "manifest (is this a ce_export build folder?)")
-    source = manifest["source"]
-    checkpoint = folder / source["path"] if source["kind"] == "demo" else Path(source["path"])
     timer = StageTimer(report)
     with timer("load"):
-        loaded = load_checkpoint(checkpoint)
+        loaded = load_checkpoint(checkpoint_of(folder, manifest))
     parity = run_parity(folder, manifest, loaded, timer)
     try:
         write_json(folder / PARITY, parity)
@@ -178,11 +176,13 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dic
         view = OnnxPrecisionView(onnx_path, dtype_name)
         runtime = verify_stage.OrtDecoder(view.path_for_runtime(), exact_dequantize=bool(quantization))
     unquantized = build_torch_model(loaded, torch.float32)
-    reference = build_torch_model(loaded, torch.float32)
-    if quantization:
-        fake_quantize_model(reference, quantization)
-    if view.emulated:
-        reference = view.round_weights_like_export(reference)
+    reference = unquantized
+    if quantization or view.emulated:
+        reference = build_torch_model(loaded, torch.float32)
+        if quantization:
+            fake_quantize_model(reference, quantization)
+        if view.emulated:
+            view.round_weights_like_export(reference)
     at_dtype = reference
     if dtype_name != "fp32" and not view.emulated:
         at_dtype = build_torch_model(loaded, DTYPES[dtype_name])
@@ -218,8 +218,7 @@ def quality_cost(folder: Path, manifest: dict, loaded, unquantized_fp32, runtime
     built-in calibration corpus, unquantized PyTorch fp32 vs the exported file in ONNX Runtime."""
     from ce_calibrate import prepare
 
-    checkpoint = folder / manifest["source"]["path"] if manifest["source"]["kind"] == "demo" else Path(manifest["source"]["path"])
-    data = prepare(checkpoint, loaded.spec.vocab_size, seq_len=64, eval_fraction=0.25)
+    data = prepare(checkpoint_of(folder, manifest), loaded.spec.vocab_size, seq_len=64, eval_fraction=0.25)
     sequences = data.evaluation[:8]
     torch_ppl = verify_stage.perplexity(verify_stage.TorchDecoder(unquantized_fp32), sequences, loaded.spec, torch.float32)
     onnx_ppl = verify_stage.perplexity(runtime, sequences, loaded.spec, runtime_dtype)
