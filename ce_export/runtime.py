@@ -1,0 +1,192 @@
+"""The PyTorch runtime path, for users without TensorRT: the captured model with our MoE op (Triton
+kernels on CUDA), a preallocated KV cache, and decode steps replayed from a CUDA graph.
+
+`FastDecoder` owns one static cache of `max_context` slots for a fixed batch. Slots are the time
+axis of the padded batch, exactly as in the exported ONNX model: every row writes slot p at step p,
+left padding is masked out, and each row's rotary position is its own count of real tokens. Each
+step builds its additive attention mask [B, 1, S, L] from two device tensors (the valid-slot mask
+and the slots being written), so a captured decode graph needs nothing from the host but the new
+token ids, positions and slot, copied into its static inputs before each replay.
+
+Prefill runs eagerly (its shapes change with every prompt); decode replays a graph captured once
+per batch on CUDA, or runs eagerly on CPU or when `cuda_graph=False`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from ce_export.spec import ModelSpec
+
+
+class SlotCache(Cache):
+    """A KV cache of fixed-address tensors [B, h, L, d] per layer, written at `write_slots` [S].
+
+    transformers' attention calls `update(k, v, layer)` and attends over what it returns: here the
+    whole static cache, whose unwritten slots the step's attention mask hides.
+    """
+
+    def __init__(self, spec: ModelSpec, batch: int, max_context: int, dtype: torch.dtype, device: torch.device):
+        # Cache.__init__ builds transformers' own layer objects; this cache stores its tensors itself.
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+        shapes = spec.past_shapes(batch, max_context)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes[0::2]]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes[1::2]]
+        self.write_slots = torch.zeros(1, dtype=torch.long, device=device)
+        self.filled = 0  # host-side count of written slots, for get_seq_length
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.write_slots, key_states.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, self.write_slots, value_states.to(self.values[layer_idx].dtype))
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.filled
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    @property
+    def max_context(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class FastDecoder:
+    """Greedy-decoding runtime over a captured causal LM (capture.build_torch_model), batch fixed."""
+
+    def __init__(self, lm: nn.Module, spec: ModelSpec, batch: int, max_context: int, cuda_graph: bool = True,
+                 attention: str = "sdpa"):
+        self.lm = lm.eval()
+        self.spec = spec
+        self.batch = batch
+        parameter = next(lm.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        set_attention(lm, attention)
+        self.cache = SlotCache(spec, batch, max_context, self.dtype, self.device)
+        self.slot_index = torch.arange(max_context, device=self.device)
+        self.valid = torch.ones(batch, max_context, dtype=torch.bool, device=self.device)
+        self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.graph = None
+        self.next_positions = None  # [B, 1] rotary positions of the next token per row
+
+    # --- one forward step over the cache -------------------------------------------------------
+    def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        slots = self.cache.write_slots
+        allowed = self.valid[:, None, None, :] & (self.slot_index[None, None, None, :] <= slots[None, None, :, None])
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        with torch.no_grad():
+            out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=self.cache, use_cache=True)
+        return out.logits
+
+    def _check_room(self, tokens: int) -> None:
+        if self.cache.filled + tokens > self.cache.max_context:
+            raise ValueError(f"{self.cache.filled} + {tokens} tokens exceed the cache of {self.cache.max_context} slots")
+
+    # --- public API ----------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Start over with a (left-padded) prompt batch [B, S]; returns logits [B, S, V]."""
+        batch, length = input_ids.shape
+        if batch != self.batch:
+            raise ValueError(f"this decoder was built for batch {self.batch}, got {batch}")
+        self.cache.filled = 0
+        self._check_room(length)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        self.valid.fill_(True)
+        self.valid[:, :length] = attention_mask.bool()
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache.write_slots = torch.arange(length, device=self.device)
+        logits = self._step(input_ids.to(self.device), positions)
+        self.cache.filled = length
+        self.next_positions = positions[:, -1:] + 1
+        return logits
+
+    def load_past(self, past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> None:
+        """Fill the first P slots with given K/V [B, h, P, d] x 2L (the flat ONNX past), positions 0..P-1."""
+        length = past[0].shape[2]
+        self.cache.filled = 0
+        self._check_room(length)
+        for index, tensor in enumerate(past):
+            target = (self.cache.keys if index % 2 == 0 else self.cache.values)[index // 2]
+            target[:, :, :length].copy_(tensor)
+        self.valid.fill_(True)
+        if attention_mask is not None:
+            self.valid[:, :length] = attention_mask.to(self.device).bool()
+        self.cache.filled = length
+        valid_counts = self.valid[:, :length].sum(-1, keepdim=True)
+        self.next_positions = valid_counts.to(torch.long)
+
+    def decode(self, next_ids: torch.Tensor, advance: bool = True) -> torch.Tensor:
+        """One token per row [B, 1] at the next slot; returns logits [B, 1, V].
+
+        advance=False leaves the slot count where it was, so the next call writes the same slot
+        again (a benchmark times one context length this way).
+        """
+        self._check_room(1)
+        slot = self.cache.filled
+        if self.use_cuda_graph:
+            logits = self._replay(next_ids, slot)
+        else:
+            self.cache.write_slots = torch.tensor([slot], device=self.device)
+            logits = self._step(next_ids.to(self.device), self.next_positions)
+        if advance:
+            self.cache.filled += 1
+            self.next_positions = self.next_positions + 1
+        return logits
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: the new tokens [B, new_tokens]."""
+        logits = self.prefill(input_ids, attention_mask)
+        next_ids = logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [next_ids]
+        for _ in range(new_tokens - 1):
+            next_ids = self.decode(next_ids)[:, -1].argmax(-1, keepdim=True)
+            tokens.append(next_ids)
+        return torch.cat(tokens, dim=1)
+
+    # --- CUDA graph ----------------------------------------------------------------------------
+    def _replay(self, next_ids: torch.Tensor, slot: int) -> torch.Tensor:
+        if self.graph is None:
+            self._capture(slot)
+        self.static_ids.copy_(next_ids)
+        self.static_positions.copy_(self.next_positions)
+        self.static_slot.fill_(slot)
+        self.graph.replay()
+        return self.static_logits
+
+    def _capture(self, slot: int) -> None:
+        """Capture one decode step. Warm-up runs first (Triton compiles its kernels there, not under
+        capture); they write the slot the next real step overwrites anyway."""
+        self.static_ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        self.static_positions = self.next_positions.clone()
+        self.static_slot = torch.full((1,), slot, dtype=torch.long, device=self.device)
+        self.cache.write_slots = self.static_slot
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(self.static_ids, self.static_positions)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_logits = self._step(self.static_ids, self.static_positions)
+        self.graph = graph
+
+
+def set_attention(lm: nn.Module, implementation: str) -> None:
+    """Switch transformers' attention kernel (the export uses eager; serving wants sdpa)."""
+    if hasattr(lm, "set_attn_implementation"):
+        lm.set_attn_implementation(implementation)
+    else:
+        lm.config._attn_implementation = implementation

@@ -1,0 +1,74 @@
+"""The PyTorch runtime path (static KV cache, CUDA-graph decode on GPU) against the reference model."""
+
+import pytest
+import torch
+
+from architectures import configs, save_tiny
+from ce_export.capture import build_torch_model
+from ce_export.load import load_checkpoint
+from ce_export.runtime import FastDecoder
+from ce_export.verify import TorchDecoder, compare, generation_prompt, greedy_torch
+
+
+def flat_reference_steps(loaded, ids, next_ids):
+    """Prefill logits, then one decode step's logits, through the flat DynamicCache interface."""
+    reference = TorchDecoder(build_torch_model(loaded))
+    batch, length = ids.shape
+    empty = tuple(torch.zeros(shape) for shape in loaded.spec.past_shapes(batch, 0))
+    positions = torch.arange(length).expand(batch, -1)
+    prefill = reference(ids, torch.ones_like(ids), positions, empty)
+    decode = reference(next_ids, torch.ones(batch, length + 1, dtype=torch.long), torch.full((batch, 1), length),
+                       tuple(prefill[1:]))
+    return prefill, decode
+
+
+def test_generation_matches_transformers_generate_on_a_left_padded_batch(demo_ce):
+    loaded = load_checkpoint(demo_ce)
+    ids, mask = generation_prompt(loaded.spec.vocab_size)
+    expected, _ = greedy_torch(build_torch_model(loaded), ids, mask, 24)
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=40)
+    assert torch.equal(fast.generate(ids, mask, 24), expected)
+    # The same decoder starts over cleanly with another prompt.
+    assert torch.equal(fast.generate(ids, mask, 24), expected)
+
+
+@pytest.mark.parametrize("arch", sorted(configs()))
+def test_prefill_and_decode_logits_match_the_flat_reference(arch, tmp_path):
+    loaded = load_checkpoint(save_tiny(arch, tmp_path / arch))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, loaded.spec.vocab_size, (2, 9), generator=gen)
+    next_ids = torch.randint(0, loaded.spec.vocab_size, (2, 1), generator=gen)
+    prefill, decode = flat_reference_steps(loaded, ids, next_ids)
+
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=16)
+    assert compare(prefill[0], fast.prefill(ids))["max_rel"] < 1e-5
+    assert compare(decode[0], fast.decode(next_ids))["max_rel"] < 1e-5
+
+    # A past handed over in the exported model's layout gives the same step, and advance=False
+    # keeps the context fixed (what the benchmark times).
+    fast.load_past(tuple(prefill[1:]))
+    for _ in range(2):
+        assert compare(decode[0], fast.decode(next_ids, advance=False))["max_rel"] < 1e-5
+
+
+def test_cache_overflow_and_wrong_batch_are_clear_errors(demo_ce):
+    loaded = load_checkpoint(demo_ce)
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=1, max_context=8)
+    with pytest.raises(ValueError, match="exceed the cache of 8 slots"):
+        fast.prefill(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="built for batch 1"):
+        fast.prefill(torch.zeros(2, 4, dtype=torch.long))
+    fast.prefill(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceed"):
+        fast.decode(torch.zeros(1, 1, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph decode needs a GPU")
+def test_cuda_graph_decode_replays_the_eager_step(demo_ce):
+    loaded = load_checkpoint(demo_ce)
+    ids, mask = generation_prompt(loaded.spec.vocab_size)
+    lm = build_torch_model(loaded).cuda()
+    eager = FastDecoder(lm, loaded.spec, batch=2, max_context=40, cuda_graph=False).generate(ids.cuda(), mask.cuda(), 24)
+    graphed = FastDecoder(lm, loaded.spec, batch=2, max_context=40, cuda_graph=True)
+    assert torch.equal(graphed.generate(ids.cuda(), mask.cuda(), 24), eager)
+    assert graphed.graph is not None
