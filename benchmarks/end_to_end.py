@@ -1,23 +1,37 @@
 """End-to-end latency of exported models vs PyTorch, on this machine, in one command.
 
-    python benchmarks/end_to_end.py [--sizes demo mid] [--out benchmarks/results/cpu-<host>]
+    python benchmarks/end_to_end.py                       # CPU suite: demo and mid sizes, CE and plain
+    python benchmarks/end_to_end.py --suite gpu           # GPU suite: OLMoE-1B-7B shapes, plain and CE, bf16
 
-For each size it writes the checkpoint (random weights from a fixed seed, CE and plain), builds it
-(`--target ort`: plain MoE layers through com.microsoft::MoE, CE layers through our function
-bodies), runs `ce_export bench` and writes bench.json / bench.md / bench.png per model plus a
-summary.md. Sizes: demo (the built-in model) and mid (hidden 512, 16 experts, 4 layers).
+CPU suite: for each size it writes the checkpoint (random weights from a fixed seed, CE and plain),
+builds it (`--target ort`: plain MoE layers through com.microsoft::MoE, CE layers through our
+function bodies), runs `ce_export bench` and writes bench.json / bench.md / bench.png per model
+plus a summary.md.
+
+GPU suite: an OLMoE-1B-7B-shaped model (hidden 2048, 64 experts, top-8, 16 layers; random weights
+drawn on the GPU, no download), plain top-8 and CE (4 main + 4 compressed experts, sharing every
+other weight), each built as an fp16 `--target ort` ONNX file and benchmarked on CUDA at batch 1,
+8, 32 (prefill 128 / 512 / 2048 tokens, decode at context 512 / 2048): transformers eager and
+grouped_mm (plain only: transformers cannot run CE), the captured model, our fast path (static
+cache + CUDA-graph decode, bf16) and ONNX Runtime CUDA when onnxruntime-gpu is installed. It ends
+with headline.md / headline.png (batch 1, against the physical floor, with the issue's targets)
+and summary.md. `--size tiny --device cpu` runs the same code on a small model without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from ce_export import bench, pipeline
@@ -27,7 +41,19 @@ SIZES = {
     "demo": {},
     "mid": {"hidden_size": 512, "intermediate_size": 256, "num_experts": 16, "num_attention_heads": 8,
             "num_key_value_heads": 8, "vocab_size": 4096, "initializer_range": 0.05},
+    # allenai/OLMoE-1B-7B-0924's shapes.
+    "olmoe-1b-7b": {"hidden_size": 2048, "intermediate_size": 1024, "num_experts": 64, "num_experts_per_tok": 8,
+                    "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+                    "vocab_size": 50304, "max_position_embeddings": 4096, "initializer_range": 0.02},
+    # The GPU suite's code path on a model small enough for a CPU (tests, dry runs).
+    "tiny": {"num_experts": 16, "num_experts_per_tok": 8, "num_hidden_layers": 2},
 }
+GPU_CE_MAIN, GPU_N_CE = 4, 4  # the CE model: top-8 routing, the best 4 run in full, 4 compressed
+# Measured on the lent H100 (benchmarks/notes in ../shared/notes/environment.md): device copy
+# (bytes read + written) and bf16 matrix product rates, for the floors.
+H100_BYTES_PER_S, H100_FLOPS = 2.95e12, 7.6e14
+TARGETS = {"decode_ms_b1_c512": 1.5, "prefill_ms_b1_s2048": 12.0, "decode_x_eager": 50.0, "prefill_x_eager": 3.0,
+           "ce_x_plain": 1.3}
 
 
 def write_checkpoint(folder: Path, size: str, compressed: bool) -> Path:
@@ -38,13 +64,31 @@ def write_checkpoint(folder: Path, size: str, compressed: bool) -> Path:
     return folder
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["demo", "mid"])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results") / f"cpu-{platform.node() or 'host'}")
-    parser.add_argument("--budget", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+def write_gpu_checkpoints(folder: Path, size: str, device: str) -> dict[str, Path]:
+    """The plain and CE checkpoints of one random model: one shard of shared weights (bf16, drawn on
+    `device`), and for CE a second shard with the compressed experts, joined by a safetensors index."""
+    config = demo_config(True) | SIZES[size] | {"n_ce": GPU_N_CE, "dtype": "bfloat16"}
+    tensors = demo_tensors(config, seed=0, device=device, dtype=torch.bfloat16)
+    ces = {name: tensors.pop(name) for name in list(tensors) if name.endswith("mlp.ces")}
+    plain, ce = folder / "plain", folder / "ce"
+    for path in (plain, ce):
+        path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    (plain / "config.json").write_text(json.dumps(config | {"use_ce": False, "n_ce": 0}))
+    (ce / "config.json").write_text(json.dumps(config))
+    os.symlink((plain / "model.safetensors").absolute(), ce / "model.safetensors")
+    save_file(ces, str(ce / "ces.safetensors"), metadata={"format": "pt"})
+    from safetensors import safe_open
+
+    with safe_open(str(plain / "model.safetensors"), framework="pt") as handle:
+        weight_map = {name: "model.safetensors" for name in handle.keys()}
+    weight_map |= {name: "ces.safetensors" for name in ces}
+    (ce / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return {"plain": plain, "ce": ce}
+
+
+def run_cpu_suite(args, command: str) -> None:
     summary = [f"Command: `{command}`", ""]
     with tempfile.TemporaryDirectory() as scratch:
         for size in args.sizes:
@@ -60,6 +104,160 @@ def main(argv=None) -> int:
                 bench.write_results(data, args.out / name)
                 summary += [f"## {name}", "", bench.markdown_table(data), f"![{name}]({name}/bench.png)", ""]
     (args.out / "summary.md").write_text("\n".join(summary))
+
+
+def run_gpu_suite(args, command: str) -> None:
+    points = bench.GPU_POINTS if not args.quick else (bench.Point("prefill", 1, 64), bench.Point("decode", 2, 32))
+    max_tokens = max(p.tokens for p in points)
+    started = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+        print(f"== writing the {args.size} checkpoints (random bf16 weights drawn on {args.device})", flush=True)
+        checkpoints = write_gpu_checkpoints(Path(scratch) / "checkpoints", args.size, args.device)
+        print(f"   {time.perf_counter() - started:.0f} s", flush=True)
+        for name in args.models:
+            build_dir = Path(scratch) / name / "build"
+            print(f"== {name}: export (fp16, --target ort)", flush=True)
+            options = pipeline.BuildOptions(target="ort", dtype="fp16", verify=False, max_batch=max(p.batch for p in points),
+                                            max_seq=max_tokens, max_context=2 * max_tokens)
+            pipeline.build(str(checkpoints[name]), build_dir, options, report=print)
+            print(f"== {name}: bench on {args.device} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+            data = bench.bench(build_dir, points=points, budget_s=args.budget, device=args.device, dtype=args.dtype)
+            data["command"] = command
+            data["build"] = f"{args.size}-shaped {name} model, random weights, --target ort --dtype fp16"
+            bench.write_results(data, args.out / f"{args.size}-{name}")
+            results[name] = data
+            shutil.rmtree(Path(scratch) / name, ignore_errors=True)  # an fp16 7B export is 14 GB of disk
+    headline = headline_table(results, args.size)
+    (args.out / "headline.md").write_text(f"Command: `{command}`\n\n{headline}")
+    plot_headline(results, args.out / "headline.png")
+    summary = [f"Command: `{command}`", "", headline]
+    for name, data in results.items():
+        summary += [f"## {args.size}-{name}", "", bench.markdown_table(data), f"![{name}]({args.size}-{name}/bench.png)", ""]
+    (args.out / "summary.md").write_text("\n".join(summary))
+    print(headline)
+    print(f"GPU suite done in {time.perf_counter() - started:.0f} s")
+
+
+def floors_ms(config: dict, compressed: bool, batch: int, tokens: int, phase: str) -> float:
+    """max(active weight bytes / bandwidth, active FLOPs / matmul rate) for one point, bf16, H100."""
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    experts_run = (config["num_experts_per_tok"] - (GPU_N_CE if compressed else 0))
+    attention = 4 * hidden * hidden
+    per_token_params = layers * (attention + experts_run * 3 * hidden * inter) + config["vocab_size"] * hidden
+    new_tokens = batch * (tokens if phase == "prefill" else 1)
+    # Weight bytes: every expert some token picks is read once; at batch 1 decode that is the active set.
+    distinct_experts = min(config["num_experts"], experts_run * new_tokens)
+    weight_bytes = 2 * (layers * (attention + distinct_experts * 3 * hidden * inter) + config["vocab_size"] * hidden)
+    flops = 2 * per_token_params * new_tokens
+    return 1e3 * max(weight_bytes / H100_BYTES_PER_S, flops / H100_FLOPS)
+
+
+def headline_table(results: dict, size: str) -> str:
+    config = demo_config(True) | SIZES[size]
+    rows = []  # (runtime label, model, result row)
+    for name, data in results.items():
+        for row in data["results"]:
+            if row["point"]["batch"] == 1 and "median_ms" in row:
+                rows.append((f"{row['runtime']} ({name})", name, row))
+    labels = list(dict.fromkeys(r[2]["label"] for r in rows))
+    runtimes = list(dict.fromkeys(r[0] for r in rows))
+    cell = {(r[2]["label"], r[0]): r[2] for r in rows}
+    machine = next(iter(results.values()))["machine"] if results else {}
+    tools = next(iter(results.values()))["tools"] if results else {}
+    lines = [f"{size} shapes, batch 1, random weights; {machine.get('gpu', 'CPU')}, torch {tools.get('torch_runtime')}, "
+             f"triton {tools.get('triton_runtime', '-')}, onnxruntime {tools.get('onnxruntime_runtime', '-')}, "
+             f"{time.strftime('%Y-%m-%d')}. Median ms (parity: max relative error of the last position's logits "
+             f"vs the fp32 reference). Floor: H100 bytes / 2.95 TB/s or FLOPs / 760 TFLOP/s, whichever is larger.",
+             "", "| point | " + " | ".join(runtimes) + " | floor plain / CE |", "|---|" + "---|" * (len(runtimes) + 1)]
+    for label in labels:
+        point = next(r[2]["point"] for r in rows if r[2]["label"] == label)
+        floor = [floors_ms(config, ce, 1, point["tokens"], point["phase"]) for ce in (False, True)]
+        cells = [f"{cell[label, rt]['median_ms']:.2f} ({cell[label, rt]['parity_max_rel']:.0e})"
+                 if (label, rt) in cell else "-" for rt in runtimes]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {floor[0]:.2f} / {floor[1]:.2f} |")
+    lines += ["", "Targets (issue 6), from the rows above:", ""] + [f"- {line}" for line in target_lines(cell)]
+    return "\n".join(lines) + "\n"
+
+
+def target_lines(cell: dict) -> list[str]:
+    def ms(label, runtime):
+        row = cell.get((label, runtime))
+        return row["median_ms"] if row else None
+
+    fast_ce, fast_plain = "ce_export fast path (ce)", "ce_export fast path (plain)"
+    eager = "transformers eager (plain)"
+    decode, prefill = "decode b1 C=512", "prefill b1 S=2048"
+    checks = []
+    for what, value, goal, better in (
+            ("CE fast path decode, context 512 (ms/token)", ms(decode, fast_ce), TARGETS["decode_ms_b1_c512"], "<="),
+            ("CE fast path prefill 2048 (ms)", ms(prefill, fast_ce), TARGETS["prefill_ms_b1_s2048"], "<="),
+            ("decode speedup vs transformers eager", ratio(ms(decode, eager), ms(decode, fast_ce)), TARGETS["decode_x_eager"], ">="),
+            ("prefill speedup vs transformers eager", ratio(ms(prefill, eager), ms(prefill, fast_ce)), TARGETS["prefill_x_eager"], ">="),
+            ("CE vs plain decode on our path", ratio(ms(decode, fast_plain), ms(decode, fast_ce)), TARGETS["ce_x_plain"], ">="),
+            ("CE vs plain prefill on our path", ratio(ms(prefill, fast_plain), ms(prefill, fast_ce)), TARGETS["ce_x_plain"], ">=")):
+        if value is None:
+            checks.append(f"{what}: not measured in this run (target {better} {goal})")
+            continue
+        met = value <= goal if better == "<=" else value >= goal
+        checks.append(f"{what}: {value:.2f} (target {better} {goal}: {'met' if met else 'NOT met'})")
+    return checks
+
+
+def ratio(slow, fast):
+    return slow / fast if slow and fast else None
+
+
+def plot_headline(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        series = {}
+        for name, data in results.items():
+            for row in data["results"]:
+                if row["point"]["phase"] == phase and row["point"]["batch"] == 1 and "median_ms" in row:
+                    series.setdefault(f"{row['runtime']} ({name})", {})[row["point"]["tokens"]] = row["median_ms"]
+        for label, values in series.items():
+            xs = sorted(values)
+            ax.plot(xs, [values[x] for x in xs], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens" if phase == "prefill" else "context tokens")
+        ax.set_ylabel("median ms" + (" per token" if phase == "decode" else ""))
+        ax.set_title(f"{phase}, batch 1")
+        if series:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--sizes", nargs="+", choices=("demo", "mid"), default=["demo", "mid"], help="CPU suite sizes")
+    parser.add_argument("--size", choices=("olmoe-1b-7b", "tiny"), default="olmoe-1b-7b", help="GPU suite size")
+    parser.add_argument("--models", nargs="+", choices=("plain", "ce"), default=["plain", "ce"], help="GPU suite models")
+    parser.add_argument("--device", default="cuda", help="GPU suite device (cpu with --size tiny for a dry run)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="GPU suite PyTorch rows (default bf16 on cuda)")
+    parser.add_argument("--quick", action="store_true", help="GPU suite: two small points instead of the full grid")
+    parser.add_argument("--scratch", help="where checkpoints and exports go (default: the system temp folder)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repetitions per row and point")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        host = platform.node() or "host"
+        args.out = Path("benchmarks/results") / (f"cpu-{host}" if args.suite == "cpu" else f"gpu-{host}")
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.suite == "cpu":
+        run_cpu_suite(args, command)
+    else:
+        run_gpu_suite(args, command)
     print(f"results: {args.out}")
     return 0
 

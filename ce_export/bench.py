@@ -1,17 +1,27 @@
 """Stage 6, bench: end-to-end latency of a build folder, every runtime side by side, with parity.
 
-Rows (each on the same inputs, each with its relative error vs the fp32 PyTorch reference):
-    transformers eager          stock transformers model, eager experts loop (plain MoE models only:
+Rows (each on the same inputs, each with its parity vs the fp32 reference):
+    transformers eager          stock transformers model, eager experts loop (plain OLMoE only:
                                 transformers cannot run compressed experts)
-    transformers fastest        stock transformers, its fastest experts implementation here
-    PyTorch (ce_export op)      the captured model; MoE blocks through torch.ops.ce_export.moe
-    ONNX Runtime <provider>     the exported model.onnx
+    transformers grouped_mm     stock transformers, its grouped-GEMM experts implementation
+    PyTorch (ce_export op)      the captured model with transformers' DynamicCache; MoE blocks
+                                through torch.ops.ce_export.moe (our Triton kernels on CUDA)
+    ce_export fast path         runtime.FastDecoder: the same model with a static slot cache and,
+                                on CUDA, decode replayed from a CUDA graph
+    ONNX Runtime <provider>     the exported ONNX file through IO binding
 Points: prefill of S tokens (past 0) and one decode step at context C, per batch size. A decode
 step is timed by feeding the same past of length C repeatedly, so every repetition sees context C.
+
+Parity: the relative error max|row - reference| / max|reference| of the logits at the last input
+position (they depend on every earlier token), against the captured model in fp32 with the MoE
+blocks through moe_math.py. The reference runs first, one point at a time, and is freed before
+any row is timed, so the rows' peak-memory figures are their own.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import platform
 import statistics
 import time
@@ -19,14 +29,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
+from ce_export import ops
 from ce_export.artifacts import MANIFEST, checkpoint_of, read_json, write_json
-from ce_export.capture import build_torch_model
+from ce_export.capture import KvCacheDecoder, build_torch_model
 from ce_export.load import load_checkpoint
-from ce_export.verify import OrtDecoder, TorchDecoder, compare
+from ce_export.verify import compare
 
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -39,81 +52,319 @@ class Point:
     def label(self) -> str:
         return f"{self.phase} b{self.batch} {'S' if self.phase == 'prefill' else 'C'}={self.tokens}"
 
+    @property
+    def new_tokens(self) -> int:
+        return self.batch * (self.tokens if self.phase == "prefill" else 1)
+
 
 CPU_POINTS = tuple(Point("prefill", b, s) for b in (1, 4) for s in (128, 512)) + \
     tuple(Point("decode", b, c) for b in (1, 4) for c in (128, 512))
+GPU_POINTS = tuple(Point("prefill", b, s) for b in (1, 8, 32) for s in (128, 512, 2048)) + \
+    tuple(Point("decode", b, c) for b in (1, 8, 32) for c in (512, 2048))
 
 
-def point_inputs(point: Point, spec, dtype, gen: torch.Generator):
+def point_inputs(point: Point, spec, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """The inputs of one point, the same for every row: drawn from a seed per point, on `device`."""
+    gen = torch.Generator(device=device).manual_seed(seed + 7919 * point.batch + point.tokens + (point.phase == "decode"))
     seq, past = (point.tokens, 0) if point.phase == "prefill" else (1, point.tokens)
-    ids = torch.randint(0, spec.vocab_size, (point.batch, seq), generator=gen)
-    mask = torch.ones(point.batch, past + seq, dtype=torch.int64)
-    positions = torch.arange(past, past + seq).expand(point.batch, -1).contiguous()
-    past_kv = tuple(torch.randn(shape, generator=gen).to(dtype) for shape in spec.past_shapes(point.batch, past))
+    ids = torch.randint(0, spec.vocab_size, (point.batch, seq), generator=gen, device=device)
+    mask = torch.ones(point.batch, past + seq, dtype=torch.int64, device=device)
+    positions = torch.arange(past, past + seq, device=device).expand(point.batch, -1).contiguous()
+    past_kv = tuple(torch.randn(shape, generator=gen, device=device, dtype=dtype) for shape in spec.past_shapes(point.batch, past))
     return ids, mask, positions, past_kv
 
 
-def median_seconds(fn: Callable[[], object], min_reps: int = 5, budget_s: float = 1.0, warmup: int = 2) -> dict:
+class Step:
+    """One prepared call: `run()` is what is timed, `logits()` the last position's logits after it."""
+
+    def __init__(self, run: Callable[[], object], logits: Callable[[], torch.Tensor]):
+        self.run, self.logits = run, logits
+
+
+class TorchRunner:
+    """A causal LM (captured or stock transformers) behind the flat KV interface, DynamicCache."""
+
+    def __init__(self, lm: torch.nn.Module):
+        self.decoder = KvCacheDecoder(lm).eval()
+        parameter = next(lm.parameters())
+        self.dtype, self.device = parameter.dtype, parameter.device
+
+    def prepare(self, point: Point, inputs) -> Step:
+        ids, mask, positions, past = inputs
+        past = tuple(t.to(self.device, self.dtype) for t in past)
+        ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
+        out = {}
+
+        def run():
+            out.pop("logits", None)  # a prefill's logits can be GBs: free the last ones first
+            with torch.no_grad():
+                out["logits"] = self.decoder(ids, mask, positions, past)[0]
+
+        return Step(run, lambda: out["logits"][:, -1].float().cpu())
+
+
+class FastPathRunner:
+    """runtime.FastDecoder, one per batch size (its static cache is sized for the batch)."""
+
+    def __init__(self, lm: torch.nn.Module, spec, max_context: int):
+        self.lm, self.spec, self.max_context = lm, spec, max_context
+        self.decoder = None
+
+    def prepare(self, point: Point, inputs) -> Step:
+        from ce_export.runtime import FastDecoder
+
+        if self.decoder is None or self.decoder.batch != point.batch:
+            self.decoder = None
+            gc.collect()
+            self.decoder = FastDecoder(self.lm, self.spec, point.batch, self.max_context)
+        decoder = self.decoder
+        ids, mask, _, past = inputs
+        ids = ids.to(decoder.device)
+        out = {}
+        if point.phase == "prefill":
+            def run():
+                out.pop("logits", None)
+                out["logits"] = decoder.prefill(ids)
+        else:
+            decoder.load_past(tuple(t.to(decoder.device, decoder.dtype) for t in past))
+
+            def run():
+                out["logits"] = decoder.decode(ids, advance=False)
+        return Step(run, lambda: out["logits"][:, -1].float().cpu())
+
+
+class OrtRunner:
+    """ONNX Runtime over the exported file, inputs and outputs bound in place (IO binding)."""
+
+    def __init__(self, onnx_path: Path, device: torch.device, exact_dequantize: bool = False):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if exact_dequantize:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        self.device = device
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        float_type = self.session.get_inputs()[3].type if len(self.input_names) > 3 else "tensor(float)"
+        self.past_dtype = {"tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}.get(float_type, torch.float32)
+
+    def prepare(self, point: Point, inputs) -> Step:
+        ids, mask, positions, past = inputs
+        tensors = [t.to(self.device).contiguous() for t in (ids, mask, positions)]
+        tensors += [t.to(self.device, self.past_dtype).contiguous() for t in past]
+        binding = self.session.io_binding()
+        device_type = "cuda" if self.device.type == "cuda" else "cpu"
+        for name, tensor in zip(self.input_names, tensors):
+            binding.bind_input(name, device_type, self.device.index or 0, numpy_dtype(tensor.dtype),
+                               list(tensor.shape), tensor.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, device_type, self.device.index or 0)
+
+        def run():
+            self.session.run_with_iobinding(binding)
+            if device_type == "cuda":
+                binding.synchronize_outputs()
+
+        def logits():
+            return torch.from_numpy(np.asarray(binding.get_outputs()[0].numpy(), dtype=np.float32))[:, -1]
+
+        step = Step(run, logits)
+        step.bound_inputs = tensors  # the binding points at their memory: keep them alive with the step
+        return step
+
+
+def numpy_dtype(dtype: torch.dtype):
+    return {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}[dtype]
+
+
+@dataclass
+class Row:
+    name: str
+    make: Callable[[], object]  # -> a runner with prepare(point, inputs) -> Step
+
+
+def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> list[Row]:
+    from transformers import AutoModelForCausalLM
+
+    def make(experts: str):
+        def build():
+            return TorchRunner(AutoModelForCausalLM.from_pretrained(
+                checkpoint, attn_implementation="sdpa", experts_implementation=experts, dtype=dtype).to(device).eval())
+        return build
+
+    return [Row(f"transformers {experts}", make(experts)) for experts in ("eager", "grouped_mm")]
+
+
+def stock_transformers_can_run(loaded) -> bool:
+    spec = loaded.spec
+    return not spec.use_ce and spec.architecture == "olmoe" and all(layer.kind == "moe" for layer in spec.moe_layers)
+
+
+def rows_for(folder: Path, manifest: dict, loaded, device: torch.device, dtype: torch.dtype, max_context: int,
+             skipped: dict) -> list[Row]:
+    rows = []
+    if stock_transformers_can_run(loaded):
+        rows += transformers_rows(checkpoint_of(folder, manifest), dtype, device)
+    else:
+        skipped["transformers"] = ("transformers' own classes cannot run this model "
+                                   "(compressed experts, trimmed layers or not OLMoE)")
+    rows.append(Row("PyTorch (ce_export op)", lambda: TorchRunner(build_torch_model(loaded, dtype).to(device))))
+    rows.append(Row("ce_export fast path", lambda: FastPathRunner(build_torch_model(loaded, dtype).to(device),
+                                                                  loaded.spec, max_context)))
+    import onnxruntime as ort
+
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    if manifest["dtype"] == "bf16" and device.type == "cpu":
+        skipped["ONNX Runtime"] = "ONNX Runtime has no bf16 kernels on CPU"
+    elif provider in ort.get_available_providers():
+        quantized = bool((manifest.get("quantization") or {}).get("mode"))
+        label = f"ONNX Runtime {'CUDA' if device.type == 'cuda' else 'CPU'} ({manifest['dtype']})"
+        rows.append(Row(label, lambda: OrtRunner(folder / manifest["onnx"]["file"], device, quantized)))
+    else:
+        skipped["ONNX Runtime"] = f"{provider} not available (install onnxruntime-gpu)"
+    if device.type == "cuda":
+        skipped["TensorRT"] = tensorrt_absence(folder)
+    return rows
+
+
+def tensorrt_absence(folder: Path) -> str:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "no TensorRT runtime in this environment (run `ce_export bench --trtexec` where TensorRT exists)"
+    return "a TensorRT runtime is present but this harness has no TensorRT row yet: use `ce_export bench --trtexec`"
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, budget_s: float = 1.0,
+            warmup: int = 2) -> dict:
     for _ in range(warmup):
         fn()
     times = []
     start = time.perf_counter()
     while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
     times.sort()
-    return {"median_ms": 1e3 * statistics.median(times), "p90_ms": 1e3 * times[int(0.9 * (len(times) - 1))],
+    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
             "repetitions": len(times)}
 
 
-def runners_for(folder: Path, manifest: dict, loaded) -> list[tuple[str, Callable]]:
-    rows = []
-    checkpoint = checkpoint_of(folder, manifest)
-    if not loaded.spec.use_ce and loaded.spec.architecture == "olmoe" and all(l.kind == "moe" for l in loaded.spec.moe_layers):
-        from transformers import AutoModelForCausalLM
+def reference_logits(loaded, points, device: torch.device, input_dtype: torch.dtype, report) -> dict:
+    from ce_export.runtime import set_attention
 
-        for name, experts in (("transformers eager", "eager"), ("transformers grouped_mm", "grouped_mm")):
-            hf = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
-                                                      experts_implementation=experts).eval()
-            rows.append((name, TorchDecoder(hf)))
-    rows.append(("PyTorch (ce_export op)", TorchDecoder(build_torch_model(loaded))))
-    rows.append(("ONNX Runtime CPU", OrtDecoder(folder / manifest["onnx"]["file"])))
-    return rows
+    lm = build_torch_model(loaded, torch.float32).to(device)
+    set_attention(lm, "sdpa")  # eager attention would hold [B, heads, S, S] fp32 scores per layer
+    runner = TorchRunner(lm)
+    expected = {}
+    with ops.reference_math():
+        for point in points:
+            step = runner.prepare(point, point_inputs(point, loaded.spec, input_dtype, device))
+            step.run()
+            expected[point] = step.logits()
+    report(f"  reference: {len(points)} points, fp32, MoE through moe_math.py")
+    del lm, runner
+    free_memory(device)
+    return expected
 
 
-def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, report: Callable[[str], None] = print) -> dict:
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: str = "cpu",
+          dtype: str | None = None, report: Callable[[str], None] = print) -> dict:
+    """Time every row of `folder` on `points`; `dtype` is the PyTorch rows' (default fp32 on CPU, bf16 on CUDA)."""
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST, "manifest (is this a ce_export build folder?)")
-    if manifest["dtype"] != "fp32":
-        report(f"note: benchmarking a {manifest['dtype']} ONNX file on CPU; PyTorch rows run fp32")
+    device = torch.device(device)
+    dtype_name = dtype or ("bf16" if device.type == "cuda" else "fp32")
+    torch_dtype = TORCH_DTYPES[dtype_name]
     loaded = load_checkpoint(checkpoint_of(folder, manifest))
-    reference = TorchDecoder(build_torch_model(loaded))
-    rows = runners_for(folder, manifest, loaded)
-    ort_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(manifest["dtype"], torch.float32)
+    max_context = max(p.tokens + (p.phase == "decode") for p in points)
+    expected = reference_logits(loaded, points, device, torch_dtype, report)
+    skipped: dict[str, str] = {}
     results = []
-    gen = torch.Generator().manual_seed(0)
-    for point in points:
-        inputs = point_inputs(point, loaded.spec, torch.float32, gen)
-        expected = reference(*inputs)[0]
-        for name, runner in rows:
-            feed = inputs if not isinstance(runner, OrtDecoder) else (*inputs[:3], tuple(t.to(ort_dtype) for t in inputs[3]))
-            parity = compare(expected, runner(*feed)[0].float())
-            timing = median_seconds(lambda: runner(*feed), budget_s=budget_s)
-            tokens = point.batch * (point.tokens if point.phase == "prefill" else 1)
-            results.append({"point": asdict(point), "label": point.label, "runtime": name, **timing,
-                            "tokens_per_s": tokens / (timing["median_ms"] / 1e3), "parity_max_rel": parity["max_rel"]})
-            report(f"  {point.label:<22} {name:<26} {timing['median_ms']:9.3f} ms   parity max rel {parity['max_rel']:.1e}")
-    data = {"build": str(folder.absolute()), "model": manifest["model"]["architecture"],
+    for row in rows_for(folder, manifest, loaded, device, torch_dtype, max_context, skipped):
+        try:
+            runner = row.make()
+        except Exception as error:  # one row failing must not lose the others' measurements
+            skipped[row.name] = f"could not start: {type(error).__name__}: {error}"
+            report(f"  {row.name}: {skipped[row.name]}")
+            continue
+        for point in points:
+            try:
+                results.append(measure(row.name, runner, point, loaded.spec, torch_dtype, device, expected[point],
+                                       budget_s, report))
+            except Exception as error:
+                results.append({"point": asdict(point), "label": point.label, "runtime": row.name,
+                                "error": f"{type(error).__name__}: {error}"})
+                report(f"  {point.label:<22} {row.name:<30} FAILED: {type(error).__name__}: {error}")
+        del runner
+        free_memory(device)
+    for name, why in skipped.items():
+        report(f"  not run: {name}: {why}")
+    return {"build": str(folder.absolute()), "model": manifest["model"]["architecture"],
             "compressed": manifest["model"]["use_ce"], "target": manifest["target"], "dtype": manifest["dtype"],
-            "machine": machine_facts(), "tools": manifest["tools"] | {"torch_threads": torch.get_num_threads()},
-            "results": results}
-    return data
+            "torch_dtype": dtype_name, "device": str(device), "machine": machine_facts(device),
+            "tools": manifest["tools"] | runtime_versions(), "parity": "max relative error of the last position's "
+            "logits vs the fp32 reference (captured model, MoE through moe_math.py)",
+            "skipped": skipped, "results": results}
 
 
-def machine_facts() -> dict:
-    import os
+def measure(name: str, runner, point: Point, spec, input_dtype, device, expected, budget_s, report) -> dict:
+    step = runner.prepare(point, point_inputs(point, spec, input_dtype, device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    step.run()
+    parity = compare(expected, step.logits())
+    timing = time_ms(step.run, device, budget_s=budget_s)
+    row = {"point": asdict(point), "label": point.label, "runtime": name, **timing,
+           "tokens_per_s": point.new_tokens / (timing["median_ms"] / 1e3), "parity_max_rel": parity["max_rel"],
+           "parity_mean_rel": parity["mean_rel"]}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        row["peak_torch_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        row["device_used_mib"] = (total - free) / 2**20
+    report(f"  {point.label:<22} {name:<30} {timing['median_ms']:9.3f} ms   parity max rel {parity['max_rel']:.1e}")
+    return row
 
+
+def runtime_versions() -> dict:
+    versions = {"torch_threads": torch.get_num_threads(), "torch_runtime": torch.__version__}
+    try:
+        import onnxruntime as ort
+
+        versions["onnxruntime_runtime"] = ort.__version__
+        versions["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    try:
+        import triton
+
+        versions["triton_runtime"] = triton.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def machine_facts(device: torch.device | None = None) -> dict:
     facts = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
              "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
     try:
@@ -125,20 +376,46 @@ def machine_facts() -> dict:
         pass
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["cuda"] = torch.version.cuda
     return facts
 
 
+def machine_name(data: dict) -> str:
+    machine = data["machine"]
+    if data.get("device", "cpu").startswith("cuda"):
+        return machine.get("gpu", "GPU")
+    return f"{machine.get('cpu_model', machine['processor'])} ({machine['cpu_count']} cores)"
+
+
 def markdown_table(data: dict) -> str:
+    timed = [r for r in data["results"] if "median_ms" in r]
     runtimes = list(dict.fromkeys(r["runtime"] for r in data["results"]))
     labels = list(dict.fromkeys(r["label"] for r in data["results"]))
     cell = {(r["label"], r["runtime"]): r for r in data["results"]}
     lines = [f"Model: {data['model']} ({'CE' if data['compressed'] else 'plain MoE'}), target {data['target']}, "
-             f"{data['dtype']}; machine: {data['machine'].get('cpu_model', data['machine']['processor'])} "
-             f"({data['machine']['cpu_count']} cores). Median ms (parity: max relative error of logits vs fp32 PyTorch).",
+             f"ONNX {data['dtype']}, PyTorch rows {data.get('torch_dtype', 'fp32')}; machine: {machine_name(data)}. "
+             f"Median ms (parity: max relative error of the last position's logits vs the fp32 reference).",
              "", "| point | " + " | ".join(runtimes) + " |", "|---|" + "---|" * len(runtimes)]
     for label in labels:
-        cells = [f"{cell[label, rt]['median_ms']:.3f} ({cell[label, rt]['parity_max_rel']:.0e})" for rt in runtimes]
+        cells = []
+        for runtime in runtimes:
+            row = cell.get((label, runtime))
+            if row is None:
+                cells.append("-")
+            elif "error" in row:
+                cells.append("failed")
+            else:
+                cells.append(f"{row['median_ms']:.3f} ({row['parity_max_rel']:.0e})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any("peak_torch_allocated_mib" in r for r in timed):
+        lines += ["", "Peak GPU memory allocated by PyTorch (MiB) / device memory in use after the point (MiB):", "",
+                  "| point | " + " | ".join(runtimes) + " |", "|---|" + "---|" * len(runtimes)]
+        for label in labels:
+            cells = [f"{cell[label, rt]['peak_torch_allocated_mib']:.0f} / {cell[label, rt]['device_used_mib']:.0f}"
+                     if "peak_torch_allocated_mib" in cell.get((label, rt), {}) else "-" for rt in runtimes]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for name, why in data.get("skipped", {}).items():
+        lines.append(f"\nNot run: {name}: {why}")
     return "\n".join(lines) + "\n"
 
 
@@ -148,18 +425,19 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runtimes = list(dict.fromkeys(r["runtime"] for r in data["results"]))
-    labels = list(dict.fromkeys(r["label"] for r in data["results"]))
-    cell = {(r["label"], r["runtime"]): r["median_ms"] for r in data["results"]}
+    timed = [r for r in data["results"] if "median_ms" in r]
+    runtimes = list(dict.fromkeys(r["runtime"] for r in timed))
+    labels = list(dict.fromkeys(r["label"] for r in timed))
+    cell = {(r["label"], r["runtime"]): r["median_ms"] for r in timed}
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(labels)), 4.5))
-    width = 0.8 / len(runtimes)
+    width = 0.8 / max(1, len(runtimes))
     for i, runtime in enumerate(runtimes):
-        ax.bar([x + i * width for x in range(len(labels))], [cell[label, runtime] for label in labels], width, label=runtime)
+        xs = [x + i * width for x, label in enumerate(labels) if (label, runtime) in cell]
+        ax.bar(xs, [cell[label, runtime] for label in labels if (label, runtime) in cell], width, label=runtime)
     ax.set_xticks([x + width * (len(runtimes) - 1) / 2 for x in range(len(labels))], labels, rotation=30, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("median latency (ms, log scale)")
-    ax.set_title(f"{data['model']} {'CE' if data['compressed'] else 'plain'} {data['dtype']} on "
-                 f"{data['machine'].get('gpu') or data['machine'].get('cpu_model', 'CPU')}")
+    ax.set_title(f"{data['model']} {'CE' if data['compressed'] else 'plain'} on {machine_name(data)}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("folder")
     bench.add_argument("--out", help="where bench.json / bench.md / bench.png go (default: the build folder)")
     bench.add_argument("--budget", type=float, default=1.0, help="seconds of timed repetitions per row and point")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on cuda the points are the GPU suite's")
+    bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                       help="PyTorch rows' precision (default fp32 on cpu, bf16 on cuda)")
     bench.add_argument("--trtexec", action="store_true",
                        help="instead, run trtexec on the folder's TensorRT engine (writes bench_trtexec.json)")
 
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> None:
 
             run_trtexec(args.folder, out=Path(args.folder) / "bench_trtexec.json")
             return
-        data = bench.bench(args.folder, budget_s=args.budget)
+        points = bench.GPU_POINTS if args.device.startswith("cuda") else bench.CPU_POINTS
+        data = bench.bench(args.folder, points=points, budget_s=args.budget, device=args.device, dtype=args.dtype)
         files = bench.write_results(data, Path(args.out or args.folder))
         print(bench.markdown_table(data))
         print("results: " + ", ".join(str(f) for f in files))

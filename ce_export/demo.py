@@ -56,19 +56,24 @@ def demo_config(compressed: bool = True) -> dict:
     return config
 
 
-def demo_tensors(config: dict, seed: int = DEMO_SEED) -> dict[str, torch.Tensor]:
-    """Every tensor of the demo checkpoint, by its on-disk name."""
-    gen = torch.Generator().manual_seed(seed)
+def demo_tensors(config: dict, seed: int = DEMO_SEED, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of an OLMoE-layout checkpoint of `config`'s sizes, by its on-disk name, on the CPU.
+
+    `device` is where the numbers are drawn (a GPU draws billions of them in seconds; the values
+    then differ from a CPU draw of the same seed), `dtype` how they are stored.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
     std = config["initializer_range"]
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads, experts = config["num_attention_heads"], config["num_experts"]
     head_dim = hidden // heads
 
     def normal(*shape, scale=std):
-        return (torch.randn(*shape, generator=gen) * scale).contiguous()
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype).cpu().contiguous()
 
     def norm_weight(size):
-        return (1.0 + normal(size, scale=0.1)).contiguous()
+        return (1.0 + normal(size, scale=0.1)).to(dtype).contiguous()
 
     tensors = {
         "model.embed_tokens.weight": normal(config["vocab_size"], hidden, scale=1.0),
@@ -90,7 +95,7 @@ def demo_tensors(config: dict, seed: int = DEMO_SEED) -> dict[str, torch.Tensor]
             tensors[e + "up_proj.weight"] = normal(inter, hidden)
             tensors[e + "down_proj.weight"] = normal(hidden, inter)
         # Drawn for plain models too, so the CE and plain demos share every other weight.
-        ces = 1.0 + normal(experts, 3, hidden, scale=0.3)
+        ces = (1.0 + normal(experts, 3, hidden, scale=0.3)).to(dtype)
         if config.get("use_ce"):
             tensors[f"{p}mlp.ces"] = ces
     return tensors

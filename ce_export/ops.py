@@ -7,11 +7,25 @@ is our Triton kernels (plugins/ce_kernels) when Triton is installed and the inpu
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ce_export import moe_math
 
 OP_NAMESPACE = "ce_export"
+_reference_on_cuda = False
+
+
+@contextlib.contextmanager
+def reference_math():
+    """Run the op through moe_math.py on CUDA too (the reference a benchmark compares against)."""
+    global _reference_on_cuda
+    previous, _reference_on_cuda = _reference_on_cuda, True
+    try:
+        yield
+    finally:
+        _reference_on_cuda = previous
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::moe", mutates_args=())
@@ -42,6 +56,8 @@ def _moe_fake(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_
 def _moe_cuda(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
               routing=moe_math.SOFTMAX_TOPK, routing_scale=1.0, jitter_eps=0.0):
     args = (hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob, routing, routing_scale, jitter_eps)
+    if _reference_on_cuda:
+        return moe_math.moe_reference(*args)
     try:
         # Imported here: Triton fixes interpreted-or-compiled mode at its first import.
         from ce_kernels import fused_moe

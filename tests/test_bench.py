@@ -13,13 +13,14 @@ def test_bench_writes_side_by_side_results_with_parity(demo_build, tmp_path):
     assert [f.name for f in files] == ["bench.json", "bench.md", "bench.png"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert {r["runtime"] for r in rows} == {"PyTorch (ce_export op)", "ONNX Runtime CPU"}
-    assert len(rows) == 2 * len(POINTS)
+    assert {r["runtime"] for r in rows} == {"PyTorch (ce_export op)", "ce_export fast path", "ONNX Runtime CPU (fp32)"}
+    assert len(rows) == 3 * len(POINTS)
     for row in rows:
         assert row["median_ms"] > 0 and row["repetitions"] >= 5
         assert row["parity_max_rel"] < 1e-4
     table = (tmp_path / "bench.md").read_text()
     assert "| prefill b1 S=16 |" in table and "ONNX Runtime CPU" in table
+    assert "Not run: transformers" in table  # said, not silently left out
 
 
 def test_plain_model_bench_includes_transformers_rows(demo_plain, tmp_path):
@@ -29,5 +30,6 @@ def test_plain_model_bench_includes_transformers_rows(demo_plain, tmp_path):
     pipeline.build(str(demo_plain), out, pipeline.BuildOptions(target="ort"), report=lambda line: None)
     data = bench.bench(out, points=POINTS[:1], budget_s=0.05, report=lambda line: None)
     runtimes = [r["runtime"] for r in data["results"]]
-    assert runtimes == ["transformers eager", "transformers grouped_mm", "PyTorch (ce_export op)", "ONNX Runtime CPU"]
+    assert runtimes == ["transformers eager", "transformers grouped_mm", "PyTorch (ce_export op)", "ce_export fast path",
+                        "ONNX Runtime CPU (fp32)"]
     assert all(r["parity_max_rel"] < 1e-4 for r in data["results"])

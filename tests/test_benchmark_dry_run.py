@@ -48,3 +48,33 @@ def test_dry_run_takes_other_token_counts():
     result = run_dry("--tokens", "3", "100")
     assert result.returncode == 0, result.stderr
     assert {t for t, _ in floor_rows(result.stdout)} == {3, 100}
+
+
+def test_gpu_end_to_end_suite_runs_its_code_path_on_a_tiny_model_on_cpu(tmp_path):
+    """The H100 suite's code, on a tiny model and the CPU: checkpoints (shared shard + CE shard),
+    fp16 exports, every row with parity, the headline table with floors and the issue's targets."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import end_to_end
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "results"
+    assert end_to_end.main(["--suite", "gpu", "--size", "tiny", "--device", "cpu", "--quick", "--budget", "0.01",
+                            "--scratch", str(tmp_path), "--out", str(out)]) == 0
+    for name in ("headline.md", "headline.png", "summary.md", "tiny-plain/bench.json", "tiny-ce/bench.png"):
+        assert (out / name).is_file(), name
+    import json
+
+    plain = json.loads((out / "tiny-plain" / "bench.json").read_text())
+    ce = json.loads((out / "tiny-ce" / "bench.json").read_text())
+    assert {r["runtime"] for r in plain["results"]} == {
+        "transformers eager", "transformers grouped_mm", "PyTorch (ce_export op)", "ce_export fast path",
+        "ONNX Runtime CPU (fp16)"}
+    assert "transformers" in ce["skipped"]
+    for row in plain["results"] + ce["results"]:
+        limit = 5e-3 if "fp16" in row["runtime"] else 1e-4
+        assert row["parity_max_rel"] < limit, row
+    headline = (out / "headline.md").read_text()
+    assert "ce_export fast path (ce)" in headline and "transformers eager (plain)" in headline
+    assert "not measured in this run" in headline  # --quick has no context-512 point: said, not invented
+    assert not any(p.name.startswith("tmp") for p in tmp_path.iterdir())  # scratch removed
