@@ -106,8 +106,8 @@ class TorchRunner:
 class FastPathRunner:
     """runtime.FastDecoder, one per batch size (its static cache is sized for the batch)."""
 
-    def __init__(self, lm: torch.nn.Module, spec, max_context: int):
-        self.lm, self.spec, self.max_context = lm, spec, max_context
+    def __init__(self, lm: torch.nn.Module, spec, max_context: int, compile_decode: bool = False):
+        self.lm, self.spec, self.max_context, self.compile_decode = lm, spec, max_context, compile_decode
         self.decoder = None
 
     def prepare(self, point: Point, inputs) -> Step:
@@ -116,7 +116,8 @@ class FastPathRunner:
         if self.decoder is None or self.decoder.batch != point.batch:
             self.decoder = None
             gc.collect()
-            self.decoder = FastDecoder(self.lm, self.spec, point.batch, self.max_context)
+            self.decoder = FastDecoder(self.lm, self.spec, point.batch, self.max_context,
+                                       compile_decode=self.compile_decode)
         decoder = self.decoder
         ids, mask, _, past = inputs
         ids = ids.to(decoder.device)
@@ -206,7 +207,7 @@ def stock_transformers_can_run(loaded) -> bool:
 
 
 def rows_for(folder: Path, manifest: dict, loaded, device: torch.device, dtype: torch.dtype, max_context: int,
-             skipped: dict) -> list[Row]:
+             skipped: dict, compile_decode: bool = False) -> list[Row]:
     rows = []
     if stock_transformers_can_run(loaded):
         rows += transformers_rows(checkpoint_of(folder, manifest), dtype, device)
@@ -216,6 +217,9 @@ def rows_for(folder: Path, manifest: dict, loaded, device: torch.device, dtype: 
     rows.append(Row("PyTorch (ce_export op)", lambda: TorchRunner(build_torch_model(loaded, dtype).to(device))))
     rows.append(Row("ce_export fast path", lambda: FastPathRunner(build_torch_model(loaded, dtype).to(device),
                                                                   loaded.spec, max_context)))
+    if compile_decode:
+        rows.append(Row("ce_export fast path + compile", lambda: FastPathRunner(
+            build_torch_model(loaded, dtype).to(device), loaded.spec, max_context, compile_decode=True)))
     import onnxruntime as ort
 
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
@@ -288,8 +292,9 @@ def free_memory(device: torch.device) -> None:
 
 
 def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: str = "cpu",
-          dtype: str | None = None, report: Callable[[str], None] = print) -> dict:
-    """Time every row of `folder` on `points`; `dtype` is the PyTorch rows' (default fp32 on CPU, bf16 on CUDA)."""
+          dtype: str | None = None, compile_decode: bool = False, report: Callable[[str], None] = print) -> dict:
+    """Time every row of `folder` on `points`; `dtype` is the PyTorch rows' (default fp32 on CPU, bf16 on CUDA);
+    `compile_decode` adds a fast-path row whose decode step goes through torch.compile."""
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST, "manifest (is this a ce_export build folder?)")
     device = torch.device(device)
@@ -300,7 +305,7 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: 
     expected = reference_logits(loaded, points, device, torch_dtype, report)
     skipped: dict[str, str] = {}
     results = []
-    for row in rows_for(folder, manifest, loaded, device, torch_dtype, max_context, skipped):
+    for row in rows_for(folder, manifest, loaded, device, torch_dtype, max_context, skipped, compile_decode):
         try:
             runner = row.make()
         except Exception as error:  # one row failing must not lose the others' measurements

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on cuda the points are the GPU suite's")
     bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
                        help="PyTorch rows' precision (default fp32 on cpu, bf16 on cuda)")
+    bench.add_argument("--compile", action="store_true", help="add a fast-path row with the decode step torch.compile'd")
     bench.add_argument("--trtexec", action="store_true",
                        help="instead, run trtexec on the folder's TensorRT engine (writes bench_trtexec.json)")
 
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> None:
             run_trtexec(args.folder, out=Path(args.folder) / "bench_trtexec.json")
             return
         points = bench.GPU_POINTS if args.device.startswith("cuda") else bench.CPU_POINTS
-        data = bench.bench(args.folder, points=points, budget_s=args.budget, device=args.device, dtype=args.dtype)
+        data = bench.bench(args.folder, points=points, budget_s=args.budget, device=args.device, dtype=args.dtype,
+                           compile_decode=args.compile)
         files = bench.write_results(data, Path(args.out or args.folder))
         print(bench.markdown_table(data))
         print("results: " + ", ".join(str(f) for f in files))

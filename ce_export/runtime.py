@@ -9,7 +9,11 @@ and the slots being written), so a captured decode graph needs nothing from the 
 token ids, positions and slot, copied into its static inputs before each replay.
 
 Prefill runs eagerly (its shapes change with every prompt); decode replays a graph captured once
-per batch on CUDA, or runs eagerly on CPU or when `cuda_graph=False`.
+per batch on CUDA, or runs eagerly on CPU or when `cuda_graph=False`. `compile_decode=True` first
+passes the decode step through torch.compile (fixed shapes, so it compiles once per batch; our MoE
+op stays one opaque call), fusing the norms, rotary and projections' elementwise work that
+dominates a batch-1 step once the MoE layers are fast; the CUDA graph then captures the compiled
+step.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class FastDecoder:
     """Greedy-decoding runtime over a captured causal LM (capture.build_torch_model), batch fixed."""
 
     def __init__(self, lm: nn.Module, spec: ModelSpec, batch: int, max_context: int, cuda_graph: bool = True,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", compile_decode: bool = False):
         self.lm = lm.eval()
         self.spec = spec
         self.batch = batch
@@ -76,6 +80,7 @@ class FastDecoder:
         self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
         self.graph = None
         self.next_positions = None  # [B, 1] rotary positions of the next token per row
+        self._decode_step = torch.compile(self._step, dynamic=False) if compile_decode else self._step
 
     # --- one forward step over the cache -------------------------------------------------------
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -128,7 +133,8 @@ class FastDecoder:
         self.next_positions = valid_counts.to(torch.long)
 
     def decode(self, next_ids: torch.Tensor, advance: bool = True) -> torch.Tensor:
-        """One token per row [B, 1] at the next slot; returns logits [B, 1, V].
+        """One token per row [B, 1] at the next slot; returns logits [B, 1, V] (with a CUDA graph,
+        the graph's output buffer: the next step overwrites it, so clone what must be kept).
 
         advance=False leaves the slot count where it was, so the next call writes the same slot
         again (a benchmark times one context length this way).
@@ -139,7 +145,7 @@ class FastDecoder:
             logits = self._replay(next_ids, slot)
         else:
             self.cache.write_slots = torch.tensor([slot], device=self.device)
-            logits = self._step(next_ids.to(self.device), self.next_positions)
+            logits = self._decode_step(next_ids.to(self.device), self.next_positions)
         if advance:
             self.cache.filled += 1
             self.next_positions = self.next_positions + 1
@@ -175,12 +181,12 @@ class FastDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(self.static_ids, self.static_positions)
+            for _ in range(3):  # torch.compile, if asked for, compiles in the first
+                self._decode_step(self.static_ids, self.static_positions)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.static_logits = self._step(self.static_ids, self.static_positions)
+            self.static_logits = self._decode_step(self.static_ids, self.static_positions)
         self.graph = graph
 
 

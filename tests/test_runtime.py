@@ -72,3 +72,12 @@ def test_cuda_graph_decode_replays_the_eager_step(demo_ce):
     graphed = FastDecoder(lm, loaded.spec, batch=2, max_context=40, cuda_graph=True)
     assert torch.equal(graphed.generate(ids.cuda(), mask.cuda(), 24), eager)
     assert graphed.graph is not None
+
+
+def test_compiled_decode_step_generates_the_same_tokens(demo_ce):
+    """torch.compile of the decode step (inductor's CPU backend here) with our op left opaque."""
+    loaded = load_checkpoint(demo_ce)
+    ids, mask = generation_prompt(loaded.spec.vocab_size)
+    expected, _ = greedy_torch(build_torch_model(loaded), ids, mask, 8)
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=24, compile_decode=True)
+    assert torch.equal(fast.generate(ids, mask, 8), expected)
