@@ -8,8 +8,11 @@ step builds its additive attention mask [B, 1, S, L] from two device tensors (th
 and the slots being written), so a captured decode graph needs nothing from the host but the new
 token ids, positions and slot, copied into its static inputs before each replay.
 
-Prefill runs eagerly (its shapes change with every prompt); decode replays a graph captured once
-per batch on CUDA, or runs eagerly on CPU or when `cuda_graph=False`. `compile_decode=True` first
+Attention reads only a window of the cache: the first slots up to the next multiple of
+`WINDOW_STEP` (capped at `max_context`) that holds every written slot, so a decode step at context
+512 of a 4096-slot cache reads 768 slots, not 4096. Prefill runs eagerly (its shapes change with every
+prompt); decode replays a CUDA graph captured once per bucket (all graphs share one memory pool),
+or runs eagerly on CPU or when `cuda_graph=False`. `compile_decode=True` first
 passes the decode step through torch.compile (fixed shapes, so it compiles once per batch; our MoE
 op stays one opaque call), fusing the norms, rotary and projections' elementwise work that
 dominates a batch-1 step once the MoE layers are fast; the CUDA graph then captures the compiled
@@ -23,6 +26,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ce_export.spec import ModelSpec
+
+WINDOW_STEP = 256  # attention windows (and decode graphs) come in multiples of this many slots
 
 
 class SlotCache(Cache):
@@ -42,11 +47,12 @@ class SlotCache(Cache):
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes[1::2]]
         self.write_slots = torch.zeros(1, dtype=torch.long, device=device)
         self.filled = 0  # host-side count of written slots, for get_seq_length
+        self.window = max_context  # slots attention reads: [0, window)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         self.keys[layer_idx].index_copy_(2, self.write_slots, key_states.to(self.keys[layer_idx].dtype))
         self.values[layer_idx].index_copy_(2, self.write_slots, value_states.to(self.values[layer_idx].dtype))
-        return self.keys[layer_idx], self.values[layer_idx]
+        return self.keys[layer_idx][:, :, :self.window], self.values[layer_idx][:, :, :self.window]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.filled
@@ -78,14 +84,19 @@ class FastDecoder:
         self.slot_index = torch.arange(max_context, device=self.device)
         self.valid = torch.ones(batch, max_context, dtype=torch.bool, device=self.device)
         self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
-        self.graph = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
+        self.graph_pool = None
         self.next_positions = None  # [B, 1] rotary positions of the next token per row
         self._decode_step = torch.compile(self._step, dynamic=False) if compile_decode else self._step
 
     # --- one forward step over the cache -------------------------------------------------------
+    def bucket(self, slots_needed: int) -> int:
+        return min(-(-slots_needed // WINDOW_STEP) * WINDOW_STEP, self.cache.max_context)
+
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        slots = self.cache.write_slots
-        allowed = self.valid[:, None, None, :] & (self.slot_index[None, None, None, :] <= slots[None, None, :, None])
+        slots, window = self.cache.write_slots, self.cache.window
+        allowed = (self.valid[:, None, None, :window]
+                   & (self.slot_index[None, None, None, :window] <= slots[None, None, :, None]))
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         with torch.no_grad():
@@ -112,6 +123,7 @@ class FastDecoder:
         self.valid[:, :length] = attention_mask.bool()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.cache.write_slots = torch.arange(length, device=self.device)
+        self.cache.window = self.bucket(length)
         logits = self._step(input_ids.to(self.device), positions)
         self.cache.filled = length
         self.next_positions = positions[:, -1:] + 1
@@ -141,6 +153,7 @@ class FastDecoder:
         """
         self._check_room(1)
         slot = self.cache.filled
+        self.cache.window = self.bucket(slot + 1)
         if self.use_cuda_graph:
             logits = self._replay(next_ids, slot)
         else:
@@ -163,31 +176,34 @@ class FastDecoder:
 
     # --- CUDA graph ----------------------------------------------------------------------------
     def _replay(self, next_ids: torch.Tensor, slot: int) -> torch.Tensor:
-        if self.graph is None:
-            self._capture(slot)
+        if not self.graphs:
+            self.static_ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+            self.static_positions = self.next_positions.clone()
+            self.static_slot = torch.full((1,), slot, dtype=torch.long, device=self.device)
+            self.graph_pool = torch.cuda.graph_pool_handle()
         self.static_ids.copy_(next_ids)
         self.static_positions.copy_(self.next_positions)
         self.static_slot.fill_(slot)
-        self.graph.replay()
-        return self.static_logits
+        if self.cache.window not in self.graphs:
+            self.graphs[self.cache.window] = self._capture()
+        graph, logits = self.graphs[self.cache.window]
+        graph.replay()
+        return logits
 
-    def _capture(self, slot: int) -> None:
-        """Capture one decode step. Warm-up runs first (Triton compiles its kernels there, not under
-        capture); they write the slot the next real step overwrites anyway."""
-        self.static_ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
-        self.static_positions = self.next_positions.clone()
-        self.static_slot = torch.full((1,), slot, dtype=torch.long, device=self.device)
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture one decode step for the current window. Warm-up runs come first (Triton and
+        torch.compile compile there, not under capture); they write the slot this step writes anyway."""
         self.cache.write_slots = self.static_slot
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(3):  # torch.compile, if asked for, compiles in the first
+            for _ in range(3):
                 self._decode_step(self.static_ids, self.static_positions)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.static_logits = self._decode_step(self.static_ids, self.static_positions)
-        self.graph = graph
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self._decode_step(self.static_ids, self.static_positions)
+        return graph, logits
 
 
 def set_attention(lm: nn.Module, implementation: str) -> None:

@@ -71,7 +71,28 @@ def test_cuda_graph_decode_replays_the_eager_step(demo_ce):
     eager = FastDecoder(lm, loaded.spec, batch=2, max_context=40, cuda_graph=False).generate(ids.cuda(), mask.cuda(), 24)
     graphed = FastDecoder(lm, loaded.spec, batch=2, max_context=40, cuda_graph=True)
     assert torch.equal(graphed.generate(ids.cuda(), mask.cuda(), 24), eager)
-    assert graphed.graph is not None
+    assert set(graphed.graphs) == {256}
+
+
+def test_attention_reads_a_window_of_the_cache_not_all_of_it(demo_ce):
+    """Decoding across a window boundary (256 slots) gives the same tokens as one full-width step
+    would: the window grows, nothing written before it is lost."""
+    loaded = load_checkpoint(demo_ce)
+    ids, mask = generation_prompt(loaded.spec.vocab_size)
+    lm = build_torch_model(loaded)
+    prompt = torch.cat([ids[:, :1].expand(-1, 245), ids], dim=1)  # 253 tokens, the first 3 of row 0 padded
+    prompt_mask = torch.cat([torch.zeros(2, 245, dtype=torch.long), mask], dim=1)
+    prompt_mask[1] = 1
+    expected, _ = greedy_torch(lm, prompt, prompt_mask, 8)
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=600)
+    windows = []
+    logits = fast.prefill(prompt, prompt_mask)
+    tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(7):
+        windows.append(fast.bucket(fast.cache.filled + 1))
+        tokens.append(fast.decode(tokens[-1])[:, -1].argmax(-1, keepdim=True))
+    assert windows == [256] * 3 + [512] * 4
+    assert torch.equal(torch.cat(tokens, dim=1), expected)
 
 
 def test_compiled_decode_step_generates_the_same_tokens(demo_ce):
