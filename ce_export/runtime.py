@@ -89,6 +89,16 @@ class FastDecoder:
         self.next_positions = None  # [B, 1] rotary positions of the next token per row
         self._decode_step = torch.compile(self._step, dynamic=False) if compile_decode else self._step
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, batch: int, max_context: int, dtype: torch.dtype = torch.bfloat16,
+                        device: str = "cuda", **options) -> "FastDecoder":
+        """Load a checkpoint folder (any architecture `build` takes) straight into the runtime."""
+        from ce_export.capture import build_torch_model
+        from ce_export.load import load_checkpoint
+
+        loaded = load_checkpoint(checkpoint)
+        return cls(build_torch_model(loaded, dtype).to(device), loaded.spec, batch, max_context, **options)
+
     # --- one forward step over the cache -------------------------------------------------------
     def bucket(self, slots_needed: int) -> int:
         return min(-(-slots_needed // WINDOW_STEP) * WINDOW_STEP, self.cache.max_context)

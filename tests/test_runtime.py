@@ -26,7 +26,7 @@ def test_generation_matches_transformers_generate_on_a_left_padded_batch(demo_ce
     loaded = load_checkpoint(demo_ce)
     ids, mask = generation_prompt(loaded.spec.vocab_size)
     expected, _ = greedy_torch(build_torch_model(loaded), ids, mask, 24)
-    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=40)
+    fast = FastDecoder.from_checkpoint(demo_ce, batch=2, max_context=40, dtype=torch.float32, device="cpu")
     assert torch.equal(fast.generate(ids, mask, 24), expected)
     # The same decoder starts over cleanly with another prompt.
     assert torch.equal(fast.generate(ids, mask, 24), expected)
