@@ -23,15 +23,21 @@ def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
     return None if tensor is None else nn.Parameter(tensor.clone(), requires_grad=False)
 
 
+def quantized_input(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x, or x through FP8 fake quantization when a static activation scale is set (quantize.py, fp8-w8a8)."""
+    return x if scale is None else torch.ops.ce_export.fake_quantize_fp8(x, scale)
+
+
 class SharedExpert(nn.Module):
     """An always-on SwiGLU expert beside the routed ones, optionally gated by sigmoid(h @ g)."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, gate: torch.Tensor | None):
         super().__init__()
         self.gate_up, self.down, self.gate = frozen(gate_up), frozen(down), frozen(gate)
+        self.register_buffer("input_scale", None, persistent=False)  # set for FP8 activations
 
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(flat, self.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(quantized_input(flat, self.input_scale), self.gate_up).chunk(2, dim=-1)
         out = F.linear(F.silu(gate) * up, self.down)
         if self.gate is not None:
             out = out * torch.sigmoid(F.linear(flat, self.gate))
@@ -51,6 +57,7 @@ class MoeBlock(nn.Module):
         self.shared = None
         if weights.shared_gate_up is not None:
             self.shared = SharedExpert(weights.shared_gate_up, weights.shared_down, weights.shared_gate)
+        self.register_buffer("input_scale", None, persistent=False)  # set for FP8 activations (not the router's)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -60,12 +67,25 @@ class MoeBlock(nn.Module):
         else:
             router_logits = F.linear(flat, self.router)
         out = torch.ops.ce_export.moe(
-            flat, router_logits, self.gate_up, self.down, self.ces,
+            quantized_input(flat, self.input_scale), router_logits, self.gate_up, self.down, self.ces,
             spec.top_k, spec.n_ce, spec.norm_topk_prob, spec.routing, spec.routing_scale, spec.jitter_eps,
         )
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.reshape(hidden_states.shape)
+
+
+def activation_sites(lm: nn.Module):
+    """(name, module, kind) of every quantized GEMM's input, by the module whose input it is: each
+    nn.Linear ("linear": attention projections, LM head, dense MLPs), each MoE block ("moe_experts":
+    the hidden input of the routed experts, not the router's) and each shared expert."""
+    for name, module in lm.named_modules():
+        if isinstance(module, nn.Linear):
+            yield name, module, "linear"
+        elif isinstance(module, MoeBlock):
+            yield name, module, "moe_experts"
+        elif isinstance(module, SharedExpert):
+            yield name, module, "shared_expert"
 
 
 class RemovedMoe(nn.Module):

@@ -68,6 +68,44 @@ def test_default_calibration_writes_statistics_and_heatmap(demo):
     assert matplotlib.image.imread(str(png)).ndim == 3
 
 
+def test_activation_ranges_of_every_quantized_gemm_input(demo):
+    folder, out, stats = demo
+    ranges = stats["activation_ranges"]
+    projections = [f"model.layers.{l}.self_attn.{p}_proj" for l in range(4) for p in "qkvo"]
+    experts = [f"model.layers.{l}.mlp" for l in range(4)]
+    assert set(ranges) == set(projections + experts + ["lm_head"])
+    assert {ranges[n]["kind"] for n in projections + ["lm_head"]} == {"linear"}
+    assert {ranges[n]["kind"] for n in experts} == {"moe_experts"}
+    for entry in ranges.values():
+        assert 0 < entry["p99_99"] <= entry["amax"] and np.isfinite(entry["amax"])
+    # Independently: the experts' input is the post-attention norm's output, q/k/v's the input norm's.
+    lm = build_torch_model(load_checkpoint(folder))
+    seen = {}
+    for l in range(4):
+        for norm, key in (("post_attention_layernorm", f"model.layers.{l}.mlp"),
+                          ("input_layernorm", f"model.layers.{l}.self_attn.q_proj")):
+            getattr(lm.model.layers[l], norm).register_forward_hook(
+                lambda m, a, out, key=key: seen.__setitem__(key, max(seen.get(key, 0.0), out.abs().max().item())))
+    calibration = prepare(folder, 512, None, seq_len=32, num_sequences=8, eval_fraction=0.03).calibration
+    logits(lm, calibration)
+    assert len(seen) == 8
+    for key, amax in seen.items():
+        assert ranges[key]["amax"] == pytest.approx(amax, rel=1e-5)
+    assert ranges["model.layers.0.self_attn.k_proj"]["amax"] == ranges["model.layers.0.self_attn.q_proj"]["amax"]
+
+
+def test_activation_ranges_cover_shared_experts_and_dense_mlps(tmp_path):
+    from ce_calibrate import activation_ranges
+
+    folder = save_tiny("qwen2_moe", tmp_path / "qwen2")  # shared experts; layer 1 is a dense MLP
+    lm = build_torch_model(load_checkpoint(folder))
+    ranges = activation_ranges(lm, torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0)))
+    assert ranges["model.layers.0.mlp.shared"]["kind"] == "shared_expert"
+    assert ranges["model.layers.0.mlp.shared"]["amax"] == ranges["model.layers.0.mlp"]["amax"]  # the same input
+    assert {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.down_proj"} <= set(ranges)  # the dense layer
+    assert not any("router" in name or name.endswith(".gate") for name in ranges)  # routers stay float
+
+
 def test_global_expert_drop_is_uneven_and_builds_with_parity(demo, tmp_path):
     folder, out, stats = demo
     trimmed = trim(folder, out / STATS_FILE, tmp_path / "trimmed", expert_drop=0.25, scope="global", **QUIET)

@@ -11,6 +11,11 @@ Per decoder layer it records
 - `block_similarity`: mean over tokens of cos(x, y), x the block's input and y its output (the
   Block Drop score).
 Higher similarity = the sub-layer or block changes the residual stream less = a better drop candidate.
+
+And per quantized GEMM input (`activation_ranges`, keyed by the torch module name, with forward
+pre-hooks): every nn.Linear (attention projections, LM head, dense MLPs), each shared expert and
+each MoE block's hidden input to the experts; `amax` = max |x| over all calibration tokens, and
+`p99_99` = the largest per-batch 99.99th percentile of |x|. FP8 activation scales are amax / 448.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from ce_export.artifacts import staged_folder, write_json
-from ce_export.capture import MoeBlock, build_torch_model
+from ce_export.capture import MoeBlock, activation_sites, build_torch_model
 from ce_export.errors import LoadError
 from ce_export.load import load_checkpoint
 from ce_export.spec import LAYER_MOE
 
 from ce_calibrate.data import prepare
 
-STATS_FORMAT = 1
+STATS_FORMAT = 1  # activation_ranges was added without a format change (trim does not read it)
+PERCENTILE = 99.99
 STATS_FILE = "calibration.json"
 HEATMAP_FILE = "expert_usage.png"
 
@@ -100,6 +106,52 @@ class _Collector:
             handle.remove()
 
 
+class _RangeCollector:
+    """Forward pre-hooks on every quantized GEMM input (ce_export.capture.activation_sites)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        self.ranges: dict[str, dict] = {}
+        self.handles = []
+        for name, module, kind in activation_sites(lm):
+            self.ranges[name] = {"kind": kind, "amax": 0.0, "p99_99": 0.0}
+            self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0].detach().float().abs().flatten()
+            if x.numel() == 0:
+                return
+            entry = self.ranges[name]
+            entry["amax"] = max(entry["amax"], x.max().item())
+            k = max(1, min(x.numel(), math.ceil(x.numel() * PERCENTILE / 100)))
+            entry["p99_99"] = max(entry["p99_99"], x.kthvalue(k).values.item())
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _run(lm: torch.nn.Module, sequences: torch.Tensor, batch_size: int, progress: bool, collectors) -> None:
+    try:
+        with torch.no_grad(), _progress(sequences.shape[0], "calibration", progress) as bar:
+            for start in range(0, sequences.shape[0], batch_size):
+                ids = sequences[start:start + batch_size]
+                lm(input_ids=ids, use_cache=False)
+                bar.update(ids.shape[0])
+    finally:
+        for collector in collectors:
+            collector.remove()
+
+
+def activation_ranges(lm: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 4,
+                      progress: bool = False) -> dict[str, dict]:
+    """{module name: {kind, amax, p99_99}} of every quantized GEMM input of `lm` over `sequences`."""
+    collector = _RangeCollector(lm)
+    _run(lm, sequences, batch_size, progress, [collector])
+    return collector.ranges
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -125,17 +177,15 @@ def perplexity(lm: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 4
             "perplexity": math.exp(min(nll, 700.0))}
 
 
-def collect(lm: torch.nn.Module, spec, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True) -> list[dict]:
-    """Run `sequences` through `lm` with the hooks; one statistics dict per decoder layer."""
+def collect(lm: torch.nn.Module, spec, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True,
+            ranges: dict | None = None) -> list[dict]:
+    """Run `sequences` through `lm` with the hooks; one statistics dict per decoder layer. When
+    `ranges` is a dict, the same pass fills it with `activation_ranges`."""
     collector = _Collector(lm)
-    try:
-        with torch.no_grad(), _progress(sequences.shape[0], "calibration", progress) as bar:
-            for start in range(0, sequences.shape[0], batch_size):
-                ids = sequences[start:start + batch_size]
-                lm(input_ids=ids, use_cache=False)
-                bar.update(ids.shape[0])
-    finally:
-        collector.remove()
+    range_collector = _RangeCollector(lm) if ranges is not None else None
+    _run(lm, sequences, batch_size, progress, [collector] + ([range_collector] if range_collector else []))
+    if range_collector is not None:
+        ranges.update(range_collector.ranges)
     layers = []
     for layer in spec.moe_layers:
         index, tokens = layer.layer, collector.tokens[layer.layer]
@@ -188,7 +238,8 @@ def calibrate(model_folder: str | Path, out_dir: str | Path, data: str | Path | 
            f"{dataset.evaluation.shape[0]} held out ({dataset.tokenizer})")
     lm = build_torch_model(loaded, torch.float32)
     start = time.perf_counter()
-    layers = collect(lm, spec, dataset.calibration, batch_size, progress)
+    ranges: dict[str, dict] = {}
+    layers = collect(lm, spec, dataset.calibration, batch_size, progress, ranges=ranges)
     ppl = perplexity(lm, dataset.evaluation, batch_size, progress)
     report(f"calibrated {len(layers)} layers in {time.perf_counter() - start:.1f} s; "
            f"held-out perplexity {ppl['perplexity']:.3f}")
@@ -198,6 +249,7 @@ def calibrate(model_folder: str | Path, out_dir: str | Path, data: str | Path | 
                   "num_layers": spec.num_layers, "vocab_size": spec.vocab_size, "use_ce": spec.use_ce},
         "data": dataset.describe(),
         "layers": layers,
+        "activation_ranges": ranges,
         "perplexity": ppl,
         "heatmap": HEATMAP_FILE,
     }
