@@ -29,8 +29,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="portable: custom nodes with ONNX function bodies; ort: plain MoE layers as "
                             "com.microsoft::MoE; trt: custom nodes marked for our TensorRT plugin")
     build.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    build.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization with explicit DequantizeLinear: "
-                                                                 "int8 / FP8 E4M3 per output channel, int4 per 64 inputs")
+    build.add_argument("--quantize", choices=QUANTIZATIONS,
+                       help="explicit Q/DQ in the ONNX: weight-only int8 / fp8 (E4M3) per output channel, int4 / "
+                            "int4-g128 per 64 / 128 inputs; fp8-w8a8: fp8 weights and FP8 activations with "
+                            "calibrated static per-tensor scales")
+    build.add_argument("--calib", metavar="DATA",
+                       help="calibration data as for `calibrate --data` (text, JSONL, .npy, .json): FP8 activation "
+                            "scales and the held-out perplexity of the quality report (default: built-in corpus)")
     build.add_argument("--max-batch", type=int, default=64)
     build.add_argument("--max-seq", type=int, default=4096, help="longest input sequence per call (prefill)")
     build.add_argument("--max-context", type=int, default=4096, help="longest KV cache (past length)")
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
         options = pipeline.BuildOptions(target=args.target, dtype=args.dtype, max_batch=args.max_batch,
                                         max_seq=args.max_seq, max_context=args.max_context, force=args.force,
                                         verify=not args.no_verify, plugin_library=args.plugin_lib,
-                                        quantize=args.quantize,
+                                        quantize=args.quantize, calib=args.calib,
                                         triton_repo=args.triton_repo)
         pipeline.build(args.model, args.out, options)
     elif args.command == "verify":

@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 
 from ce_export import onnx_functions
+from ce_export import quantize as quantize_stage
 from ce_export.capture import KvCacheDecoder, empty_past, io_names
 from ce_export.errors import ExportError
 from ce_export.spec import LAYER_MOE, LoadedModel
@@ -45,7 +46,8 @@ class ExportResult:
     dynamic_axes: dict[str, dict[int, str]]
     moe_nodes: list[dict]  # one per MoE node: name, op_type, domain, layer
     opset: int
-    quantization: dict | None = None  # what store_weights_as_int8 stored, when quantized
+    quantization: dict | None = None  # what quantize.store_quantized_weights stored, when quantized
+    weight_bytes: int = 0  # bytes of every initializer as stored (int4 packed two per byte)
 
 
 def moe_translation(hidden, router_logits, gate_up, down, ces, top_k: int, n_ce: int, norm_topk_prob: bool,
@@ -74,8 +76,11 @@ def dynamic_shapes_for(num_layers: int, max_batch: int, max_seq: int, max_contex
 def export_onnx(
     model: LoadedModel, lm: torch.nn.Module, out_dir: Path, target: str = "portable",
     max_batch: int = 64, max_seq: int = 4096, max_context: int = 4096, quantize: str | None = None,
+    quantized: dict | None = None,
 ) -> ExportResult:
-    """`quantize`: store weights quantized + DequantizeLinear (lm must be fake-quantized to match)."""
+    """`quantize`: store the weights in `quantized` (what quantize.fake_quantize_model returned for
+    `lm`) as their q and scales + DequantizeLinear; FP8 activation quantizers in `lm`
+    (quantize.quantize_activations) become QuantizeLinear -> DequantizeLinear."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     onnx_functions.register_schemas()
@@ -93,9 +98,9 @@ def export_onnx(
     input_names, output_names = io_names(num_layers)
     opset = OPSET
     if quantize:
-        from ce_export.quantize import FORMATS
-
-        opset = max(opset, FORMATS[quantize].opset)
+        opset = max(opset, quantize_stage.check_mode(quantize).opset)
+        if quantized is None:
+            raise ExportError(f"--quantize {quantize}: the model was not fake-quantized")
     with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
@@ -103,7 +108,10 @@ def export_onnx(
                 decoder, sample, dynamo=True, opset_version=opset, optimize=True, verbose=False,
                 input_names=input_names, output_names=output_names,
                 dynamic_shapes=dynamic_shapes_for(num_layers, max_batch, max_seq, max_context),
-                custom_translation_table={torch.ops.ce_export.moe.default: moe_translation},
+                custom_translation_table={
+                    torch.ops.ce_export.moe.default: moe_translation,
+                    torch.ops.ce_export.fake_quantize_fp8.default: quantize_stage.fake_quantize_fp8_translation,
+                },
             )
         except Exception as error:
             raise ExportError(f"torch.onnx.export failed: {root_cause(error)}") from error
@@ -118,9 +126,7 @@ def export_onnx(
     moe_nodes = [dict(entry, **node_facts(onnx_model, entry["name"])) for entry in moe_nodes]
     quantization = None
     if quantize:
-        from ce_export.quantize import store_quantized_weights
-
-        quantization = store_quantized_weights(onnx_model, quantize)
+        quantization = quantize_stage.store_quantized_weights(onnx_model, quantize, quantized)
 
     nbytes = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None)
     external = nbytes > EXTERNAL_DATA_THRESHOLD
@@ -128,7 +134,8 @@ def export_onnx(
     ir.save(onnx_model, onnx_path, external_data="model.onnx.data" if external else None)
     dynamic_axes = {value.name: {i: str(d) for i, d in enumerate(value.shape) if not isinstance(d, int)}
                     for value in list(onnx_model.graph.inputs) + list(onnx_model.graph.outputs)}
-    return ExportResult(onnx_path, external, input_names, output_names, dynamic_axes, moe_nodes, opset, quantization)
+    return ExportResult(onnx_path, external, input_names, output_names, dynamic_axes, moe_nodes, opset, quantization,
+                        nbytes)
 
 
 def custom_moe_nodes(model: ir.Model) -> list[ir.Node]:

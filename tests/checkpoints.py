@@ -94,3 +94,10 @@ def trt_demo(tmp_path_factory) -> Path:
         pipeline.build("demo", folder, pipeline.BuildOptions(target="trt", verify=False, **TRT_LIMITS),
                        report=lambda line: None)
     return folder
+
+
+def demo_resized(folder: Path, compressed: bool = True, **sizes) -> Path:
+    """The demo model with other sizes, e.g. intermediate_size=128 so that every quantized GEMM's
+    input size is a multiple of 128 (int4-g128); the weights are drawn as the demo's are."""
+    config = demo_config(compressed) | sizes
+    return write(folder, config, demo_tensors(config))

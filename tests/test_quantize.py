@@ -1,34 +1,53 @@
-"""Weight-only int8: explicit DequantizeLinear in the ONNX, exact against the fake-quantized reference."""
+"""Quantization: explicit Q/DQ in the ONNX, checked against a reference that dequantizes exactly like it."""
 
 import json
+import re
+from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+import torch
+from onnx import helper, numpy_helper
 
-from ce_export import pipeline
+from checkpoints import demo_resized
+from ce_export import pipeline, verify
 from ce_export.cli import main
-from ce_export.quantize import int8_grid
+from ce_export.quantize import FORMATS, QUANTIZATIONS, int8_grid, quantize_weight
 
 QUIET = dict(report=lambda line: None)
+ROOT = Path(__file__).resolve().parent.parent
+STORED_TYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN,
+               "fp8-w8a8": onnx.TensorProto.FLOAT8E4M3FN, "int4": onnx.TensorProto.INT4,
+               "int4-g128": onnx.TensorProto.INT4}
+FLOAT_TYPE = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
+@pytest.fixture(scope="session")
+def demo_i128(tmp_path_factory):
+    """The demo with intermediate size 128: every quantized GEMM input is a multiple of 128 (int4-g128)."""
+    return demo_resized(tmp_path_factory.mktemp("ckpt") / "demo_i128", intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(f"Sample {i}: a user's own calibration text, line {i * 7 % 13}." for i in range(48)))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4", "int4-g128"])
 def test_grid_is_idempotent(mode):
-    import torch
-
     from ce_export.quantize import rounded_to_grid
 
-    weight = torch.randn(4, 9, 128)
+    weight = torch.randn(4, 9, 256)
     rounded = rounded_to_grid(weight, mode)
     assert torch.equal(rounded_to_grid(rounded, mode), rounded)
     assert not torch.equal(rounded, weight)
 
 
 def test_int8_grid_puts_each_rows_largest_value_on_127():
-    import torch
-
     weight = torch.randn(6, 5, 7)
     rounded = int8_grid(weight)
     scale = weight.abs().amax(-1, keepdim=True) / 127
@@ -37,37 +56,166 @@ def test_int8_grid_puts_each_rows_largest_value_on_127():
     assert torch.equal(int8_grid(rounded), rounded)  # idempotent: re-quantizing the stored weights is exact
 
 
-STORED_TYPE = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN, "int4": onnx.TensorProto.INT4}
+def ort_run(nodes, inputs, outputs, initializers=(), feeds=None):
+    import onnxruntime as ort
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds or {})
 
 
-@pytest.mark.parametrize("checkpoint,target,mode", [("demo_ce", "portable", "int8"), ("demo_plain", "ort", "int8"),
-                                                    ("demo_ce", "portable", "fp8"), ("demo_ce", "portable", "int4")])
-def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, target, mode, request, tmp_path, demo_build):
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4-g128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_weights_equal_onnx_runtime_dequantize_linear(mode, dtype):
+    """q * scale with scales in the artifact dtype, as ONNX Runtime's DequantizeLinear computes it."""
+    weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(0)) * 0.2
+    q, scale, dequantized = quantize_weight(weight, mode, dtype)
+    block = FORMATS[mode].block
+    q_np = q.numpy().astype(FORMATS[mode].numpy_dtype)
+    attributes = dict(axis=1, block_size=block) if block else dict(axis=0)
+    scale_np = scale.numpy() if block else scale[:, 0].numpy()
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(scale_np.dtype))
+    (out,) = ort_run([helper.make_node("DequantizeLinear", ["q", "s"], ["y"], **attributes)], [],
+                     [helper.make_tensor_value_info("y", elem, None)],
+                     [numpy_helper.from_array(q_np, "q"), numpy_helper.from_array(scale_np, "s")])
+    assert scale.dtype == dtype and dequantized.dtype == dtype
+    assert np.array_equal(out, dequantized.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_fake_quantize_fp8_op_equals_onnx_runtime_q_dq(dtype):
+    from ce_export import quantize  # noqa: F401  (registers the op)
+
+    x = (np.random.default_rng(0).standard_normal(100_000) * 3).astype(dtype)
+    x[:4] = [1000, -1000, 0.0, 15.5 * 0.0137]  # saturation both ways, zero, a midpoint
+    scale = np.array(0.0137, dtype=dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    zero = numpy_helper.from_array(np.zeros((), dtype=ml_dtypes.float8_e4m3fn), "zp")
+    (out,) = ort_run([helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], saturate=1),
+                      helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])],
+                     [helper.make_tensor_value_info("x", elem, None), helper.make_tensor_value_info("s", elem, [])],
+                     [helper.make_tensor_value_info("y", elem, None)], [zero], {"x": x, "s": scale})
+    mine = torch.ops.ce_export.fake_quantize_fp8(torch.from_numpy(x), torch.from_numpy(scale)).numpy()
+    assert np.array_equal(out, mine)
+    assert abs(mine[0]) == pytest.approx(448 * 0.0137, rel=1e-3)
+
+
+BUILDS = [  # checkpoint, target, mode, dtype
+    ("demo_ce", "portable", "int8", "fp32"), ("demo_plain", "ort", "int8", "fp32"),
+    ("demo_ce", "portable", "fp8", "fp32"), ("demo_ce", "portable", "int4", "fp32"),
+    ("demo_i128", "portable", "int4-g128", "fp32"), ("demo_ce", "portable", "fp8-w8a8", "fp32"),
+    ("demo_ce", "portable", "int8", "fp16"), ("demo_ce", "portable", "fp8", "fp16"),
+    ("demo_ce", "portable", "fp8-w8a8", "fp16"), ("demo_ce", "portable", "int4", "bf16"),
+]
+ACTIVATION_SITES = 21  # per layer q, k, v, o projections and the experts' input; the LM head
+
+
+def test_every_mode_is_built_by_the_acceptance_tests():
+    assert {mode for _, _, mode, dtype in BUILDS if dtype == "fp32"} == set(QUANTIZATIONS)
+
+
+@pytest.mark.parametrize("checkpoint,target,mode,dtype", BUILDS)
+def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, target, mode, dtype, request, tmp_path,
+                                                                   demo_build):
     out = tmp_path / mode
     manifest = pipeline.build(str(request.getfixturevalue(checkpoint)), out,
-                              pipeline.BuildOptions(target=target, quantize=mode), **QUIET)
+                              pipeline.BuildOptions(target=target, quantize=mode, dtype=dtype), **QUIET)
     assert manifest["quantization"]["weights_stored"] == 25  # 16 attention, 8 expert, LM head
     model = onnx.load(out / "model.onnx")
     onnx.checker.check_model(model, full_check=True)
-    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dequantize) == 25
     inits = {i.name: i for i in model.graph.initializer}
-    assert all(inits[n.input[0]].data_type == STORED_TYPE[mode] for n in dequantize)
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    weights = [n for n in dequantize if n.input[0] in inits and inits[n.input[0]].data_type == STORED_TYPE[mode]]
+    assert len(weights) == 25
+    assert all(inits[n.input[1]].data_type == FLOAT_TYPE[dtype] for n in weights)  # scales in the model dtype
     router = [i for i in inits if i.endswith("mlp.router")]
-    assert router and all(numpy_helper.to_array(inits[r]).dtype == np.float32 for r in router)
+    assert router and all(inits[r].data_type == FLOAT_TYPE[dtype] for r in router)
+    block = FORMATS[mode].block
+    if block:
+        assert manifest["onnx"]["opset"] == 21
+        assert {a.name: a.i for a in weights[0].attribute}["block_size"] == block
+
     parity = json.loads((out / "parity.json").read_text())
-    assert parity["passed"] and parity["quantization"] == mode and parity["logits"]["max_rel"] <= 1e-4
+    tolerance = verify.tolerance_for(dtype, mode)
+    assert parity["passed"] and parity["quantization"] == mode and parity["dtype"] == dtype
+    assert (parity["logits"]["statistic"], parity["logits"]["threshold"]) == (tolerance.statistic, tolerance.threshold)
+    if dtype == "fp32":
+        assert parity["logits"]["max_rel"] <= 1e-4  # exact up to float summation order
+    if FORMATS[mode].activations:  # checked synchronized at each FP8 quantizer; free-running reported
+        assert len(parity["logits"]["synchronized_at_fp8_quantizers"]) == 13  # q/k/v share one
+        assert any(name.startswith("fp8 input of") for name in parity["logits"]["cases"][0]["outputs"])
+        assert parity["generation"]["synchronized_at_fp8_quantizers"] and "free_running" in parity
+    else:
+        assert "free_running" not in parity
     quality = parity["quality"]
+    assert quality["data"]["source"] == "builtin"
     assert quality["perplexity_onnx"] > 0 and quality["perplexity_delta"] == pytest.approx(
         quality["perplexity_onnx"] - quality["perplexity_torch_fp32"])
-    assert quality["onnx_bytes"] < {"int4": 0.4, "int8": 0.6, "fp8": 0.6}[mode] * (demo_build / "model.onnx").stat().st_size
-    if mode == "int4":
-        assert manifest["onnx"]["opset"] == 21
-        assert {a.name: a.i for a in dequantize[0].attribute}["block_size"] == 64
+    parameters = manifest["parameters"]
+    assert quality["parameters"] == parameters and parameters["active_per_token"] < parameters["total"]
+    unquantized = json.loads((demo_build / "manifest.json").read_text())["parameters"]["weight_bytes"]
+    assert quality["weight_bytes"] == parameters["weight_bytes"] < {"int4": 0.25, "int4-g128": 0.3}.get(mode, 0.35) * unquantized
+    assert quality["onnx_bytes"] >= quality["weight_bytes"]
 
 
-def test_quantize_needs_fp32(tmp_path, capsys):
-    code = main(["build", "demo", "--out", str(tmp_path / "o"), "--quantize", "int8", "--dtype", "fp16"])
+def test_fp8_activations_with_user_calibration_data(demo_ce, calib_text, tmp_path, capsys):
+    out = tmp_path / "w8a8"
+    assert main(["build", str(demo_ce), "--out", str(out), "--quantize", "fp8-w8a8", "--calib", str(calib_text)]) == 0
+    assert "parity PASSED (fp32, fp8-w8a8" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    activations = manifest["quantization"]["activations"]
+    assert "intermediate" in activations["quantized"] and "router" in activations["quantized"]
+    assert str(calib_text.absolute()) in activations["calibration"]
+    scales, ranges = activations["scales"], activations["ranges"]
+    assert len(scales) == ACTIVATION_SITES and set(scales) == set(ranges)
+    for name, scale in scales.items():
+        assert scale == float(np.float32(ranges[name]["amax"] / 448))
+    assert manifest["calibration_data"]["source"] == str(calib_text.absolute())
+
+    model = onnx.load(out / "model.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize and all({a.name: a.i for a in n.attribute}["saturate"] == 1 for n in quantize)
+    assert all(inits[n.input[2]].dtype == ml_dtypes.float8_e4m3fn for n in quantize)
+    used = {n.input[1].removeprefix("lm.").removesuffix(".input_scale") for n in quantize}
+    shared = {name for name in scales if name.endswith(("k_proj", "v_proj"))}
+    assert used == set(scales) - shared  # k and v use q's QuantizeLinear (same input, same scale)
+    assert all(scales[name] == scales[name[:-6] + "q_proj"] for name in shared)
+    for n in quantize:
+        assert float(inits[n.input[1]]) == scales[n.input[1].removeprefix("lm.").removesuffix(".input_scale")]
+    for moe in [n for n in model.graph.node if n.domain == "ce_export"]:
+        assert producer[moe.input[0]].op_type == "DequantizeLinear"  # the experts' input: FP8
+        router = producer[moe.input[1]]  # the router logits: a float GEMM of the unquantized hidden
+        assert router.input[1].endswith("mlp.router") and producer[router.input[0]].op_type != "DequantizeLinear"
+
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["logits"]["statistic"] == "max_rel" and parity["logits"]["worst"] <= 1e-4  # synchronized
+    assert parity["quality"]["data"] == {"source": str(calib_text.absolute()), "kind": "user data (--calib)",
+                                         "tokenizer": parity["quality"]["data"]["tokenizer"]}
+    assert "8 x 64 held-out tokens" in parity["quality"]["evaluation"]
+    again = pipeline.verify(out, **QUIET)  # the reference is rebuilt from the manifest's scales alone
+    assert again["passed"] and again["logits"]["worst"] == parity["logits"]["worst"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "int4-g128"], "model.layers.0.mlp.down has 64 inputs per row, not a multiple of the group size 128"),
+    (["--quantize", "fp8-w8a8", "--calib", "missing.txt"], "calibration data file does not exist"),
+])
+def test_unsupported_combinations_are_refused_in_one_line(args, message, tmp_path, capsys):
+    code = main(["build", "demo", "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "--dtype fp32" in err[0]
+    assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_readme_documents_every_mode_and_its_thresholds():
+    section = (ROOT / "README.md").read_text().split("### Quantization and quality cost")[1].split("\n### ")[0]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9-]+)` \|.*$", section, flags=re.M)}
+    assert set(rows) == set(QUANTIZATIONS)
+    for mode in QUANTIZATIONS:
+        for dtype in ("fp32", "fp16", "bf16"):
+            tolerance = verify.tolerance_for(dtype, mode)
+            assert f"{dtype} {tolerance.statistic} " in rows[mode], (mode, dtype)
