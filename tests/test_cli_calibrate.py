@@ -9,6 +9,8 @@ def test_calibrate_then_trim_then_build(tmp_path, capsys):
     stats = tmp_path / "calibration"
     assert main(["calibrate", "demo", "--out", str(stats), "--seq-len", "32", "--num-sequences", "16"]) == 0
     assert (stats / "expert_usage.png").read_bytes()[:4] == b"\x89PNG"
+    ranges = json.loads((stats / "calibration.json").read_text())["activation_ranges"]
+    assert len(ranges) == 21 and ranges["lm_head"]["amax"] > 0  # 4 x (q, k, v, o, experts) + LM head
     trimmed = tmp_path / "trimmed"
     assert main(["trim", "demo", "--stats", str(stats / "calibration.json"), "--out", str(trimmed),
                  "--expert-drop", "0.25"]) == 0
