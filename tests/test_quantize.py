@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 from checkpoints import demo_resized
 from ce_export import pipeline, verify
 from ce_export.cli import main
+from ce_export.errors import VerifyError
 from ce_export.quantize import FORMATS, QUANTIZATIONS, int8_grid, quantize_weight
 
 QUIET = dict(report=lambda line: None)
@@ -198,6 +199,20 @@ def test_fp8_activations_with_user_calibration_data(demo_ce, calib_text, tmp_pat
     assert "8 x 64 held-out tokens" in parity["quality"]["evaluation"]
     again = pipeline.verify(out, **QUIET)  # the reference is rebuilt from the manifest's scales alone
     assert again["passed"] and again["logits"]["worst"] == parity["logits"]["worst"]
+
+    # A file with one quantizer bypassed fails, although later quantizers hide it from the outputs.
+    import onnx_ir as ir
+
+    broken = ir.load(out / "model.onnx")
+    q = next(n for n in broken.graph if n.op_type == "QuantizeLinear"
+             and n.inputs[1].name == "lm.model.layers.1.self_attn.o_proj.input_scale")
+    dq = next(node for node, _ in q.outputs[0].uses())
+    ir.convenience.replace_all_uses_with(dq.outputs[0], q.inputs[0])
+    ir.save(broken, out / "model.onnx")
+    with pytest.raises(VerifyError, match="parity FAILED"):
+        pipeline.verify(out, **QUIET)
+    worst = json.loads((out / "parity.json").read_text())["logits"]["cases"][-1]["outputs"]
+    assert worst["fp8 input of model.layers.1.mlp"]["max_rel"] > 1e-3
 
 
 @pytest.mark.parametrize("args,message", [
