@@ -62,6 +62,7 @@ FORMATS = {
                        summary="FP8 E4M3 weights per output channel + FP8 E4M3 activations, static per-tensor scales"),
     "int4": Format(7.0, ml_dtypes.int4, None, block=64, opset=21, summary="int4 weights, per group of 64 inputs"),
     "int4-g128": Format(7.0, ml_dtypes.int4, None, block=128, opset=21, summary="int4 weights, per group of 128 inputs"),
+    "int4-channel": Format(7.0, ml_dtypes.int4, None, opset=21, summary="int4 weights, per output channel"),
 }
 QUANTIZATIONS = tuple(FORMATS)
 ACTIVATIONS_NOTE = ("FP8 E4M3 with one static scale per tensor (calibration amax / 448) at the input of every "
@@ -107,7 +108,7 @@ def quantize_weight(weight: torch.Tensor, mode: str, artifact_dtype: torch.dtype
     dequantized_dtype = dequantized_dtype or artifact_dtype
     source = weight.detach().to(artifact_dtype).float()
     columns = source.shape[-1]
-    group = fmt.block or columns
+    group = min(fmt.block, columns) if fmt.block else columns  # a row shorter than a group is one group
     if columns % group:
         raise ExportError(f"--quantize {mode}: {name} has {columns} inputs per row, not a multiple of the "
                           f"group size {group}")
@@ -265,6 +266,7 @@ def store_quantized_weights(model: ir.Model, mode: str, quantized: dict[str, Qua
             continue
         entry, layout = match
         q, scale = entry.q, entry.scale  # [..., O, I], [..., O, G]
+        group = q.shape[-1] // scale.shape[-1]
         if layout == "interleaved":
             q, scale = _interleaved(q), _interleaved(scale)
         if layout == "transposed":  # [I, O]: scales per output column (and block of inputs)
@@ -285,7 +287,7 @@ def store_quantized_weights(model: ir.Model, mode: str, quantized: dict[str, Qua
             raise ExportError(f"{entry.name}: scales in {scale_value.const_value.dtype}, weights in {value.type.dtype}")
         graph.register_initializer(q_value)
         graph.register_initializer(scale_value)
-        attributes = {"axis": axis, **({"block_size": fmt.block} if fmt.block else {})}
+        attributes = {"axis": axis, **({"block_size": group} if fmt.block else {})}
         dequantize = ir.node("DequantizeLinear", [q_value, scale_value], attributes=attributes,
                              name=f"{name}/DequantizeLinear")
         nodes = [dequantize]

@@ -28,29 +28,22 @@ class Tolerance:
     must stay under the threshold (max for fp32; for fp16/bf16 the mean, since a router near-tie
     that rounding flips changes a few tokens' outputs completely, on any runtime).
     near_tie: generation may diverge from PyTorch only at a step whose two candidate tokens'
-    PyTorch logits differ by at most this fraction of that step's largest |logit|.
+    PyTorch logits differ by at most this fraction of that step's largest |logit|, or
+    router_near_tie: ... at which one of the token's routers is near-tied (`router_margin`): a few
+    units of the dtype's rounding (fp16 unit roundoff 4.9e-4, bf16 3.9e-3).
     """
 
     statistic: str
     threshold: float
     near_tie: float
+    router_near_tie: float = 0.0
 
 
 TOLERANCES = {
     "fp32": Tolerance("max_rel", 1e-4, 0.0),
-    "fp16": Tolerance("mean_rel", 2e-2, 2e-2),
-    "bf16": Tolerance("mean_rel", 5e-2, 5e-2),
+    "fp16": Tolerance("mean_rel", 2e-2, 2e-2, router_near_tie=2e-3),
+    "bf16": Tolerance("mean_rel", 5e-2, 5e-2, router_near_tie=1e-2),
 }
-
-
-# Quantization modes that need other thresholds than their dtype's, keyed by (mode, dtype). None
-# do: weight-only modes are exact against their reference, and fp8-w8a8 meets its dtype's
-# thresholds once the reference is synchronized at each FP8 quantizer (synchronized.py).
-MODE_TOLERANCES: dict[tuple[str, str], Tolerance] = {}
-
-
-def tolerance_for(dtype_name: str, quantization: str | None = None) -> Tolerance:
-    return MODE_TOLERANCES.get((quantization, dtype_name), TOLERANCES[dtype_name])
 
 
 @dataclass(frozen=True)
@@ -211,12 +204,52 @@ def check_generation(lm_at_export_dtype, runtime, spec, dtype, tolerance: Tolera
         step = int(differ[0])
         logits = step_logits[row, step]
         margin = ((logits[e[step]] - logits[a[step]]) / logits.abs().max()).item()
-        rows.append({"identical": False, "first_difference": step, "near_tie_margin": margin,
-                     "passed": bool(margin <= tolerance.near_tie)})
+        result = {"identical": False, "first_difference": step, "near_tie_margin": margin,
+                  "passed": bool(margin <= tolerance.near_tie)}
+        if not result["passed"] and tolerance.router_near_tie > 0:
+            prefix = torch.cat([ids[row], e[:step]])[None]
+            prefix_mask = torch.cat([mask[row], torch.ones(step, dtype=mask.dtype)])[None]
+            router = router_margin(lm_at_export_dtype, prefix, prefix_mask)
+            result["router_margin"] = router
+            result["passed"] = router is not None and router <= tolerance.router_near_tie
+        rows.append(result)
     return {"new_tokens": new_tokens, "near_tie_tolerance": tolerance.near_tie,
             "passed": all(r["passed"] for r in rows), "rows": rows,
             "torch_tokens": expected.tolist(), "onnx_tokens": actual.tolist(),
             "torch_seconds": torch_seconds, "onnxruntime_seconds": ort_seconds}
+
+
+def router_margin(lm, ids: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """The closest routing decision of the last token of `ids` [1, S], over the MoE layers: the gap
+    between the router logits on either side of a selection boundary (the k-th and (k+1)-th, and for
+    CE the last main and first compressed expert), over the layer's largest |logit|.
+
+    A greedy step whose two candidate tokens are far apart can still flip under rounding when one
+    of the routers choosing the experts for that token is near-tied: the experts then differ and so
+    does the whole output. Such a divergence is rounding, not a wrong artifact. None: no MoE layer.
+    """
+    from ce_export.capture import MoeBlock
+
+    margins = []
+
+    def hook(block, args):
+        hidden = args[0].reshape(-1, args[0].shape[-1])[-1].float()
+        router_logits = hidden @ block.router.float().T
+        ordered = router_logits.sort(descending=True).values
+        scale = ordered.abs().max().clamp(min=1e-12)
+        boundaries = {block.spec.top_k, block.spec.top_k - block.spec.n_ce}
+        for k in boundaries:
+            if 0 < k < ordered.numel():
+                margins.append(((ordered[k - 1] - ordered[k]) / scale).item())
+
+    handles = [m.register_forward_pre_hook(hook) for m in lm.modules() if isinstance(m, MoeBlock)]
+    try:
+        with torch.no_grad():
+            lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return min(margins) if margins else None
 
 
 def plot_parity(parity: dict, path: Path) -> None:
