@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     build.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     build.add_argument("--quantize", choices=QUANTIZATIONS,
                        help="explicit Q/DQ in the ONNX: weight-only int8 / fp8 (E4M3) per output channel, int4 / "
-                            "int4-g128 per 64 / 128 inputs; fp8-w8a8: fp8 weights and FP8 activations with "
+                            "int4-g128 per 64 / 128 inputs, int4-channel per output channel; fp8-w8a8: fp8 weights and FP8 activations with "
                             "calibrated static per-tensor scales")
     build.add_argument("--calib", metavar="DATA",
                        help="calibration data as for `calibrate --data` (text, JSONL, .npy, .json): FP8 activation "

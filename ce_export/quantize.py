@@ -3,7 +3,8 @@
 Modes (`QUANTIZATIONS`): weight-only `int8` (symmetric, round to nearest) and `fp8` (E4M3, largest value
 448) with one scale per output channel (per expert and output row for expert weights); weight-only
 `int4` / `int4-g128` (symmetric) with one scale per group of 64 / 128 inputs (blocked
-DequantizeLinear, opset 21); and `fp8-w8a8`: `fp8` weights plus FP8 E4M3 activations with static
+DequantizeLinear, opset 21; a row shorter than the group is one group) or `int4-channel` per output
+channel; and `fp8-w8a8`: `fp8` weights plus FP8 E4M3 activations with static
 per-tensor scales (calibrated amax / 448) at the input of every quantized GEMM. Quantized: the
 attention, LM-head, dense-MLP, shared-expert and expert weights; routers and embeddings stay in
 float (as in the MoE compression study).
