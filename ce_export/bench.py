@@ -165,6 +165,8 @@ class OrtRunner:
                                list(tensor.shape), tensor.data_ptr())
         for name in self.output_names:
             binding.bind_output(name, device_type, self.device.index or 0)
+        if device_type == "cuda":
+            torch.cuda.synchronize(self.device)  # the inputs were copied on PyTorch's stream, ORT reads on its own
 
         def run():
             self.session.run_with_iobinding(binding)

@@ -10,13 +10,12 @@ token ids, positions and slot, copied into its static inputs before each replay.
 
 Attention reads only a window of the cache: the first slots up to the next multiple of
 `WINDOW_STEP` (capped at `max_context`) that holds every written slot, so a decode step at context
-512 of a 4096-slot cache reads 768 slots, not 4096. Prefill runs eagerly (its shapes change with every
-prompt); decode replays a CUDA graph captured once per bucket (all graphs share one memory pool),
-or runs eagerly on CPU or when `cuda_graph=False`. `compile_decode=True` first
-passes the decode step through torch.compile (fixed shapes, so it compiles once per batch; our MoE
-op stays one opaque call), fusing the norms, rotary and projections' elementwise work that
-dominates a batch-1 step once the MoE layers are fast; the CUDA graph then captures the compiled
-step.
+512 of a 4096-slot cache reads 768 slots, not 4096. Prefill runs eagerly (its shapes change with
+every prompt); decode replays a CUDA graph captured once per window (all graphs share one memory
+pool), or runs eagerly on CPU or when `cuda_graph=False`. `compile_decode=True` first passes the
+decode step through torch.compile (fixed shapes, so it compiles once per window; our MoE op stays
+one opaque call) to fuse the norms', rotary's and projections' elementwise work, which dominates a
+batch-1 step once the MoE layers are fast; the CUDA graph then captures the compiled step.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class SlotCache(Cache):
     """A KV cache of fixed-address tensors [B, h, L, d] per layer, written at `write_slots` [S].
 
     transformers' attention calls `update(k, v, layer)` and attends over what it returns: here the
-    whole static cache, whose unwritten slots the step's attention mask hides.
+    cache's first `window` slots, whose unwritten ones the step's attention mask hides.
     """
 
     def __init__(self, spec: ModelSpec, batch: int, max_context: int, dtype: torch.dtype, device: torch.device):
@@ -84,10 +83,17 @@ class FastDecoder:
         self.slot_index = torch.arange(max_context, device=self.device)
         self.valid = torch.ones(batch, max_context, dtype=torch.bool, device=self.device)
         self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> (graph, its logits)
         self.graph_pool = None
         self.next_positions = None  # [B, 1] rotary positions of the next token per row
-        self._decode_step = torch.compile(self._step, dynamic=False) if compile_decode else self._step
+        self._decode_step = self._step
+        if compile_decode:
+            # One compiled variant per window; dynamo's default limit (8) would drop later windows to eager.
+            windows = -(-max_context // WINDOW_STEP) + 1
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), windows))
+            self._decode_step = torch.compile(self._step, dynamic=False)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, batch: int, max_context: int, dtype: torch.dtype = torch.bfloat16,
