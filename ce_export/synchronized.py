@@ -110,15 +110,8 @@ def check_logits(pair: SynchronizedPair, spec, output_names, dtype, tolerance: v
         per_output = {name: verify.compare(e, a) for name, e, a in zip(output_names, expected, actual)}
         per_output.update({f"fp8 input of {site}": entry for site, entry in pair.inputs.items()})
         synchronized |= set(pair.inputs)
-        top1 = (expected[0].argmax(-1) == actual[0].argmax(-1)).double().mean().item()
-        results.append({"case": case.name, "batch": case.batch, "sequence": case.sequence, "past": case.past,
-                        "max_rel": max(r["max_rel"] for r in per_output.values()),
-                        "mean_rel": max(r["mean_rel"] for r in per_output.values()),
-                        "logits_top1_agreement": top1, "outputs": per_output})
-    worst = max(r[tolerance.statistic] for r in results)
-    return {"statistic": tolerance.statistic, "threshold": tolerance.threshold, "worst": worst,
-            "max_rel": max(r["max_rel"] for r in results), "passed": bool(worst <= tolerance.threshold),
-            "synchronized_at_fp8_quantizers": sorted(synchronized), "cases": results}
+        results.append(verify.case_result(case, expected[0], actual[0], per_output))
+    return verify.summarize_cases(results, tolerance) | {"synchronized_at_fp8_quantizers": sorted(synchronized)}
 
 
 def check_generation(pair: SynchronizedPair, spec, dtype, tolerance: verify.Tolerance,

@@ -117,11 +117,19 @@ def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: To
             expected = reference(*inputs[:3], tuple(t.float() for t in inputs[3]))
         actual = runtime(*inputs)
         per_output = {name: compare(e, a) for name, e, a in zip(output_names, expected, actual)}
-        top1 = (expected[0].argmax(-1) == actual[0].argmax(-1)).double().mean().item()
-        results.append({"case": case.name, "batch": case.batch, "sequence": case.sequence, "past": case.past,
-                        "max_rel": max(r["max_rel"] for r in per_output.values()),
-                        "mean_rel": max(r["mean_rel"] for r in per_output.values()),
-                        "logits_top1_agreement": top1, "outputs": per_output})
+        results.append(case_result(case, expected[0], actual[0], per_output))
+    return summarize_cases(results, tolerance)
+
+
+def case_result(case: ParityCase, expected_logits, actual_logits, per_output: dict) -> dict:
+    top1 = (expected_logits.argmax(-1) == actual_logits.argmax(-1)).double().mean().item()
+    return {"case": case.name, "batch": case.batch, "sequence": case.sequence, "past": case.past,
+            "max_rel": max(r["max_rel"] for r in per_output.values()),
+            "mean_rel": max(r["mean_rel"] for r in per_output.values()),
+            "logits_top1_agreement": top1, "outputs": per_output}
+
+
+def summarize_cases(results: list[dict], tolerance: Tolerance) -> dict:
     worst = max(r[tolerance.statistic] for r in results)
     return {"statistic": tolerance.statistic, "threshold": tolerance.threshold, "worst": worst,
             "max_rel": max(r["max_rel"] for r in results), "passed": bool(worst <= tolerance.threshold), "cases": results}
