@@ -4,6 +4,8 @@ Rows (each on the same inputs, each with its parity vs the fp32 reference):
     transformers eager          stock transformers model, eager experts loop (plain OLMoE only:
                                 transformers cannot run compressed experts)
     transformers grouped_mm     stock transformers, its grouped-GEMM experts implementation
+    transformers batched_mm     stock transformers, its batched-GEMM experts implementation (gathers
+                                each token's experts' weights: for small batches)
     PyTorch (ce_export op)      the captured model with transformers' DynamicCache; MoE blocks
                                 through torch.ops.ce_export.moe (our Triton kernels on CUDA)
     ce_export fast path         runtime.FastDecoder: the same model with a static slot cache and,
@@ -200,7 +202,7 @@ def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device
                 checkpoint, attn_implementation="sdpa", experts_implementation=experts, dtype=dtype).to(device).eval())
         return build
 
-    return [Row(f"transformers {experts}", make(experts)) for experts in ("eager", "grouped_mm")]
+    return [Row(f"transformers {experts}", make(experts)) for experts in ("eager", "grouped_mm", "batched_mm")]
 
 
 def stock_transformers_can_run(loaded) -> bool:

@@ -30,6 +30,7 @@ def test_plain_model_bench_includes_transformers_rows(demo_plain, tmp_path):
     pipeline.build(str(demo_plain), out, pipeline.BuildOptions(target="ort"), report=lambda line: None)
     data = bench.bench(out, points=POINTS[:1], budget_s=0.05, report=lambda line: None)
     runtimes = [r["runtime"] for r in data["results"]]
-    assert runtimes == ["transformers eager", "transformers grouped_mm", "PyTorch (ce_export op)", "ce_export fast path",
+    assert runtimes == ["transformers eager", "transformers grouped_mm", "transformers batched_mm",
+                        "PyTorch (ce_export op)", "ce_export fast path",
                         "ONNX Runtime CPU (fp32)"]
     assert all(r["parity_max_rel"] < 1e-4 for r in data["results"])

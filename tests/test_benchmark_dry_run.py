@@ -68,7 +68,8 @@ def test_gpu_end_to_end_suite_runs_its_code_path_on_a_tiny_model_on_cpu(tmp_path
     plain = json.loads((out / "tiny-plain" / "bench.json").read_text())
     ce = json.loads((out / "tiny-ce" / "bench.json").read_text())
     assert {r["runtime"] for r in plain["results"]} == {
-        "transformers eager", "transformers grouped_mm", "PyTorch (ce_export op)", "ce_export fast path",
+        "transformers eager", "transformers grouped_mm", "transformers batched_mm", "PyTorch (ce_export op)",
+        "ce_export fast path",
         "ONNX Runtime CPU (fp16)"}
     assert "transformers" in ce["skipped"]
     for row in plain["results"] + ce["results"]:
