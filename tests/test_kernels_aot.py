@@ -116,3 +116,19 @@ def test_plain_moe_with_sparsemixer_routing_compiles(tmp_path):
     gate_up = [k for k in manifest["kernels"] if k["entry"] == "gate_up_swiglu_kernel"]
     assert gate_up and all(k["constexprs"]["HAS_CE"] is False for k in gate_up)
     assert all(k["resources"]["spill_stores"] == 0 for k in manifest["kernels"])
+
+
+def test_fp16_and_bf16_sets_embed_a_routing_variant_for_fp32_router_logits(aot_output):
+    """What the TensorRT plugin swaps in when an engine's router logits are fp32 and its activations
+    are not (DeepSeek-V2 routes in fp32): the same entry, constexprs and other arguments."""
+    _, manifest = aot_output
+    for arch in (80, 90):
+        routing = {k["stem"]: k for k in manifest["kernels"] if k["arch"] == arch and k["entry"] == "topk_softmax_kernel"}
+        planned, variant = routing["topk_softmax_bf16_e64"], routing["topk_softmax_bf16_e64_logits_fp32"]
+        assert variant["constexprs"] == planned["constexprs"] and variant["grid"] == planned["grid"]
+        assert variant["num_warps"] == planned["num_warps"]
+        types = {a["name"]: a["type"] for a in variant["args"]}
+        assert types["logits_ptr"] == "*fp32"
+        assert {n: t for n, t in types.items() if n != "logits_ptr"} == \
+            {a["name"]: a["type"] for a in planned["args"] if a["name"] != "logits_ptr"}
+        assert all(variant["stem"] not in plan["launch"] for plan in manifest["launch_plans"])

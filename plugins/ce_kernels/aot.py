@@ -102,18 +102,22 @@ def _i32(name: str, value: str) -> tuple[str, str, str]:
     return (name, "i32", value)
 
 
-def routing_build(model: AotModel, dtype: str, num_experts: int) -> KernelBuild:
+def routing_build(model: AotModel, dtype: str, num_experts: int, logits_dtype: str | None = None) -> KernelBuild:
+    """The routing kernel for `dtype` activations; `logits_dtype` (default: dtype) is the router
+    logits' type: fp32 for models whose router runs in fp32 (DeepSeek-V2) in fp16 / bf16 engines."""
     blocks = routing.routing_block_sizes(num_experts, model.top_k)
+    logits_dtype = logits_dtype or dtype
+    suffix = "" if logits_dtype == dtype else f"_logits_{logits_dtype}"
     if model.routing == SOFTMAX_TOPK:
-        kernel, stem = routing.topk_softmax_kernel, f"topk_softmax_{dtype}_e{num_experts}"
+        kernel, stem = routing.topk_softmax_kernel, f"topk_softmax_{dtype}_e{num_experts}{suffix}"
         constexprs = {"TOP_K": model.top_k, "NORM_TOPK_PROB": model.norm_topk_prob,
                       "ROUTING_SCALE": float(model.routing_scale), **blocks}
     else:
-        kernel, stem = routing.sparsemixer_top2_kernel, f"sparsemixer_top2_{dtype}_e{num_experts}"
+        kernel, stem = routing.sparsemixer_top2_kernel, f"sparsemixer_top2_{dtype}_e{num_experts}{suffix}"
         constexprs = {"JITTER_EPS": float(model.jitter_eps), "BLOCK_T": blocks["BLOCK_T"], "BLOCK_E": blocks["BLOCK_E"]}
     return KernelBuild(
         kernel, stem,
-        [("logits_ptr", TRITON_TYPES[dtype], "router_logits"),
+        [("logits_ptr", TRITON_TYPES[logits_dtype], "router_logits"),
          ("weights_ptr", "*fp32", "routing_weights"),
          ("expert_ids_ptr", "*i32", "expert_ids"),
          _i32("num_tokens", "T"), _i32("num_experts", "E"), _i32("stride_logits_t", "E")],
@@ -237,6 +241,11 @@ def plan_launches(
                 sequence += align_builds(model, num_experts, config.block_m)
                 sequence += gemm_builds(model, dtype, config)
                 sequence.append(combine_build(model, dtype))
+                if dtype != "fp32":
+                    # Not launched as planned: the plugin swaps it in when the engine's router logits
+                    # are fp32 while the activations are not (same entry, constexprs and other args).
+                    fp32_logits = routing_build(model, dtype, num_experts, logits_dtype="fp32")
+                    builds.setdefault(fp32_logits.stem, fp32_logits)
                 for build in sequence:
                     builds.setdefault(build.stem, build)
                 plans.append({"dtype": dtype, "num_experts": num_experts, "max_tokens": config.max_tokens,
