@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from ce_export import bench, pipeline
 from ce_export.demo import demo_config, demo_tensors
+from moe_layer import ASSUMED_H100  # the H100 rates the layer benchmark assumes (environment notes)
 
 SIZES = {
     "demo": {},
@@ -49,9 +50,7 @@ SIZES = {
     "tiny": {"num_experts": 16, "num_experts_per_tok": 8, "num_hidden_layers": 2},
 }
 GPU_CE_MAIN, GPU_N_CE = 4, 4  # the CE model: top-8 routing, the best 4 run in full, 4 compressed
-# Measured on the lent H100 (benchmarks/notes in ../shared/notes/environment.md): device copy
-# (bytes read + written) and bf16 matrix product rates, for the floors.
-H100_BYTES_PER_S, H100_FLOPS = 2.95e12, 7.6e14
+H100_BYTES_PER_S, H100_FLOPS = ASSUMED_H100["copy_bytes_per_s"], ASSUMED_H100["bf16_flops_per_s"]
 TARGETS = {"decode_ms_b1_c512": 1.5, "prefill_ms_b1_s2048": 12.0, "decode_x_eager": 50.0, "prefill_x_eager": 3.0,
            "ce_x_plain": 1.3}
 
@@ -169,7 +168,8 @@ def headline_table(results: dict, size: str) -> str:
     lines = [f"{size} shapes, batch 1, random weights; {machine.get('gpu', 'CPU')}, torch {tools.get('torch_runtime')}, "
              f"triton {tools.get('triton_runtime', '-')}, onnxruntime {tools.get('onnxruntime_runtime', '-')}, "
              f"{time.strftime('%Y-%m-%d')}. Median ms (parity: max relative error of the last position's logits "
-             f"vs the fp32 reference). Floor: H100 bytes / 2.95 TB/s or FLOPs / 760 TFLOP/s, whichever is larger.",
+             f"vs the fp32 reference). Floor: H100 bytes / {H100_BYTES_PER_S / 1e12:.2f} TB/s or FLOPs / "
+             f"{H100_FLOPS / 1e12:.0f} TFLOP/s (assumed anchors), whichever is larger.",
              "", "| point | " + " | ".join(runtimes) + " | floor plain / CE |", "|---|" + "---|" * (len(runtimes) + 1)]
     for label in labels:
         point = next(r[2]["point"] for r in rows if r[2]["label"] == label)

@@ -251,7 +251,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dic
         generation = verify_stage.check_generation(at_dtype, runtime, loaded.spec, runtime_dtype, tolerance)
         if at_dtype is not reference and not generation["passed"]:
             accept_fp32_reference_tokens(generation, verify_stage.check_generation(
-                reference, runtime, loaded.spec, runtime_dtype, tolerance))
+                reference, runtime, loaded.spec, runtime_dtype, tolerance, onnx_tokens=generation["onnx_tokens"]))
     free_running = None
     if scales:
         # FP8 activations: the free-running checks above are reported; the pass criterion is the same

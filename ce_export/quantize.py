@@ -122,15 +122,6 @@ def quantize_weight(weight: torch.Tensor, mode: str, artifact_dtype: torch.dtype
     return q.reshape(source.shape), scale.squeeze(-1).to(artifact_dtype), dequantized
 
 
-def rounded_to_grid(weight: torch.Tensor, mode: str) -> torch.Tensor:
-    """W rounded to the format's grid with one scale per row, or per block of a row (last axis)."""
-    return quantize_weight(weight, mode)[2].to(weight.dtype)
-
-
-def int8_grid(weight: torch.Tensor) -> torch.Tensor:
-    return rounded_to_grid(weight, "int8")
-
-
 def quantized_weight_names(lm: nn.Module):
     """(module, parameter name, qualified name) of every weight the quantization modes store quantized."""
     for module_name, module in lm.named_modules():

@@ -195,13 +195,18 @@ def greedy_torch(lm, ids, mask, new_tokens: int) -> tuple[torch.Tensor, torch.Te
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
 
 
-def check_generation(lm_at_export_dtype, runtime, spec, dtype, tolerance: Tolerance, new_tokens: int = GENERATION_TOKENS) -> dict:
+def check_generation(lm_at_export_dtype, runtime, spec, dtype, tolerance: Tolerance, new_tokens: int = GENERATION_TOKENS,
+                     onnx_tokens: list | None = None) -> dict:
+    """`onnx_tokens`: the runtime's tokens from an earlier check, to compare with another PyTorch model."""
     ids, mask = generation_prompt(spec.vocab_size)
     start = time.perf_counter()
     expected, step_logits = greedy_torch(lm_at_export_dtype, ids, mask, new_tokens)
     torch_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    actual = greedy_onnx(runtime, ids, mask, new_tokens, spec, dtype)
+    if onnx_tokens is None:
+        actual = greedy_onnx(runtime, ids, mask, new_tokens, spec, dtype)
+    else:
+        actual = torch.tensor(onnx_tokens)
     ort_seconds = time.perf_counter() - start
     rows = []
     for row, (e, a) in enumerate(zip(expected, actual)):

@@ -15,7 +15,7 @@ from checkpoints import demo_resized
 from ce_export import pipeline, verify
 from ce_export.cli import main
 from ce_export.errors import VerifyError
-from ce_export.quantize import FORMATS, QUANTIZATIONS, int8_grid, quantize_weight
+from ce_export.quantize import FORMATS, QUANTIZATIONS, quantize_weight
 
 QUIET = dict(report=lambda line: None)
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,23 +38,26 @@ def calib_text(tmp_path_factory):
     return path
 
 
+def on_grid(weight, mode):
+    """The weight the PyTorch reference holds: q * scale on `mode`'s grid."""
+    return quantize_weight(weight, mode)[2]
+
+
 @pytest.mark.parametrize("mode", ["fp8", "int4", "int4-g128", "int4-channel"])
 def test_grid_is_idempotent(mode):
-    from ce_export.quantize import rounded_to_grid
-
     weight = torch.randn(4, 9, 256)
-    rounded = rounded_to_grid(weight, mode)
-    assert torch.equal(rounded_to_grid(rounded, mode), rounded)
+    rounded = on_grid(weight, mode)
+    assert torch.equal(on_grid(rounded, mode), rounded)
     assert not torch.equal(rounded, weight)
 
 
 def test_int8_grid_puts_each_rows_largest_value_on_127():
     weight = torch.randn(6, 5, 7)
-    rounded = int8_grid(weight)
+    rounded = on_grid(weight, "int8")
     scale = weight.abs().amax(-1, keepdim=True) / 127
     q = rounded / scale
     assert torch.allclose(q, q.round(), atol=1e-4) and torch.allclose(q.abs().amax(-1), torch.full((6, 5), 127.0))
-    assert torch.equal(int8_grid(rounded), rounded)  # idempotent: re-quantizing the stored weights is exact
+    assert torch.equal(on_grid(rounded, "int8"), rounded)  # idempotent: re-quantizing the stored weights is exact
 
 
 def ort_run(nodes, inputs, outputs, initializers=(), feeds=None):
