@@ -8,6 +8,8 @@ torch.export traces it with dynamic batch, sequence and past length.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,40 +115,142 @@ def hf_config_for(spec: ModelSpec):
     return hf_config
 
 
-def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The captured causal LM (a transformers *ForCausalLM with our MoE blocks), in eval mode."""
+# MoeLayerWeights / load.MoeLayerSource field -> the MoeBlock parameter holding it
+MOE_PARAMETERS = {"router": "router", "gate_up": "gate_up", "down": "down", "ces": "ces",
+                  "shared_gate_up": "shared.gate_up", "shared_down": "shared.down", "shared_gate": "shared.gate"}
+ROUTED_EXPERT_PARAMETERS = ("gate_up", "down")
+EXACT_UPCASTS = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+
+WeightTransform = Callable[[str, nn.Module, torch.Tensor], torch.Tensor]
+
+
+def parameter_sources(model: LoadedModel) -> dict:
+    """Every parameter of the captured model, by its name there, and the stored tensor (load.StoredTensor)
+    it is read from."""
+    sources = dict(model.dense_tensors.stored)
+    if model.spec.hf_config.get("tie_word_embeddings", False):
+        sources.setdefault("lm_head.weight", sources["model.embed_tokens.weight"])
+    for layer, source in model.moe_weights.sources.items():
+        for name, stored in source.items():
+            sources[f"model.layers.{layer}.mlp.{MOE_PARAMETERS[name]}"] = stored
+    return sources
+
+
+def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32, *, weights: WeightTransform | None = None,
+                      keep_expert_dtype: bool = False, progress: bool = False) -> nn.Module:
+    """The captured causal LM (a transformers *ForCausalLM with our MoE blocks), in eval mode, computing in `dtype`.
+
+    The weights are read one tensor at a time, each converted as it arrives, so building never
+    holds more than the finished model and one tensor. `weights(name, module, tensor)` may first
+    replace each tensor as read (e.g. by the values an artifact stores: rounded, quantized).
+    keep_expert_dtype: the routed experts' weights stay in their own dtype when `dtype` holds it
+    exactly (bf16 or fp16 in an fp32 model) and are upcast one expert at a time inside the op
+    (moe_math), which computes exactly what an upcast copy of the whole layer would.
+    progress: a progress bar over the bytes read (progress.progress_bar).
+    """
+    from ce_export.progress import progress_bar
+
+    lm = _captured_skeleton(model)
+    slots = list(_parameter_slots(lm, model))
+    bar = progress_bar(total=sum(stored.nbytes for *_, stored in slots), unit="B", unit_scale=True,
+                       unit_divisor=1024, desc="  reading weights", disable=not progress)
+    for name, module, attribute, stored in slots:
+        bar.update(stored.nbytes)
+        tensor = stored.read()
+        if weights is not None:
+            tensor = weights(name, module, tensor)
+        if not (keep_expert_dtype and _is_routed_expert(module, attribute) and (tensor.dtype, dtype) in EXACT_UPCASTS):
+            tensor = tensor.to(dtype)
+        _assign(module, attribute, tensor)
+        del tensor
+    bar.close()
+    return _finish(lm, model, dtype)
+
+
+def build_traced_model(model: LoadedModel, dtype: torch.dtype, separate_head: bool = False) -> nn.Module:
+    """The captured model with fake weights (FakeTensor parameters of the right shapes and dtype, no
+    data), for torch.export: the graph is traced without reading the checkpoint. `lm.fake_mode` is
+    the FakeTensorMode its sample inputs must be created in. separate_head: a tied LM head gets a
+    parameter of its own (quantized weights: the head is quantized, the embedding is not)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    lm = _captured_skeleton(model)
+    for _, module, attribute, stored in _parameter_slots(lm, model):
+        with fake_mode:
+            tensor = torch.empty(stored.shape, dtype=dtype)
+        _assign(module, attribute, tensor)
+    lm = _finish(lm, model, dtype)
+    if separate_head and lm.config.tie_word_embeddings:
+        with fake_mode:
+            lm.lm_head.weight = nn.Parameter(torch.empty_like(lm.lm_head.weight), requires_grad=False)
+    lm.fake_mode = fake_mode
+    return lm
+
+
+def _is_routed_expert(module: nn.Module, attribute: str) -> bool:
+    return isinstance(module, MoeBlock) and attribute in ROUTED_EXPERT_PARAMETERS
+
+
+def _captured_skeleton(model: LoadedModel) -> nn.Module:
+    """transformers' model for the spec on the meta device, our MoE blocks in place (meta weights)."""
     from transformers import AutoModelForCausalLM
 
     config = hf_config_for(model.spec)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    moe_param_names = set()
-    for spec in model.spec.moe_layers:
-        decoder_layer = lm.model.layers[spec.layer]
-        if spec.kind == LAYER_DENSE:
-            continue
-        if spec.kind == LAYER_MOE:
-            decoder_layer.mlp = MoeBlock(spec, model.moe_weights[spec.layer])
-        else:
-            decoder_layer.mlp = RemovedMoe()
-            norm_name = f"model.layers.{spec.layer}.post_attention_layernorm.weight"
-            if norm_name not in model.dense_tensors:
-                decoder_layer.post_attention_layernorm = nn.Identity()
-        moe_param_names.update(f"model.layers.{spec.layer}.mlp.{name}" for name, _ in decoder_layer.mlp.named_parameters())
-    result = lm.load_state_dict(model.dense_tensors, strict=False, assign=True)
-    missing = set(result.missing_keys) - moe_param_names
+        for spec in model.spec.moe_layers:
+            decoder_layer = lm.model.layers[spec.layer]
+            if spec.kind == LAYER_DENSE:
+                continue
+            if spec.kind == LAYER_MOE:
+                source = model.moe_weights.sources[spec.layer]
+                meta = MoeLayerWeights(**{name: None for name in MOE_PARAMETERS} | {
+                    name: stored.meta() for name, stored in source.items()})
+                decoder_layer.mlp = MoeBlock(spec, meta)
+            else:
+                decoder_layer.mlp = RemovedMoe()
+                norm_name = f"model.layers.{spec.layer}.post_attention_layernorm.weight"
+                if norm_name not in model.dense_tensors:
+                    decoder_layer.post_attention_layernorm = nn.Identity()
+    return lm
+
+
+def _parameter_slots(lm: nn.Module, model: LoadedModel):
+    """(name, owning module, attribute, stored tensor) of every weight of `lm` (tied ones once)."""
+    sources = parameter_sources(model)
+    names = list(dict.fromkeys(lm.state_dict(keep_vars=True)))
+    tied = lm.config.tie_word_embeddings
+    if tied and "lm_head.weight" in names:
+        names.remove("lm_head.weight")  # the embedding's parameter, tied again in _finish
+    missing = sorted(set(names) - set(sources))
+    unexpected = sorted(set(sources) - set(names) - ({"lm_head.weight"} if tied else set()))
+    if missing or unexpected:
+        raise RuntimeError(f"captured model does not match the loaded tensors: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    for name in names:
+        if name in sources:
+            prefix, _, attribute = name.rpartition(".")
+            yield name, lm.get_submodule(prefix), attribute, sources[name]
+
+
+def _assign(module: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
+    if attribute in module._buffers:
+        module._buffers[attribute] = tensor
+    else:
+        setattr(module, attribute, nn.Parameter(tensor, requires_grad=False))
+
+
+def _finish(lm: nn.Module, model: LoadedModel, dtype: torch.dtype) -> nn.Module:
+    config = lm.config
     if config.tie_word_embeddings:
         lm.lm_head.weight = lm.model.embed_tokens.weight
-        missing.discard("lm_head.weight")
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"captured model does not match the loaded tensors: missing {sorted(missing)[:3]}, "
-                           f"unexpected {result.unexpected_keys[:3]}")
-    lm = lm.to(dtype)
     # Rotary frequencies stay fp32 (transformers computes the angles in fp32); casting them to
     # bf16 would shift every position's phase. Rebuilding also replaces the meta-device buffer.
     lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config)
     if model.spec.architecture == "deepseek_v2":
         use_real_rotary_for_deepseek(lm)
+    lm.compute_dtype = dtype
     return lm.eval()
 
 

@@ -8,15 +8,24 @@ A target then specialises the nodes:
     ort       plain MoE layers become com.microsoft::MoE (exact; CE layers stay portable)
     trt       custom nodes also carry plugin_namespace / plugin_version, so TensorRT binds our
               plugin when it is loaded and inlines the bodies when it is not
+
+Weights: the model is traced with fake weights (capture.build_traced_model), so the checkpoint
+is not read while tracing; each initializer is then bound to the stored tensor it comes from
+(`WeightInitializer`: which parameter, in which layout) as an onnx_ir LazyTensor, and transposes
+the exporter would fold, the interleaved expert rows of `--target ort` and quantized weights are
+lazy tensors too. Saving streams them to the external-data file one at a time, so at most one
+tensor (one layer's stacked experts at most) is in memory while the file is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -24,8 +33,9 @@ import torch
 
 from ce_export import onnx_functions
 from ce_export import quantize as quantize_stage
-from ce_export.capture import KvCacheDecoder, empty_past, io_names
+from ce_export.capture import KvCacheDecoder, empty_past, io_names, parameter_sources
 from ce_export.errors import ExportError
+from ce_export.progress import progress_bar
 from ce_export.spec import LAYER_MOE, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -33,7 +43,11 @@ log = logging.getLogger(__name__)
 TARGETS = ("portable", "ort", "trt")
 OPSET = 20
 PLUGIN_VERSION = "1"
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
+# Weights beyond this go to model.onnx.data: well under protobuf's 2 GB limit, because an embedded
+# model is held whole in memory (twice while it is serialized), while external data is written
+# tensor by tensor and memory-mapped by ONNX Runtime.
+EXTERNAL_DATA_THRESHOLD = 256 * 1024**2
+EXTERNAL_DATA_ALIGNMENT = 65536  # large tensors start at multiples of this (memory mapping)
 MS_DOMAIN = "com.microsoft"
 
 
@@ -76,36 +90,35 @@ def dynamic_shapes_for(num_layers: int, max_batch: int, max_seq: int, max_contex
 def export_onnx(
     model: LoadedModel, lm: torch.nn.Module, out_dir: Path, target: str = "portable",
     max_batch: int = 64, max_seq: int = 4096, max_context: int = 4096, quantize: str | None = None,
-    quantized: dict | None = None,
 ) -> ExportResult:
-    """`quantize`: store the weights in `quantized` (what quantize.fake_quantize_model returned for
-    `lm`) as their q and scales + DequantizeLinear; FP8 activation quantizers in `lm`
-    (quantize.quantize_activations) become QuantizeLinear -> DequantizeLinear."""
+    """Trace `lm` (capture.build_traced_model: fake weights; FP8 activation quantizers from
+    quantize.quantize_activations become QuantizeLinear -> DequantizeLinear) and write model.onnx
+    with `model`'s weights. `quantize`: the weights quantize_weight quantizes are stored as q and
+    scales + DequantizeLinear."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     onnx_functions.register_schemas()
-    dtype = next(lm.parameters()).dtype
+    dtype = lm.compute_dtype
     decoder = KvCacheDecoder(lm).eval()
     num_layers = model.spec.num_layers
     # Trace with seq >= 2 and past > 0: a traced size of 1 would be specialised into the graph.
     batch, seq, past = 2, 3, 5
-    sample = (
-        torch.randint(0, model.spec.vocab_size, (batch, seq)),
-        torch.ones(batch, past + seq, dtype=torch.int64),
-        torch.arange(past, past + seq).expand(batch, seq).contiguous(),
-        empty_past(model.spec, batch, past, dtype),
-    )
+    with getattr(lm, "fake_mode", None) or contextlib.nullcontext():
+        sample = (
+            torch.randint(0, model.spec.vocab_size, (batch, seq)),
+            torch.ones(batch, past + seq, dtype=torch.int64),
+            torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+            empty_past(model.spec, batch, past, dtype),
+        )
     input_names, output_names = io_names(num_layers)
     opset = OPSET
     if quantize:
         opset = max(opset, quantize_stage.check_mode(quantize).opset)
-        if quantized is None:
-            raise ExportError(f"--quantize {quantize}: the model was not fake-quantized")
     with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                decoder, sample, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                decoder, sample, dynamo=True, opset_version=opset, optimize=False, verbose=False,
                 input_names=input_names, output_names=output_names,
                 dynamic_shapes=dynamic_shapes_for(num_layers, max_batch, max_seq, max_context),
                 custom_translation_table={
@@ -117,25 +130,158 @@ def export_onnx(
             raise ExportError(f"torch.onnx.export failed: {root_cause(error)}") from error
 
     onnx_model = program.model
+    del program
+    weights = bind_weights(onnx_model, model, dtype)
+    optimize(onnx_model, weights)
+    fold_weight_transposes(onnx_model, weights)
     moe_nodes = name_moe_nodes(onnx_model, [layer.layer for layer in model.spec.moe_layers if layer.kind == LAYER_MOE])
     attach_functions(onnx_model)
     if target == "ort":
-        lower_plain_moe_to_ort(onnx_model)
+        lower_plain_moe_to_ort(onnx_model, weights)
     elif target == "trt":
         mark_plugin_nodes(onnx_model)
     moe_nodes = [dict(entry, **node_facts(onnx_model, entry["name"])) for entry in moe_nodes]
     quantization = None
     if quantize:
-        quantization = quantize_stage.store_quantized_weights(onnx_model, quantize, quantized)
+        quantization = quantize_stage.store_quantized_weights(
+            onnx_model, quantize, weights, quantize_stage.quantized_parameters(lm))
 
     nbytes = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None)
     external = nbytes > EXTERNAL_DATA_THRESHOLD
     onnx_path = out_dir / "model.onnx"
-    ir.save(onnx_model, onnx_path, external_data="model.onnx.data" if external else None)
+    save_streaming(onnx_model, onnx_path, external, weights)
     dynamic_axes = {value.name: {i: str(d) for i, d in enumerate(value.shape) if not isinstance(d, int)}
                     for value in list(onnx_model.graph.inputs) + list(onnx_model.graph.outputs)}
     return ExportResult(onnx_path, external, input_names, output_names, dynamic_axes, moe_nodes, opset, quantization,
                         nbytes)
+
+
+# ---------------------------------------------------------------- weights, bound lazily
+
+TORCH_TO_IR = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class WeightInitializer:
+    """Where an initializer's values come from: a parameter of the captured model (its name there),
+    in the artifact's dtype, laid out as `layout` says (see `arrange`)."""
+
+    parameter: str
+    stored: object  # load.StoredTensor
+    dtype: torch.dtype
+    layout: tuple = ()  # ("transpose", perm) and/or ("interleave",) steps, applied in order
+
+    def then(self, *step) -> "WeightInitializer":
+        return WeightInitializer(self.parameter, self.stored, self.dtype, self.layout + (step,))
+
+    def read(self) -> np.ndarray:
+        """The initializer's values (reads the checkpoint)."""
+        return arrange(quantize_stage.to_numpy(self.stored.read().to(self.dtype)), self.layout)
+
+    def lazy_tensor(self, name: str, shape) -> ir.LazyTensor:
+        return ir.LazyTensor(lambda: ir.Tensor(self.read(), name=name), dtype=TORCH_TO_IR[self.dtype],
+                             shape=ir.Shape(shape), name=name)
+
+
+def arrange(array: np.ndarray, layout: tuple) -> np.ndarray:
+    for step in layout:
+        if step[0] == "transpose":
+            array = np.ascontiguousarray(array.transpose(step[1]))
+        elif step[0] == "interleave":
+            array = interleave_gate_up(array)
+        else:
+            raise ValueError(f"unknown layout step {step!r}")
+    return array
+
+
+def interleave_gate_up(array: np.ndarray) -> np.ndarray:
+    """[E, 2I, ...] gate rows then up rows -> (g0, u0, g1, u1, ...), com.microsoft::MoE's fc1 layout."""
+    experts, two_i = array.shape[:2]
+    rows = array.reshape(experts, 2, two_i // 2, *array.shape[2:])
+    return np.ascontiguousarray(np.swapaxes(rows, 1, 2)).reshape(array.shape)
+
+
+def is_fake(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(getattr(tensor, "raw", None), FakeTensor)
+
+
+def bind_weights(onnx_model: ir.Model, model: LoadedModel, dtype: torch.dtype) -> dict[str, WeightInitializer]:
+    """Give every initializer traced from a fake weight its checkpoint tensor, as a lazy tensor."""
+    sources = parameter_sources(model)
+    weights = {}
+    for name, value in onnx_model.graph.initializers.items():
+        if not is_fake(value.const_value):
+            continue
+        parameter = name.removeprefix("lm.")
+        if parameter not in sources:
+            raise ExportError(f"exported initializer {name!r} has no tensor in the checkpoint")
+        weight = WeightInitializer(parameter, sources[parameter], dtype)
+        value.const_value = weight.lazy_tensor(name, value.shape)
+        weights[name] = weight
+    return weights
+
+
+def optimize(onnx_model: ir.Model, weights: dict[str, WeightInitializer]) -> None:
+    """torch.onnx's optimization (onnxscript's optimizer), except that transposes of weights are left
+    to fold_weight_transposes, which folds them without reading the weights."""
+    import onnxscript.optimizer
+
+    def should_fold(node: ir.Node):
+        if node.op_type == "Transpose" and node.domain == "" and node.inputs[0] is not None \
+                and node.inputs[0].name in weights:
+            return False
+        return None
+
+    onnxscript.optimizer.optimize_ir(onnx_model, should_fold=should_fold)
+
+
+def fold_weight_transposes(onnx_model: ir.Model, weights: dict[str, WeightInitializer]) -> None:
+    """Transpose(weight) -> one initializer holding the transposed weight, where the weight has no other
+    use (the rule onnxscript's constant folding applies to large transposes: MatMul(x, W^T))."""
+    graph = onnx_model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain != "":
+            continue
+        source = node.inputs[0]
+        if source is None or source.name not in weights or len(source.uses()) != 1:
+            continue
+        rank = len(source.shape)
+        perm = tuple(node.attributes["perm"].as_ints()) if "perm" in node.attributes else tuple(reversed(range(rank)))
+        output = node.outputs[0]
+        name = output.name
+        shape = [source.shape[axis] for axis in perm]
+        weight = weights[source.name].then("transpose", perm)
+        folded = ir.Value(name=name, shape=ir.Shape(shape), type=source.type,
+                          const_value=weight.lazy_tensor(name, shape))
+        graph.remove(node, safe=False)
+        output.name = None
+        graph.register_initializer(folded)
+        ir.convenience.replace_all_uses_with(output, folded)
+        for index, graph_output in enumerate(graph.outputs):
+            if graph_output is output:
+                graph.outputs[index] = folded
+        weights[name] = weight
+        graph.initializers.pop(source.name)
+        del weights[source.name]
+
+
+def save_streaming(onnx_model: ir.Model, path: Path, external: bool, weights: dict[str, WeightInitializer]) -> None:
+    """Write model.onnx; with external data, each weight is read, written and released in turn."""
+    if not external:
+        ir.save(onnx_model, path)
+        return
+    total = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None)
+    with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="  writing weights") as bar:
+        def written(tensor, info) -> None:
+            weight = weights.get(tensor.name)
+            layer = re.search(r"layers\.(\d+)\.", weight.parameter if weight else tensor.name or "")
+            bar.set_postfix_str(f"layer {layer.group(1)}" if layer else "embeddings and head", refresh=False)
+            bar.update(tensor.nbytes)
+
+        ir.save(onnx_model, path, external_data=path.name + ".data", alignment=EXTERNAL_DATA_ALIGNMENT,
+                callback=written)
 
 
 def custom_moe_nodes(model: ir.Model) -> list[ir.Node]:
@@ -186,12 +332,13 @@ def mark_plugin_nodes(model: ir.Model) -> None:
         node.attributes["plugin_version"] = ir.AttrString("plugin_version", PLUGIN_VERSION)
 
 
-def lower_plain_moe_to_ort(model: ir.Model) -> None:
+def lower_plain_moe_to_ort(model: ir.Model, weights: dict[str, WeightInitializer] | None = None) -> None:
     """Replace each plain MoE node by com.microsoft::MoE (SwiGLU, interleaved gate/up weights).
 
     ORT's CPU kernel only takes the interleaved layout (g0, u0, g1, u1, ...) of fc1, so the
-    concatenated [E, 2I, H] initializer is re-laid once here.
+    concatenated [E, 2I, H] initializer is re-laid once here (lazily, when it is written).
     """
+    weights = {} if weights is None else weights
     graph = model.graph
     lowered = 0
     for node in list(graph):
@@ -201,11 +348,13 @@ def lower_plain_moe_to_ort(model: ir.Model) -> None:
         hidden, logits, gate_up, down = node.inputs
         if gate_up.const_value is None:
             raise ExportError(f"{node.name}: gate_up is not an initializer; cannot lower to com.microsoft::MoE")
-        weights = gate_up.const_value.numpy()
-        experts, two_i, h = weights.shape
-        interleaved = weights.reshape(experts, 2, two_i // 2, h).transpose(0, 2, 1, 3).reshape(experts, two_i, h)
-        fc1 = ir.Value(name=f"{gate_up.name}.interleaved", shape=ir.Shape(weights.shape), type=gate_up.type,
-                       const_value=ir.tensor(np.ascontiguousarray(interleaved), name=f"{gate_up.name}.interleaved"))
+        name = f"{gate_up.name}.interleaved"
+        if gate_up.name in weights:
+            weights[name] = weights[gate_up.name].then("interleave")
+            values = weights[name].lazy_tensor(name, gate_up.shape)
+        else:
+            values = ir.tensor(interleave_gate_up(gate_up.const_value.numpy()), name=name)
+        fc1 = ir.Value(name=name, shape=gate_up.shape, type=gate_up.type, const_value=values)
         graph.register_initializer(fc1)
         ms_node = ir.node(
             "MoE", [hidden, logits, fc1, None, down], domain=MS_DOMAIN, name=node.name,
@@ -219,6 +368,7 @@ def lower_plain_moe_to_ort(model: ir.Model) -> None:
         graph.remove(node, safe=True)
         if not gate_up.uses():
             graph.initializers.pop(gate_up.name)
+            weights.pop(gate_up.name, None)
         lowered += 1
     if lowered:
         model.opset_imports[MS_DOMAIN] = 1

@@ -4,6 +4,12 @@ Reads both on-disk expert layouts (per-expert `mlp.experts.{e}.gate_proj.weight`
 transformers 4.x and the CE reference code, and fused 3-D `mlp.experts.gate_up_proj` /
 `down_proj`), CE checkpoints (`use_ce`, `n_ce`, `mlp.ces`) and trimmed checkpoints with per-layer
 expert counts. Every tensor is accounted for: an unexpected tensor is an error, never dropped.
+
+Nothing is read at load time but the safetensors headers: a LoadedModel describes every tensor
+(shape, dtype, where it lives) and reads it when asked, memory-mapped and tensor by tensor, so a
+checkpoint larger than the machine's memory can be exported. A layer's routed experts, stored one
+tensor per expert, are stacked into the op's [E, 2I, H] / [E, H, I] layout when that layer is read.
+Values are checked (finite) the first time each tensor is read.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -110,15 +117,18 @@ ARCHITECTURES = {arch.model_type: arch for arch in (
 
 
 def load_checkpoint(folder: str | Path) -> LoadedModel:
+    """Read config.json and the safetensors headers; check every tensor's name, shape and dtype
+    against the architecture. No tensor data is read here (see the module docstring)."""
     folder = Path(folder)
     config = read_config(folder)
     arch = architecture_for(config, folder)
-    tensors = read_safetensors(folder)
+    files = SafetensorsFiles(folder)
+    tensors = {name: files.stored(name) for name in files.names}
     spec = model_spec_from_config(config, arch, tensors, folder)
-    moe_weights = {}
+    moe_sources = {}
     for layer in spec.moe_layers:
         if layer.kind == LAYER_MOE:
-            moe_weights[layer.layer] = take_moe_weights(tensors, arch, layer, folder)
+            moe_sources[layer.layer] = take_moe_weights(tensors, arch, layer, folder)
     dense = take_dense_tensors(tensors, spec, arch, folder)
     leftover = sorted(name for name in tensors if not IGNORED_TENSORS.match(name))
     if leftover:
@@ -126,7 +136,197 @@ def load_checkpoint(folder: str | Path) -> LoadedModel:
             f"{folder}: {len(leftover)} tensor(s) the {arch.model_type} layout does not use, "
             f"e.g. {leftover[0]!r} (refusing to drop weights silently)"
         )
-    return LoadedModel(spec=spec, moe_weights=moe_weights, dense_tensors=dense, source=str(folder))
+    return LoadedModel(spec=spec, moe_weights=LazyMoeWeights(moe_sources), dense_tensors=LazyTensors(dense),
+                       source=str(folder))
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as the checkpoint holds it (or assembled from several: a layer's stacked experts),
+    not yet read. Every `read()` reads it afresh: a memory-mapped view of the file for a stored
+    tensor (its pages are released when the view is dropped), a new tensor for an assembled one."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def meta(self) -> torch.Tensor:
+        """A tensor of this shape and dtype without data (device "meta")."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+@dataclass(frozen=True)
+class MoeLayerSource:
+    """One MoE block's tensors (see spec.MoeLayerWeights), not yet read."""
+
+    router: StoredTensor
+    gate_up: StoredTensor
+    down: StoredTensor
+    ces: StoredTensor | None = None
+    shared_gate_up: StoredTensor | None = None
+    shared_down: StoredTensor | None = None
+    shared_gate: StoredTensor | None = None
+
+    def items(self) -> Iterator[tuple[str, StoredTensor]]:
+        for item in fields(self):
+            stored = getattr(self, item.name)
+            if stored is not None:
+                yield item.name, stored
+
+    def read(self) -> MoeLayerWeights:
+        return MoeLayerWeights(**{item.name: None if getattr(self, item.name) is None else getattr(self, item.name).read()
+                                  for item in fields(self)})
+
+
+class LazyTensors(Mapping):
+    """name -> tensor, read on each access; `stored[name]` describes it without reading."""
+
+    def __init__(self, stored: dict[str, StoredTensor]):
+        self.stored = stored
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.stored[name].read()
+
+    def __contains__(self, name) -> bool:
+        return name in self.stored
+
+    def __iter__(self):
+        return iter(self.stored)
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+
+class LazyMoeWeights(Mapping):
+    """layer -> MoeLayerWeights, the layer read (its experts stacked) on each access; `sources[layer]`
+    describes it without reading."""
+
+    def __init__(self, sources: dict[int, MoeLayerSource]):
+        self.sources = sources
+
+    def __getitem__(self, layer: int) -> MoeLayerWeights:
+        return self.sources[layer].read()
+
+    def __contains__(self, layer) -> bool:
+        return layer in self.sources
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+FINITE_CHECK_CHUNK = 1 << 24  # elements per isfinite pass (bounds its temporary to 16 MB)
+
+
+class SafetensorsFiles:
+    """Every tensor of a checkpoint folder's safetensors files: name, shape and dtype from the
+    headers at construction; the data on `read`, memory-mapped by safetensors, one file mapping
+    per read (so dropping the tensor releases its pages), checked finite on its first read."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.paths: dict[str, Path] = {}
+        self.headers: dict[str, tuple[tuple[int, ...], torch.dtype | str]] = {}
+        self.checked: set[str] = set()
+        index_path = folder / SAFETENSORS_INDEX
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise LoadError(f"{index_path}: not a safetensors index ({error!r})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            weight_map = None
+            files = sorted(path.name for path in folder.glob("*.safetensors"))
+            if not files:
+                raise LoadError(f"{folder}: no *.safetensors files and no {SAFETENSORS_INDEX}")
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                raise LoadError(f"{path}: listed in {SAFETENSORS_INDEX} but missing")
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():
+                        view = handle.get_slice(key)
+                        dtype = view.get_dtype()
+                        self.headers[key] = (tuple(view.get_shape()), SAFETENSORS_DTYPES.get(dtype, dtype))
+                        self.paths[key] = path
+            except Exception as error:  # safetensors raises several types for damaged files
+                raise LoadError(f"{path}: unreadable safetensors file ({type(error).__name__}: {error})") from None
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.paths))
+            if missing:
+                raise LoadError(f"{index_path}: lists {missing[0]!r}, which its shard does not contain")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    def stored(self, name: str) -> StoredTensor:
+        shape, dtype = self.headers[name]
+        return StoredTensor(name, shape, dtype, lambda: self.read(name))
+
+    def read(self, name: str) -> torch.Tensor:
+        path = self.paths[name]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+        except Exception as error:
+            raise LoadError(f"{path}: unreadable safetensors file ({type(error).__name__}: {error})") from None
+        if name not in self.checked:
+            check_finite(tensor, name, self.folder)
+            self.checked.add(name)
+        return tensor
+
+
+def check_finite(tensor: torch.Tensor, name: str, folder: Path) -> None:
+    flat = tensor.reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
+        bad += int((~torch.isfinite(flat[start:start + FINITE_CHECK_CHUNK])).sum())
+    if bad:
+        raise LoadError(f"{folder}: tensor {name!r} has {bad} non-finite value(s) (NaN or Inf)")
+
+
+def assembled(name: str, shape: tuple[int, ...], parts: list[tuple[tuple, StoredTensor]]) -> StoredTensor:
+    """A tensor made of stored ones: each part is copied to out[index] when it is read, one at a time."""
+    dtype = parts[0][1].dtype
+    for _, part in parts[1:]:
+        dtype = torch.promote_types(dtype, part.dtype)
+
+    def read() -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        for index, part in parts:
+            out[index].copy_(part.read())
+        return out
+
+    return StoredTensor(name, tuple(shape), dtype, read)
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder by name (memory-mapped views; nothing checked but the headers)."""
+    files = SafetensorsFiles(folder)
+    tensors = {}
+    for name, path in files.paths.items():
+        with safe_open(str(path), framework="pt") as handle:
+            tensors[name] = handle.get_tensor(name)
+    return tensors
 
 
 def read_config(folder: Path) -> dict:
@@ -152,39 +352,6 @@ def architecture_for(config: dict, folder: Path) -> Architecture:
             f"(supported: {', '.join(sorted(ARCHITECTURES))})"
         )
     return ARCHITECTURES[model_type]
-
-
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    index_path = folder / SAFETENSORS_INDEX
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise LoadError(f"{index_path}: not a safetensors index ({error!r})") from None
-        files = sorted(set(weight_map.values()))
-    else:
-        weight_map = None
-        files = sorted(path.name for path in folder.glob("*.safetensors"))
-        if not files:
-            raise LoadError(f"{folder}: no *.safetensors files and no {SAFETENSORS_INDEX}")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise LoadError(f"{path}: listed in {SAFETENSORS_INDEX} but missing")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key)
-        except LoadError:
-            raise
-        except Exception as error:  # safetensors raises several types for damaged files
-            raise LoadError(f"{path}: unreadable safetensors file ({type(error).__name__}: {error})") from None
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise LoadError(f"{index_path}: lists {missing[0]!r}, which its shard does not contain")
-    return tensors
 
 
 def config_int(config: dict, key: str, folder: Path, default: int | None = None) -> int:
@@ -236,7 +403,7 @@ def model_spec_from_config(config: dict, arch: Architecture, tensors: dict, fold
         stray = next((name for name in tensors if name.endswith(".ces")), None)
         if stray is not None:
             raise LoadError(f"{where}: checkpoint has {stray!r} but use_ce is not true (compressed experts would be ignored)")
-    floats = [tensor.dtype for tensor in tensors.values() if tensor.is_floating_point()]
+    floats = [tensor.dtype for tensor in tensors.values() if isinstance(tensor.dtype, torch.dtype) and tensor.dtype.is_floating_point]
     checkpoint_dtype = str(max(set(floats), key=floats.count)).removeprefix("torch.") if floats else "unknown"
     return ModelSpec(
         architecture=arch.model_type, vocab_size=config_int(config, "vocab_size", folder), hidden_size=hidden,
@@ -274,21 +441,20 @@ def per_layer_expert_counts(config: dict, arch: Architecture, num_layers: int, w
     return [counts] * num_layers
 
 
-def take(tensors: dict, name: str, shape: tuple, folder: Path) -> torch.Tensor:
+def take(tensors: dict[str, StoredTensor], name: str, shape: tuple, folder: Path) -> StoredTensor:
     if name not in tensors:
         raise LoadError(f"{folder}: missing tensor {name!r}")
     tensor = tensors.pop(name)
     if tuple(tensor.shape) != tuple(shape):
         raise LoadError(f"{folder}: tensor {name!r} has shape {list(tensor.shape)}, config implies {list(shape)}")
-    if not tensor.is_floating_point():
-        raise LoadError(f"{folder}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
-    if not torch.isfinite(tensor).all():
-        bad = (~torch.isfinite(tensor)).sum().item()
-        raise LoadError(f"{folder}: tensor {name!r} has {bad} non-finite value(s) (NaN or Inf)")
+    if not (isinstance(tensor.dtype, torch.dtype) and tensor.dtype.is_floating_point):
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise LoadError(f"{folder}: tensor {name!r} has dtype {dtype}, expected floating point")
     return tensor
 
 
-def take_moe_weights(tensors: dict, arch: Architecture, layer: MoeLayerSpec, folder: Path) -> MoeLayerWeights:
+def take_moe_weights(tensors: dict[str, StoredTensor], arch: Architecture, layer: MoeLayerSpec,
+                     folder: Path) -> MoeLayerSource:
     prefix = f"model.layers.{layer.layer}.{arch.moe_module}."
     experts, hidden, inter = layer.num_experts, layer.hidden_size, layer.intermediate_size
     router = take(tensors, prefix + "gate.weight", (experts, hidden), folder)
@@ -298,35 +464,39 @@ def take_moe_weights(tensors: dict, arch: Architecture, layer: MoeLayerSpec, fol
         down = take(tensors, prefix + "experts.down_proj", (experts, hidden, inter), folder)
     else:
         gate_name, up_name, down_name = arch.expert_names
-        gates, ups, downs = [], [], []
+        gate_up_parts, down_parts = [], []
         for expert in range(experts):
             name = f"{prefix}experts.{expert}."
-            gates.append(take(tensors, f"{name}{gate_name}.weight", (inter, hidden), folder))
-            ups.append(take(tensors, f"{name}{up_name}.weight", (inter, hidden), folder))
-            downs.append(take(tensors, f"{name}{down_name}.weight", (hidden, inter), folder))
-        gate_up = torch.cat([torch.stack(gates), torch.stack(ups)], dim=1)
-        down = torch.stack(downs)
-    weights = MoeLayerWeights(router=router, gate_up=gate_up, down=down, ces=None)
+            gate_up_parts.append(((expert, slice(0, inter)), take(tensors, f"{name}{gate_name}.weight", (inter, hidden), folder)))
+            gate_up_parts.append(((expert, slice(inter, 2 * inter)),
+                                  take(tensors, f"{name}{up_name}.weight", (inter, hidden), folder)))
+            down_parts.append(((expert,), take(tensors, f"{name}{down_name}.weight", (hidden, inter), folder)))
+        gate_up = assembled(prefix + "experts (gate, up)", (experts, 2 * inter, hidden), gate_up_parts)
+        down = assembled(prefix + "experts (down)", (experts, hidden, inter), down_parts)
+    parts = {"router": router, "gate_up": gate_up, "down": down}
     if layer.is_compressed:
-        if prefix + "ces" in tensors and tensors[prefix + "ces"].ndim == 3 and tensors[prefix + "ces"].shape[2] < layer.ces_width:
+        ces = tensors.get(prefix + "ces")
+        if ces is not None and len(ces.shape) == 3 and ces.shape[2] < layer.ces_width:
             raise LoadError(
-                f"{folder}: {prefix}ces has width {tensors[prefix + 'ces'].shape[2]}, but the activation scale needs "
+                f"{folder}: {prefix}ces has width {ces.shape[2]}, but the activation scale needs "
                 f"{inter} (intermediate_size > hidden_size); store ces as [E, 3, max(H, I)]"
             )
-        weights.ces = take(tensors, prefix + "ces", (experts, 3, layer.ces_width), folder)
+        parts["ces"] = take(tensors, prefix + "ces", (experts, 3, layer.ces_width), folder)
     if layer.shared_intermediate_size:
         shared = f"{prefix}{arch.shared_module}."
         size = layer.shared_intermediate_size
         gate_name, up_name, down_name = SWIGLU_NAMES
-        weights.shared_gate_up = torch.cat([take(tensors, f"{shared}{gate_name}.weight", (size, hidden), folder),
-                                            take(tensors, f"{shared}{up_name}.weight", (size, hidden), folder)])
-        weights.shared_down = take(tensors, f"{shared}{down_name}.weight", (hidden, size), folder)
+        parts["shared_gate_up"] = assembled(shared + "(gate, up)", (2 * size, hidden), [
+            ((slice(0, size),), take(tensors, f"{shared}{gate_name}.weight", (size, hidden), folder)),
+            ((slice(size, 2 * size),), take(tensors, f"{shared}{up_name}.weight", (size, hidden), folder))])
+        parts["shared_down"] = take(tensors, f"{shared}{down_name}.weight", (hidden, size), folder)
         if arch.shared_gate:
-            weights.shared_gate = take(tensors, f"{prefix}{arch.shared_gate}.weight", (1, hidden), folder)
-    return weights
+            parts["shared_gate"] = take(tensors, f"{prefix}{arch.shared_gate}.weight", (1, hidden), folder)
+    return MoeLayerSource(**parts)
 
 
-def take_dense_tensors(tensors: dict, spec: ModelSpec, arch: Architecture, folder: Path) -> dict[str, torch.Tensor]:
+def take_dense_tensors(tensors: dict[str, StoredTensor], spec: ModelSpec, arch: Architecture,
+                       folder: Path) -> dict[str, StoredTensor]:
     """Every parameter of transformers' model outside our MoE blocks, checked against its shape."""
     shapes = dense_parameter_shapes(spec)
     for layer in spec.moe_layers:
@@ -352,15 +522,21 @@ def dense_parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def parameter_count(model: LoadedModel) -> tuple[int, int]:
-    """(total parameters, parameters active per token)."""
-    total = active = sum(t.numel() for t in model.dense_tensors.values())
+    """(total parameters, parameters active per token), from the tensors' shapes (nothing is read)."""
+    total = active = sum(stored.numel for stored in model.dense_tensors.stored.values())
     for layer in model.spec.moe_layers:
         if layer.kind != LAYER_MOE:
             continue
-        weights = model.moe_weights[layer.layer]
-        per_expert = math.prod(weights.gate_up.shape[1:]) + math.prod(weights.down.shape[1:])
-        always = weights.router.numel() + sum(
-            t.numel() for t in (weights.shared_gate_up, weights.shared_down, weights.shared_gate) if t is not None)
-        total += always + per_expert * layer.num_experts + (weights.ces.numel() if weights.ces is not None else 0)
-        active += always + per_expert * layer.n_main + (3 * layer.ces_width * layer.n_ce if weights.ces is not None else 0)
+        source = model.moe_weights.sources[layer.layer]
+        per_expert = math.prod(source.gate_up.shape[1:]) + math.prod(source.down.shape[1:])
+        always = source.router.numel + sum(
+            t.numel for t in (source.shared_gate_up, source.shared_down, source.shared_gate) if t is not None)
+        total += always + per_expert * layer.num_experts + (source.ces.numel if source.ces is not None else 0)
+        active += always + per_expert * layer.n_main + (3 * layer.ces_width * layer.n_ce if source.ces is not None else 0)
     return total, active
+
+
+def weight_bytes(model: LoadedModel) -> int:
+    """Bytes of every tensor the model uses, as the checkpoint stores them."""
+    return (sum(stored.nbytes for stored in model.dense_tensors.stored.values())
+            + sum(stored.nbytes for source in model.moe_weights.sources.values() for _, stored in source.items()))

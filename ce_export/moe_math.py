@@ -134,8 +134,10 @@ def moe_reference(
     out = torch.zeros_like(hidden)
     for expert in torch.unique(main_experts).tolist():
         tokens, slots = torch.where(main_experts == expert)
+        # Weights stored narrower than the activations (bf16 experts of an fp32 reference) are
+        # upcast one expert at a time: the same values as an upcast copy of the whole layer.
         y = swiglu_expert(
-            x_gate[tokens], x_up[tokens], gate_up[expert], down[expert],
+            x_gate[tokens], x_up[tokens], gate_up[expert].to(hidden.dtype), down[expert].to(hidden.dtype),
             None if activation_scale is None else activation_scale[tokens],
         )
         out.index_add_(0, tokens, y * main_weights[tokens, slots, None].to(hidden.dtype))

@@ -8,6 +8,7 @@ verification. `verify DIR` reruns the checks from those files alone.
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib.metadata
 import platform
 import time
@@ -21,12 +22,13 @@ from ce_export import export as export_stage
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
-from ce_export.capture import DTYPES, build_torch_model
+from ce_export.capture import DTYPES, build_torch_model, build_traced_model
 from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
 from ce_export.onnx_precision import OnnxPrecisionView
-from ce_export.quantize import fake_quantize_model, quantize_activations
+from ce_export.progress import progress_bar
+from ce_export.quantize import quantize_activations
 
 MANIFEST_FORMAT = 1
 CHECKPOINT_COPY = "checkpoint"
@@ -96,8 +98,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
                f"{total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active per token)")
         activations = None
         with timer("capture"):
-            lm = build_torch_model(loaded, DTYPES[options.dtype])
-            quantized = fake_quantize_model(lm, options.quantize) if options.quantize else None
+            lm = build_traced_model(loaded, DTYPES[options.dtype], separate_head=bool(options.quantize))
         if activation_quantized:
             with timer(f"calibrate: FP8 activation ranges on {min(len(data.calibration), CALIBRATION_SEQUENCES)} "
                        f"x {EVAL_SEQ_LEN} tokens ({'built-in corpus' if options.calib is None else options.calib})"):
@@ -105,7 +106,8 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
                 quantize_activations(lm, activations["scales"])
         with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"):
             result = export_stage.export_onnx(loaded, lm, staging, options.target, options.max_batch,
-                                              options.max_seq, options.max_context, options.quantize, quantized)
+                                              options.max_seq, options.max_context, options.quantize)
+        del lm
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
         manifest = make_manifest(source, loaded, options, result, data, activations)
@@ -149,7 +151,7 @@ def calibrate_activations(loaded, data, dtype: torch.dtype) -> dict:
     from ce_calibrate import activation_ranges
 
     sequences = data.calibration[:CALIBRATION_SEQUENCES]
-    ranges = activation_ranges(build_torch_model(loaded, torch.float32), sequences)
+    ranges = activation_ranges(build_torch_model(loaded, torch.float32, keep_expert_dtype=True), sequences)
     return {"format": "FP8 E4M3 (float8e4m3fn), QuantizeLinear saturate=1 -> DequantizeLinear",
             "granularity": "one static scale per tensor", "scale": "amax / 448, stored in the model dtype",
             "calibration": f"{sequences.shape[0]} x {sequences.shape[1]} tokens, {data.source}",
@@ -212,67 +214,105 @@ def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
 
 
 def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dict:
+    """Parity of the artifact with PyTorch, in two phases whose memory peaks do not add up: ONNX Runtime
+    first, on every input (parity shapes, greedy generation, held-out perplexity), keeping only its
+    outputs; the session is then released and the PyTorch models are built and run one at a time,
+    each keeping the routed experts' weights in the checkpoint's dtype (upcast per expert)."""
     dtype_name = manifest["dtype"]
+    spec = loaded.spec
     onnx_path = folder / manifest["onnx"]["file"]
     quantization = (manifest.get("quantization") or {}).get("mode")
     scales = ((manifest.get("quantization") or {}).get("activations") or {}).get("scales")
     artifact_dtype = DTYPES[dtype_name]
+    tolerance = verify_stage.TOLERANCES[dtype_name]
+    view = OnnxPrecisionView(onnx_path, dtype_name)
+    runtime_dtype = view.runtime_torch_dtype
+    data, sequences = evaluation_sequences(folder, manifest, loaded)
+    cases, new_tokens = verify_stage.PARITY_CASES, verify_stage.GENERATION_TOKENS
     with timer("verify: ONNX Runtime session"):
-        view = OnnxPrecisionView(onnx_path, dtype_name)
-        runtime_path = view.path_for_runtime()
-        runtime = verify_stage.OrtDecoder(runtime_path, exact_dequantize=bool(quantization))
+        runtime = verify_stage.OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(quantization),
+                                          weights_as_stored=True)
+    with timer(f"verify: ONNX Runtime on {len(cases)} shapes, {new_tokens} greedy tokens, "
+               f"{len(sequences)} held-out sequences"), \
+            progress_bar(total=len(cases) + new_tokens + len(sequences), desc="  ONNX Runtime") as bar:
+        recorded = verify_stage.record_logits(runtime, spec, runtime_dtype, cases, progress=bar)
+        ids, mask = verify_stage.generation_prompt(spec.vocab_size)
+        start = time.perf_counter()
+        onnx_tokens = verify_stage.greedy_onnx(runtime, ids, mask, new_tokens, spec, runtime_dtype, progress=bar)
+        onnx_seconds = time.perf_counter() - start
+        onnx_perplexity = verify_stage.perplexity(runtime, sequences, spec, runtime_dtype, progress=bar)
+    del runtime
+    gc.collect()
 
-    def quantized_like_artifact(lm, dequantized_dtype):
-        # The artifact's q and scales (computed in its dtype), dequantized as its runtime does.
-        fake_quantize_model(lm, quantization, artifact_dtype, dequantized_dtype)
-        if scales:
-            quantize_activations(lm, scales)
+    def weights_like_artifact(dequantized_dtype: torch.dtype):
+        return artifact_weights(loaded, view.round_to, quantization, artifact_dtype, dequantized_dtype)
+
+    def torch_model(name: str, dtype: torch.dtype, weights, like_artifact: bool = True):
+        with timer(f"verify: PyTorch {name} model"):
+            lm = build_torch_model(loaded, dtype, weights=weights, keep_expert_dtype=True, progress=True)
+            if scales and like_artifact:
+                quantize_activations(lm, scales)
         return lm
 
-    unquantized = build_torch_model(loaded, torch.float32)
-    reference = unquantized
-    if quantization or view.emulated:
-        reference = build_torch_model(loaded, torch.float32)
-        if view.emulated:
-            view.round_weights_like_export(reference)
-        if quantization:  # the bf16 view's DequantizeLinear computes q * scale in fp32
-            quantized_like_artifact(reference, torch.float32 if view.emulated else artifact_dtype)
-    at_dtype = reference
-    if dtype_name != "fp32" and not view.emulated:
-        at_dtype = build_torch_model(loaded, artifact_dtype)
-        if quantization:
-            quantized_like_artifact(at_dtype, artifact_dtype)
-    runtime_dtype = view.runtime_torch_dtype
-    with timer("verify: logits on %d shapes" % len(verify_stage.PARITY_CASES)):
-        tolerance = verify_stage.TOLERANCES[dtype_name]
-        logits = verify_stage.check_logits(reference, runtime, loaded.spec, manifest["onnx"]["outputs"],
-                                           runtime_dtype, tolerance)
-    with timer(f"verify: greedy generation of {verify_stage.GENERATION_TOKENS} tokens"):
-        generation = verify_stage.check_generation(at_dtype, runtime, loaded.spec, runtime_dtype, tolerance)
-        if at_dtype is not reference and not generation["passed"]:
-            accept_fp32_reference_tokens(generation, verify_stage.check_generation(
-                reference, runtime, loaded.spec, runtime_dtype, tolerance, onnx_tokens=generation["onnx_tokens"]))
+    reference_weights = weights_like_artifact(torch.float32 if view.emulated else artifact_dtype)
+    reference = torch_model("reference (fp32)", torch.float32, reference_weights)
+    with timer(f"verify: PyTorch logits on {len(cases)} shapes"), \
+            progress_bar(total=len(cases), desc="  PyTorch") as bar:
+        logits = verify_stage.compare_logits(reference, recorded, manifest["onnx"]["outputs"], tolerance, progress=bar)
+    del recorded
+    low_precision_torch = dtype_name != "fp32" and not view.emulated
+
+    def generation_with(lm):
+        with timer(f"verify: PyTorch greedy generation of {new_tokens} tokens"), \
+                progress_bar(total=new_tokens, desc="  PyTorch") as bar:
+            return verify_stage.check_generation(lm, None, spec, runtime_dtype, tolerance,
+                                                 onnx_tokens=onnx_tokens.tolist(), onnx_seconds=onnx_seconds,
+                                                 progress=bar)
+
+    generation = None if low_precision_torch else generation_with(reference)
     free_running = None
     if scales:
-        # FP8 activations: the free-running checks above are reported; the pass criterion is the same
+        # FP8 activations: the free-running checks are reported; the pass criterion is the same
         # checks with the reference synchronized at each FP8 quantizer (synchronized.py says why).
+        # This check runs ONNX Runtime and the reference side by side: both models are resident.
         free_running = {"logits": {key: logits[key] for key in ("statistic", "worst", "max_rel")}
-                        | {"min_top1_agreement": min(case["logits_top1_agreement"] for case in logits["cases"])},
-                        "generation": {"identical_rows": sum(row["identical"] for row in generation["rows"]),
-                                       "rows": generation["rows"]}}
+                        | {"min_top1_agreement": min(case["logits_top1_agreement"] for case in logits["cases"])}}
+        if generation is not None:
+            free_running["generation"] = free_generation(generation)
         from ce_export import synchronized
 
         with timer("verify: logits and greedy generation, synchronized at each FP8 quantizer"):
-            pair = synchronized.SynchronizedPair(runtime_path, reference)
+            pair = synchronized.SynchronizedPair(view.model_for_runtime(), reference)
             try:
-                logits = synchronized.check_logits(pair, loaded.spec, manifest["onnx"]["outputs"], runtime_dtype,
-                                                   tolerance)
-                generation = synchronized.check_generation(pair, loaded.spec, runtime_dtype, tolerance)
+                logits = synchronized.check_logits(pair, spec, manifest["onnx"]["outputs"], runtime_dtype, tolerance)
+                synchronized_generation = synchronized.check_generation(pair, spec, runtime_dtype, tolerance)
             finally:
                 pair.close()
-    with timer("verify: held-out perplexity, PyTorch fp32 vs the artifact"):
-        quality = quality_cost(folder, manifest, loaded, unquantized, runtime, runtime_dtype)
-    view.cleanup()
+    torch_perplexity = None
+    if reference_weights is None and not scales:  # the reference is also the unquantized fp32 model
+        torch_perplexity = torch_fp32_perplexity(reference, sequences, spec, timer)
+    del reference
+    gc.collect()
+    if low_precision_torch:
+        at_dtype = torch_model(f"{dtype_name}", artifact_dtype, weights_like_artifact(artifact_dtype))
+        generation = generation_with(at_dtype)
+        del at_dtype
+        gc.collect()
+        if not generation["passed"]:
+            reference = torch_model("reference (fp32)", torch.float32, reference_weights)
+            accept_fp32_reference_tokens(generation, generation_with(reference))
+            del reference
+            gc.collect()
+        if free_running is not None:
+            free_running["generation"] = free_generation(generation)
+    if scales:
+        generation = synchronized_generation
+    if torch_perplexity is None:
+        unquantized = torch_model("fp32 (unquantized)", torch.float32, None, like_artifact=False)
+        torch_perplexity = torch_fp32_perplexity(unquantized, sequences, spec, timer)
+        del unquantized
+        gc.collect()
+    quality = quality_report(folder, manifest, data, sequences, torch_perplexity, onnx_perplexity)
     return {
         "runtime": "onnxruntime CPUExecutionProvider",
         "reference": "PyTorch fp32, MoE blocks through ce_export.moe_math (the reference op)",
@@ -290,6 +330,34 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dic
     }
 
 
+def free_generation(generation: dict) -> dict:
+    return {"identical_rows": sum(row["identical"] for row in generation["rows"]), "rows": generation["rows"]}
+
+
+def artifact_weights(loaded, round_to: torch.dtype | None, quantization: str | None, artifact_dtype: torch.dtype,
+                     dequantized_dtype: torch.dtype):
+    """build_torch_model's `weights`: each tensor as the artifact holds it, i.e. rounded to its dtype
+    (bf16 view) and, for the weights quantization stores quantized, its q and scales (computed in
+    the artifact's dtype) dequantized as its runtime does. None when that is the checkpoint itself."""
+    stored = {t.dtype for t in loaded.dense_tensors.stored.values()} | {
+        t.dtype for source in loaded.moe_weights.sources.values() for _, t in source.items()}
+    if quantization is None and (round_to is None or stored <= {round_to}):
+        return None
+
+    def weights(name, module, tensor):
+        if quantization and quantize_stage.is_quantized(module, name.rpartition(".")[2]):
+            return quantize_stage.dequantized_like_artifact(tensor, quantization, artifact_dtype, dequantized_dtype, name)
+        return tensor if round_to is None else tensor.to(round_to)
+
+    return weights
+
+
+def torch_fp32_perplexity(lm, sequences, spec, timer) -> float:
+    with timer("verify: held-out perplexity, PyTorch fp32"), \
+            progress_bar(total=len(sequences), desc="  PyTorch") as bar:
+        return verify_stage.perplexity(verify_stage.TorchDecoder(lm), sequences, spec, torch.float32, progress=bar)
+
+
 def accept_fp32_reference_tokens(generation: dict, against_fp32: dict) -> None:
     """fp16 builds: a row whose tokens differ from PyTorch fp16's passes when they equal those of
     the fp32 reference (with the same quantized weights, when quantized). PyTorch's CPU fp16 arithmetic
@@ -304,18 +372,22 @@ def accept_fp32_reference_tokens(generation: dict, against_fp32: dict) -> None:
     generation["passed"] = all(row["passed"] for row in generation["rows"])
 
 
-def quality_cost(folder: Path, manifest: dict, loaded, unquantized_fp32, runtime, runtime_dtype) -> dict:
-    """Model size and the quality cost of the artifact: perplexity on the held-out slice of the
-    build's calibration data (--calib, default the built-in corpus), unquantized PyTorch fp32 vs
-    the exported file in ONNX Runtime."""
+def evaluation_sequences(folder: Path, manifest: dict, loaded):
+    """The held-out sequences of the quality report: the build's calibration data (--calib, default
+    the built-in corpus), its evaluation slice."""
     from ce_calibrate import BUILTIN
 
     recorded = manifest.get("calibration_data") or {}
     source = recorded.get("source", BUILTIN)
     data = calibration_data(checkpoint_of(folder, manifest), loaded, None if source == BUILTIN else source)
-    sequences = data.evaluation[:EVAL_SEQUENCES]
-    torch_ppl = verify_stage.perplexity(verify_stage.TorchDecoder(unquantized_fp32), sequences, loaded.spec, torch.float32)
-    onnx_ppl = verify_stage.perplexity(runtime, sequences, loaded.spec, runtime_dtype)
+    return data, data.evaluation[:EVAL_SEQUENCES]
+
+
+def quality_report(folder: Path, manifest: dict, data, sequences, torch_ppl: float, onnx_ppl: float) -> dict:
+    """Model size and the quality cost of the artifact: perplexity on the held-out slice of the
+    build's calibration data, unquantized PyTorch fp32 vs the exported file in ONNX Runtime."""
+    from ce_calibrate import BUILTIN
+
     files = [folder / manifest["onnx"]["file"]] + ([folder / manifest["onnx"]["external_data"]] if manifest["onnx"]["external_data"] else [])
     return {"evaluation": f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}",
             "data": {"source": data.source, "kind": "built-in corpus" if data.source == BUILTIN else "user data (--calib)",

@@ -9,14 +9,17 @@ per-tensor scales (calibrated amax / 448) at the input of every quantized GEMM. 
 attention, LM-head, dense-MLP, shared-expert and expert weights; routers and embeddings stay in
 float (as in the MoE compression study).
 
-Two halves that agree exactly, by construction:
-- `fake_quantize_model` computes each weight's (q, scale) in the artifact's dtype (scales are
-  stored in it) and replaces the PyTorch weight by what ONNX Runtime's DequantizeLinear computes
-  from them (q * scale, rounded once to the output dtype), so the captured model is the reference
-  the exported artifact is checked against. It returns the (q, scale) of every weight;
-- `store_quantized_weights` finds each of those weights among the exported graph's initializers
-  (by value: the exporter folds transposes into new, anonymous initializers; `--target ort`
-  interleaves expert rows) and replaces it by the recorded q and scale feeding a DequantizeLinear.
+Two halves that agree exactly, by construction, both from `quantize_weight` (q and scale computed in
+the artifact's dtype, scales stored in it; dequantized = what ONNX Runtime's DequantizeLinear computes
+from them, q * scale rounded once to the output dtype):
+- the reference: `dequantized_like_artifact` gives each quantized weight's dequantized value as the
+  PyTorch reference is built (pipeline.artifact_weights); `fake_quantize_model` does the same to
+  a model already built;
+- the file: `store_quantized_weights` replaces each initializer holding a quantized parameter
+  (export.WeightInitializer says which parameter, and in which layout: as is, transposed by the
+  exporter's folding, or with `--target ort`'s interleaved expert rows) by q and scale feeding a
+  DequantizeLinear. q and scale are lazy tensors: computed from the checkpoint, a few thousand rows
+  at a time, when the file is written.
 Expert weights [E, O, I] are stored as [E*O, I] with per-row scales and reshaped back.
 
 Activations (`fp8-w8a8`): `ce_export::fake_quantize_fp8(x, scale)` = clamp(x / scale, +-448) ->
@@ -29,7 +32,6 @@ block's hidden input to the experts (not the router input). The experts' interme
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -43,6 +45,7 @@ from ce_export.capture import MoeBlock, SharedExpert, activation_sites
 from ce_export.errors import ExportError
 
 FP8_MAX = 448.0
+QUANTIZE_ROWS_PER_CHUNK = 4096  # rows quantized at once: bounds quantize_weight's fp32 temporaries
 
 
 @dataclass(frozen=True)
@@ -122,17 +125,31 @@ def quantize_weight(weight: torch.Tensor, mode: str, artifact_dtype: torch.dtype
     return q.reshape(source.shape), scale.squeeze(-1).to(artifact_dtype), dequantized
 
 
+def is_quantized(module: nn.Module, attribute: str) -> bool:
+    """Whether the quantization modes store `module`'s parameter `attribute` quantized."""
+    if isinstance(module, (MoeBlock, SharedExpert)):
+        return attribute in ("gate_up", "down")
+    return isinstance(module, nn.Linear) and attribute == "weight"
+
+
 def quantized_weight_names(lm: nn.Module):
     """(module, parameter name, qualified name) of every weight the quantization modes store quantized."""
     for module_name, module in lm.named_modules():
-        if isinstance(module, (MoeBlock, SharedExpert)):
-            names = ("gate_up", "down")
-        elif isinstance(module, nn.Linear):
-            names = ("weight",)
-        else:
-            continue
-        for name in names:
-            yield module, name, f"{module_name}.{name}"
+        for name in ("gate_up", "down", "weight"):
+            if is_quantized(module, name):
+                yield module, name, f"{module_name}.{name}"
+
+
+def dequantized_like_artifact(weight: torch.Tensor, mode: str, artifact_dtype: torch.dtype,
+                              dequantized_dtype: torch.dtype, name: str = "weight") -> torch.Tensor:
+    """quantize_weight's dequantized tensor (what the artifact's DequantizeLinear computes), computed a
+    few thousand rows at a time so that its fp32 temporaries stay small."""
+    rows = weight.reshape(-1, weight.shape[-1])
+    out = torch.empty(rows.shape, dtype=dequantized_dtype)
+    for start in range(0, rows.shape[0], QUANTIZE_ROWS_PER_CHUNK):
+        out[start:start + QUANTIZE_ROWS_PER_CHUNK] = quantize_weight(
+            rows[start:start + QUANTIZE_ROWS_PER_CHUNK], mode, artifact_dtype, dequantized_dtype, name)[2]
+    return out.reshape(weight.shape)
 
 
 def fake_quantize_model(lm: nn.Module, mode: str, artifact_dtype: torch.dtype | None = None,
@@ -207,7 +224,7 @@ def quantize_activations(lm: nn.Module, scales: dict[str, float]) -> int:
     if missing:
         raise ExportError(f"no activation scale for {missing[0]} (and {len(missing) - 1} more); "
                           f"calibration does not match this model")
-    dtype = next(lm.parameters()).dtype
+    dtype = getattr(lm, "compute_dtype", None) or next(lm.parameters()).dtype
     for name, module, kind in sites:
         if kind == "linear":
             module.__class__ = InputQuantizedLinear
@@ -217,9 +234,68 @@ def quantize_activations(lm: nn.Module, scales: dict[str, float]) -> int:
 
 # ---------------------------------------------------------------- the ONNX side
 
-def _key(array: np.ndarray) -> tuple:
-    array = np.ascontiguousarray(array)
-    return array.shape, str(array.dtype), hashlib.sha256(array.tobytes()).digest()
+def quantized_parameters(lm: nn.Module) -> set[str]:
+    """Names (in the captured model) of the parameters the quantization modes store quantized."""
+    return {qualified for _, _, qualified in quantized_weight_names(lm)}
+
+
+def quantize_rows(tensor: torch.Tensor, mode: str, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    """quantize_weight's (q, scale) of `tensor` [..., O, I] in its own dtype, as numpy arrays in the
+    file's formats, computed a few thousand rows at a time (every row is quantized on its own)."""
+    fmt = check_mode(mode)
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    q = np.empty(rows.shape, dtype=fmt.numpy_dtype)
+    scales = []
+    for start in range(0, rows.shape[0], QUANTIZE_ROWS_PER_CHUNK):
+        chunk_q, chunk_scale, _ = quantize_weight(rows[start:start + QUANTIZE_ROWS_PER_CHUNK], mode, name=name)
+        q[start:start + chunk_q.shape[0]] = chunk_q.numpy().astype(fmt.numpy_dtype)
+        scales.append(chunk_scale)
+    scale = torch.cat(scales).reshape(*tensor.shape[:-1], -1)
+    return q.reshape(tensor.shape), to_numpy(scale)
+
+
+class _QuantizedWeight:
+    """One weight's q and scale, computed from the checkpoint when the file writer asks for q (the
+    large one, written first); the small scale is kept for the writer's next request."""
+
+    def __init__(self, weight, mode: str, layout: str):
+        self.weight, self.mode, self.layout = weight, mode, layout
+        self._scale: np.ndarray | None = None
+
+    def _compute(self) -> tuple[np.ndarray, np.ndarray]:
+        q, scale = quantize_rows(self.weight.stored.read().to(self.weight.dtype), self.mode, self.weight.parameter)
+        return _arrange_quantized(q, scale, self.layout, FORMATS[self.mode])
+
+    def q(self) -> np.ndarray:
+        q, self._scale = self._compute()
+        return q
+
+    def scale(self) -> np.ndarray:
+        scale, self._scale = self._scale, None
+        return scale if scale is not None else self._compute()[1]
+
+
+def _layout_name(layout: tuple, rank: int) -> str | None:
+    if layout == ():
+        return "rows"  # [O, I] of Gemm(transB=1), or experts [E, O, I]
+    if layout == (("transpose", (1, 0)),) and rank == 2:
+        return "transposed"  # MatMul(x, W^T), the transpose folded
+    if layout == (("interleave",),):
+        return "interleaved"  # --target ort's fc1
+    return None
+
+
+def _arrange_quantized(q: np.ndarray, scale: np.ndarray, layout: str, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+    """q [..., O, I], scale [..., O, G] -> the arrays stored for an initializer of `layout`."""
+    if layout == "interleaved":
+        q, scale = _interleaved(q), _interleaved(scale)
+    if layout == "transposed":  # [I, O]: scales per output column (and block of inputs)
+        q, scale = q.T, scale.T
+        scale = scale if fmt.block else scale[0]
+    else:  # [O, I] or [E, O, I] as [E*O, I]: scales per row (and block of inputs)
+        q, scale = q.reshape(-1, q.shape[-1]), scale.reshape(-1, scale.shape[-1])
+        scale = scale if fmt.block else scale[:, 0]
+    return np.ascontiguousarray(q), np.ascontiguousarray(scale)
 
 
 def _interleaved(rows: np.ndarray) -> np.ndarray:
@@ -228,55 +304,44 @@ def _interleaved(rows: np.ndarray) -> np.ndarray:
     return rows.reshape(experts, 2, two_i // 2, *rows.shape[2:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _lookup(quantized: dict[str, QuantizedWeight]) -> dict:
-    """Value key -> (QuantizedWeight, layout): how each weight can appear among the graph's initializers."""
-    table = {}
-    for entry in quantized.values():
-        values = to_numpy(entry.dequantized)
-        if values.ndim == 2:
-            table[_key(values.T)] = (entry, "transposed")  # MatMul(x, W^T), the transpose folded
-            table.setdefault(_key(values), (entry, "rows"))  # Gemm(transB=1)
-        else:
-            table[_key(values)] = (entry, "rows")
-            if values.shape[1] % 2 == 0:
-                table.setdefault(_key(_interleaved(values)), (entry, "interleaved"))
-    return table
-
-
-def store_quantized_weights(model: ir.Model, mode: str, quantized: dict[str, QuantizedWeight]) -> dict:
-    """Replace each initializer holding one of `quantized`'s weights by its q + scale and a DequantizeLinear."""
+def store_quantized_weights(model: ir.Model, mode: str, weights: dict, parameters: set[str]) -> dict:
+    """Replace each initializer holding one of `parameters` (export.WeightInitializer by initializer
+    name says which) by its q + scale and a DequantizeLinear; q and scale are lazy tensors,
+    computed from the checkpoint when the file is written."""
     fmt = check_mode(mode)
     graph = model.graph
-    table = _lookup(quantized)
     found, saved_bytes = set(), 0
-    for value in list(graph.initializers.values()):
-        if value.const_value is None or not value.uses() or len(value.shape) not in (2, 3):
+    for name, weight in list(weights.items()):
+        value = graph.initializers.get(name)
+        if weight.parameter not in parameters or value is None or not value.uses():
             continue
-        weights = value.const_value.numpy()
-        match = table.get(_key(weights))
-        if match is None:
-            continue
-        entry, layout = match
-        q, scale = entry.q, entry.scale  # [..., O, I], [..., O, G]
-        group = q.shape[-1] // scale.shape[-1]
-        if layout == "interleaved":
-            q, scale = _interleaved(q), _interleaved(scale)
-        if layout == "transposed":  # [I, O]: scales per output column (and block of inputs)
-            q, scale = q.T, scale.T
+        shape = tuple(value.shape)
+        layout = _layout_name(weight.layout, len(shape))
+        if layout is None:
+            raise ExportError(f"--quantize {mode}: {weight.parameter} is stored as {weight.layout}, "
+                              f"which has no quantized form")
+        columns = weight.stored.shape[-1]
+        group = min(fmt.block, columns) if fmt.block else columns
+        if columns % group:
+            raise ExportError(f"--quantize {mode}: {weight.parameter} has {columns} inputs per row, not a multiple "
+                              f"of the group size {group}")
+        rows = int(np.prod(weight.stored.shape[:-1]))
+        groups = columns // group
+        if layout == "transposed":
+            q_shape, scale_shape = (columns, rows), ((groups, rows) if fmt.block else (rows,))
             axis = 0 if fmt.block else 1
-            scale = scale if fmt.block else scale[0]
-        else:  # [O, I] or [E, O, I] as [E*O, I]: scales per row (and block of inputs)
-            q, scale = q.reshape(-1, q.shape[-1]), scale.reshape(-1, scale.shape[-1])
+        else:
+            q_shape, scale_shape = (rows, columns), ((rows, groups) if fmt.block else (rows,))
             axis = 1 if fmt.block else 0
-            scale = scale if fmt.block else scale[:, 0]
-        q, scale = np.ascontiguousarray(q), np.ascontiguousarray(scale)
-        name = value.name
-        q_value = ir.Value(name=f"{name}.{mode}", shape=ir.Shape(q.shape), const_value=ir.tensor(q, name=f"{name}.{mode}"))
-        q_value.type = ir.TensorType(q_value.const_value.dtype)
-        scale_value = ir.Value(name=f"{name}.scale", shape=ir.Shape(scale.shape), type=value.type,
-                               const_value=ir.tensor(scale, name=f"{name}.scale"))
-        if scale_value.const_value.dtype != value.type.dtype:
-            raise ExportError(f"{entry.name}: scales in {scale_value.const_value.dtype}, weights in {value.type.dtype}")
+        pair = _QuantizedWeight(weight, mode, layout)
+        q_type = ir.DataType.from_numpy(np.dtype(fmt.numpy_dtype))
+        q_value = ir.Value(name=f"{name}.{mode}", shape=ir.Shape(q_shape), type=ir.TensorType(q_type),
+                           const_value=ir.LazyTensor(lambda pair=pair, n=f"{name}.{mode}": ir.tensor(pair.q(), name=n),
+                                                     dtype=q_type, shape=ir.Shape(q_shape), name=f"{name}.{mode}"))
+        scale_value = ir.Value(name=f"{name}.scale", shape=ir.Shape(scale_shape), type=value.type,
+                               const_value=ir.LazyTensor(lambda pair=pair, n=f"{name}.scale": ir.tensor(pair.scale(), name=n),
+                                                         dtype=value.type.dtype, shape=ir.Shape(scale_shape),
+                                                         name=f"{name}.scale"))
         graph.register_initializer(q_value)
         graph.register_initializer(scale_value)
         attributes = {"axis": axis, **({"block_size": group} if fmt.block else {})}
@@ -284,12 +349,12 @@ def store_quantized_weights(model: ir.Model, mode: str, quantized: dict[str, Qua
                              name=f"{name}/DequantizeLinear")
         nodes = [dequantize]
         result = dequantize.outputs[0]
-        if q.shape != weights.shape:
-            shape = ir.Value(name=f"{name}.shape", shape=ir.Shape([len(weights.shape)]),
-                             type=ir.TensorType(ir.DataType.INT64),
-                             const_value=ir.tensor(np.array(weights.shape, dtype=np.int64), name=f"{name}.shape"))
-            graph.register_initializer(shape)
-            reshape = ir.node("Reshape", [result, shape], name=f"{name}/Reshape")
+        if q_shape != shape:
+            shape_value = ir.Value(name=f"{name}.shape", shape=ir.Shape([len(shape)]),
+                                   type=ir.TensorType(ir.DataType.INT64),
+                                   const_value=ir.tensor(np.array(shape, dtype=np.int64), name=f"{name}.shape"))
+            graph.register_initializer(shape_value)
+            reshape = ir.node("Reshape", [result, shape_value], name=f"{name}/Reshape")
             nodes.append(reshape)
             result = reshape.outputs[0]
         first_user = min((node for node, _ in value.uses()), key=lambda node: list(graph).index(node))
@@ -297,9 +362,10 @@ def store_quantized_weights(model: ir.Model, mode: str, quantized: dict[str, Qua
         result.name, result.shape, result.type = f"{name}.dequantized", value.shape, value.type
         ir.convenience.replace_all_uses_with(value, result)
         graph.initializers.pop(name)
-        found.add(entry.name)
+        del weights[name]
+        found.add(weight.parameter)
         saved_bytes += value.const_value.nbytes - q_value.const_value.nbytes - scale_value.const_value.nbytes
-    missing = sorted(set(quantized) - found)
+    missing = sorted(parameters - found)
     if missing:
         raise ExportError(f"--quantize {mode}: {len(missing)} quantized weight(s) not found among the exported "
                           f"graph's initializers (first: {missing[0]})")

@@ -7,6 +7,7 @@ later stage (export, build, verify, bench) needs to know about the model's MoE s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -97,9 +98,11 @@ class MoeLayerWeights:
 
 @dataclass
 class LoadedModel:
-    """A checkpoint read into memory: the spec, the MoE weights and every other tensor by name."""
+    """A checkpoint as load.load_checkpoint describes it: the spec, the MoE weights and every other
+    tensor by name. The weights are read when accessed (load.LazyMoeWeights / load.LazyTensors,
+    which also describe each tensor without reading it), afresh on each access."""
 
     spec: ModelSpec
-    moe_weights: dict[int, MoeLayerWeights]  # by layer index; absent for removed layers
-    dense_tensors: dict[str, torch.Tensor]  # everything else, transformers' names
+    moe_weights: Mapping[int, MoeLayerWeights]  # by layer index; absent for removed layers
+    dense_tensors: Mapping[str, torch.Tensor]  # everything else, transformers' names
     source: str  # the folder it came from, or "demo"

@@ -17,10 +17,6 @@ outputs. The free-running numbers are reported beside it.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import torch
 
 from ce_export import verify
@@ -36,10 +32,11 @@ class SynchronizedPair:
     ONNX Runtime outputs); `inputs` then holds, per quantizer, verify.compare of the reference's
     own quantizer input (before synchronizing it) against ONNX Runtime's."""
 
-    def __init__(self, onnx_path: Path, reference_lm: torch.nn.Module, exact_dequantize: bool = True):
+    def __init__(self, onnx_path, reference_lm: torch.nn.Module, exact_dequantize: bool = True):
+        """onnx_path: the file, or an onnx_ir model of it (e.g. onnx_precision's fp32 view), which gains outputs."""
         import onnx_ir as ir
 
-        model = ir.load(onnx_path)
+        model = onnx_path if isinstance(onnx_path, ir.Model) else ir.load(onnx_path)
         self.outputs = len(model.graph.outputs)
         self.site_of_output: dict[str, str] = {}  # QuantizeLinear input -> the site whose scale it uses
         for node in model.graph:
@@ -52,10 +49,7 @@ class SynchronizedPair:
                 self.site_of_output[value.name] = node.inputs[1].name.removesuffix(SCALE_SUFFIX).removeprefix("lm.")
         if not self.site_of_output:
             raise VerifyError(f"{onnx_path}: no FP8 activation QuantizeLinear found")
-        self._tmp = Path(tempfile.mkdtemp(prefix="ce_export_sync_"))
-        path = self._tmp / "model_sync.onnx"
-        ir.save(model, path, external_data="model_sync.onnx.data")
-        self.runtime = verify.OrtDecoder(path, exact_dequantize=exact_dequantize)
+        self.runtime = verify.OrtDecoder(model, exact_dequantize=exact_dequantize, weights_as_stored=True)
         self.reference = KvCacheDecoder(reference_lm).eval()
         self.dtype = next(reference_lm.parameters()).dtype
         self._feeds: dict[str, torch.Tensor] = {}
@@ -96,7 +90,6 @@ class SynchronizedPair:
         for handle in self._handles:
             handle.remove()
         self.runtime = None
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def check_logits(pair: SynchronizedPair, spec, output_names, dtype, tolerance: verify.Tolerance,

@@ -64,9 +64,21 @@ PARITY_CASES = (
 
 
 class OrtDecoder:
-    """ONNX Runtime session over an exported decoder, fed and read as torch tensors."""
+    """ONNX Runtime session over an exported decoder, fed and read as torch tensors.
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None, exact_dequantize: bool = False):
+    weights_as_stored: hold each weight once, as the file stores it (verification of large models).
+    By default ONNX Runtime constant-folds what it can at load time (transposes and splits of weights
+    become new fp32 initializers beside the originals; casts of bf16 weights in onnx_precision's view
+    would become an fp32 copy of the model) and prepacks MatMul weights into copies of its own. With
+    weights_as_stored neither happens: the session keeps the weights of the external-data file
+    memory-mapped, derived tensors exist only while an op needs them, and without the CPU memory
+    arena they are returned to the system afterwards. Same kernels, same results; slower.
+    """
+
+    def __init__(self, onnx_path, threads: int | None = None, exact_dequantize: bool = False,
+                 weights_as_stored: bool = False):
+        """onnx_path: a file, or an onnx_ir model (held in memory; its external data stays in its folder)."""
+        import onnx_ir as ir
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -75,9 +87,24 @@ class OrtDecoder:
             # By default ORT fuses DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, which also
             # quantizes the activations: faster, but not the weight-only math the file states.
             options.add_session_config_entry("session.disable_quant_qdq", "1")
+        extra = {}
+        if weights_as_stored:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            options.enable_cpu_mem_arena = False
+            extra["disabled_optimizers"] = ["ConstantFolding"]
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        source = str(onnx_path)
+        if isinstance(onnx_path, ir.Model):
+            folders = {value.const_value.base_dir for value in onnx_path.graph.initializers.values()
+                       if isinstance(value.const_value, ir.ExternalTensor)}
+            if len(folders) > 1:
+                raise ValueError(f"external data in several folders: {sorted(map(str, folders))}")
+            if folders:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(folders.pop()))
+            source = ir.serde.serialize_model(onnx_path).SerializeToString()
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], **extra)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -107,18 +134,44 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
             "mean_abs": abs_err.mean().item(), "mean_rel": abs_err.mean().item() / scale}
 
 
-def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0) -> dict:
-    reference = KvCacheDecoder(reference_lm).eval()
+@dataclass
+class RecordedCase:
+    """One parity shape: its inputs and what the runtime returned."""
+
+    case: ParityCase
+    inputs: tuple
+    outputs: list[torch.Tensor]
+
+
+def record_logits(runtime, spec, dtype, cases=PARITY_CASES, seed=0, progress=None) -> list[RecordedCase]:
+    """Run the runtime on every parity shape (random inputs, drawn in order from `seed`) and keep its outputs."""
     gen = torch.Generator().manual_seed(seed)
-    results = []
+    recorded = []
     for case in cases:
         inputs = random_inputs(case, spec, dtype, gen)
+        recorded.append(RecordedCase(case, inputs, runtime(*inputs)))
+        if progress is not None:
+            progress.update()
+    return recorded
+
+
+def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tolerance: Tolerance, progress=None) -> dict:
+    """The parity report of recorded runtime outputs against the reference (PyTorch, past in fp32)."""
+    reference = KvCacheDecoder(reference_lm).eval()
+    results = []
+    for entry in recorded:
+        ids, mask, positions, past = entry.inputs
         with torch.no_grad():
-            expected = reference(*inputs[:3], tuple(t.float() for t in inputs[3]))
-        actual = runtime(*inputs)
-        per_output = {name: compare(e, a) for name, e, a in zip(output_names, expected, actual)}
-        results.append(case_result(case, expected[0], actual[0], per_output))
+            expected = reference(ids, mask, positions, tuple(t.float() for t in past))
+        per_output = {name: compare(e, a) for name, e, a in zip(output_names, expected, entry.outputs)}
+        results.append(case_result(entry.case, expected[0], entry.outputs[0], per_output))
+        if progress is not None:
+            progress.update()
     return summarize_cases(results, tolerance)
+
+
+def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0) -> dict:
+    return compare_logits(reference_lm, record_logits(runtime, spec, dtype, cases, seed), output_names, tolerance)
 
 
 def case_result(case: ParityCase, expected_logits, actual_logits, per_output: dict) -> dict:
@@ -140,17 +193,19 @@ class TorchDecoder:
 
     def __init__(self, lm):
         self.decoder = KvCacheDecoder(lm).eval()
-        self.dtype = next(lm.parameters()).dtype
+        self.dtype = getattr(lm, "compute_dtype", None) or next(lm.parameters()).dtype
 
     def __call__(self, input_ids, attention_mask, position_ids, past):
         with torch.no_grad():
             return self.decoder(input_ids, attention_mask, position_ids, tuple(t.to(self.dtype) for t in past))
 
 
-def perplexity(runtime, sequences: torch.Tensor, spec, dtype) -> float:
+def perplexity(runtime, sequences: torch.Tensor, spec, dtype, progress=None) -> float:
     """exp(mean next-token NLL) of `sequences` [N, S], each run as one prefill."""
     total_nll, count = 0.0, 0
     for row in sequences:
+        if progress is not None:
+            progress.update()
         ids = row[None]
         positions = torch.arange(ids.shape[1])[None]
         past = tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(1, 0))
@@ -171,13 +226,15 @@ def generation_prompt(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def greedy_onnx(runtime, ids, mask, new_tokens: int, spec, dtype) -> torch.Tensor:
+def greedy_onnx(runtime, ids, mask, new_tokens: int, spec, dtype, progress=None) -> torch.Tensor:
     batch = ids.shape[0]
     past = tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(batch, 0))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = ids
     step_ids = ids
     for _ in range(new_tokens):
+        if progress is not None:
+            progress.update()
         logits, *past = runtime(step_ids, mask, positions, tuple(past))
         step_ids = logits[:, -1].float().argmax(-1, keepdim=True)
         out = torch.cat([out, step_ids], dim=1)
@@ -186,28 +243,44 @@ def greedy_onnx(runtime, ids, mask, new_tokens: int, spec, dtype) -> torch.Tenso
     return out[:, ids.shape[1]:]
 
 
-def greedy_torch(lm, ids, mask, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+class _StepCounter:
+    """A transformers streamer that only advances a progress bar, one step per generated token."""
+
+    def __init__(self, progress):
+        self.progress, self.prompt_seen = progress, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.progress.update()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def greedy_torch(lm, ids, mask, new_tokens: int, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' generate: (new tokens [B, N], the logits of each step [B, N, V])."""
     with torch.no_grad():
         out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
-                          return_dict_in_generate=True)
+                          return_dict_in_generate=True, streamer=None if progress is None else _StepCounter(progress))
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
 
 
 def check_generation(lm_at_export_dtype, runtime, spec, dtype, tolerance: Tolerance, new_tokens: int = GENERATION_TOKENS,
-                     onnx_tokens: list | None = None) -> dict:
-    """`onnx_tokens`: the runtime's tokens from an earlier check, to compare with another PyTorch model."""
+                     onnx_tokens: list | None = None, onnx_seconds: float | None = None, progress=None) -> dict:
+    """`onnx_tokens`: the runtime's tokens from an earlier run (greedy_onnx on generation_prompt,
+    taking `onnx_seconds`), to compare with a PyTorch model without running the runtime again."""
     ids, mask = generation_prompt(spec.vocab_size)
     start = time.perf_counter()
-    expected, step_logits = greedy_torch(lm_at_export_dtype, ids, mask, new_tokens)
+    expected, step_logits = greedy_torch(lm_at_export_dtype, ids, mask, new_tokens, progress)
     torch_seconds = time.perf_counter() - start
     start = time.perf_counter()
     if onnx_tokens is None:
         actual = greedy_onnx(runtime, ids, mask, new_tokens, spec, dtype)
     else:
         actual = torch.tensor(onnx_tokens)
-    ort_seconds = time.perf_counter() - start
+    ort_seconds = time.perf_counter() - start if onnx_seconds is None else onnx_seconds
     rows = []
     for row, (e, a) in enumerate(zip(expected, actual)):
         differ = (e != a).nonzero()
