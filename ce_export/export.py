@@ -34,7 +34,7 @@ import torch
 from ce_export import onnx_functions
 from ce_export import quantize as quantize_stage
 from ce_export.capture import KvCacheDecoder, empty_past, io_names, parameter_sources
-from ce_export.errors import ExportError
+from ce_export.errors import CeExportError, ExportError
 from ce_export.progress import progress_bar
 from ce_export.spec import LAYER_MOE, LoadedModel
 
@@ -268,20 +268,37 @@ def fold_weight_transposes(onnx_model: ir.Model, weights: dict[str, WeightInitia
 
 
 def save_streaming(onnx_model: ir.Model, path: Path, external: bool, weights: dict[str, WeightInitializer]) -> None:
-    """Write model.onnx; with external data, each weight is read, written and released in turn."""
-    if not external:
-        ir.save(onnx_model, path)
-        return
+    """Write model.onnx; with external data, each weight is read, written and released in turn.
+    The checkpoint is read here (lazy tensors): its errors (e.g. non-finite values) surface here."""
     total = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None)
-    with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="  writing weights") as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="  writing weights",
+                      disable=not external) as bar:
         def written(tensor, info) -> None:
             weight = weights.get(tensor.name)
             layer = re.search(r"layers\.(\d+)\.", weight.parameter if weight else tensor.name or "")
             bar.set_postfix_str(f"layer {layer.group(1)}" if layer else "embeddings and head", refresh=False)
             bar.update(tensor.nbytes)
 
-        ir.save(onnx_model, path, external_data=path.name + ".data", alignment=EXTERNAL_DATA_ALIGNMENT,
-                callback=written)
+        try:
+            if external:
+                ir.save(onnx_model, path, external_data=path.name + ".data", alignment=EXTERNAL_DATA_ALIGNMENT,
+                        callback=written)
+            else:
+                ir.save(onnx_model, path)
+        except Exception as error:
+            raise user_error_in(error) or error
+
+
+def user_error_in(error: BaseException) -> CeExportError | None:
+    """The CeExportError (e.g. a LoadError from reading the checkpoint) an exception wraps, if any:
+    onnx_ir's serializer wraps what a lazy tensor raises."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, CeExportError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def custom_moe_nodes(model: ir.Model) -> list[ir.Node]:
