@@ -183,8 +183,8 @@ class MoeLayerSource:
                 yield item.name, stored
 
     def read(self) -> MoeLayerWeights:
-        return MoeLayerWeights(**{item.name: None if getattr(self, item.name) is None else getattr(self, item.name).read()
-                                  for item in fields(self)})
+        return MoeLayerWeights(**{item.name: None for item in fields(self)}
+                               | {name: stored.read() for name, stored in self.items()})
 
 
 class LazyTensors(Mapping):
