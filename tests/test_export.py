@@ -5,7 +5,7 @@ import json
 import onnx
 import pytest
 
-from ce_export import pipeline
+from ce_export import ort_support, pipeline
 from checkpoints import demo_variant
 
 QUIET = dict(report=lambda line: None)
@@ -73,6 +73,9 @@ def test_verify_command_reruns_parity(demo_build):
 
 
 def test_ort_target_lowers_plain_moe_to_com_microsoft(demo_plain, tmp_path):
+    blocker = ort_support.moe_lowering_blocker("fp32")
+    if blocker:  # tests/test_gpu_readiness.py checks that the bodies stay then
+        pytest.skip(f"not lowered here: {blocker}")
     out = tmp_path / "ort"
     pipeline.build(str(demo_plain), out, pipeline.BuildOptions(target="ort"), **QUIET)
     model = onnx.load(out / "model.onnx")
