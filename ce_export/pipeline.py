@@ -18,7 +18,9 @@ from typing import Callable
 
 import torch
 
+from ce_export import clients
 from ce_export import export as export_stage
+from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
@@ -111,9 +113,15 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
         manifest = make_manifest(source, loaded, options, result, data, activations)
+        manifest["clients"] = clients.write_client_files(staging, checkpoint, manifest)
+        manifest["clients"]["polygraphy"] = polygraphy_reference.support(manifest, options.verify)
         write_json(staging / MANIFEST, manifest)
         if options.verify:
-            parity = run_parity(staging, manifest, loaded, timer)
+            reference = (polygraphy_reference.ReferenceWriter(staging, manifest)
+                         if manifest["clients"]["polygraphy"]["supported"] else None)
+            parity = run_parity(staging, manifest, loaded, timer, record_reference=reference)
+            if reference is not None:
+                reference.write_script()
             write_json(staging / PARITY, parity)
             verify_stage.plot_parity(parity, staging / PARITY_PLOT)
         if options.target == "trt":
@@ -213,11 +221,12 @@ def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
     return parity
 
 
-def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dict:
+def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record_reference=None) -> dict:
     """Parity of the artifact with PyTorch, in two phases whose memory peaks do not add up: ONNX Runtime
     first, on every input (parity shapes, greedy generation, held-out perplexity), keeping only its
     outputs; the session is then released and the PyTorch models are built and run one at a time,
-    each keeping the routed experts' weights in the checkpoint's dtype (upcast per expert)."""
+    each keeping the routed experts' weights in the checkpoint's dtype (upcast per expert).
+    `record_reference`: receives the logits check's feeds and reference outputs (polygraphy_reference)."""
     dtype_name = manifest["dtype"]
     spec = loaded.spec
     onnx_path = folder / manifest["onnx"]["file"]
@@ -258,7 +267,8 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dic
     reference = torch_model("reference (fp32)", torch.float32, reference_weights)
     with timer(f"verify: PyTorch logits on {len(cases)} shapes"), \
             progress_bar(total=len(cases), desc="  PyTorch") as bar:
-        logits = verify_stage.compare_logits(reference, recorded, manifest["onnx"]["outputs"], tolerance, progress=bar)
+        logits = verify_stage.compare_logits(reference, recorded, manifest["onnx"]["outputs"], tolerance, progress=bar,
+                                             record=record_reference)
     del recorded
     low_precision_torch = dtype_name != "fp32" and not view.emulated
 

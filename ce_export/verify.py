@@ -155,14 +155,18 @@ def record_logits(runtime, spec, dtype, cases=PARITY_CASES, seed=0, progress=Non
     return recorded
 
 
-def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tolerance: Tolerance, progress=None) -> dict:
-    """The parity report of recorded runtime outputs against the reference (PyTorch, past in fp32)."""
+def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tolerance: Tolerance, progress=None,
+                   record=None) -> dict:
+    """The parity report of recorded runtime outputs against the reference (PyTorch, past in fp32).
+    `record(inputs, expected)`, when given, receives each shape's feed and the reference's outputs."""
     reference = KvCacheDecoder(reference_lm).eval()
     results = []
     for entry in recorded:
         ids, mask, positions, past = entry.inputs
         with torch.no_grad():
             expected = reference(ids, mask, positions, tuple(t.float() for t in past))
+        if record is not None:
+            record(entry.inputs, expected)
         per_output = {name: compare(e, a) for name, e, a in zip(output_names, expected, entry.outputs)}
         results.append(case_result(entry.case, expected[0], entry.outputs[0], per_output))
         if progress is not None:
@@ -170,8 +174,10 @@ def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tol
     return summarize_cases(results, tolerance)
 
 
-def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0) -> dict:
-    return compare_logits(reference_lm, record_logits(runtime, spec, dtype, cases, seed), output_names, tolerance)
+def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0,
+                 record=None) -> dict:
+    return compare_logits(reference_lm, record_logits(runtime, spec, dtype, cases, seed), output_names, tolerance,
+                          record=record)
 
 
 def case_result(case: ParityCase, expected_logits, actual_logits, per_output: dict) -> dict:
