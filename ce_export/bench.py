@@ -84,10 +84,11 @@ class Step:
 
 
 class TorchRunner:
-    """A causal LM (captured or stock transformers) behind the flat KV interface, DynamicCache."""
+    """A causal LM (captured or stock transformers) behind the flat KV interface, DynamicCache;
+    `logits` as the build's ONNX file computes them (every position, or the last one)."""
 
-    def __init__(self, lm: torch.nn.Module):
-        self.decoder = KvCacheDecoder(lm).eval()
+    def __init__(self, lm: torch.nn.Module, logits: str = "all"):
+        self.decoder = KvCacheDecoder(lm, logits).eval()
         parameter = next(lm.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
 
@@ -193,13 +194,14 @@ class Row:
     make: Callable[[], object]  # -> a runner with prepare(point, inputs) -> Step
 
 
-def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> list[Row]:
+def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device, logits: str = "all") -> list[Row]:
     from transformers import AutoModelForCausalLM
 
     def make(experts: str):
         def build():
             return TorchRunner(AutoModelForCausalLM.from_pretrained(
-                checkpoint, attn_implementation="sdpa", experts_implementation=experts, dtype=dtype).to(device).eval())
+                checkpoint, attn_implementation="sdpa", experts_implementation=experts, dtype=dtype).to(device).eval(),
+                logits)
         return build
 
     return [Row(f"transformers {experts}", make(experts)) for experts in ("eager", "grouped_mm", "batched_mm")]
@@ -213,12 +215,13 @@ def stock_transformers_can_run(loaded) -> bool:
 def rows_for(folder: Path, manifest: dict, loaded, device: torch.device, dtype: torch.dtype, max_context: int,
              skipped: dict, compile_decode: bool = False) -> list[Row]:
     rows = []
+    logits = manifest["onnx"].get("logits", "all")  # PyTorch rows do the same work as the ONNX file
     if stock_transformers_can_run(loaded):
-        rows += transformers_rows(checkpoint_of(folder, manifest), dtype, device)
+        rows += transformers_rows(checkpoint_of(folder, manifest), dtype, device, logits)
     else:
         skipped["transformers"] = ("transformers' own classes cannot run this model "
                                    "(compressed experts, trimmed layers or not OLMoE)")
-    rows.append(Row("PyTorch (ce_export op)", lambda: TorchRunner(build_torch_model(loaded, dtype).to(device))))
+    rows.append(Row("PyTorch (ce_export op)", lambda: TorchRunner(build_torch_model(loaded, dtype).to(device), logits)))
     rows.append(Row("ce_export fast path", lambda: FastPathRunner(build_torch_model(loaded, dtype).to(device),
                                                                   loaded.spec, max_context)))
     if compile_decode:
@@ -330,6 +333,7 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: 
         report(f"  not run: {name}: {why}")
     return {"build": str(folder.absolute()), "model": manifest["model"]["architecture"],
             "compressed": manifest["model"]["use_ce"], "target": manifest["target"], "dtype": manifest["dtype"],
+            "logits": manifest["onnx"].get("logits", "all"),
             "torch_dtype": dtype_name, "device": str(device), "machine": machine_facts(device),
             "tools": manifest["tools"] | runtime_versions(), "parity": "max relative error of the last position's "
             "logits vs the fp32 reference (captured model, MoE through moe_math.py)",
