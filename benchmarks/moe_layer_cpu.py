@@ -6,8 +6,10 @@ machine's fp32 GEMM rate and memory bandwidth measured in the same run.
 
     python benchmarks/moe_layer.py --device cpu [--tokens 1 8 64 256 2048] [--out DIR]
 
-Also measures the sparse form's switch point: its gathered-weights and scanned sub-forms each
-forced, at a few (token, slot) pair counts around onnx_functions.GATHER_MAX_PAIRS.
+Also measures, at decode-sized token counts, the two ways to run few tokens: the sparse form's scan
+over the experts (weights read in place) and gathering the selected experts' weights (what the
+fixed-shape form does while T x slots <= E); the sparse form has no gathered branch because the
+scan measured faster at every count here.
 
 Method: random weights and inputs (never zeros), one intra-op thread per core, wall-clock median
 over repetitions within a time budget (at least 3); every output compared with moe_math.py in
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 from moe_layer import LayerShape  # noqa: E402
 
 DEFAULT_TOKENS = (1, 8, 64, 256, 2048)
-SWITCH_PAIRS = (4, 8, 16, 32, 64)  # T x 4 main slots: T = 1, 2, 4, 8, 16
+DECODE_TOKENS = (1, 2, 4, 8, 16)  # T x 4 main slots <= 64 experts: the fixed-shape form gathers
 BYTES_FP32 = 4
 
 
@@ -73,7 +75,7 @@ def ort_session(model_proto):
     return ort.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def layer_model(kind: str, weights: dict, shape: LayerShape, gather_max_pairs: int | None = None):
+def layer_model(kind: str, weights: dict, shape: LayerShape):
     """The ONNX model of one layer for a row: our node and functions, or com.microsoft::MoE made by
     the exporter's own lowering (export.lower_plain_moe_to_ort)."""
     import onnx_ir as ir
@@ -81,17 +83,16 @@ def layer_model(kind: str, weights: dict, shape: LayerShape, gather_max_pairs: i
     from ce_export import export, onnx_functions
 
     form = onnx_functions.FIXED_SHAPE if kind == "fixed" else onnx_functions.SPARSE
-    extra = {} if gather_max_pairs is None else {"gather_max_pairs": gather_max_pairs}
     routing = {"top_k": shape.top_k, "norm_topk_prob": 0, "routing_scale": 1.0}
     if kind in ("sparse_top8", "ms_top8"):
-        model = onnx_functions.layer_model("MoE", routing, weights["gate_up"], weights["down"], form=form, **extra)
+        model = onnx_functions.layer_model("MoE", routing, weights["gate_up"], weights["down"], form=form)
         if kind == "ms_top8":
             model_ir = ir.from_proto(model)
             export.lower_plain_moe_to_ort(model_ir)
             model = ir.to_proto(model_ir)
         return model
     return onnx_functions.layer_model("CompressedMoE", {**routing, "n_ce": shape.n_ce}, weights["gate_up"],
-                                      weights["down"], weights["ces"], form=form, **extra)
+                                      weights["down"], weights["ces"], form=form)
 
 
 def time_ms(fn: Callable[[], object], budget_s: float, min_reps: int = 3, max_reps: int = 50) -> dict:
@@ -223,25 +224,22 @@ def run_rows(shape: LayerShape, tokens: list[int], budget_s: float, weights: dic
     return {"rows": rows, "floors": floors}
 
 
-def run_switch(shape: LayerShape, budget_s: float, weights: dict, report: Callable[[str], None]) -> dict:
-    """The sparse CE body with each sub-form forced, at T x 4 main slots = SWITCH_PAIRS."""
-    from ce_export import onnx_functions
-
+def run_decode_forms(shape: LayerShape, budget_s: float, weights: dict, report: Callable[[str], None]) -> dict:
+    """CE at decode-sized T: the sparse form's scan vs gathering the selected experts' weights."""
     gen = torch.Generator().manual_seed(2)
-    result = {"pairs": list(SWITCH_PAIRS), "current_gather_max_pairs": onnx_functions.GATHER_MAX_PAIRS,
-              "gathered": {}, "scanned": {}}
-    for name, gather_max_pairs in (("gathered", 1 << 30), ("scanned", 0)):
-        session = ort_session(layer_model("sparse_ce", weights, shape, gather_max_pairs))
-        for pairs in SWITCH_PAIRS:
-            t = pairs // shape.km
-            hidden, logits = torch.randn(t, shape.hidden, generator=gen), torch.randn(t, shape.experts, generator=gen)
+    tokens = [t for t in DECODE_TOKENS if t * shape.km <= shape.experts]
+    inputs = [(torch.randn(t, shape.hidden, generator=gen), torch.randn(t, shape.experts, generator=gen)) for t in tokens]
+    result = {"tokens": tokens, "scanned": {}, "gathered": {}}
+    for name, kind in (("scanned", "sparse_ce"), ("gathered", "fixed")):
+        session = ort_session(layer_model(kind, weights, shape))
+        for t, (hidden, logits) in zip(tokens, inputs):
             feeds = {"hidden": hidden.numpy(), "router_logits": logits.numpy()}
-            result[name][pairs] = time_ms(lambda: session.run(None, feeds), budget_s)
-            report(f"  switch: {name:<9} pairs={pairs:>3} (T={t:>2}) {result[name][pairs]['median_ms']:8.2f} ms")
+            result[name][t] = time_ms(lambda: session.run(None, feeds), budget_s)
+            report(f"  decode forms: {name:<9} T={t:>2} {result[name][t]['median_ms']:8.2f} ms")
         del session
         gc.collect()
-    faster = [p for p in SWITCH_PAIRS if result["gathered"][p]["median_ms"] < result["scanned"][p]["median_ms"]]
-    result["gathered_faster_at_pairs"] = faster
+    result["gathered_faster_at_tokens"] = [t for t in tokens if result["gathered"][t]["median_ms"] <
+                                           result["scanned"][t]["median_ms"]]
     return result
 
 
@@ -278,14 +276,14 @@ def markdown(results: dict, tokens: list[int]) -> str:
     lines += ["", f"Milliseconds per layer call, median (max relative error vs moe_math.py with the same routing). "
               f"Floor = max(bytes of the touched experts / {c['read_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs / "
               f"{c['fp32_flops_per_s'] / 1e9:.0f} GFLOP/s), both measured in this run.", ""]
-    switch = results.get("switch")
-    if switch:
-        lines += ["Sparse form's switch point (CE, ms): (token, slot) pairs | gathered weights | scan over experts",
-                  "", "| pairs | gathered | scanned |", "|---|---|---|"]
-        lines += [f"| {p} | {switch['gathered'][p]['median_ms']:.2f} | {switch['scanned'][p]['median_ms']:.2f} |"
-                  for p in switch["pairs"]]
-        lines += ["", f"GATHER_MAX_PAIRS in use: {switch['current_gather_max_pairs']}; the gather was faster at "
-                  f"pairs {switch['gathered_faster_at_pairs'] or 'none'}."]
+    decode = results.get("decode_forms")
+    if decode:
+        lines += ["Few tokens, CE (ms): the sparse form's scan over the experts vs gathering the selected experts' "
+                  "weights (the fixed-shape form at T x 4 <= 64)", "", "| T | scan (sparse form) | gather |",
+                  "|---|---|---|"]
+        lines += [f"| {t} | {decode['scanned'][t]['median_ms']:.2f} | {decode['gathered'][t]['median_ms']:.2f} |"
+                  for t in decode["tokens"]]
+        lines += ["", f"The gather was faster at T = {decode['gathered_faster_at_tokens'] or 'none of these'}."]
     env = results["environment"]
     lines += ["", f"Machine: {env['machine']}; onnxruntime {env['onnxruntime']}, torch {env['torch']}, "
               f"transformers {env['transformers']}. Command: `{env['command']}`."]
@@ -318,7 +316,7 @@ def plot(results: dict, tokens: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-def run_cpu(tokens: list[int], budget_s: float, out_dir: Path, argv: list[str], switch: bool = True,
+def run_cpu(tokens: list[int], budget_s: float, out_dir: Path, argv: list[str],
             shape: LayerShape = LayerShape()) -> dict:
     def report(line: str) -> None:
         print(line, flush=True)
@@ -331,8 +329,7 @@ def run_cpu(tokens: list[int], budget_s: float, out_dir: Path, argv: list[str], 
            f"read {ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s")
     weights = make_weights(shape)
     results = run_rows(shape, tokens, budget_s, weights, ceilings, report)
-    if switch:
-        results["switch"] = run_switch(shape, budget_s, weights, report)
+    results["decode_forms"] = run_decode_forms(shape, budget_s, weights, report)
     results.update(ceilings=ceilings, environment=environment(argv), shape=asdict(shape), dtype="fp32",
                    tokens=tokens, elapsed_s=time.perf_counter() - started)
     out_dir.mkdir(parents=True, exist_ok=True)

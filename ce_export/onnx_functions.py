@@ -23,17 +23,17 @@ restate moe_math.py:
 Both experts functions scale the inputs (CE) and hand the main slots to SwiGLUExperts, whose body
 is one of two exact forms, chosen per target at export (EXPERTS_FORMS):
 
-    sparse (portable, ort)  computes only the routed (token, expert) pairs. Few pairs (T x slots <=
-                            GATHER_MAX_PAIRS: decode) gather those experts' weights. More pairs
-                            (prefill): ExpertTable lays the pairs out by expert (a counting sort:
-                            one-hot counts, CumSum ranks, one ScatterElements without reduction),
-                            then a Scan over the experts runs each expert on exactly its own rows,
-                            reading its weights in place, and a Gather brings the rows back.
-                            Its intermediate [E, C, H] output is sized by the busiest expert's
-                            count C: at worst (every token routed to the same experts) C = T, i.e.
-                            E x T x H elements, less than the dense form's 3 x T x E x I. Shapes
-                            come from the routing, which a GPU runtime reads on the host once per
-                            expert during prefill (never during decode).
+    sparse (portable, ort)  computes only the routed (token, expert) pairs, at every token count.
+                            ExpertTable lays the pairs out by expert (a counting sort: one-hot
+                            counts, CumSum ranks, one ScatterElements without reduction); a Scan
+                            over the experts runs each expert on exactly its own rows, reading its
+                            weights in place; a Gather brings the rows back. Its [E, C, H]
+                            intermediate is sized by the busiest expert's count C: at worst (every
+                            token routed to the same experts) C = T, i.e. E x T x H elements, less
+                            than the fixed-shape form's 3 x T x E x I. Shapes come from the routing,
+                            so a GPU runtime reads a count on the host for each expert.
+                            ONNX Runtime CPU measured it faster than gathering the experts' weights
+                            even at one token (benchmarks/results/moe-layer-cpu-2core/).
     fixed-shape (trt)       shapes from input shapes only, since TensorRT cannot size a tensor from
                             values (TensorRT's sparse path is our plugin): gathered weights while
                             T x slots <= E, else every expert on every token as three large matmuls
@@ -53,10 +53,6 @@ DOMAIN = "ce_export"
 DOMAIN_VERSION = 1
 
 ce_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
-
-# The sparse form gathers the experts' weights for up to this many (token, slot) pairs and scans
-# over the experts beyond; the switch point measured with ONNX Runtime CPU (benchmarks/moe_layer.py).
-GATHER_MAX_PAIRS = 8
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -146,37 +142,40 @@ def ExpertTable(experts, num_experts):
 
 
 @onnxscript.script(ce_opset, default_opset=op)
-def ScannedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
-    """Many tokens (prefill): only the routed pairs, one expert at a time.
+def SwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down):
+    """The sparse form: only the routed pairs, one expert at a time, at every token count.
 
     A Scan over the experts hands each iteration its expert's weights in place (Scan slices its
     inputs without copying them) and that expert's rows of the table; it computes exactly those
-    rows and pads its [c, H] output to [C, H]. A Gather then brings each pair's row back.
+    rows and pads its [c, H] output to [C, H]. A Gather then brings each pair's row back. The body
+    is kept to a few nodes: it runs once per expert, busy or not. (The trt target's file carries
+    SwiGLUExpertsFixedShape under this name instead.)
     """
     last = op.Constant(value_ints=[-1])
     hidden_size = op.Shape(x_gate, start=1, end=2)
     intermediate = op.Shape(down, start=2, end=3)
-    counts, table, slot = ExpertTable(experts, op.Shape(gate_up, start=0, end=1))
+    num_experts = op.Shape(gate_up, start=0, end=1)
+    counts, table, slot = ExpertTable(experts, num_experts)
     capacity = op.Shape(table, start=1, end=2)
+    zeros = op.Expand(op.Constant(value_ints=[0]), op.Concat(num_experts, op.Constant(value_ints=[4]), axis=0))
+    pads = op.Concat(zeros, op.Sub(capacity, counts), op.Slice(zeros, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
+                                                            op.Constant(value_ints=[1])), axis=1)  # [E, 6]: rows to C
+    x_both = op.Concat(op.Unsqueeze(x_gate, op.Constant(value_ints=[1])), op.Unsqueeze(x_up, op.Constant(value_ints=[1])),
+                       axis=1)  # [T, 2, H]
+    halves = op.Reshape(gate_up, op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
 
     @onnxscript.graph()
-    def one_expert(expert_gate_up, expert_down, count, tokens):
+    def one_expert(expert_halves, expert_down, count, expert_pads, tokens):
         rows = op.Slice(tokens, op.Constant(value_ints=[0]), count)  # [c] token ids
-        # [2, H, c]: the expert's gate input and up input, one column per row
-        columns = op.Transpose(op.Concat(op.Unsqueeze(op.Gather(x_gate, rows, axis=0), op.Constant(value_ints=[0])),
-                                         op.Unsqueeze(op.Gather(x_up, rows, axis=0), op.Constant(value_ints=[0])),
-                                         axis=0), perm=[0, 2, 1])
-        halves = op.Reshape(expert_gate_up, op.Concat(op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))  # [2, I, H]
-        projected = op.MatMul(halves, columns)  # [2, I, c]: the weights as the left operand, read in place
+        columns = op.Transpose(op.Gather(x_both, rows, axis=0), perm=[1, 2, 0])  # [2, H, c]: gate and up inputs
+        projected = op.MatMul(expert_halves, columns)  # [2, I, c]: the weights as the left operand, read in place
         gate, up = op.Split(projected, axis=0, num_outputs=2)
-        act = op.Mul(op.Squeeze(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Constant(value_ints=[0])),
-                     op.Transpose(op.Gather(act_scale, rows, axis=0), perm=[1, 0]))  # [I, c]
-        y = op.Transpose(op.MatMul(expert_down, act), perm=[1, 0])  # [c, H]
-        padded = op.Pad(y, op.Concat(op.Constant(value_ints=[0, 0]), op.Sub(capacity, count),
-                                     op.Constant(value_ints=[0]), axis=0))  # [C, H]
-        return padded
+        act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up),
+                     op.Transpose(op.Gather(act_scale, rows, axis=0), perm=[1, 0]))  # [1, I, c]
+        y = op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1])  # [1, c, H]
+        return op.Pad(y, expert_pads)  # [1, C, H]
 
-    per_expert = op.Scan(gate_up, down, counts, table, body=one_expert, num_scan_inputs=4)  # [E, C, H]
+    per_expert = op.Scan(halves, down, counts, pads, table, body=one_expert, num_scan_inputs=5)  # [E, 1, C, H]
     y = op.Gather(op.Reshape(per_expert, op.Concat(last, hidden_size, axis=0)), slot, axis=0)  # [T*S, H]
     tokens = op.Shape(x_gate, start=0, end=1)
     slots = op.Shape(experts, start=1, end=2)
@@ -206,18 +205,6 @@ def DenseSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
                  op.Mul(op.Unsqueeze(act_scale, one), op.Unsqueeze(dense_weights, last)))  # [T, E, I]
     down_all = op.Reshape(op.Transpose(down, perm=[0, 2, 1]), by_row)  # [E*I, H]
     return op.MatMul(op.Reshape(act, op.Concat(tokens, last, axis=0)), down_all)
-
-
-@onnxscript.script(ce_opset, default_opset=op)
-def SwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down):
-    """The sparse form (portable and ort targets): gathered weights while T x S <= GATHER_MAX_PAIRS
-    (decode, where it is faster; measured in benchmarks/moe_layer.py), else one Scan over the experts."""
-    pairs = op.Mul(op.Shape(x_gate, start=0, end=1), op.Shape(experts, start=1, end=2))
-    if op.Greater(pairs, op.Constant(value_ints=[GATHER_MAX_PAIRS])):
-        out = ScannedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down)
-    else:
-        out = GatheredSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down)
-    return out
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -290,20 +277,19 @@ def CompressedSparseMixerMoE(hidden, router_logits, gate_up, down, ces, n_ce: in
     return CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce=n_ce)
 
 
-# op type -> (function, the functions its body calls)
-SHARED_EXPERTS_FUNCTIONS = (SwiGLUExperts, GatheredSwiGLU)
+# op type -> (function, the functions its body calls, SwiGLUExperts's form-dependent callees aside)
 OPS = {
-    "MoE": (MoE, (SoftmaxTopK, RoutedExperts, *SHARED_EXPERTS_FUNCTIONS)),
-    "CompressedMoE": (CompressedMoE, (SoftmaxTopK, CompressedExperts, *SHARED_EXPERTS_FUNCTIONS)),
-    "SparseMixerMoE": (SparseMixerMoE, (SparseMixerTop2, RoutedExperts, *SHARED_EXPERTS_FUNCTIONS)),
-    "CompressedSparseMixerMoE": (CompressedSparseMixerMoE, (SparseMixerTop2, CompressedExperts, *SHARED_EXPERTS_FUNCTIONS)),
+    "MoE": (MoE, (SoftmaxTopK, RoutedExperts, SwiGLUExperts)),
+    "CompressedMoE": (CompressedMoE, (SoftmaxTopK, CompressedExperts, SwiGLUExperts)),
+    "SparseMixerMoE": (SparseMixerMoE, (SparseMixerTop2, RoutedExperts, SwiGLUExperts)),
+    "CompressedSparseMixerMoE": (CompressedSparseMixerMoE, (SparseMixerTop2, CompressedExperts, SwiGLUExperts)),
 }
 
 SPARSE, FIXED_SHAPE = "sparse", "fixed-shape"
-# form -> the body given to the SwiGLUExperts function, and the functions that body calls
+# form -> the body the SwiGLUExperts function gets, and the functions that body calls
 EXPERTS_FORMS = {
-    SPARSE: (SwiGLUExperts, (ScannedSwiGLU, ExpertTable)),
-    FIXED_SHAPE: (SwiGLUExpertsFixedShape, (DenseSwiGLU,)),
+    SPARSE: (SwiGLUExperts, (ExpertTable,)),
+    FIXED_SHAPE: (SwiGLUExpertsFixedShape, (GatheredSwiGLU, DenseSwiGLU)),
 }
 
 
@@ -366,8 +352,8 @@ def function_protos(op_type: str, model_opset: int, form: str = SPARSE) -> list[
     return protos
 
 
-def layer_model(op_type: str, attributes: dict, gate_up, down, ces=None, form: str = SPARSE, opset: int = 20,
-                gather_max_pairs: int = GATHER_MAX_PAIRS) -> onnx.ModelProto:
+def layer_model(op_type: str, attributes: dict, gate_up, down, ces=None, form: str = SPARSE,
+                opset: int = 20) -> onnx.ModelProto:
     """A standalone model of one MoE layer (tests, benchmarks): inputs hidden [T, H] and fp32
     router_logits [T, E], output [T, H], the weights (numpy arrays) as initializers."""
     from onnx import helper, numpy_helper
@@ -382,21 +368,10 @@ def layer_model(op_type: str, attributes: dict, gate_up, down, ces=None, form: s
          helper.make_tensor_value_info("router_logits", onnx.TensorProto.FLOAT, ["T", num_experts])],
         [helper.make_tensor_value_info("out", dtype, ["T", hidden])],
         initializer=[numpy_helper.from_array(array, name) for name, array in weights.items()])
-    functions = function_protos(op_type, opset, form)
-    if gather_max_pairs != GATHER_MAX_PAIRS:
-        set_gather_max_pairs(functions, gather_max_pairs)
-    model = helper.make_model(graph, functions=functions, opset_imports=[
+    model = helper.make_model(graph, functions=function_protos(op_type, opset, form), opset_imports=[
         helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     model.ir_version = 10
     return model
-
-
-def set_gather_max_pairs(functions: list[onnx.FunctionProto], pairs: int) -> None:
-    """Move the sparse form's switch point (benchmarks measure both sides of it)."""
-    (experts,) = [f for f in functions if f.name == SwiGLUExperts.name]
-    (switch,) = [n for n in experts.node if n.op_type == "Greater"]
-    (threshold,) = [n for n in experts.node if n.output[0] == switch.input[1]]
-    threshold.attribute[0].ints[:] = [pairs]
 
 
 def function_names(op_type: str, form: str = SPARSE) -> set[str]:

@@ -2,8 +2,8 @@
 
 Each case is one custom node with its local functions and the weights as initializers, so the
 routing can be steered: adversarial (every token on the same experts, the others empty), token
-counts on both sides of the gather / scan switch and of no particular multiple, uneven expert
-counts (trimmed models), every routing and CE variant, fp16.
+counts from 1 (decode) up, on both sides of the fixed-shape form's gather / dense switch and of no
+particular multiple, uneven expert counts (trimmed models), every routing and CE variant, fp16.
 """
 
 from __future__ import annotations
@@ -135,18 +135,3 @@ def test_fp16_layer(form):
         expected = reference(hidden, logits, gate_up, down, ces, top_k, n_ce, SOFTMAX_TOPK, {})
         assert relative_error(run_layer(model, hidden, logits), expected) < 5e-3, f"T={tokens}"
 
-
-@pytest.mark.parametrize("gather_max_pairs", [0, 1000])
-def test_each_side_of_the_sparse_switch_alone(gather_max_pairs):
-    """Both sparse sub-forms at every token count: the scan down to T = 1, the gather up to T = 64."""
-    experts, hidden_size, intermediate, top_k, n_ce = 8, 32, 16, 4, 2
-    gate_up, down, ces = random_layer(experts, hidden_size, intermediate, hidden_size)
-    model = layer_model("CompressedMoE", onnx_functions.SPARSE, gate_up, down, ces,
-                        {"top_k": top_k, "n_ce": n_ce, "norm_topk_prob": 0, "routing_scale": 1.0},
-                        gather_max_pairs=gather_max_pairs)
-    gen = torch.Generator().manual_seed(5)
-    for tokens in (1, 2, 64):
-        hidden = torch.randn(tokens, hidden_size, generator=gen)
-        logits = torch.randn(tokens, experts, generator=gen)
-        expected = reference(hidden, logits, gate_up, down, ces, top_k, n_ce, SOFTMAX_TOPK, {})
-        assert relative_error(run_layer(model, hidden, logits), expected) < 1e-5, f"T={tokens}"
