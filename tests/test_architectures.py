@@ -12,6 +12,7 @@ from ce_export.capture import empty_past
 from ce_export.load import load_checkpoint
 from ce_export.verify import OrtDecoder, generation_prompt, greedy_torch
 from ce_oracle import ce_moe_loop
+from client_runs import genai_tokens, until_genai_stops
 
 QUIET = dict(report=lambda line: None)
 ARCHITECTURES = sorted(configs())
@@ -47,6 +48,14 @@ def test_onnx_matches_transformers(arch, tmp_path):
     stock_tokens, _ = greedy_torch(stock, prompt, mask, 32)
     assert parity["generation"]["onnx_tokens"] == stock_tokens.tolist()
     assert len(set(stock_tokens[1].tolist())) > 4
+
+    # onnxruntime-genai on the folder as built (row 1 is unpadded); DeepSeek's latent cache it cannot hold.
+    genai = manifest["clients"]["onnxruntime_genai"]
+    assert genai["supported"] == (arch != "deepseek_v2")
+    if genai["supported"]:
+        assert genai_tokens(tmp_path / "build", prompt[1].tolist(), 32) == until_genai_stops(stock_tokens[1].tolist())
+    else:
+        assert not (tmp_path / "build" / "genai_config.json").exists() and "latent" in genai["reason"]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
