@@ -425,7 +425,8 @@ def write_outputs(results: dict, shape: LayerShape, tokens: list[int], out_dir: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
+    parser.add_argument("--tokens", type=int, nargs="+", help=f"default: {' '.join(map(str, DEFAULT_TOKENS))} "
+                        "(cpu: 1 8 64 256 2048)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--budget-s", type=float, default=0.4, help="seconds of repetitions per measurement")
     parser.add_argument("--dry-run", action="store_true", help="print floors (assumed H100 anchors) and the plan")
@@ -435,10 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shape = LayerShape(hidden=64, intermediate=32, experts=8, top_k=4, n_ce=2) if args.small else LayerShape()
     if args.device == "cpu" and not args.dry_run:
-        from moe_layer_cpu import run_cpu
+        from moe_layer_cpu import DEFAULT_TOKENS as CPU_TOKENS, run_cpu
 
-        run_cpu(args.tokens, args.budget_s, args.out, sys.argv[1:] if argv is None else argv, shape=shape)
+        run_cpu(args.tokens or list(CPU_TOKENS), args.budget_s, args.out, sys.argv[1:] if argv is None else argv,
+                shape=shape)
         return 0
+    args.tokens = args.tokens or list(DEFAULT_TOKENS)
     if args.dry_run:
         return dry_run(shape, args.tokens)
     if not torch.cuda.is_available():
