@@ -2,7 +2,7 @@
 ONNX Runtime running our portable function body (sparse form) for CE and for plain top-8, beside
 ONNX Runtime's fused com.microsoft::MoE top-8, the fixed-shape body that the trt target carries,
 the PyTorch reference op and transformers' OLMoE experts, in one run, against the floor from this
-machine's fp32 GEMM rate and memory bandwidth measured in the same run.
+machine's fp32 matmul rate and memory bandwidth measured in the same run (bench.measure_ceilings).
 
     python benchmarks/moe_layer.py --device cpu [--tokens 1 8 64 256 2048] [--out DIR]
 
@@ -109,26 +109,12 @@ def time_ms(fn: Callable[[], object], budget_s: float, min_reps: int = 3, max_re
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "reps": reps}
 
 
-def measure_ceilings(budget_s: float = 2.0, read_mib: int = 1024) -> dict:
-    """fp32 GEMM rate (2048^3 torch.mm on every core) and memory bandwidth (a sum over read_mib MiB,
-    far beyond the caches)."""
-    torch.set_num_threads(threads())
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    gemm = time_ms(lambda: a @ b, budget_s, min_reps=5)
-    big = torch.ones(read_mib << 18)  # fp32
-    read = time_ms(lambda: big.sum(), budget_s, min_reps=5)
-    return {"fp32_flops_per_s": 2 * 2048 ** 3 / (gemm["median_ms"] / 1e3),
-            "read_bytes_per_s": big.numel() * BYTES_FP32 / (read["median_ms"] / 1e3),
-            "source": f"measured in this run: 2048^3 fp32 torch.mm, {read_mib} MiB fp32 torch.sum, "
-                      f"{threads()} threads"}
-
-
 def floor_ms(shape: LayerShape, tokens: int, experts_per_token: int, touched: int, ceilings: dict) -> dict:
     h, i = shape.hidden, shape.intermediate
     total_bytes = touched * 3 * h * i * BYTES_FP32 + tokens * (2 * h + shape.experts) * BYTES_FP32
     flops = 2 * tokens * experts_per_token * 3 * h * i
-    bytes_ms = total_bytes / ceilings["read_bytes_per_s"] * 1e3
-    flops_ms = flops / ceilings["fp32_flops_per_s"] * 1e3
+    bytes_ms = total_bytes / ceilings["copy_bytes_per_s"] * 1e3
+    flops_ms = flops / ceilings["matmul_flops_per_s"] * 1e3
     return {"bytes": total_bytes, "flops": flops, "bytes_ms": bytes_ms, "flops_ms": flops_ms,
             "floor_ms": max(bytes_ms, flops_ms), "touched_experts": touched}
 
@@ -274,8 +260,8 @@ def markdown(results: dict, tokens: list[int]) -> str:
     lines.append("| **CE sparse / com.microsoft::MoE top-8** | " + " | ".join(ratios) + " |")
     c = results["ceilings"]
     lines += ["", f"Milliseconds per layer call, median (max relative error vs moe_math.py with the same routing). "
-              f"Floor = max(bytes of the touched experts / {c['read_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs / "
-              f"{c['fp32_flops_per_s'] / 1e9:.0f} GFLOP/s), both measured in this run.", ""]
+              f"Floor = max(bytes of the touched experts / {c['copy_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs / "
+              f"{c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s), both measured in this run ({c['source']}).", ""]
     decode = results.get("decode_forms")
     if decode:
         lines += ["Few tokens, CE (ms): the sparse form's scan over the experts vs gathering the selected experts' "
@@ -323,10 +309,12 @@ def run_cpu(tokens: list[int], budget_s: float, out_dir: Path, argv: list[str],
 
     started = time.perf_counter()
     torch.set_num_threads(threads())
+    from ce_export.bench import measure_ceilings
+
     small = shape.hidden < LayerShape().hidden  # a code-path check: quick, approximate ceilings
-    ceilings = measure_ceilings(0.2, 256) if small else measure_ceilings()
-    report(f"measured: fp32 GEMM {ceilings['fp32_flops_per_s'] / 1e9:.0f} GFLOP/s, "
-           f"read {ceilings['read_bytes_per_s'] / 1e9:.1f} GB/s")
+    ceilings = measure_ceilings("cpu", torch.float32, budget_s=0.1 if small else 1.0)
+    report(f"measured: fp32 matmul {ceilings['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+           f"copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written)")
     weights = make_weights(shape)
     results = run_rows(shape, tokens, budget_s, weights, ceilings, report)
     results["decode_forms"] = run_decode_forms(shape, budget_s, weights, report)
