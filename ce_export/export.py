@@ -86,9 +86,10 @@ def export_onnx(
     max_batch: int = 64, max_seq: int = 4096, max_context: int = 4096, quantize: str | None = None,
     quantized: dict | None = None, logits: str = "all",
 ) -> ExportResult:
-    """`logits`: "all" positions or the "last" one (capture.LOGITS). `quantize`: store the weights in `quantized` (what quantize.fake_quantize_model returned for
+    """`quantize`: store the weights in `quantized` (what quantize.fake_quantize_model returned for
     `lm`) as their q and scales + DequantizeLinear; FP8 activation quantizers in `lm`
-    (quantize.quantize_activations) become QuantizeLinear -> DequantizeLinear."""
+    (quantize.quantize_activations) become QuantizeLinear -> DequantizeLinear. `logits`: every
+    position ("all") or the last one ("last"), capture.LOGITS."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     onnx_functions.register_schemas()
