@@ -24,7 +24,7 @@ from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
-from ce_export.capture import DTYPES, build_torch_model, build_traced_model
+from ce_export.capture import DTYPES, LOGITS, build_torch_model, build_traced_model
 from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
@@ -52,6 +52,7 @@ class BuildOptions:
     verify: bool = True
     quantize: str | None = None  # quantization mode (see quantize.QUANTIZATIONS)
     calib: str | None = None  # calibration data (text / JSONL / .npy / .json); None: the built-in corpus
+    logits: str | None = None  # "all" positions or the "last" one; None: export.DEFAULT_LOGITS[target]
     plugin_library: str | None = None  # our TensorRT plugin (.so), for --target trt
     triton_repo: str | None = None  # also write a Triton Inference Server model repository here
 
@@ -74,6 +75,8 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(export_stage.TARGETS)})")
     if options.quantize is not None:
         quantize_stage.check_mode(options.quantize)
+    if options.logits not in (None, *LOGITS):
+        raise ExportError(f"unknown logits {options.logits!r} (choose from {', '.join(LOGITS)})")
     if options.plugin_library is not None:
         if options.target != "trt":
             raise BuildError("--plugin-lib applies to --target trt only")
@@ -108,7 +111,8 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
                 quantize_activations(lm, activations["scales"])
         with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"):
             result = export_stage.export_onnx(loaded, lm, staging, options.target, options.max_batch,
-                                              options.max_seq, options.max_context, options.quantize)
+                                              options.max_seq, options.max_context, options.quantize,
+                                              options.logits or export_stage.DEFAULT_LOGITS[options.target])
         del lm
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
@@ -197,6 +201,8 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
             "outputs": result.output_names,
             "dynamic_axes": result.dynamic_axes,
             "moe_nodes": result.moe_nodes,
+            "experts_form": result.experts_form,
+            "logits": result.logits,
             "limits": {"max_batch": options.max_batch, "max_sequence": options.max_seq, "max_context": options.max_context},
         },
         "tools": tool_versions(),
@@ -238,6 +244,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     runtime_dtype = view.runtime_torch_dtype
     data, sequences = evaluation_sequences(folder, manifest, loaded)
     cases, new_tokens = verify_stage.PARITY_CASES, verify_stage.GENERATION_TOKENS
+    logits_kept = manifest["onnx"].get("logits", "all")
     with timer("verify: ONNX Runtime session"):
         runtime = verify_stage.OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(quantization),
                                           weights_as_stored=True)
@@ -249,7 +256,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
         start = time.perf_counter()
         onnx_tokens = verify_stage.greedy_onnx(runtime, ids, mask, new_tokens, spec, runtime_dtype, progress=bar)
         onnx_seconds = time.perf_counter() - start
-        onnx_perplexity = verify_stage.perplexity(runtime, sequences, spec, runtime_dtype, progress=bar)
+        onnx_perplexity = verify_stage.perplexity(runtime, sequences, spec, runtime_dtype, logits_kept, progress=bar)
     del runtime
     gc.collect()
 
@@ -268,7 +275,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     with timer(f"verify: PyTorch logits on {len(cases)} shapes"), \
             progress_bar(total=len(cases), desc="  PyTorch") as bar:
         logits = verify_stage.compare_logits(reference, recorded, manifest["onnx"]["outputs"], tolerance, progress=bar,
-                                             record=record_reference)
+                                             record=record_reference, logits=logits_kept)
     del recorded
     low_precision_torch = dtype_name != "fp32" and not view.emulated
 
@@ -292,7 +299,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
         from ce_export import synchronized
 
         with timer("verify: logits and greedy generation, synchronized at each FP8 quantizer"):
-            pair = synchronized.SynchronizedPair(view.model_for_runtime(), reference)
+            pair = synchronized.SynchronizedPair(view.model_for_runtime(), reference, logits=logits_kept)
             try:
                 logits = synchronized.check_logits(pair, spec, manifest["onnx"]["outputs"], runtime_dtype, tolerance)
                 synchronized_generation = synchronized.check_generation(pair, spec, runtime_dtype, tolerance)

@@ -32,7 +32,8 @@ class SynchronizedPair:
     ONNX Runtime outputs); `inputs` then holds, per quantizer, verify.compare of the reference's
     own quantizer input (before synchronizing it) against ONNX Runtime's."""
 
-    def __init__(self, onnx_path, reference_lm: torch.nn.Module, exact_dequantize: bool = True):
+    def __init__(self, onnx_path, reference_lm: torch.nn.Module, exact_dequantize: bool = True,
+                 logits: str = "all"):
         """onnx_path: the file, or an onnx_ir model of it (e.g. onnx_precision's fp32 view), which gains outputs."""
         import onnx_ir as ir
 
@@ -50,7 +51,7 @@ class SynchronizedPair:
         if not self.site_of_output:
             raise VerifyError(f"{onnx_path}: no FP8 activation QuantizeLinear found")
         self.runtime = verify.OrtDecoder(model, exact_dequantize=exact_dequantize, weights_as_stored=True)
-        self.reference = KvCacheDecoder(reference_lm).eval()
+        self.reference = KvCacheDecoder(reference_lm, logits).eval()
         self.dtype = next(reference_lm.parameters()).dtype
         self._feeds: dict[str, torch.Tensor] = {}
         self._replaced: dict[int, torch.Tensor] = {}

@@ -156,10 +156,11 @@ def record_logits(runtime, spec, dtype, cases=PARITY_CASES, seed=0, progress=Non
 
 
 def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tolerance: Tolerance, progress=None,
-                   record=None) -> dict:
+                   record=None, logits: str = "all") -> dict:
     """The parity report of recorded runtime outputs against the reference (PyTorch, past in fp32).
-    `record(inputs, expected)`, when given, receives each shape's feed and the reference's outputs."""
-    reference = KvCacheDecoder(reference_lm).eval()
+    `record(inputs, expected)`, when given, receives each shape's feed and the reference's outputs;
+    `logits`: the artifact's (capture.LOGITS), the reference computes the same positions."""
+    reference = KvCacheDecoder(reference_lm, logits).eval()
     results = []
     for entry in recorded:
         ids, mask, positions, past = entry.inputs
@@ -175,9 +176,9 @@ def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tol
 
 
 def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0,
-                 record=None) -> dict:
+                 record=None, logits: str = "all") -> dict:
     return compare_logits(reference_lm, record_logits(runtime, spec, dtype, cases, seed), output_names, tolerance,
-                          record=record)
+                          record=record, logits=logits)
 
 
 def case_result(case: ParityCase, expected_logits, actual_logits, per_output: dict) -> dict:
@@ -206,8 +207,11 @@ class TorchDecoder:
             return self.decoder(input_ids, attention_mask, position_ids, tuple(t.to(self.dtype) for t in past))
 
 
-def perplexity(runtime, sequences: torch.Tensor, spec, dtype, progress=None) -> float:
-    """exp(mean next-token NLL) of `sequences` [N, S], each run as one prefill."""
+def perplexity(runtime, sequences: torch.Tensor, spec, dtype, logits: str = "all", progress=None) -> float:
+    """exp(mean next-token NLL) of `sequences` [N, S], each run as one prefill; a runtime whose
+    logits cover the last position only is fed the sequences token by token over its KV cache."""
+    if logits == "last":
+        return perplexity_token_by_token(runtime, sequences, spec, dtype, progress)
     total_nll, count = 0.0, 0
     for row in sequences:
         if progress is not None:
@@ -220,6 +224,21 @@ def perplexity(runtime, sequences: torch.Tensor, spec, dtype, progress=None) -> 
         total_nll += nll.item()
         count += ids.shape[1] - 1
     return float(torch.exp(torch.tensor(total_nll / count)))
+
+
+def perplexity_token_by_token(runtime, sequences: torch.Tensor, spec, dtype, progress=None) -> float:
+    batch, length = sequences.shape
+    past = tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(batch, 0))
+    total_nll = 0.0
+    for position in range(length - 1):
+        ids = sequences[:, position:position + 1]
+        mask = torch.ones(batch, position + 1, dtype=torch.int64)
+        logits, *past = runtime(ids, mask, torch.full((batch, 1), position), tuple(past))
+        total_nll += torch.nn.functional.cross_entropy(logits[:, -1].float(), sequences[:, position + 1],
+                                                       reduction="sum").item()
+        if progress is not None:  # in rows, as `perplexity` counts
+            progress.update(batch / (length - 1))
+    return float(torch.exp(torch.tensor(total_nll / (batch * (length - 1)))))
 
 
 def generation_prompt(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
