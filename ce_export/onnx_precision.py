@@ -6,7 +6,8 @@ arithmetic is fp32, while every stored weight is read from the artifact itself, 
 The view (functions inlined, so that the function bodies can be rewritten too):
 - keeps every bf16 weight (initializers over 4 KiB; smaller ones, such as scales, are copied to
   fp32), and every value derived from one by data movement only (Gather, Split, Reshape, Transpose,
-  Slice, ...: ops ONNX Runtime runs in bf16), in bf16;
+  Slice, ...: ops ONNX Runtime runs in bf16; and the slices a Scan hands its body, so that the
+  sparse experts form casts one expert's weights per iteration), in bf16;
 - casts such a value to fp32 right where an arithmetic op consumes it (bf16 -> fp32 is exact), so
   only the weights one op uses exist in fp32 at a time, never an fp32 copy of the model;
 - turns every other bf16 type, Cast target and constant into fp32.
@@ -117,6 +118,11 @@ def keep_weights_bf16(model: ir.Model) -> set[ir.Value]:
             if node.domain == "" and DATA_MOVEMENT.get(node.op_type) == index:
                 pending.extend(node.outputs)
                 continue
+            body_input = scanned_in_body(node, index)
+            if body_input is not None:  # each iteration's slice is cast in the body: one expert at a time
+                body_input.type = value.type
+                pending.append(body_input)
+                continue
             cast = cast_to_fp32(value)
             node.graph.insert_before(node, cast)
             node.replace_input_with(index, cast.outputs[0])
@@ -129,6 +135,17 @@ def keep_weights_bf16(model: ir.Model) -> set[ir.Value]:
                 graph.outputs[position] = cast.outputs[0]
                 cast.outputs[0].name = name
     return kept
+
+
+def scanned_in_body(node: ir.Node, index: int) -> ir.Value | None:
+    """The body input that receives the slices of a Scan's scan input `index` (Scan slices its scan
+    inputs without copying them: data movement), or None."""
+    if node.domain != "" or node.op_type != "Scan":
+        return None
+    first_scan_input = len(node.inputs) - node.attributes["num_scan_inputs"].as_int()
+    if index < first_scan_input or node.attributes.get("scan_input_axes") is not None:
+        return None
+    return node.attributes["body"].as_graph().inputs[index]
 
 
 def graphs_of(model: ir.Model):

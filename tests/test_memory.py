@@ -21,7 +21,7 @@ from ce_export import capture, export, pipeline, verify
 from ce_export.capture import MoeBlock
 from ce_export.demo import demo_config, demo_tensors
 from ce_export.load import load_checkpoint, weight_bytes
-from ce_export.onnx_precision import OnnxPrecisionView
+from ce_export.onnx_precision import DATA_MOVEMENT, SHAPE_ONLY, OnnxPrecisionView, scanned_in_body
 from checkpoints import write
 
 QUIET = dict(report=lambda line: None)
@@ -221,3 +221,33 @@ def test_bf16_artifact_is_checked_without_an_fp32_copy_of_its_weights(checkpoint
     lean = session_memory(folder, checkpoint, weights_as_stored=True)
     default = session_memory(folder, checkpoint, weights_as_stored=False)
     assert default > lean + 0.75 * stored, (lean / stored, default / stored)
+
+
+def test_bf16_view_casts_the_routed_experts_one_expert_at_a_time(observed_build):
+    """In the fp32 view, a layer's stacked expert weights reach the sparse experts' Scan in bf16, and
+    its body casts each iteration's slice (one expert): no Cast of a whole layer's experts."""
+    view = OnnxPrecisionView(observed_build["out"] / "model.onnx", "bf16").model_for_runtime()
+    experts = [value for value in view.graph.initializers.values()
+               if len(value.shape) == 3 and value.shape[0] == SIZES["num_experts"]
+               and SIZES["hidden_size"] in value.shape[1:] and value.const_value.dtype == ir.DataType.BFLOAT16]
+    assert len(experts) == 2 * SIZES["num_hidden_layers"]  # gate_up and down of every layer
+
+    def consumers(value: ir.Value):
+        """The ops computing with `value`, following data movement (view.DATA_MOVEMENT) and Scan slices."""
+        for node, index in value.uses():
+            if node.op_type in SHAPE_ONLY:
+                continue
+            body_input = scanned_in_body(node, index)
+            if body_input is not None:
+                yield from consumers(body_input)
+            elif node.op_type in DATA_MOVEMENT and DATA_MOVEMENT[node.op_type] == index:
+                for output in node.outputs:
+                    yield from consumers(output)
+            else:
+                yield node, value
+
+    for weights in experts:
+        uses = list(consumers(weights))
+        assert uses and all(node.op_type == "Cast" for node, _ in uses), weights.name
+        assert all(node.graph is not view.graph and value.type.dtype == ir.DataType.BFLOAT16 for node, value in uses), \
+            f"{weights.name}: cast outside the Scan body"
