@@ -120,7 +120,7 @@ def keep_weights_bf16(model: ir.Model) -> set[ir.Value]:
                 continue
             body_input = scanned_in_body(node, index)
             if body_input is not None:  # each iteration's slice is cast in the body: one expert at a time
-                body_input.type = value.type
+                body_input.type = ir.TensorType(BF16)
                 pending.append(body_input)
                 continue
             cast = cast_to_fp32(value)
