@@ -39,7 +39,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Callable
 
 import triton
@@ -49,13 +48,12 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from ce_export.moe_math import ROUTINGS, SOFTMAX_TOPK, SPARSEMIXER
 from ce_kernels import align, aot_cpp, combine, grouped_gemm, routing, theta
-from ce_kernels.shape_exprs import C, E, H, I, K, KM, T, Value, cdiv, larger, max_blocks, max_padded_pairs
+from ce_kernels.shape_exprs import C, E, H, I, K, KM, T, Value, cdiv, largest, max_blocks, max_padded_pairs
 from ce_kernels.tile_configs import (DTYPES, LAST, MAX_SHARED_BYTES, MoeTileConfig, arch_tile_table, tile_configs,
                                      tile_table)
 
 TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "i32": "*i32"}
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,16 @@ class WorkspaceBuffer:
     shape: Callable[[int], tuple]       # block_m -> extents (shape expressions)
     written_by: str
 
-    def elements(self, block_m: int) -> Value:
-        extents = self.shape(block_m)
-        count = extents[0]
-        for extent in extents[1:]:
-            count = count * extent
-        return count
+    def elements(self, block_ms: list[int]) -> Value:
+        """The element count with the worst of `block_ms`."""
+        counts = []
+        for block_m in block_ms:
+            extents = self.shape(block_m)
+            count = extents[0]
+            for extent in extents[1:]:
+                count = count * extent
+            counts.append(count)
+        return largest(counts)
 
 
 WORKSPACE = [
@@ -85,8 +87,6 @@ WORKSPACE = [
     WorkspaceBuffer("act", "model", lambda bm: (T * KM, I), "gate_up_swiglu_kernel"),
     WorkspaceBuffer("pair_out", "model", lambda bm: (T * KM, H), "down_weighted_kernel"),
 ]
-IO_BUFFERS = ("hidden", "router_logits", "gate_up", "down", "ces", "out")
-ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4}
 
 
 @dataclass(frozen=True)
@@ -384,7 +384,7 @@ def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: P
                   "routing_scale": model.routing_scale, "jitter_eps": model.jitter_eps},
         "assumptions": ["H % 16 == 0", "I % 16 == 0", "C % 16 == 0", "every buffer 16-byte aligned",
                         "hidden, gate_up, down, ces and out contiguous"],
-        "workspace": [{"name": w.name, "dtype": w.dtype, "elements": str(largest_over(w.elements, kernel_set.block_ms)),
+        "workspace": [{"name": w.name, "dtype": w.dtype, "elements": str(w.elements(kernel_set.block_ms)),
                        "written_by": w.written_by} for w in WORKSPACE],
         "tile_table": [{"dtype": dtype, **entry} for dtype, table in tables.items() for entry in table],
         "launch_plans": kernel_set.plans,
@@ -393,17 +393,9 @@ def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: P
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     images = {(k["stem"], k["arch"]): (out_dir / k["cubin"]).read_bytes() for k in manifest["kernels"]}
-    (out_dir / "kernel_set.inc").write_text(aot_cpp.kernel_set_source(model, kernel_set, manifest["kernels"], images))
+    (out_dir / "kernel_set.inc").write_text(
+        aot_cpp.kernel_set_source(model, kernel_set, WORKSPACE, manifest["kernels"], images))
     return manifest
-
-
-def largest_over(elements: Callable[[int], Value], block_ms: list[int]) -> Value:
-    """The largest of elements(block_m) over block_ms, as one expression."""
-    distinct = list({str(value): value for value in (elements(bm) for bm in block_ms)}.values())
-    result = distinct[0]
-    for value in distinct[1:]:
-        result = larger(result, value)
-    return result
 
 
 TABLE_CHECK_ARCHS = (80, 86, 89, 90)  # both shared memory classes, Ampere / Ada / Hopper code generation

@@ -13,7 +13,7 @@ the sets' `kKernelSet` for the plugin. Python's standard library only, besides s
 
 from __future__ import annotations
 
-from ce_kernels.shape_exprs import Value, cpp
+from ce_kernels.shape_exprs import cpp
 
 IO_BUFFER_IDS = {"hidden": "kBufHidden", "router_logits": "kBufRouterLogits", "gate_up": "kBufGateUp",
                  "down": "kBufDown", "ces": "kBufCes", "out": "kBufOut"}
@@ -51,14 +51,13 @@ def _argument(name: str, ttype: str, value, divisible: bool, workspace: list[str
     return f"{ttype}({c_string(name)}, {cpp(value)}, {'true' if divisible else 'false'})"
 
 
-def kernel_set_source(model, kernel_set, kernels: list[dict], images: dict[tuple[str, int], bytes]) -> str:
-    """`model` an aot.AotModel, `kernel_set` an aot.KernelSetPlan, `kernels` the manifest's kernel
-    records (stem, arch, entry, shared), `images` the cubin per (stem, arch)."""
-    from ce_kernels.aot import WORKSPACE, largest_over  # the workspace is aot's, like the builds
-
+def kernel_set_source(model, kernel_set, workspace_buffers, kernels: list[dict],
+                      images: dict[tuple[str, int], bytes]) -> str:
+    """`model` an aot.AotModel, `kernel_set` an aot.KernelSetPlan, `workspace_buffers` aot.WORKSPACE,
+    `kernels` the manifest's kernel records (stem, arch, entry, shared), `images` the cubin per (stem, arch)."""
     builds = kernel_set.builds
     index = {build.stem: i for i, build in enumerate(builds)}
-    workspace = [w.name for w in WORKSPACE]
+    workspace = [w.name for w in workspace_buffers]
     archs = sorted({k["arch"] for k in kernels})
     dtypes = sorted({plan["dtype"] for plan in kernel_set.plans})
     summary = (f"{model.routing} top_k={model.top_k} n_ce={model.n_ce} norm_topk_prob={int(model.norm_topk_prob)} "
@@ -113,7 +112,7 @@ def kernel_set_source(model, kernel_set, kernels: list[dict], images: dict[tuple
     out.append("};")
     out.append("")
     out.append("WorkspaceDesc const kWorkspace[] = {")
-    for w in WORKSPACE:
+    for w in workspace_buffers:
         size = 0 if w.dtype == "model" else ELEMENT_BYTES[w.dtype]
         out.append(f"    {{{c_string(w.name)}, {size}}},{'  // the activation type' if size == 0 else ''}")
     out.append("};")
@@ -122,8 +121,8 @@ def kernel_set_source(model, kernel_set, kernels: list[dict], images: dict[tuple
                f"({', '.join(map(str, kernel_set.block_ms))}).")
     out.append("void workspaceElements(Dims const& d, Int* elements)")
     out.append("{")
-    for i, w in enumerate(WORKSPACE):
-        out.append(f"    elements[{i}] = {cpp(largest_over(w.elements, kernel_set.block_ms))}; // {w.name}")
+    for i, w in enumerate(workspace_buffers):
+        out.append(f"    elements[{i}] = {cpp(w.elements(kernel_set.block_ms))}; // {w.name}")
     out.append("}")
     out.append("")
     out.append("MoeAttrs layer()")
@@ -141,5 +140,5 @@ def kernel_set_source(model, kernel_set, kernels: list[dict], images: dict[tuple
     out.append(f"int32_t const kArchs[] = {{{', '.join(map(str, archs))}}};")
     out.append("")
     out.append(f"KernelSetDesc const kKernelSet = {{{c_string(summary)}, &layer, kArchs, {len(archs)}, kKernels, "
-               f"{len(builds)}, kPlans, {len(kernel_set.plans)}, kWorkspace, {len(WORKSPACE)}, &workspaceElements}};")
+               f"{len(builds)}, kPlans, {len(kernel_set.plans)}, kWorkspace, {len(workspace_buffers)}, &workspaceElements}};")
     return "\n".join(out) + "\n"

@@ -90,6 +90,15 @@ def larger(a: Value, b: Value) -> Value:
     return _call("larger", max, a, b)
 
 
+def largest(values: list[Value]) -> Value:
+    """The largest of `values`, as one expression (equal expressions once)."""
+    distinct = list({str(value): value for value in values}.values())
+    result = distinct[0]
+    for value in distinct[1:]:
+        result = larger(result, value)
+    return result
+
+
 def max_padded_pairs(num_pairs: Value, num_experts: Value, block_m: Value) -> Value:
     """Worst case of sum_e roundup(count_e, block_m): every non-empty expert wastes < block_m."""
     return num_pairs + smaller(num_experts, num_pairs) * (block_m - 1)

@@ -1,7 +1,6 @@
 #include "moe_plugin_logic.h"
 
 #include <algorithm>
-#include <cctype>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -90,35 +89,6 @@ char const* dtypeName(DType t)
     case DType::kOther: return "other";
     }
     return "other";
-}
-
-DType parseDType(std::string_view name)
-{
-    if (!name.empty() && name.front() == '*')
-    {
-        name.remove_prefix(1);
-    }
-    if (name == "fp32")
-    {
-        return DType::kFP32;
-    }
-    if (name == "fp16")
-    {
-        return DType::kFP16;
-    }
-    if (name == "bf16")
-    {
-        return DType::kBF16;
-    }
-    if (name == "i32")
-    {
-        return DType::kINT32;
-    }
-    if (name == "i64")
-    {
-        return DType::kINT64;
-    }
-    return DType::kOther;
 }
 
 bool isActivationType(DType t)

@@ -49,7 +49,7 @@ constexpr Variant kAllVariants[kNumVariants]
 char const* pluginName(Variant v);
 bool isCompressed(Variant v);
 Routing routingOf(Variant v);
-char const* routingName(Routing r); //!< the manifest's spelling: "softmax_topk", "sparsemixer"
+char const* routingName(Routing r); //!< ce_kernels' spelling: "softmax_topk", "sparsemixer"
 int32_t numInputs(Variant v);
 constexpr int32_t kNumOutputs = 1;
 struct MoeAttrs;
@@ -79,10 +79,8 @@ enum class DType : int32_t
 };
 
 size_t dtypeSize(DType t);
-//! The manifest's spelling: "fp32", "fp16", "bf16", "i32", "i64".
+//! "fp32", "fp16", "bf16", "i32", "i64" (ce_kernels' spelling), for messages.
 char const* dtypeName(DType t);
-//! Parses "fp32"/"fp16"/"bf16"/"i32"/"i64" (also "*bf16" Triton pointer types, star stripped).
-DType parseDType(std::string_view name);
 //! fp32, fp16 or bf16: the activation types the kernels are compiled for.
 bool isActivationType(DType t);
 

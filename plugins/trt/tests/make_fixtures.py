@@ -37,7 +37,7 @@ def fixture_source(model: aot.AotModel, archs: list[int], dtypes: list[str]) -> 
             records.append({"stem": build.stem, "arch": arch, "entry": compiled.metadata.name,
                             "shared": compiled.metadata.shared})
             images[(build.stem, arch)] = f"stand-in for sm{arch} {build.stem}".encode()
-    return aot_cpp.kernel_set_source(model, kernel_set, records, images)
+    return aot_cpp.kernel_set_source(model, kernel_set, aot.WORKSPACE, records, images)
 
 
 def main(names: list[str]) -> int:
