@@ -10,7 +10,6 @@
 // hidden and router_logits may also carry several leading dimensions ([B, S, H]); T is their product.
 #pragma once
 
-
 #include <array>
 #include <cstddef>
 #include <cstdint>
