@@ -248,7 +248,7 @@ def model_spec_from_config(config: dict, arch: Architecture, lm: torch.nn.Module
             n_ce=n_ce, expert_ids=ids, ces_width=max(hidden, intermediate) if n_ce else 0, module=layout.block,
             **routing,
         )
-        check_layer(layer_spec, where)
+        check_layer(layer_spec, where, trimmed=kept_ids is not None)
         layers.append(layer_spec)
     if not use_ce:
         stray = next((name for name in tensors if name.endswith(".ces")), None)
@@ -263,13 +263,17 @@ def model_spec_from_config(config: dict, arch: Architecture, lm: torch.nn.Module
     )
 
 
-def check_layer(layer: MoeLayerSpec, where: Path) -> None:
-    """What a layer's routing asks of the op, checked where the config says it."""
+def check_layer(layer: MoeLayerSpec, where: Path, trimmed: bool = False) -> None:
+    """What a layer's routing asks of the op, checked where the config says it; `trimmed`: the
+    checkpoint's experts were dropped (layer_experts_idx)."""
     if layer.weights_on_input and layer.top_k != 1:
         raise LoadError(f"{where}: top_k={layer.top_k}: the routing weight on the expert input (Llama 4) is "
                         f"supported for top-1 routing only")
     if layer.weights_on_input and layer.n_ce:
         raise LoadError(f"{where}: n_ce={layer.n_ce} is invalid for top-1 routing (CE needs auxiliary experts)")
+    if layer.n_group > 1 and trimmed:
+        raise LoadError(f"{where}: layer {layer.layer}: experts dropped (layer_experts_idx) under group-limited routing "
+                        f"(n_group={layer.n_group}) are not supported: the groups are ranges of the original expert ids")
     if layer.n_group > 1:
         per_group, rest = divmod(layer.num_experts, layer.n_group)
         if rest or per_group < 2 or not 1 <= layer.topk_group <= layer.n_group or layer.top_k > layer.topk_group * per_group:

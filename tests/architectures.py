@@ -105,9 +105,11 @@ def add_compressed_experts(folder: Path, n_ce: int | None = None, seed: int = 0)
     tensors = load_file(str(folder / "model.safetensors"))
     gen = torch.Generator().manual_seed(seed)
     module = families.ARCHITECTURES[config["model_type"]].moe_module
+    per_layer = next((config[k] for k in families.EXPERT_COUNT_KEYS if isinstance(config.get(k), list)), None)
     for layer, block in blocks.items():
+        experts = block.num_experts if per_layer is None else per_layer[layer]  # trimmed: the layer's own count
         width = max(config["hidden_size"], block.intermediate_size)
-        tensors[f"model.layers.{layer}.{module}.ces"] = 1 + 0.3 * torch.randn(block.num_experts, 3, width, generator=gen)
+        tensors[f"model.layers.{layer}.{module}.ces"] = 1 + 0.3 * torch.randn(experts, 3, width, generator=gen)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
@@ -143,6 +145,40 @@ def drop_experts(folder: Path, keep: list) -> Path:
     config["layer_experts_idx"] = [list(kept) if isinstance(kept, list) else [] for kept in keep]
     (folder / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def trim_experts(folder: Path, keep: dict[int, list[int]]) -> Path:
+    """Expert drop (uneven, per layer: the kept original expert ids) on any family: transformers
+    loads the checkpoint, every routed tensor of the MoE block (families.find_moe_blocks: router
+    weight and bias, score bias, experts and their biases) is sliced to the kept experts, and
+    transformers saves it in the family's on-disk layout; the config gets the compression study's
+    per-layer expert counts and `layer_experts_idx`."""
+    from transformers import AutoModelForCausalLM
+
+    from ce_export import families
+
+    lm = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    blocks = families.find_moe_blocks(lm)
+    counts = [None] * lm.config.num_hidden_layers
+    for layer, block in blocks.items():
+        kept = keep.get(layer, list(range(block.num_experts)))
+        counts[layer] = kept
+        for name in block.routed_names():
+            owner, _, attr = name.rpartition(".")
+            module = lm.get_submodule(owner)
+            tensor = getattr(module, attr)
+            sliced = tensor.data[:, kept] if tensor.ndim == 2 and tensor.shape[0] == 1 else tensor.data[kept]
+            if isinstance(tensor, torch.nn.Parameter):
+                setattr(module, attr, torch.nn.Parameter(sliced.clone(), requires_grad=False))
+            else:
+                module.register_buffer(attr, sliced.clone())
+    lm.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    key = next(k for k in families.EXPERT_COUNT_KEYS if isinstance(config.get(k), int))
+    config[key] = [None if kept is None else len(kept) for kept in counts]
+    config["layer_experts_idx"] = [kept or [] for kept in counts]
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from architectures import add_compressed_experts, save_tiny, second_wave_configs
-from ce_export import families, ort_support, pipeline
-from ce_export.capture import empty_past
+from architectures import add_compressed_experts, save_tiny, second_wave_configs, trim_experts
+from ce_export import families, onnx_functions, ort_support, pipeline
+from ce_export.capture import build_torch_model, empty_past
 from ce_export.errors import LoadError
 from ce_export.load import load_checkpoint
 from ce_export.verify import OrtDecoder, generation_prompt, greedy_onnx, greedy_torch
@@ -49,6 +49,12 @@ def test_family_onnx_runtime_and_tensorrt(family, tmp_path):
         target="trt", logits="all", verify=False, max_batch=4, max_seq=64, max_context=128), **QUIET)
     assert {node["op_type"] for node in manifest["onnx"]["moe_nodes"]} == {OP_TYPES[family][0]}
     assert (out / "model.plan").stat().st_size > 0 and manifest["engine"]["plugin"]["bound"] is False
+    # The TensorRT plugin node: our plugin's op types carry its attributes; for the others the build says so.
+    in_plugin = OP_TYPES[family][0] in onnx_functions.PLUGIN_OP_TYPES
+    assert {node["plugin"] for node in manifest["onnx"]["moe_nodes"]} == {in_plugin}
+    lacking = manifest["engine"]["plugin"].get("not_in_plugin")
+    assert (lacking is None) if in_plugin else (lacking["op_types"] == [OP_TYPES[family][0]]
+                                                 and "does not implement" in lacking["message"])
 
     spec = load_checkpoint(folder).spec
     stock = stock_model(folder)
@@ -86,13 +92,107 @@ def test_family_onnx_runtime_and_tensorrt(family, tmp_path):
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
 def test_compressed_experts_through_the_pipeline(family, tmp_path):
     """CE checkpoints of the two required CE families: the portable file (sparse experts bodies)
-    matches the captured model (whose op the test above checks against the oracle) in ONNX Runtime."""
-    folder = add_compressed_experts(save_tiny(family, tmp_path / "ckpt"))
+    matches the captured model (whose op the test above checks against the oracle) in ONNX Runtime.
+    gpt-oss's is also trimmed unevenly (6 and 5 experts kept; DeepSeek-V3's groups forbid it)."""
+    folder = save_tiny(family, tmp_path / "ckpt")
+    if family == "gpt_oss":
+        trim_experts(folder, UNEVEN_TRIM)
+    folder = add_compressed_experts(folder)
     manifest = pipeline.build(str(folder), tmp_path / "build", pipeline.BuildOptions(target="portable"), **QUIET)
     parity = json.loads((tmp_path / "build" / "parity.json").read_text())
     assert {node["op_type"] for node in manifest["onnx"]["moe_nodes"]} == {OP_TYPES[family][1]}
+    if family == "gpt_oss":
+        assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [6, 5]
     assert parity["passed"] and parity["logits"]["max_rel"] <= 1e-4
     assert parity["generation"]["torch_tokens"] == parity["generation"]["onnx_tokens"]
+
+
+UNEVEN_TRIM = {0: [1, 2, 4, 5, 6, 7], 1: [0, 2, 3, 5, 6]}
+TRIMMABLE = ("gpt_oss", "minimax_m2", "granitemoe", "flex_olmo")  # the required families without expert groups
+
+
+@pytest.mark.parametrize("family", TRIMMABLE)
+def test_trimmed_checkpoint_runs_as_transformers_runs_the_kept_experts(family, tmp_path):
+    """Expert drop in the compression study's format (per-layer counts, layer_experts_idx): every
+    routed tensor sliced (router rows and bias, score bias, experts and their biases). Six experts
+    kept in each layer, so that transformers itself can run the trimmed weights as a 6-expert model
+    for the comparison; uneven counts go through ONNX in the CE test above."""
+    folder = trim_experts(save_tiny(family, tmp_path / "ckpt"), {0: [1, 2, 4, 5, 6, 7], 1: [0, 2, 3, 5, 6, 7]})
+    model = load_checkpoint(folder)
+    assert [layer.expert_ids for layer in model.spec.moe_layers] == [(1, 2, 4, 5, 6, 7), (0, 2, 3, 5, 6, 7)]
+    stock_folder = tmp_path / "stock"
+    stock_folder.mkdir()
+    (stock_folder / "model.safetensors").symlink_to(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config = {key: 6 if isinstance(value, list) and key in families.EXPERT_COUNT_KEYS else value
+              for key, value in config.items() if key != "layer_experts_idx"}
+    (stock_folder / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, model.spec.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = stock_model(stock_folder)(ids).logits
+        got = build_torch_model(model)(ids).logits
+    assert (got - want).abs().max() / want.abs().max() <= 1e-5
+
+
+def test_trimming_under_group_limited_routing_is_refused_in_one_line(tmp_path):
+    folder = trim_experts(save_tiny("deepseek_v3", tmp_path / "ckpt"), {1: [0, 1, 2, 3, 4, 5]})
+    with pytest.raises(LoadError, match="group-limited routing") as error:
+        load_checkpoint(folder)
+    assert "\n" not in str(error.value)
+
+
+# Families whose layers `--target ort` hands to com.microsoft::MoE (exact: softmax top-k, scale 1,
+# SwiGLU, or gpt-oss's clamped SwiGLU with biases); the sigmoid routings keep their function body.
+ORT_FUSED = {"granitemoe", "flex_olmo", "hunyuan_v1_moe", "gpt_oss"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ort_target_fuses_exactly_where_com_microsoft_moe_computes_the_family(family):
+    """One layer with the family's own routing attributes: lowered for --target ort only where
+    ORT's fused operator is exact, and then equal to the reference math in ONNX Runtime."""
+    if ort_support.moe_lowering_blocker("fp32") is not None:
+        pytest.skip(ort_support.moe_lowering_blocker("fp32"))
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from ce_export import export
+
+    lm = families.meta_model(second_wave_configs()[family].to_dict())
+    layout = next(iter(families.find_moe_blocks(lm).values()))
+    fields = families.routing_fields(families.ARCHITECTURES[family], lm, layout)
+    op_type = OP_TYPES[family][0]
+    experts, hidden, inter = layout.num_experts, lm.config.hidden_size, layout.intermediate_size
+    gen = torch.Generator().manual_seed(2)
+    weights = {"gate_up": 0.2 * torch.randn(experts, 2 * inter, hidden, generator=gen),
+               "down": 0.2 * torch.randn(experts, hidden, inter, generator=gen),
+               "score_bias": 0.1 * torch.randn(experts, generator=gen),
+               "gate_up_bias": 0.2 * torch.randn(experts, 2 * inter, generator=gen),
+               "down_bias": 0.2 * torch.randn(experts, hidden, generator=gen)}
+    names = onnx_functions.node_inputs(op_type)[2:]
+    attributes = onnx_functions.node_attributes(
+        op_type, top_k=layout.top_k, n_ce=0, norm_topk_prob=fields["norm_topk_prob"],
+        routing_scale=fields.get("routing_scale", 1.0), jitter_eps=0.0, n_group=fields.get("n_group", 1),
+        topk_group=fields.get("topk_group", 1), swiglu_alpha=fields.get("swiglu_alpha", 1.0),
+        swiglu_limit=fields.get("swiglu_limit", 0.0))
+    model = ir.from_proto(onnx_functions.layer_model(op_type, attributes, weights["gate_up"].numpy(),
+                                                     weights["down"].numpy(), form=onnx_functions.SPARSE,
+                                                     **{n: weights[n].numpy() for n in names if n not in ("gate_up", "down")}))
+    export.lower_plain_moe_to_ort(model)
+    domains = {node.domain for node in model.graph}
+    assert domains == ({"com.microsoft"} if family in ORT_FUSED else {"ce_export"})
+
+    tokens = torch.randn(9, hidden, generator=gen)
+    logits = torch.randn(9, experts, generator=gen)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"hidden": tokens.numpy(), "router_logits": logits.numpy()})[0])
+    extras = {n: weights[n] for n in names if n not in ("gate_up", "down")}
+    want = torch.ops.ce_export.moe(tokens, logits, weights["gate_up"], weights["down"], None, layout.top_k, 0,
+                                   fields["norm_topk_prob"], fields["routing"], fields.get("routing_scale", 1.0), 0.0,
+                                   extras.get("score_bias"), fields.get("n_group", 1), fields.get("topk_group", 1),
+                                   extras.get("gate_up_bias"), extras.get("down_bias"),
+                                   fields.get("activation", "swiglu"), fields.get("swiglu_alpha", 1.0),
+                                   fields.get("swiglu_limit", 0.0), fields.get("weights_on_input", False))
+    assert (got - want).abs().max() / want.abs().max() <= 1e-5
 
 
 def test_gpt_oss_runs_on_onnx_runtimes_fused_moe(tmp_path):
