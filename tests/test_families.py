@@ -98,13 +98,23 @@ def test_compressed_experts_through_the_pipeline(family, tmp_path):
     if family == "gpt_oss":
         trim_experts(folder, UNEVEN_TRIM)
     folder = add_compressed_experts(folder)
-    manifest = pipeline.build(str(folder), tmp_path / "build", pipeline.BuildOptions(target="portable"), **QUIET)
-    parity = json.loads((tmp_path / "build" / "parity.json").read_text())
+    manifest = pipeline.build(str(folder), tmp_path / "build", pipeline.BuildOptions(target="portable", verify=False),
+                              **QUIET)
     assert {node["op_type"] for node in manifest["onnx"]["moe_nodes"]} == {OP_TYPES[family][1]}
     if family == "gpt_oss":
         assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [6, 5]
-    assert parity["passed"] and parity["logits"]["max_rel"] <= 1e-4
-    assert parity["generation"]["torch_tokens"] == parity["generation"]["onnx_tokens"]
+    model = load_checkpoint(folder)
+    captured = build_torch_model(model)
+    runtime = OrtDecoder(tmp_path / "build" / "model.onnx")
+    ids = torch.randint(0, model.spec.vocab_size, (2, 13), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = captured(ids).logits
+    got = runtime(ids, torch.ones_like(ids), torch.arange(13).expand(2, -1).contiguous(),
+                  empty_past(model.spec, 2, 0, torch.float32))[0]
+    assert (got - want).abs().max() / want.abs().max() <= 1e-4
+    prompt, mask = generation_prompt(model.spec.vocab_size)
+    captured_tokens, _ = greedy_torch(captured, prompt, mask, GREEDY_TOKENS)
+    assert greedy_onnx(runtime, prompt, mask, GREEDY_TOKENS, model.spec, torch.float32).tolist() == captured_tokens.tolist()
 
 
 UNEVEN_TRIM = {0: [1, 2, 4, 5, 6, 7], 1: [0, 2, 3, 5, 6]}
