@@ -1,12 +1,15 @@
 """The second wave of families (issue 14), each from a tiny model made and saved by transformers'
 own class: ONNX Runtime logits and greedy tokens against transformers, CE with the family's own
-routing against the loop oracle, and `--target trt` parsed and built by TensorRT-RTX.
+routing against the loop oracle, and `--target trt` parsed and built by TensorRT-RTX, with the
+plugin node where our plugin implements the op type and the build saying so where it does not.
 
 One build per family keeps CI time down: `build --target trt --logits all` writes the ONNX whose
 experts bodies TensorRT takes (the fixed-shape form; tests/test_onnx_experts.py runs both forms of
 every op type against moe_math.py) and builds the plugin-less engine; ONNX Runtime runs the same
-file against transformers. CE on DeepSeek-V3 and gpt-oss, and the ONNX Runtime fused operator for
-gpt-oss, go through the whole pipeline separately.
+file against transformers. CE on DeepSeek-V3 and gpt-oss (trimmed too) goes through the whole
+pipeline in the portable form (the sparse experts bodies); trimming is checked against transformers
+running the kept experts; `--target ort`'s fused operator per family on one layer, and for gpt-oss
+end to end.
 """
 
 import json
