@@ -7,9 +7,9 @@ layers have an MoE block (an experts module: transformers 5's experts interface,
 [E, H] weight, with its optional bias), the routing's selection bias (`e_score_correction_bias`),
 the experts' layout (transposed, interleaved gate/up, biases: the interface's own flags) and top-K.
 The on-disk tensor names come from transformers' weight-conversion mapping (load.py). What a
-family adds is its routing entry: how its router turns logits into weights (its `Architecture` in `ARCHITECTURES`),
-and, for a block that does not call `router(h)` then `experts(h, index, weights)`, a capture
-adapter (capture.py).
+family adds is its routing entry (its `Architecture` in `ARCHITECTURES`): how its router turns
+logits into weights, and, for a block that does not call `router(h)` then
+`experts(h, index, weights)`, a capture adapter (capture.py).
 
 Families that cannot work are refused up front with one line (`REFUSED`).
 """
