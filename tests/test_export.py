@@ -5,7 +5,7 @@ import json
 import onnx
 import pytest
 
-from ce_export import pipeline
+from ce_export import ort_support, pipeline
 from checkpoints import demo_variant
 
 QUIET = dict(report=lambda line: None)
@@ -90,6 +90,9 @@ def test_verify_command_reruns_parity(demo_build):
 
 
 def test_ort_target_lowers_plain_moe_to_com_microsoft(demo_plain_build):
+    blocker = ort_support.moe_lowering_blocker("fp32")
+    if blocker:  # tests/test_gpu_readiness.py checks that the bodies stay then
+        pytest.skip(f"not lowered here: {blocker}")
     model = onnx.load(demo_plain_build / "model.onnx")
     ms = [n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
     assert len(ms) == 4 and not model.functions

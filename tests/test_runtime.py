@@ -53,14 +53,22 @@ def test_prefill_and_decode_logits_match_the_flat_reference(arch, tmp_path):
 
 def test_cache_overflow_and_wrong_batch_are_clear_errors(demo_ce):
     loaded = load_checkpoint(demo_ce)
-    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=1, max_context=8)
-    with pytest.raises(ValueError, match="exceed the cache of 8 slots"):
-        fast.prefill(torch.zeros(1, 9, dtype=torch.long))
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=1, max_context=256)
+    with pytest.raises(ValueError, match="exceed the cache of 256 slots"):
+        fast.prefill(torch.zeros(1, 257, dtype=torch.long))
     with pytest.raises(ValueError, match="built for batch 1"):
         fast.prefill(torch.zeros(2, 4, dtype=torch.long))
-    fast.prefill(torch.zeros(1, 8, dtype=torch.long))
+    fast.prefill(torch.zeros(1, 256, dtype=torch.long))
     with pytest.raises(ValueError, match="exceed"):
         fast.decode(torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_the_cache_holds_whole_attention_windows(demo_ce):
+    """max_context 257 (a benchmark's context 256 plus the decoded token) gets two full windows, so
+    attention never reads an unaligned 257-slot window."""
+    loaded = load_checkpoint(demo_ce)
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=1, max_context=257)
+    assert fast.cache.max_context == 512 and fast.bucket(257) == 512 and fast.bucket(1) == 256
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph decode needs a GPU")
