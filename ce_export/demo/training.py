@@ -8,7 +8,9 @@
 2. ce: the plain model with n_ce = 2 of its top-4 turned into compressed experts: each layer gets
    `ces` [E, 3, H] initialised to ones, so that the model starts as exactly "the top-2 of the
    top-4, no renormalisation" (the CE paper's starting point), and every weight is then
-   fine-tuned briefly with the CE forward.
+   fine-tuned briefly with the CE forward. It starts from exactly the written plain checkpoint
+   (weights rounded to fp16), so `--plain-from` (the CE phase alone, from a plain.safetensors
+   written earlier) gives the same result as the whole run.
 
 The MoE blocks train through ce_export.moe_math.moe_reference (the math every exported artifact is
 checked against); the rest is transformers' OlmoeForCausalLM. Everything is seeded; the run is
@@ -228,6 +230,34 @@ def checkpoint_tensors(lm: nn.Module) -> dict[str, torch.Tensor]:
             if not name.endswith("rotary_emb.inv_freq")}
 
 
+def round_to_stored(lm: nn.Module) -> None:
+    """The weights as written (fp16), so that what follows starts from the checkpoint on disk."""
+    with torch.no_grad():
+        for parameter in lm.parameters():
+            parameter.copy_(parameter.to(torch.float16).float())
+
+
+def load_plain(lm: nn.Module, path: Path) -> None:
+    """A plain checkpoint written by `checkpoint_tensors` back into the training model."""
+    from safetensors.torch import load_file
+
+    tensors = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
+    state = {name: tensors.pop(name) for name in list(tensors) if ".mlp." not in name}
+    for index, block in enumerate(moe_blocks(lm)):
+        prefix = f"model.layers.{index}.mlp."
+        experts = block.gate_up.shape[0]
+        state[f"{prefix}router"] = tensors.pop(prefix + "gate.weight")
+        state[f"{prefix}gate_up"] = torch.stack([torch.cat([tensors.pop(f"{prefix}experts.{e}.gate_proj.weight"),
+                                                            tensors.pop(f"{prefix}experts.{e}.up_proj.weight")])
+                                                 for e in range(experts)])
+        state[f"{prefix}down"] = torch.stack([tensors.pop(f"{prefix}experts.{e}.down_proj.weight") for e in range(experts)])
+    if tensors:
+        raise ValueError(f"{path}: not a plain demo checkpoint (unexpected tensors {sorted(tensors)[:3]})")
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    if unexpected or [name for name in missing if not name.endswith("rotary_emb.inv_freq")]:
+        raise ValueError(f"{path}: does not fit the training model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def measure(weights: Path, compressed: bool, scratch: Path) -> dict:
     """Exact match and held-out perplexity of the written weights, through ce_export's own loading
     path (the captured PyTorch model, MoE blocks through moe_math)."""
@@ -293,6 +323,8 @@ def main(argv=None) -> int:
                              "waiting for the other at every op)")
     parser.add_argument("--plain-steps", type=int, default=PLAIN.steps)
     parser.add_argument("--ce-steps", type=int, default=CE.steps)
+    parser.add_argument("--plain-from", type=Path, metavar="SAFETENSORS",
+                        help="skip the plain phase: fine-tune CE from this plain.safetensors (written by an earlier run)")
     args = parser.parse_args(argv)
     command = "python -m ce_export.demo.training " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     torch.set_num_threads(args.threads)
@@ -306,18 +338,25 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for phase, steps in ((PLAIN, args.plain_steps), (CE, args.ce_steps)):
             phase = Phase(**{**asdict(phase), "steps": steps})
-            if phase.n_ce:
-                for block in moe_blocks(lm):
-                    block.add_compressed_experts(phase.n_ce)
-            phase_start = time.perf_counter()
-            log = train(lm, phase, evaluate=evaluate, every=50)
-            seconds = time.perf_counter() - phase_start
             compressed = bool(phase.n_ce)
-            save_file(checkpoint_tensors(lm), str(weights_file(compressed, args.out)), metadata={"format": "pt"})
+            phase_start = time.perf_counter()
+            if not compressed and args.plain_from is not None:
+                load_plain(lm, args.plain_from)
+                if weights_file(False, args.out).resolve() != args.plain_from.resolve():
+                    save_file(checkpoint_tensors(lm), str(weights_file(False, args.out)), metadata={"format": "pt"})
+                entry = {"from": str(args.plain_from)}
+            else:
+                if compressed:
+                    for block in moe_blocks(lm):
+                        block.add_compressed_experts(phase.n_ce)
+                entry = {**asdict(phase), "log": train(lm, phase, evaluate=evaluate, every=50)}
+                save_file(checkpoint_tensors(lm), str(weights_file(compressed, args.out)), metadata={"format": "pt"})
+                round_to_stored(lm)
+            seconds = time.perf_counter() - phase_start
             quality = measure(args.out, compressed, Path(scratch))
             print(f"[{phase.name}] {seconds:.0f} s; exact match {quality['accuracy']:.4f} "
                   f"({quality['per_task']}), held-out perplexity {quality['perplexity']:.4f}", flush=True)
-            record["phases"][phase.name] = {**asdict(phase), "seconds": seconds, "quality": quality, "log": log}
+            record["phases"][phase.name] = {**entry, "seconds": seconds, "quality": quality}
     record["seconds"] = time.perf_counter() - start
     (args.out / TRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     print(f"weights and {TRAINING_RECORD}: {args.out} ({record['seconds']:.0f} s)")
