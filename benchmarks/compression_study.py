@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +98,8 @@ def variants(scratch: Path, report) -> list[Variant]:
     return result
 
 
-def measure(variant: Variant, out: Path, budget_s: float) -> dict:
+def build_and_score(variant: Variant, out: Path) -> dict:
+    """The variant's build and what its quality report says (no timing)."""
     row = {"model": variant.model, "method": variant.method}
     try:
         pipeline.build(str(variant.checkpoint), out, pipeline.BuildOptions(quantize=variant.quantize),
@@ -114,18 +117,39 @@ def measure(variant: Variant, out: Path, budget_s: float) -> dict:
                experts_per_layer=[layer["num_experts"] if layer["kind"] == "moe" else 0
                                   for layer in manifest["model"]["moe_layers"]],
                layers=manifest["model"]["num_layers"])
+    return row
+
+
+def time_build(row: dict, out: Path, quantized: bool, budget_s: float) -> None:
+    """ONNX Runtime CPU median ms of each point into `row`."""
+    manifest = json.loads((out / "manifest.json").read_text())
     loaded = pipeline.load_checkpoint(pipeline.checkpoint_of(out, manifest))
-    runner = bench.OrtRunner(out / manifest["onnx"]["file"], torch.device("cpu"), bool(variant.quantize))
+    runner = bench.OrtRunner(out / manifest["onnx"]["file"], torch.device("cpu"), quantized)
     for point in POINTS:
         step = runner.prepare(point, bench.point_inputs(point, loaded.spec, torch.float32, torch.device("cpu")))
-        row[f"{point.phase}_ms"] = bench.time_ms(step.run, torch.device("cpu"), budget_s=budget_s)["median_ms"]
-    return row
+        timing = bench.time_ms(step.run, torch.device("cpu"), budget_s=budget_s)
+        row[f"{point.phase}_ms"], row[f"{point.phase}_repetitions"] = timing["median_ms"], timing["repetitions"]
+
+
+@contextmanager
+def marker(path: Path | None):
+    """`path` exists while the block runs (a shared machine's sign that timing is under way), then not."""
+    if path is None:
+        yield
+        return
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def markdown(rows: list[dict], command: str, machine: dict, seconds: float) -> str:
     prefill, decode = POINTS
-    lines = [f"Command: `{command}`; {machine['processor']}, {machine['cpus']} cores, {machine['platform']}; "
-             f"onnxruntime {machine['onnxruntime']}, {seconds / 60:.0f} min.",
+    lines = [f"Command: `{command}`; {machine.get('cpu_model', machine['processor'])}, {machine['cpu_count']} cores, "
+             f"{machine['platform']}; onnxruntime {machine['onnxruntime']}; {seconds / 60:.0f} min in all, the "
+             f"timings {machine['timing_seconds'] / 60:.1f} min of it (1-min load average "
+             f"{machine['load_average_1min_before_timing']:.2f} when they began).",
              "",
              f"Exact match on the demo task's held-out problems and perplexity on their text, both in ONNX "
              f"Runtime (PyTorch fp32 in brackets); parameters total / active per token; weights as stored; "
@@ -174,29 +198,39 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    import os
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "compression-demo")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed repetitions per point")
+    parser.add_argument("--quiet-file", type=Path, metavar="PATH",
+                        help="a file to create while (only while) the timings run: a shared machine's sign "
+                             "for others to hold off starting work")
     args = parser.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     import onnxruntime
 
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__}
+    machine = {**bench.machine_facts(), "onnxruntime": onnxruntime.__version__}
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
+        builds = []
         for index, variant in enumerate(variants(scratch, report=lambda line: None)):
-            row = measure(variant, scratch / f"build{index}", args.budget)
-            rows.append(row)
-            print(f"{row['model']:<6} {row['method']:<28} exact match {row['accuracy_onnx']:.1%} "
+            out = scratch / f"build{index}"
+            row = build_and_score(variant, out)
+            builds.append((row, out, bool(variant.quantize)))
+            print(f"built {row['model']:<6} {row['method']:<28} exact match {row['accuracy_onnx']:.1%} "
                   f"(PyTorch {row['accuracy_torch_fp32']:.1%}), perplexity {row['perplexity_onnx']:.3f}, "
-                  f"{row['active_parameters'] / 1e6:.3f}M active, {row['weight_bytes'] / 1e6:.2f} MB, "
-                  f"prefill {row['prefill_ms']:.3f} ms, decode {row['decode_ms']:.3f} ms"
+                  f"{row['active_parameters'] / 1e6:.3f}M active, {row['weight_bytes'] / 1e6:.2f} MB"
                   + (f"  [{row['error']}]" if row.get("error") else ""), flush=True)
+        timing_start = time.perf_counter()
+        with marker(args.quiet_file):
+            machine["load_average_1min_before_timing"] = os.getloadavg()[0]
+            for row, out, quantized in builds:
+                time_build(row, out, quantized, args.budget)
+                rows.append(row)
+                print(f"timed {row['model']:<6} {row['method']:<28} prefill {row['prefill_ms']:.3f} ms, "
+                      f"decode {row['decode_ms']:.3f} ms", flush=True)
+        machine["timing_seconds"] = time.perf_counter() - timing_start
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", {"command": command, "machine": machine, "seconds": seconds,
