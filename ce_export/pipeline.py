@@ -23,7 +23,7 @@ from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
-from ce_export.capture import DTYPES, build_torch_model
+from ce_export.capture import DTYPES, LOGITS, build_torch_model
 from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
@@ -52,6 +52,7 @@ class BuildOptions:
     verify: bool = True
     quantize: str | None = None  # quantization mode (see quantize.QUANTIZATIONS)
     calib: str | None = None  # calibration data (text / JSONL / .npy / .json); None: the built-in corpus
+    logits: str | None = None  # "all" positions or the "last" one; None: export.DEFAULT_LOGITS[target]
     plugin_library: str | None = None  # our TensorRT plugin (.so), for --target trt
     triton_repo: str | None = None  # also write a Triton Inference Server model repository here
 
@@ -74,6 +75,8 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(export_stage.TARGETS)})")
     if options.quantize is not None:
         quantize_stage.check_mode(options.quantize)
+    if options.logits not in (None, *LOGITS):
+        raise ExportError(f"unknown logits {options.logits!r} (choose from {', '.join(LOGITS)})")
     if options.plugin_library is not None:
         if options.target != "trt":
             raise BuildError("--plugin-lib applies to --target trt only")
@@ -111,7 +114,8 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
                 quantize_activations(lm, activations["scales"])
         with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"):
             result = export_stage.export_onnx(loaded, lm, staging, options.target, options.max_batch,
-                                              options.max_seq, options.max_context, options.quantize, quantized)
+                                              options.max_seq, options.max_context, options.quantize, quantized,
+                                              options.logits or export_stage.DEFAULT_LOGITS[options.target])
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
         manifest = make_manifest(source, loaded, options, result, data, activations, has_task)
@@ -200,6 +204,8 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
             "outputs": result.output_names,
             "dynamic_axes": result.dynamic_axes,
             "moe_nodes": result.moe_nodes,
+            "experts_form": result.experts_form,
+            "logits": result.logits,
             "limits": {"max_batch": options.max_batch, "max_sequence": options.max_seq, "max_context": options.max_context},
         },
         "tools": tool_versions(),
@@ -231,6 +237,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     quantization = (manifest.get("quantization") or {}).get("mode")
     scales = ((manifest.get("quantization") or {}).get("activations") or {}).get("scales")
     artifact_dtype = DTYPES[dtype_name]
+    logits_kept = manifest["onnx"].get("logits", "all")
     with timer("verify: ONNX Runtime session"):
         view = OnnxPrecisionView(onnx_path, dtype_name)
         runtime_path = view.path_for_runtime()
@@ -260,7 +267,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     with timer("verify: logits on %d shapes" % len(verify_stage.PARITY_CASES)):
         tolerance = verify_stage.TOLERANCES[dtype_name]
         logits = verify_stage.check_logits(reference, runtime, loaded.spec, manifest["onnx"]["outputs"],
-                                           runtime_dtype, tolerance, record=record_reference)
+                                           runtime_dtype, tolerance, record=record_reference, logits=logits_kept)
     with timer(f"verify: greedy generation of {verify_stage.GENERATION_TOKENS} tokens"):
         generation = verify_stage.check_generation(at_dtype, runtime, loaded.spec, runtime_dtype, tolerance)
         if at_dtype is not reference and not generation["passed"]:
@@ -277,7 +284,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
         from ce_export import synchronized
 
         with timer("verify: logits and greedy generation, synchronized at each FP8 quantizer"):
-            pair = synchronized.SynchronizedPair(runtime_path, reference)
+            pair = synchronized.SynchronizedPair(runtime_path, reference, logits=logits_kept)
             try:
                 logits = synchronized.check_logits(pair, loaded.spec, manifest["onnx"]["outputs"], runtime_dtype,
                                                    tolerance)
@@ -349,7 +356,8 @@ def quality_cost(folder: Path, manifest: dict, loaded, unquantized_fp32, runtime
         result["evaluation"] = f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}"
         result["data"] = {"source": data.source, "kind": data_kind(data.source), "tokenizer": data.tokenizer}
     torch_ppl = verify_stage.perplexity(reference, sequences, loaded.spec, torch.float32)
-    onnx_ppl = verify_stage.perplexity(runtime, sequences, loaded.spec, runtime_dtype)
+    onnx_ppl = verify_stage.perplexity(runtime, sequences, loaded.spec, runtime_dtype,
+                                       manifest["onnx"].get("logits", "all"))
     files = [folder / manifest["onnx"]["file"]] + ([folder / manifest["onnx"]["external_data"]] if manifest["onnx"]["external_data"] else [])
     return {**result, "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
             "perplexity_delta": onnx_ppl - torch_ppl, "parameters": manifest["parameters"],
