@@ -176,23 +176,27 @@ def plot(rows: list[dict], path: Path) -> None:
 
     colors = {"plain": "tab:blue", "CE": "tab:red"}
     markers = {"none": "*", "top-2": "P", "expert": "o", "layer": "s", "block": "D", "quantize": "^"}
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), sharey=True)
-    for ax, phase in zip(axes, ("decode", "prefill")):
-        for r in rows:
-            marker = markers[r["method"].split()[0]]
-            ax.scatter(r[f"{phase}_ms"], 100 * r["accuracy_onnx"], color=colors[r["model"]], marker=marker,
-                       s=110 if marker == "*" else 45, alpha=0.8, edgecolors="black", linewidths=0.4)
-            ax.annotate(f"{r['model']} {r['method'].replace('quantize ', '')}", (r[f"{phase}_ms"], 100 * r["accuracy_onnx"]),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
-        point = POINTS[0] if phase == "prefill" else POINTS[1]
-        ax.set_xlabel(f"ONNX Runtime CPU, {point.label}: median ms")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("exact match on held-out problems, ONNX Runtime (%)")
+    fig, axes = plt.subplots(2, 2, figsize=(14, 11), sharex="col", sharey="row")
+    quality = (("accuracy_onnx", "exact match on held-out problems, ONNX Runtime (%)", 100),
+               ("perplexity_onnx", "perplexity on their text, ONNX Runtime", 1))
+    for row_axes, (key, label, scale) in zip(axes, quality):
+        for ax, phase in zip(row_axes, ("decode", "prefill")):
+            for r in rows:
+                marker = markers[r["method"].split()[0]]
+                ax.scatter(r[f"{phase}_ms"], scale * r[key], color=colors[r["model"]], marker=marker,
+                           s=110 if marker == "*" else 45, alpha=0.8, edgecolors="black", linewidths=0.4)
+                ax.annotate(f"{r['model']} {r['method'].replace('quantize ', '')}", (r[f"{phase}_ms"], scale * r[key]),
+                            fontsize=6, xytext=(3, 2), textcoords="offset points")
+            point = POINTS[0] if phase == "prefill" else POINTS[1]
+            ax.set_xlabel(f"ONNX Runtime CPU, {point.label}: median ms")
+            ax.grid(alpha=0.3)
+        row_axes[0].set_ylabel(label)
+    axes[1][0].set_yscale("log")
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colors.items()]
     handles += [plt.Line2D([], [], color="gray", marker=mk, linestyle="", label=name) for name, mk in markers.items()]
-    axes[0].legend(handles=handles, fontsize=8, loc="lower left")
-    fig.suptitle("Compression of the trained demo MoE: task accuracy against ONNX Runtime CPU time", fontsize=11)
-    fig.tight_layout()
+    fig.legend(handles=handles, fontsize=8, loc="center right")
+    fig.suptitle("Compression of the trained demo MoE: task quality against ONNX Runtime CPU time", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.91, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
