@@ -132,6 +132,8 @@ def test_global_expert_drop_is_uneven_and_builds_with_parity(demo, tmp_path):
     pipeline.build(str(trimmed), tmp_path / "build", pipeline.BuildOptions(), **QUIET)
     parity = json.loads((tmp_path / "build" / "parity.json").read_text())
     assert parity["passed"]
+    # trim kept task.json and the tokenizer, which loads beside a config.json transformers rejects (per-layer experts)
+    assert parity["quality"]["task"]["problems"] == 300 and parity["quality"]["data"]["tokenizer"] != "ByteTokens"
 
 
 def test_layer_drop_equals_the_model_without_that_moe_sublayer(mixtral, tmp_path):

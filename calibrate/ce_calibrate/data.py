@@ -105,13 +105,16 @@ def load_tokenizer(model_folder: Path):
     """The checkpoint's tokenizer (local files only), or None when the folder has none."""
     if not any((model_folder / name).is_file() for name in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     try:
         return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True)
     except Exception as error:  # tokenizers raise many types for broken files
-        raise LoadError(f"{model_folder}: has tokenizer files but they cannot be loaded "
-                        f"({type(error).__name__}: {error})") from None
+        try:  # a trimmed checkpoint's config.json (per-layer num_experts) is one transformers rejects
+            return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True, config=PretrainedConfig())
+        except Exception:
+            raise LoadError(f"{model_folder}: has tokenizer files but they cannot be loaded "
+                            f"({type(error).__name__}: {error})") from None
 
 
 def token_stream(documents, vocab_size: int, model_folder: Path) -> tuple[list[int], str]:
