@@ -100,10 +100,11 @@ def test_what_each_client_cannot_serve_is_said_and_not_written(tmp_path, overrid
 @pytest.mark.parametrize("build", ["demo_build", "demo_plain_build"])
 def test_genai_generates_pytorch_tokens_from_the_demos(build, request):
     folder = request.getfixturevalue(build)
-    expected = torch_tokens(folder / "checkpoint" if build == "demo_build" else request.getfixturevalue("demo_plain"),
-                            PROMPT, NEW_TOKENS)
-    assert 0 not in expected and EOS not in expected and len(set(expected)) > 8
-    assert genai_tokens(folder, PROMPT, NEW_TOKENS) == expected
+    checkpoint = folder / "checkpoint" if build == "demo_build" else request.getfixturevalue("demo_plain")
+    for ids in [PROMPT] + [list(prompt.encode()) for prompt in PROBLEMS]:
+        expected = until_genai_stops(torch_tokens(checkpoint, ids, NEW_TOKENS), eos=EOS)
+        assert expected[-1] == EOS and 0 not in expected  # the trained demo ends its line
+        assert genai_tokens(folder, ids, NEW_TOKENS) == expected
 
 
 def test_genai_answers_the_demo_task_through_its_tokenizer(demo_build):
@@ -219,12 +220,14 @@ def run_generate(capsys, *args):
 def test_generate_streams_the_same_tokens_through_every_runtime(demo_build, capsys):
     from transformers import AutoTokenizer
 
-    expected = AutoTokenizer.from_pretrained(demo_build).decode(genai_tokens(demo_build, PROMPT, NEW_TOKENS))
+    tokens = genai_tokens(demo_build, PROMPT, NEW_TOKENS)
+    assert tokens[-1] == EOS
+    expected = AutoTokenizer.from_pretrained(demo_build).decode(tokens[:-1])
     for runtime in ("genai", "ort", "torch"):
         code, out, err = run_generate(capsys, demo_build, "--ids", ",".join(map(str, PROMPT)),
                                       "--max-new-tokens", NEW_TOKENS, "--runtime", runtime)
-        assert code == 0 and out == expected + "\n", (runtime, err)  # through the folder's tokenizer
-        assert f"{NEW_TOKENS} tokens in" in err.splitlines()[-1]
+        assert code == 0 and out == expected + "\n", (runtime, err)  # through the folder's tokenizer, to the EOS
+        assert f"{len(tokens)} tokens in" in err.splitlines()[-1]
     code, out, err = run_generate(capsys, demo_build, "--ids", "5,17", "--max-new-tokens", 3)
     assert code == 0 and "onnxruntime-genai" in err  # the default when it is installed
 
@@ -298,6 +301,8 @@ def test_generate_text_through_the_folders_tokenizer(folder_with_tokenizer, caps
         assert code == 0, err
         outputs.add(out)
     tokens = genai_tokens(folder_with_tokenizer, hf.encode(text), 16)
+    if tokens[-1] == EOS:  # the checkpoint's EOS id ends the text unprinted, whatever this tokenizer calls it
+        tokens = tokens[:-1]
     assert outputs == {hf.decode(tokens, skip_special_tokens=True) + "\n"}
 
 
@@ -320,4 +325,4 @@ def test_generate_genai_where_it_cannot_serve(demo_build, tmp_path, capsys):
     code, _, err = run_generate(capsys, folder, "--ids", "5", "--runtime", "genai")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no genai_config.json" in err
     code, out, err = run_generate(capsys, folder, "--ids", "5", "--max-new-tokens", 2)  # falls back to ONNX Runtime
-    assert code == 0 and "2 tokens in" in err and "ONNX Runtime" in err
+    assert code == 0 and "tokens in" in err and "ONNX Runtime" in err
