@@ -1,11 +1,11 @@
 """The MoE compression study's table in miniature, on the trained demo: quality against speed.
 
-    flock /tmp/ce_heavy.lock python benchmarks/compression_study.py [--out benchmarks/results/compression-demo]
+    python benchmarks/compression_study.py [--out benchmarks/results/compression-demo] [--lock F] [--quiet-file Q]
 
 For the plain demo (top-4 of 8 experts) and its Compressed-Experts fine-tune (2 main + 2
 compressed), each of
-- no compression; for the plain model also its top-2 without CE or fine-tuning (the "half" baseline
-  CE improves on);
+- no compression; for the plain model also its top-2 without CE or fine-tuning (what the CE
+  fine-tune starts from);
 - Expert Drop of 25% and 50% of the experts, global and per layer; Layer Drop of 1 and 2 MoE
   sub-layers; Block Drop of 1 block (`ce_calibrate.calibrate` on the checkpoint's calibration text,
   then `ce_calibrate.trim`, as `ce_export calibrate` / `trim` do);
@@ -17,8 +17,9 @@ bytes as stored, and the median time of a prefill and of a decode step. Writes r
 results.md and study.png (accuracy against decode and prefill time).
 
 Timing: ce_export.bench's ONNX Runtime row (IO binding, the same seeded inputs for every model),
-median of repetitions over `--budget` seconds per point, after warm-up. Run it under the heavy lock
-so no other timing shares the cores.
+median of repetitions over `--budget` seconds per point, after warm-up, all after every build. On a
+shared machine `--lock` takes a lock file's flock for the timings and `--quiet-file` creates a
+marker file while they run, so no other work shares the cores then.
 """
 
 from __future__ import annotations
@@ -132,6 +133,22 @@ def time_build(row: dict, out: Path, quantized: bool, budget_s: float) -> None:
 
 
 @contextmanager
+def exclusive(lock: Path | None):
+    """Hold `lock`'s flock (a shared machine's lock for timing work) while the block runs."""
+    if lock is None:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def marker(path: Path | None):
     """`path` exists while the block runs (a shared machine's sign that timing is under way), then not."""
     if path is None:
@@ -205,6 +222,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "compression-demo")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed repetitions per point")
+    parser.add_argument("--lock", type=Path, metavar="PATH",
+                        help="take this file's flock for the timings (only): a shared machine's lock for timing work")
     parser.add_argument("--quiet-file", type=Path, metavar="PATH",
                         help="a file to create while (only while) the timings run: a shared machine's sign "
                              "for others to hold off starting work")
@@ -227,7 +246,7 @@ def main(argv=None) -> int:
                   f"{row['active_parameters'] / 1e6:.3f}M active, {row['weight_bytes'] / 1e6:.2f} MB"
                   + (f"  [{row['error']}]" if row.get("error") else ""), flush=True)
         timing_start = time.perf_counter()
-        with marker(args.quiet_file):
+        with exclusive(args.lock), marker(args.quiet_file):
             machine["load_average_1min_before_timing"] = os.getloadavg()[0]
             for row, out, quantized in builds:
                 time_build(row, out, quantized, args.budget)
