@@ -37,7 +37,8 @@ def test_language_problems_are_exact_and_held_out_ones_never_trained():
             assert not stack
 
 
-def test_tokenizer_is_the_byte_identity_in_transformers_and_onnxruntime_genai(tmp_path):
+def test_tokenizer_is_the_byte_identity(tmp_path):
+    """(onnxruntime-genai reads it the same: test_clients.test_genai_answers_the_demo_task_through_its_tokenizer)"""
     from transformers import AutoTokenizer
 
     language.write_tokenizer(tmp_path)
