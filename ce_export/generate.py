@@ -59,6 +59,8 @@ def generate(folder: str | Path, prompt: str | None = None, ids: list[int] | Non
     start = time.perf_counter()
     for token in tokens:
         new.append(token)
+        if token in stop and tokenizer is not None:
+            break  # the EOS ends the text; ids are all printed
         streamer.put(torch.tensor([token]))
     streamer.end()
     seconds = time.perf_counter() - start

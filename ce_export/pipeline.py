@@ -24,11 +24,12 @@ from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
 from ce_export.capture import DTYPES, LOGITS, build_torch_model
-from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
+from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.quantize import fake_quantize_model, quantize_activations
+from ce_export.task import TASK_FILE, compare_on_task, held_out_sequences, read_task, task_tokenizer
 
 MANIFEST_FORMAT = 1
 CHECKPOINT_COPY = "checkpoint"
@@ -36,6 +37,7 @@ CHECKPOINT_COPY = "checkpoint"
 # quarter is held out, and its first EVAL_SEQUENCES give the perplexity of the quality report; the
 # first CALIBRATION_SEQUENCES of the rest give the FP8 activation ranges (fp8-w8a8).
 EVAL_SEQ_LEN, EVAL_FRACTION, EVAL_SEQUENCES, CALIBRATION_SEQUENCES = 64, 0.25, 8, 32
+TASK_PERPLEXITY_SEQUENCES = 16  # a task checkpoint's perplexity: its held-out problems' text, 16 x 64 tokens
 TOOLS = ("ce_export", "torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy", "safetensors")
 
 
@@ -87,14 +89,16 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
             if model == DEMO_NAME:
                 checkpoint = staging / CHECKPOINT_COPY
                 write_demo_checkpoint(checkpoint, compressed=True)
-                source = {"kind": "demo", "seed": DEMO_SEED, "path": CHECKPOINT_COPY}
+                source = {"kind": "demo", "weights": "trained CE demo (ce_export/demo/weights/training.json)",
+                          "path": CHECKPOINT_COPY}
             else:
                 checkpoint = Path(model)
                 source = {"kind": "checkpoint", "path": str(checkpoint.absolute())}
             loaded = load_checkpoint(checkpoint)
             total, active = parameter_count(loaded)
             activation_quantized = bool(options.quantize and quantize_stage.FORMATS[options.quantize].activations)
-            needs_data = options.verify or activation_quantized or options.calib is not None
+            has_task = read_task(checkpoint) is not None  # its quality report needs no calibration data
+            needs_data = (options.verify and not has_task) or activation_quantized or options.calib is not None
             data = calibration_data(checkpoint, loaded, options.calib) if needs_data else None
         report(f"  {loaded.spec.architecture}, {loaded.spec.num_layers} layers, "
                f"{'CE n_ce=' + str(loaded.spec.n_ce) if loaded.spec.use_ce else 'plain MoE'}, "
@@ -114,7 +118,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
                                               options.logits or export_stage.DEFAULT_LOGITS[options.target])
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
-        manifest = make_manifest(source, loaded, options, result, data, activations)
+        manifest = make_manifest(source, loaded, options, result, data, activations, has_task)
         manifest["clients"] = clients.write_client_files(staging, checkpoint, manifest)
         manifest["clients"]["polygraphy"] = polygraphy_reference.support(manifest, options.verify)
         write_json(staging / MANIFEST, manifest)
@@ -170,7 +174,7 @@ def calibrate_activations(loaded, data, dtype: torch.dtype) -> dict:
 
 
 def make_manifest(source: dict, loaded, options: BuildOptions, result: export_stage.ExportResult, data=None,
-                  activations: dict | None = None) -> dict:
+                  activations: dict | None = None, has_task: bool = False) -> dict:
     total, active = parameter_count(loaded)
     quantization = result.quantization
     if quantization is not None:
@@ -188,8 +192,9 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
         "dtype": options.dtype,
         "quantization": quantization,
         "calibration_data": None if data is None else {
-            **data.describe(), "kind": "built-in corpus" if options.calib is None else "user data (--calib)",
-            "used_for": "held-out perplexity" + (", FP8 activation scales" if activations else "")},
+            **data.describe(), "kind": data_kind(data.source),
+            "used_for": ", ".join(use for use, wanted in (("held-out perplexity", not has_task or options.calib),
+                                                          ("FP8 activation scales", activations)) if wanted) or None},
         "onnx": {
             "file": result.onnx_path.name,
             "external_data": "model.onnx.data" if result.external_data else None,
@@ -286,7 +291,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
                 generation = synchronized.check_generation(pair, loaded.spec, runtime_dtype, tolerance)
             finally:
                 pair.close()
-    with timer("verify: held-out perplexity, PyTorch fp32 vs the artifact"):
+    with timer("verify: quality (the checkpoint's task, or held-out perplexity), PyTorch fp32 vs the artifact"):
         quality = quality_cost(folder, manifest, loaded, unquantized, runtime, runtime_dtype)
     view.cleanup()
     return {
@@ -321,26 +326,51 @@ def accept_fp32_reference_tokens(generation: dict, against_fp32: dict) -> None:
 
 
 def quality_cost(folder: Path, manifest: dict, loaded, unquantized_fp32, runtime, runtime_dtype) -> dict:
-    """Model size and the quality cost of the artifact: perplexity on the held-out slice of the
-    build's calibration data (--calib, default the built-in corpus), unquantized PyTorch fp32 vs
-    the exported file in ONNX Runtime."""
+    """Model size and the quality cost of the artifact, unquantized PyTorch fp32 vs the exported
+    file in ONNX Runtime: for a checkpoint with a task (task.json, ce_export/task.py; the demo's),
+    exact-match accuracy on its held-out problems; perplexity on the held-out slice of --calib DATA
+    when given, else on the task's held-out problems, else on the built-in corpus's held-out slice."""
     from ce_calibrate import BUILTIN
+    from ce_calibrate.data import CHECKPOINT_TASK
 
+    checkpoint = checkpoint_of(folder, manifest)
+    task = read_task(checkpoint)
+    reference = verify_stage.TorchDecoder(unquantized_fp32)
     recorded = manifest.get("calibration_data") or {}
     source = recorded.get("source", BUILTIN)
-    data = calibration_data(checkpoint_of(folder, manifest), loaded, None if source == BUILTIN else source)
-    sequences = data.evaluation[:EVAL_SEQUENCES]
-    torch_ppl = verify_stage.perplexity(verify_stage.TorchDecoder(unquantized_fp32), sequences, loaded.spec, torch.float32)
+    user_data = source not in (BUILTIN, CHECKPOINT_TASK)
+    result = {}
+    if task is not None:
+        tokenizer = task_tokenizer(checkpoint, loaded.spec.vocab_size)
+        result["task"] = {"source": str(checkpoint / TASK_FILE),
+                          **compare_on_task(task, tokenizer, reference, runtime, loaded.spec, runtime_dtype)}
+    if task is not None and not user_data:
+        sequences = held_out_sequences(task, tokenizer, EVAL_SEQ_LEN, TASK_PERPLEXITY_SEQUENCES)
+        result["evaluation"] = (f"{result['task']['problems']} held-out problems of {task.name!r} (exact match); "
+                                f"perplexity on {len(sequences)} x {sequences.shape[1]} tokens of their text")
+        result["data"] = {"source": result["task"]["source"], "kind": "the checkpoint's task (held-out problems)",
+                          "tokenizer": type(tokenizer).__name__}
+    else:
+        data = calibration_data(checkpoint, loaded, source if user_data else None)
+        sequences = data.evaluation[:EVAL_SEQUENCES]
+        result["evaluation"] = f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}"
+        result["data"] = {"source": data.source, "kind": data_kind(data.source), "tokenizer": data.tokenizer}
+    torch_ppl = verify_stage.perplexity(reference, sequences, loaded.spec, torch.float32)
     onnx_ppl = verify_stage.perplexity(runtime, sequences, loaded.spec, runtime_dtype,
                                        manifest["onnx"].get("logits", "all"))
     files = [folder / manifest["onnx"]["file"]] + ([folder / manifest["onnx"]["external_data"]] if manifest["onnx"]["external_data"] else [])
-    return {"evaluation": f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}",
-            "data": {"source": data.source, "kind": "built-in corpus" if data.source == BUILTIN else "user data (--calib)",
-                     "tokenizer": data.tokenizer},
-            "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
+    return {**result, "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
             "perplexity_delta": onnx_ppl - torch_ppl, "parameters": manifest["parameters"],
             "weight_bytes": manifest["parameters"].get("weight_bytes"),
             "onnx_bytes": sum(f.stat().st_size for f in files)}
+
+
+def data_kind(source: str) -> str:
+    from ce_calibrate import BUILTIN
+    from ce_calibrate.data import CHECKPOINT_TASK
+
+    return {BUILTIN: "built-in corpus", CHECKPOINT_TASK: "the checkpoint's task (calibration text)"}.get(
+        source, "user data (--calib)")
 
 
 def failure_reason(parity: dict) -> str:
@@ -366,7 +396,10 @@ def summarize(parity: dict) -> str:
     tokens = (f"identical in {identical}/{len(rows)} rows" + (f", {ties} diverging at a near-tie" if ties else "")
               + (f", {fp32} identical to the fp32 reference instead" if fp32 else ""))
     quality = parity.get("quality")
-    ppl = (f"; held-out perplexity {quality['perplexity_onnx']:.3f} vs {quality['perplexity_torch_fp32']:.3f} "
+    task = (quality or {}).get("task")
+    answers = (f"; task exact match {task['accuracy_onnx']:.1%} of {task['problems']} held-out problems vs "
+               f"{task['accuracy_torch_fp32']:.1%} in PyTorch fp32" if task else "")
+    ppl = (f"{answers}; held-out perplexity {quality['perplexity_onnx']:.3f} vs {quality['perplexity_torch_fp32']:.3f} "
            f"in PyTorch fp32 (delta {quality['perplexity_delta']:+.4f})" if quality else "")
     free = parity.get("free_running")
     synchronized = (f"; synchronized at each FP8 quantizer (free-running: max relative error "

@@ -156,7 +156,12 @@ def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, t
     else:
         assert "free_running" not in parity
     quality = parity["quality"]
-    assert quality["data"]["source"] == "builtin"
+    if checkpoint == "demo_h256":  # random weights, no task: perplexity on the built-in corpus
+        assert quality["data"]["source"] == "builtin" and "task" not in quality
+    else:  # the trained demo: exact match on its task in ONNX Runtime, beside unquantized PyTorch fp32's
+        task = quality["task"]
+        assert quality["data"]["kind"] == "the checkpoint's task (held-out problems)" and task["problems"] == 300
+        assert task["accuracy_torch_fp32"] >= 0.9 and 0 <= task["accuracy_onnx"] <= 1
     assert quality["perplexity_onnx"] > 0 and quality["perplexity_delta"] == pytest.approx(
         quality["perplexity_onnx"] - quality["perplexity_torch_fp32"])
     parameters = manifest["parameters"]
