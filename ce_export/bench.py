@@ -361,11 +361,15 @@ def warm_up_kernels(spec: ModelSpec, token_counts, dtype: torch.dtype, device: t
         experts, hidden, inter = layer.num_experts, layer.hidden_size, layer.intermediate_size
         gate_up, down = rand(experts, 2 * inter, hidden, scale=hidden ** -0.5), rand(experts, hidden, inter)
         ces = rand(experts, 3, layer.ces_width) + 1 if layer.n_ce else None
+        score_bias = rand(experts, logits_fp32=True) if layer.score_bias else None
+        biases = (rand(experts, 2 * inter), rand(experts, hidden)) if layer.expert_bias else (None, None)
         for tokens in counts:
             torch.ops.ce_export.moe(rand(tokens, hidden), rand(tokens, experts, logits_fp32=layer.router_fp32),
                                     gate_up, down, ces, layer.top_k, layer.n_ce, layer.norm_topk_prob,
-                                    layer.routing, layer.routing_scale, layer.jitter_eps)
-        del gate_up, down, ces
+                                    layer.routing, layer.routing_scale, layer.jitter_eps, score_bias, layer.n_group,
+                                    layer.topk_group, *biases, layer.activation, layer.swiglu_alpha,
+                                    layer.swiglu_limit, layer.weights_on_input)
+        del gate_up, down, ces, score_bias, biases
     torch.cuda.synchronize(device)
     report(f"  Triton kernels compiled for {len(layers)} MoE layer configuration(s) x T in {counts}: "
            f"{time.perf_counter() - started:.1f} s")
@@ -374,7 +378,7 @@ def warm_up_kernels(spec: ModelSpec, token_counts, dtype: torch.dtype, device: t
 def kernel_configuration(layer: MoeLayerSpec) -> MoeLayerSpec:
     """The layer spec with the fields that do not reach the MoE op blanked: equal for layers that
     launch the same kernels."""
-    return replace(layer, layer=0, expert_ids=(), shared_intermediate_size=0, shared_expert_gate=False)
+    return replace(layer, layer=0, expert_ids=(), module="")
 
 
 def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: str = "cpu",

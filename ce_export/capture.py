@@ -1,13 +1,17 @@
 """Stage 2, capture: LoadedModel -> a torch module tree whose MoE blocks call `ce_export::moe`.
 
-Everything but the MoE blocks is transformers' own implementation of the architecture (attention,
-norms, rotary embeddings, KV cache), so the captured model is faithful to it by construction. Each
-MoE block becomes one call of the custom op, with no data-dependent Python control flow, so
-torch.export traces it with dynamic batch, sequence and past length.
+Everything but the MoE blocks' routing and routed experts is transformers' own implementation of
+the architecture (attention, norms, rotary embeddings, KV cache, shared experts and their gates,
+the block's own sums), so the captured model is faithful to it by construction. In each MoE block
+(families.find_moe_blocks) the experts module becomes a MoeBlock, one call of the custom op that
+routes too, and the router a DeferredRouter; with no data-dependent Python control flow left,
+torch.export traces it with dynamic batch, sequence and past length. Blocks that do not call
+router(h) then experts(h, index, weights) get an adapter here (Llama 4).
 """
 
 from __future__ import annotations
 
+import types
 from typing import Callable
 
 import torch
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from ce_export import families
 from ce_export import ops  # noqa: F401  (registers torch.ops.ce_export.moe)
 from ce_export.spec import LAYER_DENSE, LAYER_MOE, LoadedModel, ModelSpec, MoeLayerSpec, MoeLayerWeights
 
@@ -30,94 +35,89 @@ def quantized_input(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor
     return x if scale is None else torch.ops.ce_export.fake_quantize_fp8(x, scale)
 
 
-class SharedExpert(nn.Module):
-    """An always-on SwiGLU expert beside the routed ones, optionally gated by sigmoid(h @ g)."""
-
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, gate: torch.Tensor | None):
-        super().__init__()
-        self.gate_up, self.down, self.gate = frozen(gate_up), frozen(down), frozen(gate)
-        self.register_buffer("input_scale", None, persistent=False)  # set for FP8 activations
-
-    def forward(self, flat: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(quantized_input(flat, self.input_scale), self.gate_up).chunk(2, dim=-1)
-        out = F.linear(F.silu(gate) * up, self.down)
-        if self.gate is not None:
-            out = out * torch.sigmoid(F.linear(flat, self.gate))
-        return out
-
-
 class MoeBlock(nn.Module):
-    """Router matmul + one `ce_export::moe` call (+ shared expert); replaces a transformers MoE block."""
+    """Router matmul + one `ce_export::moe` call: the routed part of a transformers MoE block.
+
+    It takes the place of the block's experts module, and the block's router becomes a
+    DeferredRouter: transformers' block keeps its own code around them (shared experts and their
+    gates, residual sums, output format). Called as the experts are, `experts(h, index, weights)`,
+    it ignores the (deferred) routing arguments and routes inside the op.
+    """
 
     def __init__(self, spec: MoeLayerSpec, weights: MoeLayerWeights):
         super().__init__()
         self.spec = spec
         self.router = frozen(weights.router)
+        self.router_bias = frozen(weights.router_bias)
+        self.score_bias = frozen(weights.score_bias)
         self.gate_up = frozen(weights.gate_up)
         self.down = frozen(weights.down)
+        self.gate_up_bias = frozen(weights.gate_up_bias)
+        self.down_bias = frozen(weights.down_bias)
         self.ces = frozen(weights.ces)
-        self.shared = None
-        if weights.shared_gate_up is not None:
-            self.shared = SharedExpert(weights.shared_gate_up, weights.shared_down, weights.shared_gate)
         self.register_buffer("input_scale", None, persistent=False)  # set for FP8 activations (not the router's)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def router_logits(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.spec.router_fp32:
+            bias = None if self.router_bias is None else self.router_bias.float()
+            return F.linear(flat.float(), self.router.float(), bias)
+        return F.linear(flat, self.router, self.router_bias)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index=None, top_k_weights=None) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         spec = self.spec
-        if spec.router_fp32:
-            router_logits = F.linear(flat.float(), self.router.float())
-        else:
-            router_logits = F.linear(flat, self.router)
         out = torch.ops.ce_export.moe(
-            quantized_input(flat, self.input_scale), router_logits, self.gate_up, self.down, self.ces,
+            quantized_input(flat, self.input_scale), self.router_logits(flat), self.gate_up, self.down, self.ces,
             spec.top_k, spec.n_ce, spec.norm_topk_prob, spec.routing, spec.routing_scale, spec.jitter_eps,
+            self.score_bias, spec.n_group, spec.topk_group, self.gate_up_bias, self.down_bias, spec.activation,
+            spec.swiglu_alpha, spec.swiglu_limit, spec.weights_on_input,
         )
-        if self.shared is not None:
-            out = out + self.shared(flat)
         return out.reshape(hidden_states.shape)
+
+
+class DeferredRouter(nn.Module):
+    """Stands in for a transformers router whose routing now happens inside the MoE op (MoeBlock):
+    the block's call `router(h, ...)` returns (None, None, None) for (logits, weights, index)."""
+
+    def forward(self, *args, **kwargs):
+        return None, None, None
 
 
 def activation_sites(lm: nn.Module):
     """(name, module, kind) of every quantized GEMM's input, by the module whose input it is: each
-    nn.Linear ("linear": attention projections, LM head, dense MLPs), each MoE block ("moe_experts":
-    the hidden input of the routed experts, not the router's) and each shared expert."""
+    nn.Linear ("linear": attention projections, LM head, dense MLPs, shared experts) but scalar
+    gates, and each MoE block ("moe_experts": the hidden input of the routed experts, not the router's)."""
     for name, module in lm.named_modules():
-        if isinstance(module, nn.Linear):
+        if is_quantized_linear(module):
             yield name, module, "linear"
         elif isinstance(module, MoeBlock):
             yield name, module, "moe_experts"
-        elif isinstance(module, SharedExpert):
-            yield name, module, "shared_expert"
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """An nn.Linear the quantization modes store quantized: all but scalar gates (out_features 1,
+    e.g. Qwen2-MoE's shared-expert gate), which stay float like routers."""
+    return isinstance(module, nn.Linear) and module.out_features > 1
 
 
 class RemovedMoe(nn.Module):
     """A dropped MoE sub-layer: contributes nothing to the residual stream."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+    def __init__(self, returns_tuple: bool = False):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.returns_tuple else zeros
 
 
 def hf_config_for(spec: ModelSpec):
-    from transformers import AutoConfig
-
-    from ce_export.load import ARCHITECTURES
-
-    config = dict(spec.hf_config)
-    counts = [layer.num_experts for layer in spec.moe_layers if layer.kind == LAYER_MOE]
-    # transformers' config takes one expert count; our blocks carry their own per-layer counts.
-    for key in ARCHITECTURES[spec.architecture].experts_keys:
-        if key in config:
-            config[key] = max(counts, default=2)
-    for key in ("use_ce", "n_ce", "bottom_k", "layer_experts_idx"):
-        config.pop(key, None)
-    hf_config = AutoConfig.for_model(**config)
-    hf_config._attn_implementation = "eager"
-    return hf_config
+    return families.transformers_config(spec.hf_config)
 
 
-# MoeLayerWeights / load.MoeLayerSource field -> the MoeBlock parameter holding it
-MOE_PARAMETERS = {"router": "router", "gate_up": "gate_up", "down": "down", "ces": "ces",
-                  "shared_gate_up": "shared.gate_up", "shared_down": "shared.down", "shared_gate": "shared.gate"}
+# MoeLayerWeights / load.MoeLayerSource fields: MoeBlock's parameters of the same names
+MOE_PARAMETERS = ("router", "router_bias", "score_bias", "gate_up", "down", "gate_up_bias", "down_bias", "ces")
 ROUTED_EXPERT_PARAMETERS = ("gate_up", "down")
 EXACT_UPCASTS = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
@@ -128,17 +128,20 @@ def parameter_sources(model: LoadedModel) -> dict:
     """Every parameter of the captured model, by its name there, and the stored tensor (load.StoredTensor)
     it is read from."""
     sources = dict(model.dense_tensors.stored)
-    if model.spec.hf_config.get("tie_word_embeddings", False):
-        sources.setdefault("lm_head.weight", sources["model.embed_tokens.weight"])
-    for layer, source in model.moe_weights.sources.items():
+    if "lm_head.weight" not in sources:  # tied to the embedding (the checkpoint stores it once)
+        embedding = next((name for name in sources if name.endswith("embed_tokens.weight")), None)
+        if embedding is not None:
+            sources["lm_head.weight"] = sources[embedding]
+    for source in model.moe_weights.sources.values():
         for name, stored in source.items():
-            sources[f"model.layers.{layer}.mlp.{MOE_PARAMETERS[name]}"] = stored
+            sources[f"{source.experts}.{name}"] = stored  # the MoeBlock's parameter of the same name
     return sources
 
 
 def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32, *, weights: WeightTransform | None = None,
                       keep_expert_dtype: bool = False, progress: bool = False) -> nn.Module:
-    """The captured causal LM (a transformers *ForCausalLM with our MoE blocks), in eval mode, computing in `dtype`.
+    """The captured causal LM (transformers' *ForCausalLM, each MoE block's router and experts
+    replaced by one MoeBlock), in eval mode, computing in `dtype`.
 
     The weights are read one tensor at a time, each converted as it arrives, so building never
     holds more than the finished model and one tensor. `weights(name, module, tensor)` may first
@@ -160,7 +163,7 @@ def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32, *,
         if weights is not None:
             tensor = weights(name, module, tensor)
         if not (keep_expert_dtype and _is_routed_expert(module, attribute) and (tensor.dtype, dtype) in EXACT_UPCASTS):
-            tensor = tensor.to(dtype)
+            tensor = tensor.to(_parameter_dtype(module, attribute, dtype))
         _assign(module, attribute, tensor)
         del tensor
     bar.close()
@@ -178,7 +181,7 @@ def build_traced_model(model: LoadedModel, dtype: torch.dtype, separate_head: bo
     lm = _captured_skeleton(model)
     for _, module, attribute, stored in _parameter_slots(lm, model):
         with fake_mode:
-            tensor = torch.empty(stored.shape, dtype=dtype)
+            tensor = torch.empty(stored.shape, dtype=_parameter_dtype(module, attribute, dtype))
         _assign(module, attribute, tensor)
     lm = _finish(lm, model, dtype)
     if separate_head and lm.config.tie_word_embeddings:
@@ -192,27 +195,36 @@ def _is_routed_expert(module: nn.Module, attribute: str) -> bool:
     return isinstance(module, MoeBlock) and attribute in ROUTED_EXPERT_PARAMETERS
 
 
+def _parameter_dtype(module: nn.Module, attribute: str, dtype: torch.dtype) -> torch.dtype:
+    """`dtype`, but fp32 as transformers keeps them (`_keep_in_fp32_modules_strict`): router weights
+    where the router computes in fp32 (DeepSeek, GLM-4.5, dots1, HunYuan), and score biases."""
+    if isinstance(module, MoeBlock) and (
+            attribute == "score_bias" or (module.spec.router_fp32 and attribute in ("router", "router_bias"))):
+        return torch.float32
+    return dtype
+
+
 def _captured_skeleton(model: LoadedModel) -> nn.Module:
     """transformers' model for the spec on the meta device, our MoE blocks in place (meta weights)."""
-    from transformers import AutoModelForCausalLM
-
-    config = hf_config_for(model.spec)
+    arch = families.ARCHITECTURES[model.spec.architecture]
+    lm = families.meta_model(model.spec.hf_config)
+    blocks = families.find_moe_blocks(lm)
+    layers_path, _ = families.decoder_layers(lm)
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         for spec in model.spec.moe_layers:
-            decoder_layer = lm.model.layers[spec.layer]
             if spec.kind == LAYER_DENSE:
                 continue
+            layout = blocks[spec.layer]
             if spec.kind == LAYER_MOE:
                 source = model.moe_weights.sources[spec.layer]
                 meta = MoeLayerWeights(**{name: None for name in MOE_PARAMETERS} | {
                     name: stored.meta() for name, stored in source.items()})
-                decoder_layer.mlp = MoeBlock(spec, meta)
+                enter_block(lm, arch, layout, MoeBlock(spec, meta))
             else:
-                decoder_layer.mlp = RemovedMoe()
-                norm_name = f"model.layers.{spec.layer}.post_attention_layernorm.weight"
-                if norm_name not in model.dense_tensors:
-                    decoder_layer.post_attention_layernorm = nn.Identity()
+                replace_module(lm, layout.block, RemovedMoe(arch.block_returns_tuple))
+                norm_name = f"{layers_path}.{spec.layer}.post_attention_layernorm"
+                if f"{norm_name}.weight" not in model.dense_tensors:
+                    replace_module(lm, norm_name, nn.Identity())
     return lm
 
 
@@ -248,21 +260,58 @@ def _finish(lm: nn.Module, model: LoadedModel, dtype: torch.dtype) -> nn.Module:
     # Rotary frequencies stay fp32 (transformers computes the angles in fp32); casting them to
     # bf16 would shift every position's phase. Rebuilding also replaces the meta-device buffer.
     lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config)
-    if model.spec.architecture == "deepseek_v2":
-        use_real_rotary_for_deepseek(lm)
+    if model.spec.architecture in COMPLEX_ROTARY:
+        use_real_rotary(lm, model.spec.architecture)
     lm.compute_dtype = dtype
     return lm.eval()
 
 
-def use_real_rotary_for_deepseek(lm: nn.Module) -> None:
-    """transformers' DeepSeek-V2 rotates q/k with complex tensors, which ONNX cannot express.
+def replace_module(lm: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(lm.get_submodule(parent), name, module)
 
-    Swap in the same rotation in real arithmetic: the rotary module returns (cos, sin) pairs and
+
+def enter_block(lm: nn.Module, arch: families.Architecture, layout: families.MoeBlockLayout, block: MoeBlock) -> None:
+    """Put `block` in the place of the transformers block's routed part; the rest stays transformers'."""
+    transformers_block = lm.get_submodule(layout.block)
+    replace_module(lm, layout.experts, block)
+    if arch.block == families.LLAMA4:
+        transformers_block.forward = types.MethodType(_llama4_block_forward, transformers_block)
+        replace_module(lm, layout.router, nn.Identity())  # unused: routing is in the op
+        return
+    replace_module(lm, layout.router, DeferredRouter())
+    if layout.score_bias is not None and not layout.score_bias.startswith(layout.router + "."):
+        # A selection bias the block itself holds and hands to its router (MiniMax-M2): ours now.
+        replace_tensor_with_none(lm, layout.score_bias)
+
+
+def replace_tensor_with_none(lm: nn.Module, path: str) -> None:
+    owner, _, name = path.rpartition(".")
+    setattr(lm.get_submodule(owner), name, None)
+
+
+def _llama4_block_forward(self, hidden_states):
+    """Llama4TextMoe, with its routed experts one MoeBlock (sigmoid top-1 on the expert input)."""
+    flat = hidden_states.reshape(-1, self.hidden_dim)
+    return self.shared_expert(flat) + self.experts(flat), None
+
+
+# Families whose attention rotates q/k with complex tensors, which ONNX cannot express: their
+# modeling module and where the heads axis sits in q/k relative to the [B, S, d/2] frequencies.
+COMPLEX_ROTARY = {
+    "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", 1),  # q, k [B, heads, S, d]
+    "llama4_text": ("transformers.models.llama4.modeling_llama4", 2),  # q, k [B, S, heads, d]
+}
+
+
+def use_real_rotary(lm: nn.Module, architecture: str) -> None:
+    """Swap in the same rotation in real arithmetic: the rotary module returns (cos, sin) pairs and
     the attention's rotation function (patched at module level, and still delegating to the
-    original for complex inputs, so stock models in the process are unaffected) applies them.
-    """
-    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as deepseek
+    original for complex inputs, so stock models in the process are unaffected) applies them."""
+    import importlib
 
+    module_name, heads_axis = COMPLEX_ROTARY[architecture]
+    modeling = importlib.import_module(module_name)
     original_rotary = type(lm.model.rotary_emb)
 
     class RealRotaryEmbedding(original_rotary):
@@ -270,15 +319,14 @@ def use_real_rotary_for_deepseek(lm: nn.Module) -> None:
             freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
             return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
 
-    rotary = lm.model.rotary_emb
-    rotary.__class__ = RealRotaryEmbedding
-    if not getattr(deepseek.apply_rotary_emb, "handles_real", False):
-        complex_rotation = deepseek.apply_rotary_emb
+    lm.model.rotary_emb.__class__ = RealRotaryEmbedding
+    if not getattr(modeling.apply_rotary_emb, "handles_real", False):
+        complex_rotation = modeling.apply_rotary_emb
 
         def apply_rotary_emb(xq, xk, freqs):
             if freqs.is_complex():
                 return complex_rotation(xq, xk, freqs)
-            cos, sin = (part.unsqueeze(1) for part in freqs.unbind(-1))  # [B, 1, S, d/2]
+            cos, sin = (part.unsqueeze(heads_axis) for part in freqs.unbind(-1))  # heads axis of size 1
 
             def rotate(x):
                 real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
@@ -287,7 +335,7 @@ def use_real_rotary_for_deepseek(lm: nn.Module) -> None:
             return rotate(xq), rotate(xk)
 
         apply_rotary_emb.handles_real = True
-        deepseek.apply_rotary_emb = apply_rotary_emb
+        modeling.apply_rotary_emb = apply_rotary_emb
 
 
 def flatten_cache(cache: DynamicCache) -> list[torch.Tensor]:

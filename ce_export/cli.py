@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="export MODEL (a checkpoint folder, or 'demo') and verify it")
-    build.add_argument("model", help="checkpoint folder (config.json + safetensors), or 'demo' for the built-in CE model")
+    build.add_argument("model", help="checkpoint folder (config.json + safetensors), or 'demo' for the built-in CE model "
+                                     "(trained on a synthetic task language; its quality report measures the task)")
     build.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
     build.add_argument("--target", choices=TARGETS, default="portable",
                        help="portable: custom nodes with ONNX function bodies; ort: plain MoE layers as "
@@ -35,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             "calibrated static per-tensor scales")
     build.add_argument("--calib", metavar="DATA",
                        help="calibration data as for `calibrate --data` (text, JSONL, .npy, .json): FP8 activation "
-                            "scales and the held-out perplexity of the quality report (default: built-in corpus)")
+                            "scales and the held-out perplexity of the quality report (default: the checkpoint's "
+                            "task.json when it has one, as the demo does, else the built-in corpus)")
     build.add_argument("--logits", choices=("all", "last"),
                        help="logits of every position or of the last one only (same output name, [B, 1, V]); "
                             "default: all for portable and ort, last for trt")
@@ -66,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                  "calibration text (JSON + expert-usage heatmap PNG)")
     calibrate.add_argument("model", help="checkpoint folder, or 'demo'")
     calibrate.add_argument("--out", required=True)
-    calibrate.add_argument("--data", help="text, JSONL (a 'text' field) or token ids (.npy / JSON); default: built-in corpus")
+    calibrate.add_argument("--data", help="text, JSONL (a 'text' field) or token ids (.npy / JSON); default: the "
+                                          "checkpoint's task.json calibration text when it has one, else built-in corpus")
     calibrate.add_argument("--seq-len", type=int, default=128)
     calibrate.add_argument("--num-sequences", type=int, default=128)
     calibrate.add_argument("--force", action="store_true")
@@ -93,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           help="genai: onnxruntime-genai over genai_config.json (default when installed and it "
                                "serves the build on CPU); ort: our ONNX Runtime loop; torch: the captured PyTorch model")
 
-    demo = sub.add_parser("demo", help="write the built-in demo checkpoint (CE by default) to a folder")
+    demo = sub.add_parser("demo", help="write the built-in demo checkpoint (CE by default; trained, with its tokenizer "
+                                       "and task.json) to a folder")
     demo.add_argument("out")
     demo.add_argument("--plain", action="store_true", help="the same model without compressed experts (top-k MoE)")
     demo.add_argument("--force", action="store_true")

@@ -9,8 +9,9 @@ and gets two optimization profiles from the build limits:
     0 prefill  batch 1..max_batch, sequence 1..max_seq, past 0            (attention_mask = sequence)
     1 decode   batch 1..max_batch, sequence 1,          past 0..max_context (attention_mask = past + 1)
 
-Every MoE node (`ce_export::MoE` / `ce_export::CompressedMoE`) carries plugin_namespace/plugin_version
-(see export.mark_plugin_nodes). With full TensorRT and our plugin library loaded, the parser binds
+Every MoE node of an op type our plugin implements (`ce_export::MoE`, `CompressedMoE`, the SparseMixer
+pair) carries plugin_namespace/plugin_version (see export.mark_plugin_nodes); the other op types'
+bodies always run. With full TensorRT and our plugin library loaded, the parser binds
 each node to the plugin (ENABLE_PLUGIN_OVERRIDE when the flag exists), and we check from the network
 that every MoE node became an IPluginV3 layer. Without a plugin (TensorRT-RTX, or no library) the
 parser inlines each node's local-function body (standard ONNX): a plugin-less baseline engine from
@@ -342,6 +343,17 @@ def _set_compute_capability(trt, config, compute_capability: str | None) -> str:
     return name
 
 
+def not_in_plugin(nodes: list[dict]) -> dict:
+    """What our plugin cannot take among `nodes` (manifest moe_nodes without plugin attributes)."""
+    from ce_export.onnx_functions import NOT_IN_PLUGIN
+
+    op_types = sorted({node["op_type"] for node in nodes})
+    lacks = sorted({NOT_IN_PLUGIN.get(op_type, f"the op type {op_type}") for op_type in op_types})
+    return {"op_types": op_types, "nodes": len(nodes),
+            "message": f"the TensorRT plugin does not implement {', '.join(op_types)} ({'; '.join(lacks)}): "
+                       f"those {len(nodes)} MoE node(s) run their ONNX function bodies in TensorRT"}
+
+
 def build_engine(
     build_dir: str | Path,
     *,
@@ -368,8 +380,12 @@ def build_engine(
         raise BuildError(f"{onnx_path}: missing ONNX file")
     limits = limits_of(manifest, max_batch, max_seq, max_context)
     inputs, _ = onnx_io(build_dir, manifest)
-    moe_nodes = [node["name"] for node in manifest["onnx"].get("moe_nodes", [])]
-    op_types = sorted({node["op_type"] for node in manifest["onnx"].get("moe_nodes", [])})
+    # The MoE nodes our plugin implements (the others carry no plugin attributes: their bodies run).
+    plugin_nodes = [node for node in manifest["onnx"].get("moe_nodes", []) if node.get("plugin", True)
+                    and node["domain"] == PLUGIN_NAMESPACE]
+    moe_nodes = [node["name"] for node in plugin_nodes]
+    op_types = sorted({node["op_type"] for node in plugin_nodes})
+    body_only = [node for node in manifest["onnx"].get("moe_nodes", []) if node not in plugin_nodes]
 
     trt, flavour = load_tensorrt()
     runtime = runtime_label(trt, flavour)
@@ -378,13 +394,16 @@ def build_engine(
 
     plugin = {"bound": False, "library": str(plugin_library) if plugin_library else None,
               "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION}
+    if body_only:
+        plugin["not_in_plugin"] = not_in_plugin(body_only)
+        report(f"  {plugin['not_in_plugin']['message']}")
     use_plugin = False
     if plugin_library is None:
         plugin["reason"] = "no plugin library given: MoE nodes inlined from their ONNX function bodies"
     elif flavour == "tensorrt_rtx" or not hasattr(trt.INetworkDefinition, "add_plugin_v3"):
         plugin["reason"] = f"{runtime} has no plugin layers: MoE nodes inlined from their ONNX function bodies"
     elif not op_types:
-        plugin["reason"] = "the model has no MoE nodes"
+        plugin["reason"] = "the model has no MoE nodes of the op types our plugin implements: function bodies inlined"
     else:
         plugin["mechanism"] = _load_plugin(trt, builder, Path(plugin_library), op_types)
         use_plugin = True

@@ -5,10 +5,11 @@ to a bodyless `ce_export::MoE` / `ce_export::CompressedMoE` node (the exporter's
 would inline a function given at export time), and the function bodies are attached afterwards.
 A target then specialises the nodes:
     portable  custom nodes + local functions (any ONNX runtime runs the bodies)
-    ort       plain MoE layers become com.microsoft::MoE (exact; CE layers stay portable), where the
+    ort       MoE layers com.microsoft::MoE computes exactly become it (plain softmax top-k, and
+              gpt-oss's clamped SwiGLU with biases; CE and other routings stay portable), where the
               installed onnxruntime computes it correctly for the model's dtype (ort_support.py)
-    trt       custom nodes also carry plugin_namespace / plugin_version, so TensorRT binds our
-              plugin when it is loaded and inlines the bodies when it is not
+    trt       the nodes our plugin implements also carry plugin_namespace / plugin_version, so
+              TensorRT binds our plugin when it is loaded and inlines the bodies when it is not
 
 Weights: the model is traced with fake weights (capture.build_traced_model), so the checkpoint
 is not read while tracing; each initializer is then bound to the stored tensor it comes from
@@ -73,10 +74,22 @@ class ExportResult:
 
 
 def moe_translation(hidden, router_logits, gate_up, down, ces, top_k: int, n_ce: int, norm_topk_prob: bool,
-                    routing: str = "softmax_topk", routing_scale: float = 1.0, jitter_eps: float = 0.0):
-    op_type = onnx_functions.op_type_for(routing, compressed=n_ce > 0)
-    attributes = onnx_functions.node_attributes(op_type, top_k, n_ce, norm_topk_prob, routing_scale, jitter_eps)
-    inputs = (hidden, router_logits, gate_up, down) + ((ces,) if n_ce > 0 else ())
+                    routing: str = "softmax_topk", routing_scale: float = 1.0, jitter_eps: float = 0.0,
+                    score_bias=None, n_group: int = 1, topk_group: int = 1, gate_up_bias=None, down_bias=None,
+                    activation: str = "swiglu", swiglu_alpha: float = 1.0, swiglu_limit: float = 0.0,
+                    weights_on_input: bool = False):
+    """ce_export::moe -> the bodyless custom node of its routing and expert variant (onnx_functions.OPS)."""
+    try:
+        op_type = onnx_functions.op_type_for(routing, n_ce > 0, activation, weights_on_input, score_bias is not None)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    attributes = onnx_functions.node_attributes(
+        op_type, top_k=top_k, n_ce=n_ce, norm_topk_prob=norm_topk_prob, routing_scale=routing_scale,
+        jitter_eps=jitter_eps, n_group=n_group, topk_group=topk_group, swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit)
+    tensors = dict(hidden=hidden, router_logits=router_logits, gate_up=gate_up, down=down, ces=ces,
+                   score_bias=score_bias, gate_up_bias=gate_up_bias, down_bias=down_bias)
+    inputs = [tensors[name] for name in onnx_functions.node_inputs(op_type)]
     return getattr(onnx_functions.ce_opset, op_type)(*inputs, **attributes)
 
 
@@ -174,6 +187,7 @@ def export_onnx(
 # ---------------------------------------------------------------- weights, bound lazily
 
 TORCH_TO_IR = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16}
+IR_TO_TORCH = {ir_dtype: torch_dtype for torch_dtype, ir_dtype in TORCH_TO_IR.items()}
 
 
 @dataclass(frozen=True)
@@ -232,7 +246,8 @@ def bind_weights(onnx_model: ir.Model, model: LoadedModel, dtype: torch.dtype) -
         parameter = name.removeprefix("lm.")
         if parameter not in sources:
             raise ExportError(f"exported initializer {name!r} has no tensor in the checkpoint")
-        weight = WeightInitializer(parameter, sources[parameter], dtype)
+        # the traced parameter's own dtype: fp32 routers and score biases stay fp32 in a bf16 model
+        weight = WeightInitializer(parameter, sources[parameter], IR_TO_TORCH.get(value.const_value.dtype, dtype))
         value.const_value = weight.lazy_tensor(name, value.shape)
         weights[name] = weight
     return weights
@@ -345,8 +360,9 @@ def name_moe_nodes(model: ir.Model, moe_layers: list[int]) -> list[dict]:
 
 
 def node_facts(model: ir.Model, name: str) -> dict:
+    """op_type, domain, and whether the node carries the plugin attributes TensorRT binds our plugin by."""
     node = next(node for node in model.graph if node.name == name)
-    return {"op_type": node.op_type, "domain": node.domain}
+    return {"op_type": node.op_type, "domain": node.domain, "plugin": "plugin_namespace" in node.attributes}
 
 
 def experts_form_for(target: str) -> str:
@@ -365,64 +381,88 @@ def attach_functions(model: ir.Model, experts_form: str) -> None:
 
 
 def mark_plugin_nodes(model: ir.Model) -> None:
+    """plugin_namespace / plugin_version on the nodes our TensorRT plugin implements; TensorRT runs
+    the other op types' function bodies (they carry no plugin attributes to bind)."""
     for node in custom_moe_nodes(model):
-        node.attributes["plugin_namespace"] = ir.AttrString("plugin_namespace", onnx_functions.DOMAIN)
-        node.attributes["plugin_version"] = ir.AttrString("plugin_version", PLUGIN_VERSION)
+        if node.op_type in onnx_functions.PLUGIN_OP_TYPES:
+            node.attributes["plugin_namespace"] = ir.AttrString("plugin_namespace", onnx_functions.DOMAIN)
+            node.attributes["plugin_version"] = ir.AttrString("plugin_version", PLUGIN_VERSION)
 
 
 def lower_plain_moe_to_ort(model: ir.Model, weights: dict[str, WeightInitializer] | None = None) -> None:
-    """Replace each plain MoE node by com.microsoft::MoE (SwiGLU, interleaved gate/up weights).
+    """Replace each node com.microsoft::MoE computes exactly (ort_moe_attributes) by it.
 
-    ORT's CPU kernel only takes the interleaved layout (g0, u0, g1, u1, ...) of fc1, so the
-    concatenated [E, 2I, H] initializer is re-laid once here (lazily, when it is written).
+    ORT's CPU kernel only takes the interleaved layout (g0, u0, g1, u1, ...) of fc1 and its bias, so
+    the concatenated [E, 2I, H] initializer (and [E, 2I] bias) is re-laid once here (lazily, when it
+    is written, for the weights bound to the checkpoint).
     """
     weights = {} if weights is None else weights
     graph = model.graph
     lowered = 0
     for node in list(graph):
-        routing = ort_routing_attributes(node)
-        if routing is None:
+        attributes = ort_moe_attributes(node)
+        if attributes is None:
             continue
-        hidden, logits, gate_up, down = node.inputs
-        if gate_up.const_value is None:
-            raise ExportError(f"{node.name}: gate_up is not an initializer; cannot lower to com.microsoft::MoE")
-        name = f"{gate_up.name}.interleaved"
-        if gate_up.name in weights:
-            weights[name] = weights[gate_up.name].then("interleave")
-            values = weights[name].lazy_tensor(name, gate_up.shape)
-        else:
-            values = ir.tensor(interleave_gate_up(gate_up.const_value.numpy()), name=name)
-        fc1 = ir.Value(name=name, shape=gate_up.shape, type=gate_up.type, const_value=values)
-        graph.register_initializer(fc1)
+        named = dict(zip(onnx_functions.node_inputs(node.op_type), node.inputs))
+        fc1 = interleaved_initializer(graph, node, named["gate_up"], weights)
+        fc1_bias = interleaved_initializer(graph, node, named["gate_up_bias"], weights) if "gate_up_bias" in named else None
         ms_node = ir.node(
-            "MoE", [hidden, logits, fc1, None, down], domain=MS_DOMAIN, name=node.name,
-            attributes={**routing, "activation_type": "swiglu", "swiglu_fusion": 1,
-                        "activation_alpha": 1.0, "activation_beta": 0.0},
+            "MoE", [named["hidden"], named["router_logits"], fc1, fc1_bias, named["down"], named.get("down_bias")],
+            domain=MS_DOMAIN, name=node.name, attributes={**attributes, "activation_type": "swiglu", "swiglu_fusion": 1},
         )
         graph.insert_after(node, ms_node)
         ir.convenience.replace_all_uses_with(node.outputs, ms_node.outputs, replace_graph_outputs=True)
         ms_node.outputs[0].name, ms_node.outputs[0].shape, ms_node.outputs[0].type = (
             node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type)
         graph.remove(node, safe=True)
-        if not gate_up.uses():
-            graph.initializers.pop(gate_up.name)
-            weights.pop(gate_up.name, None)
+        for name in ("gate_up", "gate_up_bias"):
+            if name in named and not named[name].uses():
+                graph.initializers.pop(named[name].name)
+                weights.pop(named[name].name, None)
         lowered += 1
     if lowered:
         model.opset_imports[MS_DOMAIN] = 1
         prune_unused_functions(model)
 
 
-def ort_routing_attributes(node: ir.Node) -> dict | None:
-    """com.microsoft::MoE routing attributes that reproduce `node` exactly, or None if none do."""
+def interleaved_initializer(graph: ir.Graph, node: ir.Node, value: ir.Value,
+                            weights: dict[str, WeightInitializer]) -> ir.Value:
+    """A new initializer with `value`'s gate rows then up rows ([E, 2I, ...]) interleaved: g0, u0, g1, u1, ...
+    (a lazy tensor when `value` is bound to the checkpoint, in `weights`)."""
+    if value.const_value is None:
+        raise ExportError(f"{node.name}: {value.name} is not an initializer; cannot lower to com.microsoft::MoE")
+    name = f"{value.name}.interleaved"
+    if value.name in weights:
+        weights[name] = weights[value.name].then("interleave")
+        values = weights[name].lazy_tensor(name, value.shape)
+    else:
+        values = ir.tensor(interleave_gate_up(value.const_value.numpy()), name=name)
+    result = ir.Value(name=name, shape=ir.Shape(value.shape), type=value.type, const_value=values)
+    graph.register_initializer(result)
+    return result
+
+
+def ort_moe_attributes(node: ir.Node) -> dict | None:
+    """com.microsoft::MoE attributes (beyond the fused SwiGLU layout) that reproduce `node` exactly, or
+    None if none do."""
     if node.domain != onnx_functions.DOMAIN:
         return None
     attrs = node.attributes
     if node.op_type == "MoE" and attrs["routing_scale"].as_float() == 1.0:
-        return {"k": attrs["top_k"].as_int(), "normalize_routing_weights": attrs["norm_topk_prob"].as_int()}
-    # Not lowered: CE (no fused op runs it), DeepSeek's routing scale (no such attribute), and
-    # SparseMixer: ORT 1.32's CPU MoE with use_sparse_mixer=1 disagreed with Phi-3.5-MoE's routing
-    # (max relative logits error 1.5 on a tiny model), so those layers keep their exact function body.
+        return {"k": attrs["top_k"].as_int(), "normalize_routing_weights": attrs["norm_topk_prob"].as_int(),
+                "activation_alpha": 1.0, "activation_beta": 0.0}
+    if (node.op_type == "ClampedSwiGLUMoE" and attrs["routing_scale"].as_float() == 1.0
+            and attrs["norm_topk_prob"].as_int() == 1):
+        # gpt-oss: softmax over the top-k logits = renormalised softmax top-k; ORT's swiglu with a
+        # limit is min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + beta).
+        return {"k": attrs["top_k"].as_int(), "normalize_routing_weights": 1,
+                "activation_alpha": attrs["swiglu_alpha"].as_float(), "activation_beta": 1.0,
+                "swiglu_limit": attrs["swiglu_limit"].as_float()}
+    # Not lowered: CE (no fused op runs it), DeepSeek-V2's routing scale (no such attribute), the
+    # sigmoid routings (DeepSeek-V3's correction bias and groups, Llama 4's weight on the input:
+    # com.microsoft::MoE routes by softmax only), and SparseMixer: ORT 1.32's CPU MoE with
+    # use_sparse_mixer=1 disagreed with Phi-3.5-MoE's routing (max relative logits error 1.5 on a
+    # tiny model), so those layers keep their exact function body.
     return None
 
 

@@ -59,6 +59,8 @@ def generate(folder: str | Path, prompt: str | None = None, ids: list[int] | Non
     start = time.perf_counter()
     for token in tokens:
         new.append(token)
+        if token in stop and tokenizer is not None:
+            break  # the EOS ends the text; ids are all printed
         streamer.put(torch.tensor([token]))
     streamer.end()
     seconds = time.perf_counter() - start
@@ -142,8 +144,7 @@ def ort_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int
     from ce_export.verify import OrtDecoder
 
     view = OnnxPrecisionView(folder / manifest["onnx"]["file"], manifest["dtype"])
-    runtime = OrtDecoder(view.path_for_runtime(), exact_dequantize=bool(manifest.get("quantization")))
-    view.cleanup()  # the session holds the model
+    runtime = OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(manifest.get("quantization")))
     described = f"ONNX Runtime {onnxruntime.__version__} CPU ({view.numerics_note})"
     return greedy_steps(runtime, manifest, ids, max_new_tokens, stop, view.runtime_torch_dtype), described
 

@@ -1,19 +1,27 @@
 """Stage 1, load: a checkpoint folder (config.json + safetensors) -> LoadedModel.
 
-Reads both on-disk expert layouts (per-expert `mlp.experts.{e}.gate_proj.weight` ... as written by
-transformers 4.x and the CE reference code, and fused 3-D `mlp.experts.gate_up_proj` /
-`down_proj`), CE checkpoints (`use_ce`, `n_ce`, `mlp.ces`) and trimmed checkpoints with per-layer
-expert counts. Every tensor is accounted for: an unexpected tensor is an error, never dropped.
+The checkpoint's tensor names are brought to transformers' in-memory names by transformers' own
+weight-conversion mapping for the family (per-expert `mlp.experts.{e}.gate_proj.weight` ... as
+transformers 4.x, the CE reference code and transformers 5's save_pretrained write them, fused 3-D
+`mlp.experts.gate_up_proj` / `down_proj`, renamed blocks such as Mixtral's `block_sparse_moe`).
+Each MoE block's router and routed experts are taken into our layout (families.find_moe_blocks
+says where they are); every other tensor of transformers' model (shared experts included) is
+checked against its shape. CE checkpoints (`use_ce`, `n_ce`, the block's `ces`) and trimmed
+checkpoints with per-layer expert counts are read too. Every tensor is accounted for: an unexpected
+tensor is an error, never dropped.
 
 Nothing is read at load time but the safetensors headers: a LoadedModel describes every tensor
 (shape, dtype, where it lives) and reads it when asked, memory-mapped and tensor by tensor, so a
-checkpoint larger than the machine's memory can be exported. A layer's routed experts, stored one
-tensor per expert, are stacked into the op's [E, 2I, H] / [E, H, I] layout when that layer is read.
-Values are checked (finite) the first time each tensor is read.
+checkpoint larger than the machine's memory can be exported. Tensors transformers' mapping merges
+(per-expert ones stacked into a layer's [E, 2I, H] / [E, H, I]) and our layout's rearrangements
+(transposed or interleaved experts) are done when that tensor is read; their shapes come from
+running the same conversion on meta tensors. Values are checked (finite) the first time each
+stored tensor is read.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -25,8 +33,9 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from ce_export import families
 from ce_export.errors import LoadError
-from ce_export.moe_math import SOFTMAX_TOPK, SPARSEMIXER
+from ce_export.families import Architecture, MoeBlockLayout
 from ce_export.spec import (
     LAYER_DENSE,
     LAYER_MOE,
@@ -39,104 +48,34 @@ from ce_export.spec import (
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def _softmax_routing(norm_default: bool):
-    def routing(config: dict) -> dict:
-        return {"routing": SOFTMAX_TOPK, "norm_topk_prob": bool(config.get("norm_topk_prob", norm_default))}
-    return routing
-
-
-def _mixtral_routing(config: dict) -> dict:
-    return {"routing": SOFTMAX_TOPK, "norm_topk_prob": True}
-
-
-def _deepseek_routing(config: dict) -> dict:
-    method = config.get("topk_method", "greedy")
-    if method != "greedy":
-        raise LoadError(f"deepseek topk_method {method!r} is not supported (only 'greedy')")
-    return {"routing": SOFTMAX_TOPK, "norm_topk_prob": False, "router_fp32": True,
-            "routing_scale": float(config.get("routed_scaling_factor", 1.0))}
-
-
-def _phimoe_routing(config: dict) -> dict:
-    return {"routing": SPARSEMIXER, "norm_topk_prob": False, "jitter_eps": float(config.get("router_jitter_noise", 0.01))}
-
-
-def _every_layer(config: dict, layer: int) -> bool:
-    return True
-
-
-def _qwen_sparse_layer(config: dict, layer: int) -> bool:
-    step = config.get("decoder_sparse_step", 1) or 1
-    return layer not in (config.get("mlp_only_layers") or []) and (layer + 1) % step == 0
-
-
-def _deepseek_sparse_layer(config: dict, layer: int) -> bool:
-    step = config.get("moe_layer_freq", 1) or 1
-    return layer >= config.get("first_k_dense_replace", 0) and layer % step == 0
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """How one transformers model family names its MoE config keys and on-disk tensors.
-
-    Everything outside the MoE blocks is taken from transformers' own model class, whose
-    parameter names and shapes say which other tensors the checkpoint must hold.
-    """
-
-    model_type: str
-    experts_keys: tuple[str, ...]  # config keys with the expert count (int, or a per-layer list when trimmed)
-    intermediate_key: str  # the routed experts' intermediate size
-    moe_module: str  # the MoE block's name on disk, under model.layers.{l}.
-    expert_names: tuple[str, str, str]  # gate, up, down projection names on disk
-    routing: Callable[[dict], dict]
-    is_moe_layer: Callable[[dict, int], bool] = _every_layer
-    shared_module: str | None = None  # the shared expert's name on disk, under the MoE block
-    shared_intermediate: Callable[[dict], int] | None = None
-    shared_gate: str | None = None  # the shared expert gate's name on disk, under the MoE block
-    top_k_key: str = "num_experts_per_tok"
-
-
-SWIGLU_NAMES = ("gate_proj", "up_proj", "down_proj")
-MIXTRAL_NAMES = ("w1", "w3", "w2")
-
-ARCHITECTURES = {arch.model_type: arch for arch in (
-    Architecture("olmoe", ("num_experts",), "intermediate_size", "mlp", SWIGLU_NAMES, _softmax_routing(False)),
-    Architecture("mixtral", ("num_local_experts",), "intermediate_size", "block_sparse_moe", MIXTRAL_NAMES, _mixtral_routing),
-    Architecture("qwen2_moe", ("num_experts", "num_local_experts"), "moe_intermediate_size", "mlp", SWIGLU_NAMES,
-                 _softmax_routing(False), _qwen_sparse_layer, "shared_expert",
-                 lambda c: c["shared_expert_intermediate_size"], "shared_expert_gate"),
-    Architecture("qwen3_moe", ("num_experts", "num_local_experts"), "moe_intermediate_size", "mlp", SWIGLU_NAMES,
-                 _softmax_routing(False), _qwen_sparse_layer),
-    Architecture("deepseek_v2", ("n_routed_experts",), "moe_intermediate_size", "mlp", SWIGLU_NAMES, _deepseek_routing,
-                 _deepseek_sparse_layer, "shared_experts",
-                 lambda c: c["moe_intermediate_size"] * c.get("n_shared_experts", 1)),
-    Architecture("phimoe", ("num_local_experts",), "intermediate_size", "block_sparse_moe", MIXTRAL_NAMES, _phimoe_routing),
-)}
+ARCHITECTURES = families.ARCHITECTURES
 
 
 def load_checkpoint(folder: str | Path) -> LoadedModel:
-    """Read config.json and the safetensors headers; check every tensor's name, shape and dtype
-    against the architecture. No tensor data is read here (see the module docstring)."""
     folder = Path(folder)
     config = read_config(folder)
     arch = architecture_for(config, folder)
+    try:
+        lm = families.meta_model(config)
+        blocks = families.find_moe_blocks(lm)
+    except (families.UnsupportedFamily, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise LoadError(f"{folder / 'config.json'}: transformers cannot build {arch.model_type} from it "
+                        f"({type(error).__name__}: {error})") from None
     files = SafetensorsFiles(folder)
-    tensors = {name: files.stored(name) for name in files.names}
-    spec = model_spec_from_config(config, arch, tensors, folder)
-    moe_sources = {}
+    tensors = to_model_names({name: files.stored(name) for name in files.names}, lm, folder)
+    spec = model_spec_from_config(config, arch, lm, blocks, tensors, folder)
+    moe_weights = {}
     for layer in spec.moe_layers:
         if layer.kind == LAYER_MOE:
-            moe_sources[layer.layer] = take_moe_weights(tensors, arch, layer, folder)
-    dense = take_dense_tensors(tensors, spec, arch, folder)
+            moe_weights[layer.layer] = take_moe_weights(tensors, blocks[layer.layer], layer, folder)
+    dense = take_dense_tensors(tensors, spec, lm, blocks, folder)
     leftover = sorted(name for name in tensors if not IGNORED_TENSORS.match(name))
     if leftover:
         raise LoadError(
             f"{folder}: {len(leftover)} tensor(s) the {arch.model_type} layout does not use, "
             f"e.g. {leftover[0]!r} (refusing to drop weights silently)"
         )
-    return LoadedModel(spec=spec, moe_weights=LazyMoeWeights(moe_sources), dense_tensors=LazyTensors(dense),
+    return LoadedModel(spec=spec, moe_weights=LazyMoeWeights(moe_weights), dense_tensors=LazyTensors(dense),
                        source=str(folder))
 
 
@@ -172,18 +111,20 @@ class MoeLayerSource:
     gate_up: StoredTensor
     down: StoredTensor
     ces: StoredTensor | None = None
-    shared_gate_up: StoredTensor | None = None
-    shared_down: StoredTensor | None = None
-    shared_gate: StoredTensor | None = None
+    router_bias: StoredTensor | None = None
+    score_bias: StoredTensor | None = None
+    gate_up_bias: StoredTensor | None = None
+    down_bias: StoredTensor | None = None
+    experts: str = ""  # the path of the block's experts module (where the captured MoeBlock sits)
 
     def items(self) -> Iterator[tuple[str, StoredTensor]]:
         for item in fields(self):
             stored = getattr(self, item.name)
-            if stored is not None:
+            if isinstance(stored, StoredTensor):
                 yield item.name, stored
 
     def read(self) -> MoeLayerWeights:
-        return MoeLayerWeights(**{item.name: None for item in fields(self)}
+        return MoeLayerWeights(**{item.name: None for item in fields(MoeLayerWeights)}
                                | {name: stored.read() for name, stored in self.items()})
 
 
@@ -319,14 +260,10 @@ def assembled(name: str, shape: tuple[int, ...], parts: list[tuple[tuple, Stored
     return StoredTensor(name, tuple(shape), dtype, read)
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder by name (memory-mapped views; nothing checked but the headers)."""
-    files = SafetensorsFiles(folder)
-    tensors = {}
-    for name, path in files.paths.items():
-        with safe_open(str(path), framework="pt") as handle:
-            tensors[name] = handle.get_tensor(name)
-    return tensors
+def derived(stored: StoredTensor, shape: tuple[int, ...], transform: Callable[[torch.Tensor], torch.Tensor],
+            name: str | None = None) -> StoredTensor:
+    """`stored` rearranged by `transform` (a transpose, an interleave, a reshape) when it is read."""
+    return StoredTensor(name or stored.name, tuple(shape), stored.dtype, lambda: transform(stored.read()).contiguous())
 
 
 def read_config(folder: Path) -> dict:
@@ -345,13 +282,114 @@ def read_config(folder: Path) -> dict:
 
 
 def architecture_for(config: dict, folder: Path) -> Architecture:
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise LoadError(
-            f"{folder / 'config.json'}: unknown model_type {model_type!r} "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
-    return ARCHITECTURES[model_type]
+    reason = families.refusal(config.get("model_type"))
+    if reason is not None:
+        raise LoadError(f"{folder / 'config.json'}: {reason}")
+    return ARCHITECTURES[config["model_type"]]
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder by name (memory-mapped views; nothing checked but the headers)."""
+    files = SafetensorsFiles(folder)
+    tensors = {}
+    for name, path in files.paths.items():
+        with safe_open(str(path), framework="pt") as handle:
+            tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+class ModelTensors(dict):
+    """Tensors by transformers' in-memory name; `origins` names the checkpoint tensors that each
+    merged one came from (for messages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.origins: dict[str, list[str]] = {}
+
+
+def to_model_names(tensors: dict[str, StoredTensor], lm: torch.nn.Module, folder: Path) -> ModelTensors:
+    """The checkpoint's tensors under transformers' in-memory names, converted by transformers'
+    weight-conversion mapping for `lm` (renamings, and per-expert tensors merged into 3-D ones).
+    Names the mapping does not touch (already in-memory names, `ces`) pass through renamed only.
+    Nothing is read: a merged tensor's shape and dtype come from the conversion run on meta tensors,
+    and the conversion runs on the stored tensors each time the merged one is read."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    transforms = get_model_conversion_mapping(lm)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    meta_state = lm.state_dict()
+    out = ModelTensors()
+    pending: dict[str, tuple] = {}  # target name -> (converter, [(source name, pattern, stored)])
+    for name in sorted(tensors, key=dot_natural_key):
+        renamed, pattern = rename_source_key(name, renamings, converters, lm.base_model_prefix, meta_state)
+        if renamed not in meta_state and name in meta_state:
+            renamed, pattern = name, None
+        if pattern is None:
+            if renamed in out:
+                raise LoadError(f"{folder}: {name!r} and another tensor both map to {renamed!r}")
+            out[renamed] = tensors[name]
+            continue
+        _, parts = pending.setdefault(renamed, (by_pattern[pattern], []))
+        parts.append((name, pattern, tensors[name]))
+    for target, (prototype, parts) in pending.items():
+        sources: dict[str, list[str]] = {}
+        for name, pattern, _ in parts:
+            sources.setdefault(pattern, []).append(name)
+        check_complete_expert_lists(sources, folder)
+        try:
+            converted = _convert(prototype, target, parts, lm, lambda stored: stored.meta())
+        except Exception as error:  # torch.stack / cat on inconsistent shapes
+            first = [names[0] for names in sources.values()]
+            raise LoadError(f"{folder}: cannot merge {', '.join(first)} ... into {target!r} "
+                            f"(shape mismatch: {error})") from None
+        for name, value in converted.items():
+            out[name] = StoredTensor(name, tuple(value.shape), value.dtype, _merged_reader(prototype, target, parts, lm, name))
+            out.origins[name] = [n for names in sources.values() for n in names]
+    return out
+
+
+def _convert(prototype, target: str, parts: list, lm: torch.nn.Module, tensor_of: Callable) -> dict[str, torch.Tensor]:
+    converter = copy.deepcopy(prototype)
+    for name, pattern, stored in parts:
+        converter.add_tensor(target, name, pattern, tensor_of(stored))
+    converted = converter.convert(target, model=lm, config=lm.config)
+    return {name: value[0] if isinstance(value, list) else value for name, value in converted.items()}
+
+
+def _merged_reader(prototype, target: str, parts: list, lm: torch.nn.Module, name: str) -> Callable[[], torch.Tensor]:
+    def read() -> torch.Tensor:
+        return _convert(prototype, target, parts, lm, lambda stored: stored.read())[name]
+    return read
+
+
+def check_complete_expert_lists(sources: dict[str, list[str]], folder: Path) -> None:
+    """Every per-expert list to merge holds experts 0..E-1 in each of its patterns (else: which one is missing)."""
+    expected = None
+    numbered = {}
+    for pattern, names in sources.items():
+        if "*" not in pattern:
+            continue
+        regex = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+        ids = {}
+        for name in names:
+            match = regex.search(name)
+            if match:
+                ids[int(match.group(1))] = name
+        numbered[pattern] = ids
+        expected = set(ids) if expected is None else expected | set(ids)
+    if not expected:
+        return
+    full = set(range(max(expected) + 1))
+    for pattern, ids in numbered.items():
+        missing = sorted(full - set(ids))
+        if missing:
+            example = next(iter(ids.values()))
+            index = re.escape(pattern).replace(r"\*", r"(\d+)")
+            name = re.sub(index + "$", pattern.replace("*", str(missing[0])), example)
+            raise LoadError(f"{folder}: missing tensor {name!r}")
 
 
 def config_int(config: dict, key: str, folder: Path, default: int | None = None) -> int:
@@ -361,44 +399,52 @@ def config_int(config: dict, key: str, folder: Path, default: int | None = None)
     return value
 
 
-def model_spec_from_config(config: dict, arch: Architecture, tensors: dict, folder: Path) -> ModelSpec:
+def model_spec_from_config(config: dict, arch: Architecture, lm: torch.nn.Module, blocks: dict[int, MoeBlockLayout],
+                           tensors: dict, folder: Path) -> ModelSpec:
     where = folder / "config.json"
     hidden = config_int(config, "hidden_size", folder)
     num_layers = config_int(config, "num_hidden_layers", folder)
     heads = config_int(config, "num_attention_heads", folder)
-    intermediate = config_int(config, arch.intermediate_key, folder)
-    top_k = config_int(config, arch.top_k_key, folder)
+    top_k = next((layout.top_k for layout in blocks.values()), 0)
     use_ce = bool(config.get("use_ce", False))
     n_ce = config.get("n_ce", 0) if use_ce else 0
     if use_ce and (not isinstance(n_ce, int) or isinstance(n_ce, bool) or not 1 <= n_ce < top_k):
-        raise LoadError(f"{where}: n_ce={n_ce!r} is invalid for {arch.top_k_key}={top_k} (need 1..{top_k - 1})")
-    kv_heads, key_dim, value_dim = kv_cache_dims(config, arch, folder)
-    routing = arch.routing(config)
-    shared_size = arch.shared_intermediate(config) if arch.shared_intermediate else 0
+        raise LoadError(f"{where}: n_ce={n_ce!r} is invalid for top_k={top_k} (need 1..{top_k - 1})")
+    kv_heads, key_dim, value_dim = families.kv_cache_dims(arch, lm.config)
+    if heads % kv_heads and not arch.latent_kv_cache:
+        raise LoadError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
 
-    expert_counts = per_layer_expert_counts(config, arch, num_layers, where)
+    expert_counts = per_layer_expert_counts(config, arch, num_layers, where, blocks)
     kept_ids = config.get("layer_experts_idx")
     if kept_ids is not None and (not isinstance(kept_ids, list) or len(kept_ids) != num_layers):
         raise LoadError(f"{where}: layer_experts_idx must be a list with one entry per layer ({num_layers})")
 
     layers = []
     for layer, count in enumerate(expert_counts):
-        if not arch.is_moe_layer(config, layer) or count is None:
+        layout = blocks.get(layer)
+        if layout is None or count is None:
             layers.append(MoeLayerSpec(layer=layer, kind=LAYER_DENSE))
             continue
         if count in (-1, 0):
-            layers.append(MoeLayerSpec(layer=layer, kind=LAYER_REMOVED))
+            layers.append(MoeLayerSpec(layer=layer, kind=LAYER_REMOVED, module=layout.block))
             continue
-        if top_k > count:
-            raise LoadError(f"{where}: layer {layer} keeps {count} experts, fewer than {arch.top_k_key}={top_k}")
+        if layout.top_k > count:
+            raise LoadError(f"{where}: layer {layer} keeps {count} experts, fewer than top_k={layout.top_k}")
         ids = tuple(kept_ids[layer]) if kept_ids is not None else tuple(range(count))
         if len(ids) != count:
             raise LoadError(f"{where}: layer_experts_idx[{layer}] has {len(ids)} entries, expected {count}")
-        layers.append(MoeLayerSpec(
-            layer=layer, num_experts=count, hidden_size=hidden, intermediate_size=intermediate,
-            top_k=top_k, n_ce=n_ce, expert_ids=ids, ces_width=max(hidden, intermediate) if n_ce else 0,
-            shared_intermediate_size=shared_size, shared_expert_gate=arch.shared_gate is not None, **routing,
-        ))
+        try:
+            routing = families.routing_fields(arch, lm, layout)
+        except families.UnsupportedFamily as error:
+            raise LoadError(f"{where}: {error}") from None
+        intermediate = layout.intermediate_size
+        layer_spec = MoeLayerSpec(
+            layer=layer, num_experts=count, hidden_size=hidden, intermediate_size=intermediate, top_k=layout.top_k,
+            n_ce=n_ce, expert_ids=ids, ces_width=max(hidden, intermediate) if n_ce else 0, module=layout.block,
+            **routing,
+        )
+        check_layer(layer_spec, where, trimmed=kept_ids is not None)
+        layers.append(layer_spec)
     if not use_ce:
         stray = next((name for name in tensors if name.endswith(".ces")), None)
         if stray is not None:
@@ -412,125 +458,133 @@ def model_spec_from_config(config: dict, arch: Architecture, tensors: dict, fold
     )
 
 
-def kv_cache_dims(config: dict, arch: Architecture, folder: Path) -> tuple[int, int, int]:
-    """(kv heads, key dim, value dim) of each layer's cache, as transformers' attention stores it."""
-    heads = config_int(config, "num_attention_heads", folder)
-    if arch.model_type == "deepseek_v2":
-        # Multi-head latent attention caches the compressed latent ("key": [B, 1, P, kv_lora_rank])
-        # and the shared rotary key ("value": [B, 1, P, qk_rope_head_dim]), not per-head K and V.
-        return 1, config_int(config, "kv_lora_rank", folder), config_int(config, "qk_rope_head_dim", folder)
-    kv_heads = config_int(config, "num_key_value_heads", folder, default=heads)
-    if heads % kv_heads:
-        raise LoadError(f"{folder / 'config.json'}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    head_dim = config.get("head_dim") or config_int(config, "hidden_size", folder) // heads
-    return kv_heads, head_dim, head_dim
+def check_layer(layer: MoeLayerSpec, where: Path, trimmed: bool = False) -> None:
+    """What a layer's routing asks of the op, checked where the config says it; `trimmed`: the
+    checkpoint's experts were dropped (layer_experts_idx)."""
+    if layer.weights_on_input and layer.top_k != 1:
+        raise LoadError(f"{where}: top_k={layer.top_k}: the routing weight on the expert input (Llama 4) is "
+                        f"supported for top-1 routing only")
+    if layer.weights_on_input and layer.n_ce:
+        raise LoadError(f"{where}: n_ce={layer.n_ce} is invalid for top-1 routing (CE needs auxiliary experts)")
+    if layer.n_group > 1 and trimmed:
+        raise LoadError(f"{where}: layer {layer.layer}: experts dropped (layer_experts_idx) under group-limited routing "
+                        f"(n_group={layer.n_group}) are not supported: the groups are ranges of the original expert ids")
+    if layer.n_group > 1:
+        per_group, rest = divmod(layer.num_experts, layer.n_group)
+        if rest or per_group < 2 or not 1 <= layer.topk_group <= layer.n_group or layer.top_k > layer.topk_group * per_group:
+            raise LoadError(f"{where}: layer {layer.layer}: n_group={layer.n_group}, topk_group={layer.topk_group} "
+                            f"do not fit {layer.num_experts} experts and top_k={layer.top_k}")
 
 
-def per_layer_expert_counts(config: dict, arch: Architecture, num_layers: int, where: Path) -> list:
-    key = next((key for key in arch.experts_keys if config.get(key) is not None), arch.experts_keys[0])
-    counts = config.get(key)
-    if isinstance(counts, list):
-        if len(counts) != num_layers:
-            raise LoadError(f"{where}: {key} lists {len(counts)} layers, num_hidden_layers={num_layers}")
-        for count in counts:
-            if count is not None and (not isinstance(count, int) or count < -1):
-                raise LoadError(f"{where}: {key} entry {count!r} is not -1, 0, null or a count")
-        return counts
-    if not isinstance(counts, int) or isinstance(counts, bool) or counts <= 0:
-        raise LoadError(f"{where}: {key} must be a positive integer or a per-layer list, got {counts!r}")
-    return [counts] * num_layers
+def per_layer_expert_counts(config: dict, arch: Architecture, num_layers: int, where: Path,
+                            blocks: dict[int, MoeBlockLayout]) -> list:
+    key = next((key for key in arch.experts_keys if isinstance(config.get(key), list)), None)
+    if key is None:  # one count for every MoE layer, as transformers built them
+        return [blocks[layer].num_experts if layer in blocks else None for layer in range(num_layers)]
+    counts = config[key]
+    if len(counts) != num_layers:
+        raise LoadError(f"{where}: {key} lists {len(counts)} layers, num_hidden_layers={num_layers}")
+    for count in counts:
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < -1):
+            raise LoadError(f"{where}: {key} entry {count!r} is not -1, 0, null or a count")
+    return counts
 
 
 def take(tensors: dict[str, StoredTensor], name: str, shape: tuple, folder: Path) -> StoredTensor:
     if name not in tensors:
         raise LoadError(f"{folder}: missing tensor {name!r}")
     tensor = tensors.pop(name)
+    merged = getattr(tensors, "origins", {}).get(name)
+    origin = f" (merged from {merged[0]!r} ... {merged[-1]!r})" if merged else ""
     if tuple(tensor.shape) != tuple(shape):
-        raise LoadError(f"{folder}: tensor {name!r} has shape {list(tensor.shape)}, config implies {list(shape)}")
+        raise LoadError(f"{folder}: tensor {name!r}{origin} has shape {list(tensor.shape)}, config implies {list(shape)}")
     if not (isinstance(tensor.dtype, torch.dtype) and tensor.dtype.is_floating_point):
         dtype = str(tensor.dtype).removeprefix("torch.")
         raise LoadError(f"{folder}: tensor {name!r} has dtype {dtype}, expected floating point")
     return tensor
 
 
-def take_moe_weights(tensors: dict[str, StoredTensor], arch: Architecture, layer: MoeLayerSpec,
+def take_moe_weights(tensors: dict[str, StoredTensor], layout: MoeBlockLayout, layer: MoeLayerSpec,
                      folder: Path) -> MoeLayerSource:
-    prefix = f"model.layers.{layer.layer}.{arch.moe_module}."
+    """The block's router and routed experts in the op's layout (gate_up [E, 2I, H] gate rows then up
+    rows, down [E, H, I]), whatever transformers' layout (transposed, interleaved gate/up); rearranged
+    when read."""
     experts, hidden, inter = layer.num_experts, layer.hidden_size, layer.intermediate_size
-    router = take(tensors, prefix + "gate.weight", (experts, hidden), folder)
-    fused = prefix + "experts.gate_up_proj"
-    if fused in tensors:
-        gate_up = take(tensors, fused, (experts, 2 * inter, hidden), folder)
-        down = take(tensors, prefix + "experts.down_proj", (experts, hidden, inter), folder)
+    parts = {"router": take(tensors, layout.router_weight, (experts, hidden), folder)}
+    if layout.transposed:
+        transpose = lambda tensor: tensor.transpose(1, 2)  # noqa: E731
+        parts["gate_up"] = derived(take(tensors, layout.gate_up, (experts, hidden, 2 * inter), folder),
+                                   (experts, 2 * inter, hidden), transpose)
+        parts["down"] = derived(take(tensors, layout.down, (experts, inter, hidden), folder),
+                                (experts, hidden, inter), transpose)
     else:
-        gate_name, up_name, down_name = arch.expert_names
-        gate_up_parts, down_parts = [], []
-        for expert in range(experts):
-            name = f"{prefix}experts.{expert}."
-            gate_up_parts.append(((expert, slice(0, inter)), take(tensors, f"{name}{gate_name}.weight", (inter, hidden), folder)))
-            gate_up_parts.append(((expert, slice(inter, 2 * inter)),
-                                  take(tensors, f"{name}{up_name}.weight", (inter, hidden), folder)))
-            down_parts.append(((expert,), take(tensors, f"{name}{down_name}.weight", (hidden, inter), folder)))
-        gate_up = assembled(prefix + "experts (gate, up)", (experts, 2 * inter, hidden), gate_up_parts)
-        down = assembled(prefix + "experts (down)", (experts, hidden, inter), down_parts)
-    parts = {"router": router, "gate_up": gate_up, "down": down}
+        parts["gate_up"] = take(tensors, layout.gate_up, (experts, 2 * inter, hidden), folder)
+        parts["down"] = take(tensors, layout.down, (experts, hidden, inter), folder)
+    if layout.gate_up_bias is not None:
+        parts["gate_up_bias"] = take(tensors, layout.gate_up_bias, (experts, 2 * inter), folder)
+        parts["down_bias"] = take(tensors, layout.down_bias, (experts, hidden), folder)
+    if layout.interleaved:  # rows g0, u0, g1, u1, ... -> gate rows, then up rows
+        def deinterleave(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tensor[:, 0::2], tensor[:, 1::2]], dim=1)
+
+        for name in ("gate_up", "gate_up_bias"):
+            if name in parts:
+                parts[name] = derived(parts[name], parts[name].shape, deinterleave)
+    if layout.router_bias:
+        parts["router_bias"] = take(tensors, layout.router_bias, (experts,), folder)
+    if layout.score_bias:
+        parts["score_bias"] = take_score_bias(tensors, layout.score_bias, experts, folder)
     if layer.is_compressed:
-        ces = tensors.get(prefix + "ces")
+        name = f"{layout.block}.ces"
+        ces = tensors.get(name)
         if ces is not None and len(ces.shape) == 3 and ces.shape[2] < layer.ces_width:
             raise LoadError(
-                f"{folder}: {prefix}ces has width {ces.shape[2]}, but the activation scale needs "
+                f"{folder}: {name} has width {ces.shape[2]}, but the activation scale needs "
                 f"{inter} (intermediate_size > hidden_size); store ces as [E, 3, max(H, I)]"
             )
-        parts["ces"] = take(tensors, prefix + "ces", (experts, 3, layer.ces_width), folder)
-    if layer.shared_intermediate_size:
-        shared = f"{prefix}{arch.shared_module}."
-        size = layer.shared_intermediate_size
-        gate_name, up_name, down_name = SWIGLU_NAMES
-        parts["shared_gate_up"] = assembled(shared + "(gate, up)", (2 * size, hidden), [
-            ((slice(0, size),), take(tensors, f"{shared}{gate_name}.weight", (size, hidden), folder)),
-            ((slice(size, 2 * size),), take(tensors, f"{shared}{up_name}.weight", (size, hidden), folder))])
-        parts["shared_down"] = take(tensors, f"{shared}{down_name}.weight", (hidden, size), folder)
-        if arch.shared_gate:
-            parts["shared_gate"] = take(tensors, f"{prefix}{arch.shared_gate}.weight", (1, hidden), folder)
-    return MoeLayerSource(**parts)
+        parts["ces"] = take(tensors, name, (experts, 3, layer.ces_width), folder)
+    return MoeLayerSource(**parts, experts=layout.experts)
 
 
-def take_dense_tensors(tensors: dict[str, StoredTensor], spec: ModelSpec, arch: Architecture,
-                       folder: Path) -> dict[str, StoredTensor]:
-    """Every parameter of transformers' model outside our MoE blocks, checked against its shape."""
-    shapes = dense_parameter_shapes(spec)
+def take_score_bias(tensors: dict[str, StoredTensor], name: str, experts: int, folder: Path) -> StoredTensor:
+    """The routing's selection bias, [E] (Ernie stores [1, E])."""
+    shape = tuple(tensors[name].shape) if name in tensors else (experts,)
+    stored = take(tensors, name, shape if shape in ((experts,), (1, experts)) else (experts,), folder)
+    return stored if stored.shape == (experts,) else derived(stored, (experts,), lambda t: t.reshape(experts))
+
+
+def take_dense_tensors(tensors: dict[str, StoredTensor], spec: ModelSpec, lm: torch.nn.Module,
+                       blocks: dict[int, MoeBlockLayout], folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of transformers' model outside what our op takes over, checked against its shape:
+    attention, norms, dense MLPs, and the MoE blocks' other parts (shared experts and their gates)."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in lm.state_dict().items()}
+    layers_path, _ = families.decoder_layers(lm)
     for layer in spec.moe_layers:
-        prefix = f"model.layers.{layer.layer}."
-        if layer.kind != LAYER_DENSE:
-            shapes = {name: shape for name, shape in shapes.items() if not name.startswith(prefix + "mlp.")}
-        norm = prefix + "post_attention_layernorm."
-        if layer.kind == LAYER_REMOVED and not any(name.startswith(norm) for name in tensors):
-            shapes = {name: shape for name, shape in shapes.items() if not name.startswith(norm)}
-    if spec.hf_config.get("tie_word_embeddings", False):
+        layout = blocks.get(layer.layer)
+        if layer.kind == LAYER_MOE:
+            for name in layout.routed_names():
+                shapes.pop(name, None)
+        elif layer.kind == LAYER_REMOVED:
+            shapes = {name: shape for name, shape in shapes.items() if not name.startswith(layout.block + ".")}
+            norm = f"{layers_path}.{layer.layer}.post_attention_layernorm."
+            if not any(name.startswith(norm) for name in tensors):
+                shapes = {name: shape for name, shape in shapes.items() if not name.startswith(norm)}
+    if getattr(lm.config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
     return {name: take(tensors, name, shape, folder) for name, shape in shapes.items()}
 
 
-def dense_parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    from ce_export.capture import hf_config_for
-
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config_for(spec))
-    return {name: tuple(param.shape) for name, param in model.state_dict().items()}
-
-
 def parameter_count(model: LoadedModel) -> tuple[int, int]:
-    """(total parameters, parameters active per token), from the tensors' shapes (nothing is read)."""
+    """(total parameters, parameters active per token), from the tensors' shapes (nothing is read);
+    shared experts are among the dense tensors."""
     total = active = sum(stored.numel for stored in model.dense_tensors.stored.values())
     for layer in model.spec.moe_layers:
         if layer.kind != LAYER_MOE:
             continue
         source = model.moe_weights.sources[layer.layer]
         per_expert = math.prod(source.gate_up.shape[1:]) + math.prod(source.down.shape[1:])
-        always = source.router.numel + sum(
-            t.numel for t in (source.shared_gate_up, source.shared_down, source.shared_gate) if t is not None)
+        per_expert += sum(t.shape[1] for t in (source.gate_up_bias, source.down_bias) if t is not None)
+        always = sum(t.numel for t in (source.router, source.router_bias, source.score_bias) if t is not None)
         total += always + per_expert * layer.num_experts + (source.ces.numel if source.ces is not None else 0)
         active += always + per_expert * layer.n_main + (3 * layer.ces_width * layer.n_ce if source.ces is not None else 0)
     return total, active

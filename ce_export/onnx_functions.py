@@ -47,7 +47,7 @@ import onnxscript
 from onnxscript import FLOAT, INT64
 from onnxscript import opset18 as op
 
-from ce_export.moe_math import SOFTMAX_TOPK, SPARSEMIXER
+from ce_export.moe_math import CLAMPED_SWIGLU, SIGMOID_TOPK, SOFTMAX_TOPK, SPARSEMIXER, SWIGLU
 
 DOMAIN = "ce_export"
 DOMAIN_VERSION = 1
@@ -83,6 +83,36 @@ def SparseMixerTop2(router_logits, jitter_eps: float):
     outside2 = op.Greater(op.Div(op.Sub(top2, scores), op.Max(op.Abs(scores), top2)), band)
     weight2 = op.GatherElements(op.Softmax(op.Where(outside2, minus_inf, remaining), axis=-1), second, axis=-1)
     return op.Concat(weight1, weight2, axis=-1), op.Concat(first, second, axis=-1)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def SigmoidTopK(router_logits, score_bias, top_k: int, norm_topk_prob: int, routing_scale: float, n_group: int,
+                topk_group: int):
+    """DeepSeek-V3's routing: the experts with the best sigmoid(logits) + score_bias within the best
+    topk_group of n_group groups (a group scores the sum of its two best), weighted by their
+    unbiased sigmoid scores (renormalised with a 1e-20 guard when norm_topk_prob), times routing_scale."""
+    scores = op.Sigmoid(op.Cast(router_logits, to=FLOAT.dtype))
+    choice = op.Add(scores, op.Cast(score_bias, to=FLOAT.dtype))
+    last = op.Constant(value_ints=[-1])
+    tokens = op.Shape(choice, start=0, end=1)
+    groups = op.Reshape(op.Constant(value_int=n_group), op.Constant(value_ints=[1]))
+    grouped = op.Reshape(choice, op.Concat(tokens, groups, last, axis=0))  # [T, G, E/G]
+    best_two, best_two_ids = op.TopK(grouped, op.Constant(value_ints=[2]), axis=-1, largest=1, sorted=1)
+    group_scores = op.ReduceSum(best_two, last, keepdims=0)  # [T, G]
+    best_group_scores, best_groups = op.TopK(group_scores, op.Reshape(op.Constant(value_int=topk_group), op.Constant(value_ints=[1])),
+                             axis=-1, largest=1, sorted=1)  # [T, topk_group]
+    hits = op.Cast(op.Equal(op.Unsqueeze(best_groups, last), op.Range(0, op.Squeeze(groups), 1)), to=FLOAT.dtype)
+    kept = op.Greater(op.ReduceMax(hits, op.Constant(value_ints=[1]), keepdims=0), op.Constant(value_float=0.5))  # [T, G]
+    kept = op.Reshape(op.Expand(op.Unsqueeze(kept, last), op.Shape(grouped)), op.Shape(choice))
+    choice = op.Where(kept, choice, op.Constant(value_float=float("-inf")))
+    k = op.Reshape(op.Constant(value_int=top_k), op.Constant(value_ints=[1]))
+    best_choices, experts = op.TopK(choice, k, axis=-1, largest=1, sorted=1)
+    weights = op.GatherElements(scores, experts, axis=-1)
+    norm = op.Cast(op.Constant(value_int=norm_topk_prob), to=onnx.TensorProto.BOOL)
+    total = op.Add(op.ReduceSum(weights, last, keepdims=1), op.Constant(value_float=1e-20))
+    weights = op.Where(norm, op.Div(weights, total), weights)
+    weights = op.Mul(weights, op.Constant(value_float=routing_scale))
+    return weights, experts
 
 
 # ---------------------------------------------------------------- experts
@@ -219,6 +249,133 @@ def SwiGLUExpertsFixedShape(x_gate, x_up, act_scale, weights, experts, gate_up, 
     return out
 
 
+# gpt-oss's experts: biases on gate/up [E, 2I] (gate columns first, then up) and down [E, H], and
+#     act = min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
+# in the same three forms as SwiGLU's.
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def GatheredClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                          swiglu_alpha: float, swiglu_limit: float):
+    """Few tokens (decode): gather each (token, slot) pair's expert weights and biases, batched matmuls."""
+    last = op.Constant(value_ints=[-1])
+    tokens = op.Shape(x_gate, start=0, end=1)
+    hidden_size = op.Shape(x_gate, start=1, end=2)
+    slots = op.Shape(experts, start=1, end=2)
+    intermediate = op.Shape(down, start=2, end=3)
+    pair_gate_up = op.Reshape(op.Gather(gate_up, experts, axis=0),
+                              op.Concat(tokens, slots, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
+    inputs = op.Unsqueeze(op.Concat(op.Unsqueeze(x_gate, op.Constant(value_ints=[1])),
+                                    op.Unsqueeze(x_up, op.Constant(value_ints=[1])), axis=1),
+                          op.Constant(value_ints=[1, 4]))
+    pair_bias = op.Reshape(op.CastLike(op.Gather(gate_up_bias, experts, axis=0), x_gate),
+                           op.Concat(tokens, slots, op.Constant(value_ints=[2]), intermediate, axis=0))
+    projected = op.Add(op.Squeeze(op.MatMul(pair_gate_up, inputs), last), pair_bias)  # [T, S, 2, I]
+    gate, up = op.Split(projected, axis=2, num_outputs=2)
+    limit = op.CastLike(op.Constant(value_float=swiglu_limit), x_gate)
+    gate = op.Min(gate, limit)
+    up = op.Max(op.Min(up, limit), op.Neg(limit))
+    glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate))))
+    act = op.Mul(op.Squeeze(op.Mul(glu, op.Add(up, op.CastLike(op.Constant(value_float=1.0), x_gate))),
+                            op.Constant(value_ints=[2])),
+                 op.Unsqueeze(act_scale, op.Constant(value_ints=[1])))  # [T, S, I]
+    y = op.Squeeze(op.MatMul(op.Gather(down, experts, axis=0), op.Unsqueeze(act, last)), last)  # [T, S, H]
+    y = op.Add(y, op.CastLike(op.Gather(down_bias, experts, axis=0), x_gate))
+    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, x_gate), last)), op.Constant(value_ints=[1]),
+                        keepdims=0)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def ClampedSwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                         swiglu_alpha: float, swiglu_limit: float):
+    """The sparse form (SwiGLUExperts's), with the biases and gpt-oss's clamped activation."""
+    last = op.Constant(value_ints=[-1])
+    one = op.Constant(value_ints=[1])
+    hidden_size = op.Shape(x_gate, start=1, end=2)
+    intermediate = op.Shape(down, start=2, end=3)
+    num_experts = op.Shape(gate_up, start=0, end=1)
+    counts, table, slot = ExpertTable(experts, num_experts)
+    capacity = op.Shape(table, start=1, end=2)
+    zeros = op.Expand(op.Constant(value_ints=[0]), op.Concat(num_experts, op.Constant(value_ints=[4]), axis=0))
+    pads = op.Concat(zeros, op.Sub(capacity, counts), op.Slice(zeros, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
+                                                            op.Constant(value_ints=[1])), axis=1)  # [E, 6]: rows to C
+    x_both = op.Concat(op.Unsqueeze(x_gate, one), op.Unsqueeze(x_up, one), axis=1)  # [T, 2, H]
+    halves = op.Reshape(gate_up, op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
+    half_biases = op.Reshape(op.CastLike(gate_up_bias, x_gate),
+                             op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, one, axis=0))  # [E, 2, I, 1]
+    down_biases = op.Reshape(op.CastLike(down_bias, x_gate), op.Concat(num_experts, one, one, hidden_size, axis=0))
+    limit = op.CastLike(op.Constant(value_float=swiglu_limit), x_gate)
+    minus_limit = op.Neg(limit)
+    alpha = op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate)
+    plus_one = op.CastLike(op.Constant(value_float=1.0), x_gate)
+
+    @onnxscript.graph()
+    def one_expert(expert_halves, expert_down, expert_half_bias, expert_down_bias, count, expert_pads, tokens):
+        rows = op.Slice(tokens, op.Constant(value_ints=[0]), count)  # [c] token ids
+        columns = op.Transpose(op.Gather(x_both, rows, axis=0), perm=[1, 2, 0])  # [2, H, c]
+        projected = op.Add(op.MatMul(expert_halves, columns), expert_half_bias)  # [2, I, c]
+        gate, up = op.Split(projected, axis=0, num_outputs=2)
+        gate = op.Min(gate, limit)
+        up = op.Max(op.Min(up, limit), minus_limit)
+        act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(op.Mul(gate, alpha))), op.Add(up, plus_one)),
+                     op.Transpose(op.Gather(act_scale, rows, axis=0), perm=[1, 0]))  # [1, I, c]
+        y = op.Add(op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1]), expert_down_bias)  # [1, c, H]
+        return op.Pad(y, expert_pads)  # [1, C, H]
+
+    per_expert = op.Scan(halves, down, half_biases, down_biases, counts, pads, table, body=one_expert,
+                         num_scan_inputs=7)  # [E, 1, C, H]
+    y = op.Gather(op.Reshape(per_expert, op.Concat(last, hidden_size, axis=0)), slot, axis=0)  # [T*S, H]
+    tokens = op.Shape(x_gate, start=0, end=1)
+    slots = op.Shape(experts, start=1, end=2)
+    y = op.Reshape(y, op.Concat(tokens, slots, hidden_size, axis=0))
+    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, x_gate), last)), op.Constant(value_ints=[1]),
+                        keepdims=0)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def DenseClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                       swiglu_alpha: float, swiglu_limit: float):
+    """DenseSwiGLU's fixed-shape form, with the biases and gpt-oss's clamped activation."""
+    last = op.Constant(value_ints=[-1])
+    one = op.Constant(value_ints=[1])
+    tokens = op.Shape(x_gate, start=0, end=1)
+    hidden_size = op.Shape(x_gate, start=1, end=2)
+    num_experts = op.Shape(gate_up, start=0, end=1)
+    dense_weights = op.ReduceSum(
+        op.Mul(op.CastLike(op.Equal(op.Unsqueeze(experts, last), op.Range(0, op.Squeeze(num_experts), 1)), x_gate),
+               op.Unsqueeze(op.CastLike(weights, x_gate), last)),
+        one, keepdims=0)  # [T, E]
+    gate_all, up_all = op.Split(gate_up, axis=1, num_outputs=2)  # [E, I, H] each
+    gate_bias, up_bias = op.Split(op.CastLike(gate_up_bias, x_gate), axis=1, num_outputs=2)  # [E, I] each
+    by_row = op.Concat(last, hidden_size, axis=0)
+    gate = op.Add(op.MatMul(x_gate, op.Transpose(op.Reshape(gate_all, by_row), perm=[1, 0])), op.Reshape(gate_bias, last))
+    up = op.Add(op.MatMul(x_up, op.Transpose(op.Reshape(up_all, by_row), perm=[1, 0])), op.Reshape(up_bias, last))
+    limit = op.CastLike(op.Constant(value_float=swiglu_limit), x_gate)
+    gate = op.Min(gate, limit)
+    up = op.Max(op.Min(up, limit), op.Neg(limit))
+    glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate))))
+    act = op.Mul(op.Reshape(op.Mul(glu, op.Add(up, op.CastLike(op.Constant(value_float=1.0), x_gate))),
+                            op.Concat(tokens, num_experts, last, axis=0)),
+                 op.Mul(op.Unsqueeze(act_scale, one), op.Unsqueeze(dense_weights, last)))  # [T, E, I]
+    down_all = op.Reshape(op.Transpose(down, perm=[0, 2, 1]), by_row)  # [E*I, H]
+    out = op.MatMul(op.Reshape(act, op.Concat(tokens, last, axis=0)), down_all)
+    return op.Add(out, op.MatMul(dense_weights, op.CastLike(down_bias, x_gate)))
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def ClampedSwiGLUExpertsFixedShape(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                                   swiglu_alpha: float, swiglu_limit: float):
+    """SwiGLUExpertsFixedShape's switch, for the clamped experts."""
+    pairs = op.Mul(op.Shape(x_gate, start=0, end=1), op.Shape(experts, start=1, end=2))
+    if op.Greater(pairs, op.Shape(gate_up, start=0, end=1)):
+        out = DenseClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                                 swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    else:
+        out = GatheredClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                                    swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    return out
+
+
 @onnxscript.script(ce_opset, default_opset=op)
 def RoutedExperts(hidden, weights, experts, gate_up, down):
     ones = op.CastLike(op.Expand(op.Constant(value_float=1.0), op.Concat(op.Shape(hidden, start=0, end=1),
@@ -227,7 +384,10 @@ def RoutedExperts(hidden, weights, experts, gate_up, down):
 
 
 @onnxscript.script(ce_opset, default_opset=op)
-def CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce: int):
+def CompressedInputs(hidden, weights, experts, down, ces, n_ce: int):
+    """CE: the main experts' scaled inputs. main = ranks [0, K - n_ce), aux = the rest;
+    theta = sum_aux (w_j / sum_aux w) * ces[e_j]  [T, 3, C];
+    returns (hidden * theta0, hidden * theta2, theta1, the main slots' weights and experts)."""
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
     two = op.Constant(value_ints=[2])
@@ -239,7 +399,6 @@ def CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce: int):
     aux_weights = op.Slice(weights, n_main, k, last)
     aux_experts = op.Slice(experts, n_main, k, last)
 
-    # theta = sum_aux a_j * ces[e_j], a = the aux weights renormalised: [T, 3, C]
     mix = op.Div(aux_weights, op.ReduceSum(aux_weights, last, keepdims=1))
     aux_ces = op.Cast(op.Gather(ces, aux_experts, axis=0), to=FLOAT.dtype)  # [T, n_ce, 3, C]
     theta = op.CastLike(op.ReduceSum(op.Mul(aux_ces, op.Unsqueeze(mix, op.Constant(value_ints=[2, 3]))), one, keepdims=0), hidden)
@@ -249,8 +408,30 @@ def CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce: int):
     theta_gate = op.Squeeze(op.Slice(theta, op.Concat(zero, zero, axis=0), op.Concat(one, hidden_size, axis=0), rows_and_width), one)
     theta_act = op.Squeeze(op.Slice(theta, op.Concat(one, zero, axis=0), op.Concat(two, intermediate, axis=0), rows_and_width), one)
     theta_up = op.Squeeze(op.Slice(theta, op.Concat(two, zero, axis=0), op.Concat(op.Constant(value_ints=[3]), hidden_size, axis=0), rows_and_width), one)
-    return SwiGLUExperts(op.Mul(hidden, theta_gate), op.Mul(hidden, theta_up), theta_act, main_weights, main_experts,
-                         gate_up, down)
+    return op.Mul(hidden, theta_gate), op.Mul(hidden, theta_up), theta_act, main_weights, main_experts
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce: int):
+    x_gate, x_up, act_scale, main_weights, main_experts = CompressedInputs(hidden, weights, experts, down, ces, n_ce=n_ce)
+    return SwiGLUExperts(x_gate, x_up, act_scale, main_weights, main_experts, gate_up, down)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def RoutedClampedExperts(hidden, weights, experts, gate_up, down, gate_up_bias, down_bias, swiglu_alpha: float,
+                         swiglu_limit: float):
+    ones = op.CastLike(op.Expand(op.Constant(value_float=1.0), op.Concat(op.Shape(hidden, start=0, end=1),
+                                                                           op.Constant(value_ints=[1]), axis=0)), hidden)
+    return ClampedSwiGLUExperts(hidden, hidden, ones, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                                swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def CompressedClampedExperts(hidden, weights, experts, gate_up, down, ces, gate_up_bias, down_bias, n_ce: int,
+                             swiglu_alpha: float, swiglu_limit: float):
+    x_gate, x_up, act_scale, main_weights, main_experts = CompressedInputs(hidden, weights, experts, down, ces, n_ce=n_ce)
+    return ClampedSwiGLUExperts(x_gate, x_up, act_scale, main_weights, main_experts, gate_up, down, gate_up_bias,
+                                down_bias, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -277,43 +458,129 @@ def CompressedSparseMixerMoE(hidden, router_logits, gate_up, down, ces, n_ce: in
     return CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce=n_ce)
 
 
-# op type -> (function, the functions its body calls, SwiGLUExperts's form-dependent callees aside)
+@onnxscript.script(ce_opset, default_opset=op)
+def SigmoidMoE(hidden, router_logits, gate_up, down, score_bias, top_k: int, norm_topk_prob: int, routing_scale: float,
+               n_group: int, topk_group: int):
+    weights, experts = SigmoidTopK(router_logits, score_bias, top_k=top_k, norm_topk_prob=norm_topk_prob,
+                                   routing_scale=routing_scale, n_group=n_group, topk_group=topk_group)
+    return RoutedExperts(hidden, weights, experts, gate_up, down)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def CompressedSigmoidMoE(hidden, router_logits, gate_up, down, ces, score_bias, top_k: int, n_ce: int,
+                         norm_topk_prob: int, routing_scale: float, n_group: int, topk_group: int):
+    weights, experts = SigmoidTopK(router_logits, score_bias, top_k=top_k, norm_topk_prob=norm_topk_prob,
+                                   routing_scale=routing_scale, n_group=n_group, topk_group=topk_group)
+    return CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce=n_ce)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def SigmoidTop1MoE(hidden, router_logits, gate_up, down):
+    """Llama 4: the best expert by logit, its sigmoid scaling the expert's input (not its output)."""
+    top, experts = op.TopK(op.Cast(router_logits, to=FLOAT.dtype), op.Constant(value_ints=[1]), axis=-1, largest=1,
+                           sorted=1)
+    scaled = op.Mul(hidden, op.CastLike(op.Sigmoid(top), hidden))
+    return RoutedExperts(scaled, op.Expand(op.Constant(value_float=1.0), op.Shape(top)), experts, gate_up, down)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def ClampedSwiGLUMoE(hidden, router_logits, gate_up, down, gate_up_bias, down_bias, top_k: int, norm_topk_prob: int,
+                     routing_scale: float, swiglu_alpha: float, swiglu_limit: float):
+    weights, experts = SoftmaxTopK(router_logits, top_k=top_k, norm_topk_prob=norm_topk_prob, routing_scale=routing_scale)
+    return RoutedClampedExperts(hidden, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                                swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def CompressedClampedSwiGLUMoE(hidden, router_logits, gate_up, down, ces, gate_up_bias, down_bias, top_k: int,
+                               n_ce: int, norm_topk_prob: int, routing_scale: float, swiglu_alpha: float,
+                               swiglu_limit: float):
+    weights, experts = SoftmaxTopK(router_logits, top_k=top_k, norm_topk_prob=norm_topk_prob, routing_scale=routing_scale)
+    return CompressedClampedExperts(hidden, weights, experts, gate_up, down, ces, gate_up_bias, down_bias, n_ce=n_ce,
+                                    swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+
+
+# op type -> (function, the functions its body calls; an experts function among them gets its form's body)
 OPS = {
     "MoE": (MoE, (SoftmaxTopK, RoutedExperts, SwiGLUExperts)),
-    "CompressedMoE": (CompressedMoE, (SoftmaxTopK, CompressedExperts, SwiGLUExperts)),
+    "CompressedMoE": (CompressedMoE, (SoftmaxTopK, CompressedExperts, CompressedInputs, SwiGLUExperts)),
     "SparseMixerMoE": (SparseMixerMoE, (SparseMixerTop2, RoutedExperts, SwiGLUExperts)),
-    "CompressedSparseMixerMoE": (CompressedSparseMixerMoE, (SparseMixerTop2, CompressedExperts, SwiGLUExperts)),
+    "CompressedSparseMixerMoE": (CompressedSparseMixerMoE, (SparseMixerTop2, CompressedExperts, CompressedInputs,
+                                                            SwiGLUExperts)),
+    "SigmoidMoE": (SigmoidMoE, (SigmoidTopK, RoutedExperts, SwiGLUExperts)),
+    "CompressedSigmoidMoE": (CompressedSigmoidMoE, (SigmoidTopK, CompressedExperts, CompressedInputs, SwiGLUExperts)),
+    "SigmoidTop1MoE": (SigmoidTop1MoE, (RoutedExperts, SwiGLUExperts)),
+    "ClampedSwiGLUMoE": (ClampedSwiGLUMoE, (SoftmaxTopK, RoutedClampedExperts, ClampedSwiGLUExperts)),
+    "CompressedClampedSwiGLUMoE": (CompressedClampedSwiGLUMoE, (SoftmaxTopK, CompressedClampedExperts, CompressedInputs,
+                                                                ClampedSwiGLUExperts)),
 }
 
 SPARSE, FIXED_SHAPE = "sparse", "fixed-shape"
-# form -> the body the SwiGLUExperts function gets, and the functions that body calls
+# form -> {experts function: (the body it gets, the functions that body calls)}
 EXPERTS_FORMS = {
-    SPARSE: (SwiGLUExperts, (ExpertTable,)),
-    FIXED_SHAPE: (SwiGLUExpertsFixedShape, (GatheredSwiGLU, DenseSwiGLU)),
+    SPARSE: {SwiGLUExperts: (SwiGLUExperts, (ExpertTable,)),
+             ClampedSwiGLUExperts: (ClampedSwiGLUExperts, (ExpertTable,))},
+    FIXED_SHAPE: {SwiGLUExperts: (SwiGLUExpertsFixedShape, (GatheredSwiGLU, DenseSwiGLU)),
+                  ClampedSwiGLUExperts: (ClampedSwiGLUExpertsFixedShape, (GatheredClampedSwiGLU, DenseClampedSwiGLU))},
+}
+
+# The op types our TensorRT plugin (plugins/trt) implements; the others carry no plugin attributes,
+# so TensorRT always runs their function bodies.
+PLUGIN_OP_TYPES = ("MoE", "CompressedMoE", "SparseMixerMoE", "CompressedSparseMixerMoE")
+# What the plugin lacks for each other op type (the Triton kernels have all but Llama 4's).
+NOT_IN_PLUGIN = {
+    "SigmoidMoE": "sigmoid routing with a score-correction bias and expert groups",
+    "CompressedSigmoidMoE": "sigmoid routing with a score-correction bias and expert groups",
+    "ClampedSwiGLUMoE": "expert biases and the clamped SwiGLU",
+    "CompressedClampedSwiGLUMoE": "expert biases and the clamped SwiGLU",
+    "SigmoidTop1MoE": "the routing weight on the expert input",
 }
 
 
-def op_type_for(routing: str, compressed: bool) -> str:
-    base = {SOFTMAX_TOPK: "MoE", SPARSEMIXER: "SparseMixerMoE"}[routing]
-    return ("Compressed" + base) if compressed else base
+def op_type_for(routing: str, compressed: bool, activation: str = SWIGLU, weights_on_input: bool = False,
+                score_bias: bool = False) -> str:
+    """The node's op type for a layer's routing and expert variant; ValueError when none has that math."""
+    if weights_on_input:
+        if routing == SIGMOID_TOPK and not compressed and not score_bias and activation == SWIGLU:
+            return "SigmoidTop1MoE"
+    elif activation == CLAMPED_SWIGLU:
+        if routing == SOFTMAX_TOPK:
+            return "CompressedClampedSwiGLUMoE" if compressed else "ClampedSwiGLUMoE"
+    elif routing == SIGMOID_TOPK:
+        if score_bias:
+            return "CompressedSigmoidMoE" if compressed else "SigmoidMoE"
+    else:
+        base = {SOFTMAX_TOPK: "MoE", SPARSEMIXER: "SparseMixerMoE"}[routing]
+        return ("Compressed" + base) if compressed else base
+    raise ValueError(f"no ONNX form for routing {routing!r} with activation {activation!r}"
+                     f"{', a score bias' if score_bias else ''}{', the weight on the input' if weights_on_input else ''}"
+                     f"{' and CE' if compressed else ''}")
 
 
-def node_attributes(op_type: str, top_k: int, n_ce: int, norm_topk_prob: bool, routing_scale: float, jitter_eps: float) -> dict:
-    """The attributes each op type's schema takes, from the op's arguments."""
-    candidates = {"top_k": top_k, "n_ce": n_ce, "norm_topk_prob": int(norm_topk_prob),
-                  "routing_scale": float(routing_scale), "jitter_eps": float(jitter_eps)}
+def node_attributes(op_type: str, **values) -> dict:
+    """The attributes `op_type`'s schema takes, picked from the op's arguments (ints for flags)."""
     function = OPS[op_type][0]
-    return {name: candidates[name] for name in function.to_function_proto().attribute}
+    names = function.to_function_proto().attribute
+    casts = {"norm_topk_prob": int, "routing_scale": float, "jitter_eps": float, "swiglu_alpha": float,
+             "swiglu_limit": float}
+    return {name: casts.get(name, lambda v: v)(values[name]) for name in names}
+
+
+def node_inputs(op_type: str) -> list[str]:
+    """The op type's input names, in order."""
+    return list(OPS[op_type][0].to_function_proto().input)
 
 
 def register_schemas() -> None:
     """Make the custom-domain ops known to onnx, so the exporter can emit bodyless call nodes."""
     Attr = onnx.defs.OpSchema.Attribute
-    kinds = {"top_k": onnx.defs.OpSchema.AttrType.INT, "n_ce": onnx.defs.OpSchema.AttrType.INT,
-             "norm_topk_prob": onnx.defs.OpSchema.AttrType.INT, "routing_scale": onnx.defs.OpSchema.AttrType.FLOAT,
-             "jitter_eps": onnx.defs.OpSchema.AttrType.FLOAT}
-    constraints = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations and weights"),
-                   ("L", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "router logits")]
+    INT, FLOAT_ATTR = onnx.defs.OpSchema.AttrType.INT, onnx.defs.OpSchema.AttrType.FLOAT
+    kinds = {"top_k": INT, "n_ce": INT, "norm_topk_prob": INT, "n_group": INT, "topk_group": INT,
+             "routing_scale": FLOAT_ATTR, "jitter_eps": FLOAT_ATTR, "swiglu_alpha": FLOAT_ATTR, "swiglu_limit": FLOAT_ATTR}
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    constraints = [("T", floats, "activations and weights"), ("L", floats, "router logits"),
+                   ("B", floats, "the routing's score bias")]
+    input_types = {"router_logits": "L", "score_bias": "B"}
     # TensorRT reads these to bind our plugin; optional, so the portable form stays valid.
     plugin_attrs = [Attr(name, onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin lookup", required=False)
                     for name in ("plugin_namespace", "plugin_version")]
@@ -321,7 +588,7 @@ def register_schemas() -> None:
         if onnx.defs.has(op_type, DOMAIN):
             continue
         proto = function.to_function_proto()
-        inputs = [onnx.defs.OpSchema.FormalParameter(name, "L" if name == "router_logits" else "T") for name in proto.input]
+        inputs = [onnx.defs.OpSchema.FormalParameter(name, input_types.get(name, "T")) for name in proto.input]
         schema = onnx.defs.OpSchema(
             op_type, DOMAIN, DOMAIN_VERSION, inputs=inputs,
             outputs=[onnx.defs.OpSchema.FormalParameter("output", "T", "[T, H]")],
@@ -331,15 +598,60 @@ def register_schemas() -> None:
         onnx.defs.register_schema(schema)
 
 
-def function_protos(op_type: str, model_opset: int, form: str = SPARSE) -> list[onnx.FunctionProto]:
-    """The body of `op_type` and of the functions it calls, with SwiGLUExperts in the given form
-    (EXPERTS_FORMS), importing the model's default opset (onnx.checker needs them equal)."""
+def _functions(op_type: str, form: str) -> list[tuple[str, object]]:
+    """(name, function whose body it gets) for `op_type` and everything its body calls, the experts
+    functions in `form` (EXPERTS_FORMS)."""
     function, helpers = OPS[op_type]
-    experts_body, experts_helpers = EXPERTS_FORMS[form]
+    bodies = [(function.name, function)]
+    for helper in helpers:
+        if helper in EXPERTS_FORMS[form]:
+            body, callees = EXPERTS_FORMS[form][helper]
+            bodies.append((helper.name, body))
+            bodies += [(callee.name, callee) for callee in callees]
+        else:
+            bodies.append((helper.name, helper))
+    return list(dict(bodies).items())
+
+
+def function_protos(op_type: str, model_opset: int, form: str = SPARSE) -> list[onnx.FunctionProto]:
+    """The body of `op_type` and of the functions it calls, with the experts functions in the given
+    form (EXPERTS_FORMS), importing the model's default opset (onnx.checker needs them equal).
+
+    The fixed-shape form (TensorRT's) is one flat function: TensorRT's ONNX parser (checked with
+    TensorRT-RTX 1.7) resolves a function's attribute only one call deep; in a nested call it reads
+    0 (top_k 0, routing_scale 0: an engine that silently computes nothing). So the callees are
+    inlined into the op type's own function, whose nodes then refer to its attributes directly.
+    """
+    protos = composed_function_protos(op_type, model_opset, form)
+    if form == FIXED_SHAPE:
+        protos = [flattened(protos, model_opset)]
+    return protos
+
+
+def flattened(protos: list[onnx.FunctionProto], model_opset: int) -> onnx.FunctionProto:
+    """protos[0] with every call of the other functions inlined (recursively, If branches too)."""
+    import onnx.inliner
+
+    top = protos[0]
+    node = onnx.helper.make_node(top.name, list(top.input), list(top.output), domain=top.domain)
+    graph = onnx.helper.make_graph([node], "flatten", [], [])
+    opsets = [onnx.helper.make_opsetid("", model_opset), onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
+    model = onnx.helper.make_model(graph, functions=protos, opset_imports=opsets)
+    kept = [(top.domain, top.name)]
+    flat = onnx.inliner.inline_selected_functions(model, kept, exclude=True)
+    (function,) = [f for f in flat.functions if f.name == top.name]
+    clear_node_names(function.node)
+    del function.opset_import[:]
+    function.opset_import.extend(opsets)
+    return function
+
+
+def composed_function_protos(op_type: str, model_opset: int, form: str = SPARSE) -> list[onnx.FunctionProto]:
+    """function_protos before flattening: one FunctionProto per function, calls between them."""
     protos = []
-    for fn in (function, *helpers, *experts_helpers):
-        proto = experts_body.to_function_proto() if fn is SwiGLUExperts else fn.to_function_proto()
-        proto.name = fn.name
+    for name, fn in _functions(op_type, form):
+        proto = fn.to_function_proto()
+        proto.name = name
         # onnxscript names body nodes n0, n1, ...; every call site would repeat them (TensorRT warns
         # about each duplicate), so leave them unnamed and let runtimes scope them per call.
         clear_node_names(proto.node)
@@ -353,21 +665,23 @@ def function_protos(op_type: str, model_opset: int, form: str = SPARSE) -> list[
 
 
 def layer_model(op_type: str, attributes: dict, gate_up, down, ces=None, form: str = SPARSE,
-                opset: int = 20) -> onnx.ModelProto:
+                opset: int = 20, **weights) -> onnx.ModelProto:
     """A standalone model of one MoE layer (tests, benchmarks): inputs hidden [T, H] and fp32
-    router_logits [T, E], output [T, H], the weights (numpy arrays) as initializers."""
+    router_logits [T, E], output [T, H], the weights (numpy arrays: gate_up, down, ces and the op
+    type's other inputs, e.g. score_bias) as initializers."""
     from onnx import helper, numpy_helper
 
     dtype = helper.np_dtype_to_tensor_dtype(gate_up.dtype)
     num_experts, _, hidden = gate_up.shape
-    weights = {"gate_up": gate_up, "down": down, **({"ces": ces} if ces is not None else {})}
-    node = helper.make_node(op_type, ["hidden", "router_logits", *weights], ["out"], domain=DOMAIN, **attributes)
+    weights = {"gate_up": gate_up, "down": down, "ces": ces, **weights}
+    names = node_inputs(op_type)[2:]
+    node = helper.make_node(op_type, ["hidden", "router_logits", *names], ["out"], domain=DOMAIN, **attributes)
     graph = helper.make_graph(
         [node], "moe_layer",
         [helper.make_tensor_value_info("hidden", dtype, ["T", hidden]),
          helper.make_tensor_value_info("router_logits", onnx.TensorProto.FLOAT, ["T", num_experts])],
         [helper.make_tensor_value_info("out", dtype, ["T", hidden])],
-        initializer=[numpy_helper.from_array(array, name) for name, array in weights.items()])
+        initializer=[numpy_helper.from_array(weights[name], name) for name in names])
     model = helper.make_model(graph, functions=function_protos(op_type, opset, form), opset_imports=[
         helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     model.ir_version = 10
@@ -375,8 +689,8 @@ def layer_model(op_type: str, attributes: dict, gate_up, down, ces=None, form: s
 
 
 def function_names(op_type: str, form: str = SPARSE) -> set[str]:
-    function, helpers = OPS[op_type]
-    return {fn.name for fn in (function, *helpers, *EXPERTS_FORMS[form][1])}
+    """The names of the FunctionProtos function_protos gives for `op_type`."""
+    return {op_type} if form == FIXED_SHAPE else {name for name, _ in _functions(op_type, form)}
 
 
 def clear_node_names(nodes) -> None:

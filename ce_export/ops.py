@@ -75,14 +75,24 @@ def moe(
     routing: str = moe_math.SOFTMAX_TOPK,
     routing_scale: float = 1.0,
     jitter_eps: float = 0.0,
+    score_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = moe_math.SWIGLU,
+    swiglu_alpha: float = 1.0,
+    swiglu_limit: float = 0.0,
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
+    """moe_math.moe_reference's arguments, in its order."""
     return moe_math.moe_reference(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
-                                  routing, routing_scale, jitter_eps)
+                                  routing, routing_scale, jitter_eps, score_bias, n_group, topk_group, gate_up_bias,
+                                  down_bias, activation, swiglu_alpha, swiglu_limit, weights_on_input)
 
 
 @moe.register_fake
-def _moe_fake(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
-              routing=moe_math.SOFTMAX_TOPK, routing_scale=1.0, jitter_eps=0.0):
+def _moe_fake(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob, *variant):
     return torch.empty_like(hidden)
 
 
@@ -120,16 +130,32 @@ def report_fallback(reason: str) -> None:
                       KernelFallbackWarning, stacklevel=3)
 
 
+def kernels_lack_variant(routing: str, weights_on_input: bool) -> str | None:
+    """Why the Triton kernels cannot run this routing / expert variant; None when they can."""
+    from ce_kernels import SUPPORTED_ROUTINGS
+
+    if routing not in SUPPORTED_ROUTINGS:
+        return f"routing {routing!r} (the kernels route {', '.join(SUPPORTED_ROUTINGS)})"
+    if weights_on_input:
+        return "the routing weight on the expert input (Llama 4's top-1; not in the kernels)"
+    return None
+
+
 @moe.register_kernel("cuda")
 def _moe_cuda(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
-              routing=moe_math.SOFTMAX_TOPK, routing_scale=1.0, jitter_eps=0.0):
-    args = (hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob, routing, routing_scale, jitter_eps)
+              routing=moe_math.SOFTMAX_TOPK, routing_scale=1.0, jitter_eps=0.0, score_bias=None, n_group=1,
+              topk_group=1, gate_up_bias=None, down_bias=None, activation=moe_math.SWIGLU, swiglu_alpha=1.0,
+              swiglu_limit=0.0, weights_on_input=False):
+    kernel_args = (hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob, routing, routing_scale,
+                   jitter_eps, score_bias, n_group, topk_group, gate_up_bias, down_bias, activation, swiglu_alpha,
+                   swiglu_limit)
+    args = (*kernel_args, weights_on_input)
     if _reference_on_cuda:
         return moe_math.moe_reference(*args)
-    reason = why_not_kernels(hidden, gate_up, down)
+    reason = why_not_kernels(hidden, gate_up, down) or kernels_lack_variant(routing, weights_on_input)
     if reason is not None:
         report_fallback(reason)
         return moe_math.moe_reference(*args)
     from ce_kernels import fused_moe
 
-    return fused_moe(*args)
+    return fused_moe(*kernel_args)

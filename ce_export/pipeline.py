@@ -25,12 +25,13 @@ from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
 from ce_export.capture import DTYPES, LOGITS, build_torch_model, build_traced_model
-from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
+from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.progress import progress_bar
 from ce_export.quantize import quantize_activations
+from ce_export.task import TASK_FILE, compare_exact_match, exact_match, held_out_sequences, read_task, task_tokenizer
 
 MANIFEST_FORMAT = 1
 CHECKPOINT_COPY = "checkpoint"
@@ -38,6 +39,7 @@ CHECKPOINT_COPY = "checkpoint"
 # quarter is held out, and its first EVAL_SEQUENCES give the perplexity of the quality report; the
 # first CALIBRATION_SEQUENCES of the rest give the FP8 activation ranges (fp8-w8a8).
 EVAL_SEQ_LEN, EVAL_FRACTION, EVAL_SEQUENCES, CALIBRATION_SEQUENCES = 64, 0.25, 8, 32
+TASK_PERPLEXITY_SEQUENCES = 16  # a task checkpoint's perplexity: its held-out problems' text, 16 x 64 tokens
 TOOLS = ("ce_export", "torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy", "safetensors")
 
 
@@ -89,14 +91,16 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
             if model == DEMO_NAME:
                 checkpoint = staging / CHECKPOINT_COPY
                 write_demo_checkpoint(checkpoint, compressed=True)
-                source = {"kind": "demo", "seed": DEMO_SEED, "path": CHECKPOINT_COPY}
+                source = {"kind": "demo", "weights": "trained CE demo (ce_export/demo/weights/training.json)",
+                          "path": CHECKPOINT_COPY}
             else:
                 checkpoint = Path(model)
                 source = {"kind": "checkpoint", "path": str(checkpoint.absolute())}
             loaded = load_checkpoint(checkpoint)
             total, active = parameter_count(loaded)
             activation_quantized = bool(options.quantize and quantize_stage.FORMATS[options.quantize].activations)
-            needs_data = options.verify or activation_quantized or options.calib is not None
+            has_task = read_task(checkpoint) is not None  # its quality report needs no calibration data
+            needs_data = (options.verify and not has_task) or activation_quantized or options.calib is not None
             data = calibration_data(checkpoint, loaded, options.calib) if needs_data else None
         report(f"  {loaded.spec.architecture}, {loaded.spec.num_layers} layers, "
                f"{'CE n_ce=' + str(loaded.spec.n_ce) if loaded.spec.use_ce else 'plain MoE'}, "
@@ -116,7 +120,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         del lm
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
-        manifest = make_manifest(source, loaded, options, result, data, activations)
+        manifest = make_manifest(source, loaded, options, result, data, activations, has_task)
         manifest["clients"] = clients.write_client_files(staging, checkpoint, manifest)
         manifest["clients"]["polygraphy"] = polygraphy_reference.support(manifest, options.verify)
         write_json(staging / MANIFEST, manifest)
@@ -172,7 +176,7 @@ def calibrate_activations(loaded, data, dtype: torch.dtype) -> dict:
 
 
 def make_manifest(source: dict, loaded, options: BuildOptions, result: export_stage.ExportResult, data=None,
-                  activations: dict | None = None) -> dict:
+                  activations: dict | None = None, has_task: bool = False) -> dict:
     total, active = parameter_count(loaded)
     quantization = result.quantization
     if quantization is not None:
@@ -190,8 +194,9 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
         "dtype": options.dtype,
         "quantization": quantization,
         "calibration_data": None if data is None else {
-            **data.describe(), "kind": "built-in corpus" if options.calib is None else "user data (--calib)",
-            "used_for": "held-out perplexity" + (", FP8 activation scales" if activations else "")},
+            **data.describe(), "kind": data_kind(data.source),
+            "used_for": ", ".join(use for use, wanted in (("held-out perplexity", not has_task or options.calib),
+                                                          ("FP8 activation scales", activations)) if wanted) or None},
         "onnx": {
             "file": result.onnx_path.name,
             "external_data": "model.onnx.data" if result.external_data else None,
@@ -229,8 +234,8 @@ def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
 
 def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record_reference=None) -> dict:
     """Parity of the artifact with PyTorch, in two phases whose memory peaks do not add up: ONNX Runtime
-    first, on every input (parity shapes, greedy generation, held-out perplexity), keeping only its
-    outputs; the session is then released and the PyTorch models are built and run one at a time,
+    first, on every input (parity shapes, greedy generation, held-out perplexity, the task's held-out
+    problems), keeping only its outputs; the session is then released and the PyTorch models are built and run one at a time,
     each keeping the routed experts' weights in the checkpoint's dtype (upcast per expert).
     `record_reference`: receives the logits check's feeds and reference outputs (polygraphy_reference)."""
     dtype_name = manifest["dtype"]
@@ -242,21 +247,27 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     tolerance = verify_stage.TOLERANCES[dtype_name]
     view = OnnxPrecisionView(onnx_path, dtype_name)
     runtime_dtype = view.runtime_torch_dtype
-    data, sequences = evaluation_sequences(folder, manifest, loaded)
+    evaluation = evaluation_inputs(folder, manifest, loaded)
+    sequences = evaluation.sequences
     cases, new_tokens = verify_stage.PARITY_CASES, verify_stage.GENERATION_TOKENS
     logits_kept = manifest["onnx"].get("logits", "all")
     with timer("verify: ONNX Runtime session"):
         runtime = verify_stage.OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(quantization),
                                           weights_as_stored=True)
     with timer(f"verify: ONNX Runtime on {len(cases)} shapes, {new_tokens} greedy tokens, "
-               f"{len(sequences)} held-out sequences"), \
-            progress_bar(total=len(cases) + new_tokens + len(sequences), desc="  ONNX Runtime") as bar:
+               f"{len(sequences)} held-out sequences" + (", the task's held-out problems" if evaluation.task else "")), \
+            progress_bar(total=len(cases) + new_tokens + len(sequences) + bool(evaluation.task),
+                         desc="  ONNX Runtime") as bar:
         recorded = verify_stage.record_logits(runtime, spec, runtime_dtype, cases, progress=bar)
         ids, mask = verify_stage.generation_prompt(spec.vocab_size)
         start = time.perf_counter()
         onnx_tokens = verify_stage.greedy_onnx(runtime, ids, mask, new_tokens, spec, runtime_dtype, progress=bar)
         onnx_seconds = time.perf_counter() - start
         onnx_perplexity = verify_stage.perplexity(runtime, sequences, spec, runtime_dtype, logits_kept, progress=bar)
+        onnx_task = None
+        if evaluation.task is not None:
+            onnx_task = exact_match(runtime, evaluation.task, evaluation.tokenizer, spec, runtime_dtype)
+            bar.update(1)
     del runtime
     gc.collect()
 
@@ -305,9 +316,9 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
                 synchronized_generation = synchronized.check_generation(pair, spec, runtime_dtype, tolerance)
             finally:
                 pair.close()
-    torch_perplexity = None
+    torch_quality = None
     if reference_weights is None and not scales:  # the reference is also the unquantized fp32 model
-        torch_perplexity = torch_fp32_perplexity(reference, sequences, spec, timer)
+        torch_quality = torch_fp32_quality(reference, evaluation, spec, timer)
     del reference
     gc.collect()
     if low_precision_torch:
@@ -324,12 +335,13 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
             free_running["generation"] = free_generation(generation)
     if scales:
         generation = synchronized_generation
-    if torch_perplexity is None:
+    if torch_quality is None:
         unquantized = torch_model("fp32 (unquantized)", torch.float32, None, like_artifact=False)
-        torch_perplexity = torch_fp32_perplexity(unquantized, sequences, spec, timer)
+        torch_quality = torch_fp32_quality(unquantized, evaluation, spec, timer)
         del unquantized
         gc.collect()
-    quality = quality_report(folder, manifest, data, sequences, torch_perplexity, onnx_perplexity)
+    torch_perplexity, torch_task = torch_quality
+    quality = quality_report(folder, manifest, evaluation, torch_perplexity, onnx_perplexity, torch_task, onnx_task)
     return {
         "runtime": "onnxruntime CPUExecutionProvider",
         "reference": "PyTorch fp32, MoE blocks through ce_export.moe_math (the reference op)",
@@ -369,10 +381,20 @@ def artifact_weights(loaded, round_to: torch.dtype | None, quantization: str | N
     return weights
 
 
-def torch_fp32_perplexity(lm, sequences, spec, timer) -> float:
-    with timer("verify: held-out perplexity, PyTorch fp32"), \
-            progress_bar(total=len(sequences), desc="  PyTorch") as bar:
-        return verify_stage.perplexity(verify_stage.TorchDecoder(lm), sequences, spec, torch.float32, progress=bar)
+def torch_fp32_quality(lm, evaluation: "Evaluation", spec, timer) -> tuple[float, dict | None]:
+    """The unquantized PyTorch fp32 model's side of the quality report: (held-out perplexity, its
+    exact_match on the task's held-out problems, or None without a task)."""
+    decoder = verify_stage.TorchDecoder(lm)
+    sequences = evaluation.sequences
+    with timer("verify: quality (held-out perplexity" + (", the task's held-out problems" if evaluation.task else "")
+               + "), PyTorch fp32"), \
+            progress_bar(total=len(sequences) + bool(evaluation.task), desc="  PyTorch") as bar:
+        perplexity = verify_stage.perplexity(decoder, sequences, spec, torch.float32, progress=bar)
+        task = None
+        if evaluation.task is not None:
+            task = exact_match(decoder, evaluation.task, evaluation.tokenizer, spec, torch.float32)
+            bar.update(1)
+    return perplexity, task
 
 
 def accept_fp32_reference_tokens(generation: dict, against_fp32: dict) -> None:
@@ -389,30 +411,67 @@ def accept_fp32_reference_tokens(generation: dict, against_fp32: dict) -> None:
     generation["passed"] = all(row["passed"] for row in generation["rows"])
 
 
-def evaluation_sequences(folder: Path, manifest: dict, loaded):
-    """The held-out sequences of the quality report: the build's calibration data (--calib, default
-    the built-in corpus), its evaluation slice."""
-    from ce_calibrate import BUILTIN
+@dataclass
+class Evaluation:
+    """What the quality report evaluates (chosen before anything runs): for a checkpoint with a task
+    (task.json, ce_export/task.py; the demo's), exact-match accuracy on its held-out problems;
+    perplexity on the held-out slice of --calib DATA when given, else on the task's held-out
+    problems, else on the built-in corpus's held-out slice."""
 
+    sequences: torch.Tensor  # [N, S] held-out tokens (perplexity)
+    report: dict  # the report's "evaluation" and "data" entries
+    task: object = None  # task.Task
+    tokenizer: object = None
+    task_source: str = ""
+
+
+def evaluation_inputs(folder: Path, manifest: dict, loaded) -> Evaluation:
+    from ce_calibrate import BUILTIN
+    from ce_calibrate.data import CHECKPOINT_TASK
+
+    checkpoint = checkpoint_of(folder, manifest)
+    task = read_task(checkpoint)
     recorded = manifest.get("calibration_data") or {}
     source = recorded.get("source", BUILTIN)
-    data = calibration_data(checkpoint_of(folder, manifest), loaded, None if source == BUILTIN else source)
-    return data, data.evaluation[:EVAL_SEQUENCES]
+    user_data = source not in (BUILTIN, CHECKPOINT_TASK)
+    tokenizer = task_tokenizer(checkpoint, loaded.spec.vocab_size) if task is not None else None
+    task_source = str(checkpoint / TASK_FILE)
+    if task is not None and not user_data:
+        sequences = held_out_sequences(task, tokenizer, EVAL_SEQ_LEN, TASK_PERPLEXITY_SEQUENCES)
+        report = {"evaluation": (f"{len(task.held_out)} held-out problems of {task.name!r} (exact match); "
+                                 f"perplexity on {len(sequences)} x {sequences.shape[1]} tokens of their text"),
+                  "data": {"source": task_source, "kind": "the checkpoint's task (held-out problems)",
+                           "tokenizer": type(tokenizer).__name__}}
+    else:
+        data = calibration_data(checkpoint, loaded, source if user_data else None)
+        sequences = data.evaluation[:EVAL_SEQUENCES]
+        report = {"evaluation": f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}",
+                  "data": {"source": data.source, "kind": data_kind(data.source), "tokenizer": data.tokenizer}}
+    return Evaluation(sequences=sequences, report=report, task=task, tokenizer=tokenizer, task_source=task_source)
 
 
-def quality_report(folder: Path, manifest: dict, data, sequences, torch_ppl: float, onnx_ppl: float) -> dict:
-    """Model size and the quality cost of the artifact: perplexity on the held-out slice of the
-    build's calibration data, unquantized PyTorch fp32 vs the exported file in ONNX Runtime."""
-    from ce_calibrate import BUILTIN
-
+def quality_report(folder: Path, manifest: dict, evaluation: Evaluation, torch_ppl: float, onnx_ppl: float,
+                   torch_task: dict | None, onnx_task: dict | None) -> dict:
+    """Model size and the quality cost of the artifact, unquantized PyTorch fp32 vs the exported
+    file in ONNX Runtime (their results recorded in verify's two phases)."""
+    result = {}
+    if evaluation.task is not None:
+        result["task"] = {"source": evaluation.task_source,
+                          **compare_exact_match(evaluation.task, evaluation.tokenizer, torch_task, onnx_task)}
+    result.update(evaluation.report)
     files = [folder / manifest["onnx"]["file"]] + ([folder / manifest["onnx"]["external_data"]] if manifest["onnx"]["external_data"] else [])
-    return {"evaluation": f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}",
-            "data": {"source": data.source, "kind": "built-in corpus" if data.source == BUILTIN else "user data (--calib)",
-                     "tokenizer": data.tokenizer},
-            "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
+    return {**result, "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
             "perplexity_delta": onnx_ppl - torch_ppl, "parameters": manifest["parameters"],
             "weight_bytes": manifest["parameters"].get("weight_bytes"),
             "onnx_bytes": sum(f.stat().st_size for f in files)}
+
+
+def data_kind(source: str) -> str:
+    from ce_calibrate import BUILTIN
+    from ce_calibrate.data import CHECKPOINT_TASK
+
+    return {BUILTIN: "built-in corpus", CHECKPOINT_TASK: "the checkpoint's task (calibration text)"}.get(
+        source, "user data (--calib)")
 
 
 def failure_reason(parity: dict) -> str:
@@ -438,7 +497,10 @@ def summarize(parity: dict) -> str:
     tokens = (f"identical in {identical}/{len(rows)} rows" + (f", {ties} diverging at a near-tie" if ties else "")
               + (f", {fp32} identical to the fp32 reference instead" if fp32 else ""))
     quality = parity.get("quality")
-    ppl = (f"; held-out perplexity {quality['perplexity_onnx']:.3f} vs {quality['perplexity_torch_fp32']:.3f} "
+    task = (quality or {}).get("task")
+    answers = (f"; task exact match {task['accuracy_onnx']:.1%} of {task['problems']} held-out problems vs "
+               f"{task['accuracy_torch_fp32']:.1%} in PyTorch fp32" if task else "")
+    ppl = (f"{answers}; held-out perplexity {quality['perplexity_onnx']:.3f} vs {quality['perplexity_torch_fp32']:.3f} "
            f"in PyTorch fp32 (delta {quality['perplexity_delta']:+.4f})" if quality else "")
     free = parity.get("free_running")
     synchronized = (f"; synchronized at each FP8 quantizer (free-running: max relative error "

@@ -6,8 +6,8 @@ Modes (`QUANTIZATIONS`): weight-only `int8` (symmetric, round to nearest) and `f
 DequantizeLinear, opset 21; a row shorter than the group is one group) or `int4-channel` per output
 channel; and `fp8-w8a8`: `fp8` weights plus FP8 E4M3 activations with static
 per-tensor scales (calibrated amax / 448) at the input of every quantized GEMM. Quantized: the
-attention, LM-head, dense-MLP, shared-expert and expert weights; routers and embeddings stay in
-float (as in the MoE compression study).
+attention, LM-head, dense-MLP, shared-expert and expert weights; routers, scalar gates (a shared
+expert's sigmoid gate) and embeddings stay in float (as in the MoE compression study).
 
 Two halves that agree exactly, by construction, both from `quantize_weight` (q and scale computed in
 the artifact's dtype, scales stored in it; dequantized = what ONNX Runtime's DequantizeLinear computes
@@ -25,8 +25,8 @@ Expert weights [E, O, I] are stored as [E*O, I] with per-row scales and reshaped
 Activations (`fp8-w8a8`): `ce_export::fake_quantize_fp8(x, scale)` = clamp(x / scale, +-448) ->
 E4M3 (round to nearest even) -> * scale, evaluated in fp32 whatever x's dtype, which is what ONNX
 Runtime's QuantizeLinear(saturate=1) -> DequantizeLinear compute; export.py translates it to that
-node pair. It is applied to every nn.Linear's input, each shared expert's input and each MoE
-block's hidden input to the experts (not the router input). The experts' intermediate activation
+node pair. It is applied to every nn.Linear's input (shared experts are transformers' own linear
+layers) and each MoE block's hidden input to the experts (not the router input). The experts' intermediate activation
 (the down-projection input) is inside the custom MoE op and stays float.
 """
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ce_export.capture import MoeBlock, SharedExpert, activation_sites
+from ce_export.capture import MoeBlock, activation_sites, is_quantized_linear
 from ce_export.errors import ExportError
 
 FP8_MAX = 448.0
@@ -70,7 +70,7 @@ FORMATS = {
 }
 QUANTIZATIONS = tuple(FORMATS)
 ACTIVATIONS_NOTE = ("FP8 E4M3 with one static scale per tensor (calibration amax / 448) at the input of every "
-                    "nn.Linear (attention projections, LM head, dense MLPs), of each shared expert and of the "
+                    "nn.Linear (attention projections, LM head, dense MLPs, shared experts) and of the "
                     "routed experts (the MoE block's hidden input, before CE's input scaling); not quantized: "
                     "router inputs, and the experts' intermediate activation (down-projection input), which is "
                     "inside the custom MoE op and stays float")
@@ -127,9 +127,9 @@ def quantize_weight(weight: torch.Tensor, mode: str, artifact_dtype: torch.dtype
 
 def is_quantized(module: nn.Module, attribute: str) -> bool:
     """Whether the quantization modes store `module`'s parameter `attribute` quantized."""
-    if isinstance(module, (MoeBlock, SharedExpert)):
+    if isinstance(module, MoeBlock):
         return attribute in ("gate_up", "down")
-    return isinstance(module, nn.Linear) and attribute == "weight"
+    return is_quantized_linear(module) and attribute == "weight"
 
 
 def quantized_weight_names(lm: nn.Module):

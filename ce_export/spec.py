@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ce_export.moe_math import SOFTMAX_TOPK
+from ce_export.moe_math import SOFTMAX_TOPK, SWIGLU
 
 LAYER_MOE = "moe"
 LAYER_REMOVED = "removed"  # MoE sub-layer dropped (compression study: -1, or 0 experts)
@@ -34,11 +34,27 @@ class MoeLayerSpec:
     routing: str = SOFTMAX_TOPK  # see moe_math.ROUTINGS
     routing_scale: float = 1.0  # multiplies the routing weights (DeepSeek's routed_scaling_factor)
     jitter_eps: float = 0.0  # SparseMixer's band (Phi-3.5-MoE's router_jitter_noise)
+    score_bias: bool = False  # sigmoid_topk: a per-expert bias on the choice scores (e_score_correction_bias)
+    n_group: int = 1  # sigmoid_topk: experts in n_group equal groups, the choice within the best topk_group
+    topk_group: int = 1
     router_fp32: bool = False  # router matmul in fp32 whatever the model dtype (DeepSeek)
+    router_bias: bool = False  # the router matmul has a bias (gpt-oss)
+    expert_bias: bool = False  # the experts' gate/up and down projections have biases (gpt-oss)
+    activation: str = SWIGLU  # see moe_math.ACTIVATIONS
+    swiglu_alpha: float = 1.0  # clamped_swiglu's sigmoid slope
+    swiglu_limit: float = 0.0  # clamped_swiglu's clamp
+    weights_on_input: bool = False  # Llama 4 (top-1): the routing weight scales the expert's input
     expert_ids: tuple[int, ...] = ()  # original indices of the kept experts (trimmed models)
-    shared_intermediate_size: int = 0  # always-on shared expert (a dense SwiGLU MLP), 0 = none
-    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(h @ g)
     ces_width: int = 0  # C in ces [E, 3, C]; 0 when n_ce == 0
+    module: str = ""  # the transformers MoE block's path in the model, e.g. "model.layers.3.mlp"
+
+    def op_variant(self) -> dict:
+        """The ce_export::moe arguments beyond (hidden, logits, weights, ces, top_k, n_ce, norm_topk_prob)
+        whose tensors are in MoeLayerWeights: scalars here, tensors as None/True markers."""
+        return dict(routing=self.routing, routing_scale=self.routing_scale, jitter_eps=self.jitter_eps,
+                    n_group=self.n_group, topk_group=self.topk_group, activation=self.activation,
+                    swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
+                    weights_on_input=self.weights_on_input)
 
     @property
     def n_main(self) -> int:
@@ -91,9 +107,10 @@ class MoeLayerWeights:
     gate_up: torch.Tensor  # [E, 2I, H]
     down: torch.Tensor  # [E, H, I]
     ces: torch.Tensor | None  # [E, 3, C] or None
-    shared_gate_up: torch.Tensor | None = None  # [2Is, H]
-    shared_down: torch.Tensor | None = None  # [H, Is]
-    shared_gate: torch.Tensor | None = None  # [1, H]
+    router_bias: torch.Tensor | None = None  # [E]
+    score_bias: torch.Tensor | None = None  # [E]
+    gate_up_bias: torch.Tensor | None = None  # [E, 2I]
+    down_bias: torch.Tensor | None = None  # [E, H]
 
 
 @dataclass
@@ -104,5 +121,5 @@ class LoadedModel:
 
     spec: ModelSpec
     moe_weights: Mapping[int, MoeLayerWeights]  # by layer index; absent for removed layers
-    dense_tensors: Mapping[str, torch.Tensor]  # everything else, transformers' names
+    dense_tensors: Mapping[str, torch.Tensor]  # everything else (shared experts too), transformers' in-memory names
     source: str  # the folder it came from, or "demo"

@@ -344,9 +344,11 @@ def router_margin(lm, ids: torch.Tensor, mask: torch.Tensor) -> float | None:
     margins = []
 
     def hook(block, args):
-        hidden = args[0].reshape(-1, args[0].shape[-1])[-1].float()
-        router_logits = hidden @ block.router.float().T
-        ordered = router_logits.sort(descending=True).values
+        hidden = args[0].reshape(-1, args[0].shape[-1])[-1:].float()
+        choice = block.router_logits(hidden.to(block.router.dtype)).float()[0]
+        if block.score_bias is not None:  # sigmoid routing: experts are chosen by sigmoid(logits) + bias
+            choice = choice.sigmoid() + block.score_bias.float()
+        ordered = choice.sort(descending=True).values
         scale = ordered.abs().max().clamp(min=1e-12)
         boundaries = {block.spec.top_k, block.spec.top_k - block.spec.n_ce}
         for k in boundaries:

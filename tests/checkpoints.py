@@ -1,4 +1,5 @@
-"""Checkpoint folders in the layouts users bring, written from the demo model's tensors."""
+"""Checkpoint folders in the layouts users bring, written from the demo model's tensors (the trained
+ones; `demo_resized`: random weights of other sizes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ce_export.demo import demo_config, demo_tensors
+from ce_export.demo import demo_config, demo_tensors, trained_tensors
 
 
 def write(folder: Path, config: dict, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
@@ -73,7 +74,7 @@ def trimmed(config: dict, tensors: dict, keep: list) -> tuple[dict, dict]:
 
 def demo_variant(folder: Path, compressed: bool = True, layout: str = "per_expert", shards: int = 1, keep=None) -> Path:
     config = demo_config(compressed)
-    tensors = demo_tensors(config)
+    tensors = trained_tensors(compressed)
     if keep is not None:
         config, tensors = trimmed(config, tensors, keep)
     if layout == "fused":

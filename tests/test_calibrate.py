@@ -20,7 +20,8 @@ from ce_export.errors import CeExportError, LoadError, OutputError  # noqa: E402
 from ce_export.load import load_checkpoint  # noqa: E402
 
 QUIET = dict(report=lambda line: None)
-SMALL = dict(seq_len=32, num_sequences=8, eval_fraction=0.03, progress=False, **QUIET)  # the built-in corpus
+# The checkpoint's calibration text (the demo's task.json), else the built-in corpus.
+SMALL = dict(seq_len=32, num_sequences=8, eval_fraction=0.03, progress=False, **QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_default_calibration_writes_statistics_and_heatmap(demo):
     folder, out, stats = demo
     assert json.loads((out / STATS_FILE).read_text()) == stats
     spec = load_checkpoint(folder).spec
-    assert stats["data"]["source"] == "builtin" and stats["data"]["tokenizer"].startswith("bytes")
+    assert stats["data"]["source"] == "task.json" and stats["data"]["tokenizer"].endswith(f"from {folder}")
     assert stats["data"]["calibration_sequences"] == 8 and stats["data"]["evaluation_sequences"] >= 1
     layers = stats["layers"]
     assert len(layers) == spec.num_layers == 4
@@ -131,6 +132,8 @@ def test_global_expert_drop_is_uneven_and_builds_with_parity(demo, tmp_path):
     pipeline.build(str(trimmed), tmp_path / "build", pipeline.BuildOptions(), **QUIET)
     parity = json.loads((tmp_path / "build" / "parity.json").read_text())
     assert parity["passed"]
+    # trim kept task.json and the tokenizer, which loads beside a config.json transformers rejects (per-layer experts)
+    assert parity["quality"]["task"]["problems"] == 300 and parity["quality"]["data"]["tokenizer"] != "ByteTokens"
 
 
 def test_layer_drop_equals_the_model_without_that_moe_sublayer(mixtral, tmp_path):

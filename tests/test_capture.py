@@ -24,4 +24,4 @@ def test_ce_model_runs_compressed_experts(demo_ce, demo_plain):
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(ce(ids).logits, plain(ids).logits, atol=1e-2)
-    assert all(layer.mlp.ces is not None for layer in ce.model.layers)
+    assert all(layer.mlp.experts.ces is not None for layer in ce.model.layers)  # MoeBlock in the experts slot

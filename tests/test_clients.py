@@ -14,10 +14,12 @@ import pytest
 from ce_export import clients
 from ce_export.cli import main
 from ce_export.generate import generate
-from client_runs import genai_tokens, torch_tokens
+from client_runs import genai_tokens, torch_tokens, until_genai_stops
 
-PROMPT = [5, 17, 200, 3, 44, 9, 100, 250]
+PROMPT = [5, 17, 200, 3, 44, 9, 100, 250]  # ids the demo never saw: it runs on without a newline (its EOS)
 NEW_TOKENS = 24
+EOS = 10  # the demo's: the newline that ends an answer
+PROBLEMS = {"347+085=": "0432", "rev spark=": "kraps", "([{<=": ">}])"}
 OPTIMUM = "optimum-onnx[onnxruntime]==0.1.0"  # pins transformers < 4.58: its own virtual environment
 
 
@@ -27,16 +29,16 @@ def test_build_folder_holds_what_the_clients_read(demo_build):
     config = json.loads((demo_build / "genai_config.json").read_text())
     model, decoder = config["model"], config["model"]["decoder"]
     assert (model["type"], model["vocab_size"], model["context_length"], model["pad_token_id"]) == ("decoder", 512, 4096, 0)
-    assert "eos_token_id" not in model and "bos_token_id" not in model  # the demo names none
+    assert model["eos_token_id"] == EOS and "bos_token_id" not in model
     assert (decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"],
             decoder["num_hidden_layers"], decoder["filename"]) == (4, 4, 32, 4, "model.onnx")
     assert config["search"]["past_present_share_buffer"] is False and config["search"]["do_sample"] is False
     assert "session.disable_quant_qdq" not in decoder["session_options"]
     genai = manifest["clients"]["onnxruntime_genai"]
-    assert genai["supported"] and genai["provider"] == "cpu"
-    assert "ends generation at the pad token (0)" in genai["notes"][0]
+    assert genai == {"supported": True, "provider": "cpu"}
     assert manifest["clients"]["optimum"] == {"supported": True}
-    assert manifest["clients"]["files"] == ["config.json", "genai_config.json"]
+    assert manifest["clients"]["files"] == ["config.json", "generation_config.json", "tokenizer.json",
+                                            "tokenizer_config.json", "genai_config.json"]
     polygraphy = manifest["clients"]["polygraphy"]
     assert polygraphy["supported"] and polygraphy["onnxrt"] and polygraphy["tensorrt"]
     assert len(list((demo_build / polygraphy["inputs"]).iterdir())) == 8
@@ -95,16 +97,26 @@ def test_what_each_client_cannot_serve_is_said_and_not_written(tmp_path, overrid
         assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
 
 
-def test_genai_generates_pytorch_tokens_from_the_ce_demo(demo_build):
-    expected = torch_tokens(demo_build / "checkpoint", PROMPT, NEW_TOKENS)
-    assert 0 not in expected and len(set(expected)) > 8
-    assert genai_tokens(demo_build, PROMPT, NEW_TOKENS) == expected
+@pytest.mark.parametrize("build", ["demo_build", "demo_plain_build"])
+def test_genai_generates_pytorch_tokens_from_the_demos(build, request):
+    folder = request.getfixturevalue(build)
+    checkpoint = folder / "checkpoint" if build == "demo_build" else request.getfixturevalue("demo_plain")
+    for ids in [PROMPT] + [list(prompt.encode()) for prompt in PROBLEMS]:
+        expected = until_genai_stops(torch_tokens(checkpoint, ids, NEW_TOKENS), eos=EOS)
+        assert expected[-1] == EOS and 0 not in expected  # the trained demo ends its line
+        assert genai_tokens(folder, ids, NEW_TOKENS) == expected
 
 
-def test_genai_generates_pytorch_tokens_from_the_plain_demo(demo_plain_build, demo_plain):
-    expected = torch_tokens(demo_plain, PROMPT, NEW_TOKENS)
-    assert 0 not in expected and len(set(expected)) > 8
-    assert genai_tokens(demo_plain_build, PROMPT, NEW_TOKENS) == expected
+def test_genai_answers_the_demo_task_through_its_tokenizer(demo_build):
+    """onnxruntime-genai's tokenizer is the byte identity too; its answers are PyTorch's and end at the EOS."""
+    og = pytest.importorskip("onnxruntime_genai")
+    tokenizer = og.Tokenizer(og.Model(str(demo_build)))
+    for prompt, answer in PROBLEMS.items():
+        ids = list(prompt.encode())
+        assert [int(t) for t in tokenizer.encode(prompt)] == ids
+        tokens = genai_tokens(demo_build, ids, NEW_TOKENS)
+        assert tokens == until_genai_stops(torch_tokens(demo_build / "checkpoint", ids, NEW_TOKENS), eos=EOS)
+        assert tokenizer.decode(tokens) == answer + "\n"
 
 
 @pytest.fixture(scope="session")
@@ -206,14 +218,26 @@ def run_generate(capsys, *args):
 
 
 def test_generate_streams_the_same_tokens_through_every_runtime(demo_build, capsys):
-    expected = " ".join(map(str, genai_tokens(demo_build, PROMPT, NEW_TOKENS)))
+    from transformers import AutoTokenizer
+
+    tokens = genai_tokens(demo_build, PROMPT, NEW_TOKENS)
+    assert tokens[-1] == EOS
+    expected = AutoTokenizer.from_pretrained(demo_build).decode(tokens[:-1])
     for runtime in ("genai", "ort", "torch"):
         code, out, err = run_generate(capsys, demo_build, "--ids", ",".join(map(str, PROMPT)),
                                       "--max-new-tokens", NEW_TOKENS, "--runtime", runtime)
-        assert code == 0 and out.strip() == expected, (runtime, err)
-        assert f"{NEW_TOKENS} tokens in" in err.splitlines()[-1]
+        assert code == 0 and out == expected + "\n", (runtime, err)  # through the folder's tokenizer, to the EOS
+        assert f"{len(tokens)} tokens in" in err.splitlines()[-1]
     code, out, err = run_generate(capsys, demo_build, "--ids", "5,17", "--max-new-tokens", 3)
     assert code == 0 and "onnxruntime-genai" in err  # the default when it is installed
+
+
+def test_generate_prints_the_demos_answers(demo_build, capsys):
+    for runtime in ("genai", "ort", "torch"):
+        for prompt, answer in PROBLEMS.items():
+            code, out, err = run_generate(capsys, demo_build, "--prompt", prompt, "--runtime", runtime)
+            assert code == 0 and out == answer + "\n", (runtime, prompt, err)  # then the EOS ends it
+            assert f"{len(answer) + 1} tokens in" in err.splitlines()[-1]
 
 
 def test_generate_streams_tokens_as_they_come(demo_build):
@@ -227,14 +251,24 @@ def test_generate_streams_tokens_as_they_come(demo_build):
             self.flushed.append(self.getvalue())
 
     out = Recorder()
-    tokens = generate(demo_build, ids=PROMPT, max_new_tokens=5, runtime="ort", out=out)
+    tokens = generate(no_tokenizer(demo_build), ids=PROMPT, max_new_tokens=5, runtime="ort", out=out)
     assert out.flushed[:5] == [" ".join(map(str, tokens[:n])) + " " for n in range(1, 6)]
+
+
+def no_tokenizer(demo_build) -> Path:
+    """A copy of the demo build without its tokenizer files (ids in, ids out), once per session."""
+    folder = demo_build.parent / "demo_without_tokenizer"
+    if not folder.exists():
+        shutil.copytree(demo_build, folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    return folder
 
 
 @pytest.fixture(scope="module")
 def folder_with_tokenizer(demo_build, tmp_path_factory):
-    """The demo build plus a byte-level BPE tokenizer of the demo's 512 ids (trained on the built-in corpus),
-    as a build copies it from a checkpoint that has one."""
+    """The demo build with its tokenizer replaced by a byte-level BPE with merges over the demo's 512 ids
+    (trained on the built-in corpus), the kind of tokenizer real checkpoints have."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -267,6 +301,8 @@ def test_generate_text_through_the_folders_tokenizer(folder_with_tokenizer, caps
         assert code == 0, err
         outputs.add(out)
     tokens = genai_tokens(folder_with_tokenizer, hf.encode(text), 16)
+    if tokens[-1] == EOS:  # the checkpoint's EOS id ends the text unprinted, whatever this tokenizer calls it
+        tokens = tokens[:-1]
     assert outputs == {hf.decode(tokens, skip_special_tokens=True) + "\n"}
 
 
@@ -278,7 +314,7 @@ def test_generate_text_through_the_folders_tokenizer(folder_with_tokenizer, caps
     (["--ids", "5", "--max-new-tokens", "4096"], "1 prompt + 4096 new tokens exceed the build's context of 4096"),
 ])
 def test_generate_bad_input_is_one_line(demo_build, capsys, args, message):
-    code, out, err = run_generate(capsys, demo_build, *args)
+    code, out, err = run_generate(capsys, no_tokenizer(demo_build), *args)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err
 
 
@@ -288,5 +324,5 @@ def test_generate_genai_where_it_cannot_serve(demo_build, tmp_path, capsys):
     (folder / "genai_config.json").unlink()
     code, _, err = run_generate(capsys, folder, "--ids", "5", "--runtime", "genai")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no genai_config.json" in err
-    code, out, _ = run_generate(capsys, folder, "--ids", "5", "--max-new-tokens", 2)  # falls back to ONNX Runtime
-    assert code == 0 and len(out.split()) == 2
+    code, out, err = run_generate(capsys, folder, "--ids", "5", "--max-new-tokens", 2)  # falls back to ONNX Runtime
+    assert code == 0 and "tokens in" in err and "ONNX Runtime" in err

@@ -168,6 +168,38 @@ def test_fused_moe_routing_options(ck, top_k, n_ce, norm, routing):
     assert relative_error(out, reference_fp32(layer, top_k, n_ce, norm, **routing)) < 1e-5
 
 
+def variant_tensors(experts, hidden, inter, seed=11, dtype=torch.float32):
+    """DeepSeek-V3's score bias and gpt-oss's expert biases, random (transformers starts them at 0)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return {"score_bias": 0.2 * torch.randn(experts, generator=gen, device=DEVICE),
+            "gate_up_bias": (0.3 * torch.randn(experts, 2 * inter, generator=gen, device=DEVICE)).to(dtype),
+            "down_bias": (0.3 * torch.randn(experts, hidden, generator=gen, device=DEVICE)).to(dtype)}
+
+
+@pytest.mark.parametrize(("top_k", "n_ce", "variant"), [
+    (4, 2, "deepseek_v3"), (3, 0, "deepseek_v3"), (4, 1, "sigmoid_bias"), (4, 2, "gpt_oss"), (4, 0, "gpt_oss"),
+])
+@pytest.mark.parametrize("tiles", [SMALL_TILES, SMALL_TILES_SWAPPED], ids=["plain_tiles", "swap_ab"])
+def test_fused_moe_routing_and_expert_variants(ck, top_k, n_ce, variant, tiles):
+    """DeepSeek-V3 (sigmoid, correction bias, 4 groups of 2 / best 2, renormalised, x2.5), MiniMax-M2
+    (sigmoid with bias, no groups) and gpt-oss (expert biases, clamped SwiGLU that clips) against
+    moe_reference, CE on and off."""
+    layer = make_layer(27, 32, 48, 8, seed=top_k + n_ce)
+    extra = variant_tensors(8, 32, 48)
+    options = {
+        "deepseek_v3": dict(routing=moe_math.SIGMOID_TOPK, routing_scale=2.5, score_bias=extra["score_bias"],
+                            n_group=4, topk_group=2),
+        "sigmoid_bias": dict(routing=moe_math.SIGMOID_TOPK, score_bias=extra["score_bias"]),
+        "gpt_oss": dict(gate_up_bias=extra["gate_up_bias"], down_bias=extra["down_bias"],
+                        activation=moe_math.CLAMPED_SWIGLU, swiglu_alpha=1.702, swiglu_limit=0.5),
+    }[variant]
+    out = run_fused(ck, layer, top_k, n_ce, True, tiles, **options)
+    assert relative_error(out, reference_fp32(layer, top_k, n_ce, True, **options)) < 1e-5
+    if variant == "gpt_oss":  # the clamp bites: without it the result differs
+        unclamped = reference_fp32(layer, top_k, n_ce, True, **(options | {"swiglu_limit": 50.0}))
+        assert relative_error(out, unclamped) > 1e-3
+
+
 @pytest.mark.parametrize("n_ce", [0, 2])
 def test_fused_moe_fp16(ck, n_ce):
     layer = make_layer(33, 32, 48, 8, dtype=torch.float16, seed=3)
@@ -232,6 +264,23 @@ def test_sparsemixer_routing_matches_torch(ck, experts, jitter_eps, band_admits_
     assert torch.equal(ids.long(), expected_ids)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-7)
     assert bool((weights < 1).any()) == band_admits_others and (weights > 0).all()
+
+
+@pytest.mark.parametrize(("experts", "top_k", "norm", "scale", "with_bias", "n_group", "topk_group"), [
+    (8, 4, True, 2.5, True, 4, 2), (8, 2, False, 1.0, True, 2, 1), (16, 6, True, 1.0, True, 8, 3),
+    (6, 3, True, 1.0, True, 1, 1), (7, 2, False, 1.0, False, 1, 1), (64, 8, True, 2.5, True, 8, 4),
+])
+def test_sigmoid_topk_routing_matches_torch(ck, experts, top_k, norm, scale, with_bias, n_group, topk_group):
+    """DeepSeek-V3's routing: ids in the reference's rank order, weights the unbiased scores."""
+    logits = distinct_logits(37, experts, experts + top_k).to(DEVICE)
+    bias = variant_tensors(experts, 4, 4, seed=experts)["score_bias"] if with_bias else None
+    options = dict(routing_scale=scale, score_bias=bias, n_group=n_group, topk_group=topk_group)
+    weights, ids = ck.route(logits, top_k, norm, moe_math.SIGMOID_TOPK, **options)
+    expected_weights, expected_ids = moe_math.route(logits, top_k, norm, moe_math.SIGMOID_TOPK, **options)
+    assert torch.equal(ids.long(), expected_ids)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-7)
+    if n_group > 1:  # every chosen expert sits in one of the topk_group groups
+        assert all(len(set((row // (experts // n_group)).tolist())) <= topk_group for row in ids.long())
 
 
 def test_routing_rejects_unknown_routing_and_sparsemixer_beyond_top2(ck):

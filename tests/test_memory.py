@@ -228,7 +228,7 @@ def test_bf16_view_casts_the_routed_experts_one_expert_at_a_time(observed_build)
     its body casts each iteration's slice (one expert): no Cast of a whole layer's experts."""
     view = OnnxPrecisionView(observed_build["out"] / "model.onnx", "bf16").model_for_runtime()
     experts = [value for name, value in view.graph.initializers.items()
-               if name.endswith((".mlp.gate_up", ".mlp.down")) and value.const_value.dtype == ir.DataType.BFLOAT16]
+               if name.endswith((".experts.gate_up", ".experts.down")) and value.const_value.dtype == ir.DataType.BFLOAT16]
     assert len(experts) == 2 * SIZES["num_hidden_layers"]  # gate_up and down of every layer
 
     def consumers(value: ir.Value):

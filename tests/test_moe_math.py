@@ -89,3 +89,60 @@ def test_op_traces_with_a_dynamic_token_count():
     assert len(moe_calls) == 1
     x = torch.randn(3, 17, 16)
     torch.testing.assert_close(program.module()(x), block(x))
+
+
+def variant_layer(seed=7, experts=8, hidden=16, intermediate=12):
+    layer = random_layer(tokens=11, hidden=hidden, intermediate=intermediate, experts=experts, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    extras = dict(score_bias=0.2 * torch.randn(experts, generator=gen),
+                  gate_up_bias=0.3 * torch.randn(experts, 2 * intermediate, generator=gen),
+                  down_bias=0.3 * torch.randn(experts, hidden, generator=gen))
+    return layer, extras
+
+
+@pytest.mark.parametrize(("top_k", "n_ce", "n_group", "topk_group", "norm"), [
+    (4, 2, 4, 2, True), (4, 1, 1, 1, True), (3, 0, 2, 1, False), (4, 0, 4, 3, True), (6, 3, 2, 2, False)])
+def test_sigmoid_grouped_routing_matches_the_oracle(top_k, n_ce, n_group, topk_group, norm):
+    """DeepSeek-V3's routing (CE: main = the best by biased score), against the loop oracle."""
+    layer, extras = variant_layer(seed=top_k + n_group)
+    if n_ce == 0:
+        layer["ces"] = None
+    args = (*layer.values(), top_k, n_ce, norm, moe_math.SIGMOID_TOPK, 2.5, 0.0, extras["score_bias"], n_group, topk_group)
+    torch.testing.assert_close(torch.ops.ce_export.moe(*args).double(), ce_moe_loop(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_ce", [0, 1, 2])
+def test_clamped_swiglu_with_biases_matches_the_oracle(n_ce):
+    """gpt-oss's experts (biases, clamped SwiGLU) under renormalised softmax routing, CE on top."""
+    layer, extras = variant_layer(seed=n_ce)
+    if n_ce == 0:
+        layer["ces"] = None
+    args = (*layer.values(), 4, n_ce, True, moe_math.SOFTMAX_TOPK, 1.0, 0.0, None, 1, 1, extras["gate_up_bias"],
+            extras["down_bias"], moe_math.CLAMPED_SWIGLU, 1.702, 0.6)
+    got, want = torch.ops.ce_export.moe(*args).double(), ce_moe_loop(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unclamped = ce_moe_loop(*args[:-1], 100.0)
+    assert not torch.allclose(want, unclamped)  # the clamp is exercised
+
+
+def test_sigmoid_top1_on_the_expert_input_matches_the_oracle():
+    """Llama 4: the routing weight scales the input of the one expert, whose output is not weighted."""
+    layer, _ = variant_layer(seed=3)
+    layer["ces"] = None
+    args = (*layer.values(), 1, 0, False, moe_math.SIGMOID_TOPK, 1.0, 0.0, None, 1, 1, None, None, moe_math.SWIGLU,
+            1.0, 0.0, True)
+    torch.testing.assert_close(torch.ops.ce_export.moe(*args).double(), ce_moe_loop(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("variant", "message"), [
+    (dict(n_group=3), "n_group=3"),
+    (dict(n_group=4, topk_group=5), "topk_group=5"),
+    (dict(score_bias_routing="softmax_topk"), "score_bias"),
+    (dict(weights_on_input=True), "weights_on_input"),
+])
+def test_invalid_variants_are_rejected(variant, message):
+    layer, extras = variant_layer()
+    routing = variant.pop("score_bias_routing", moe_math.SIGMOID_TOPK)
+    kwargs = dict(score_bias=extras["score_bias"], n_group=1, topk_group=1) | variant
+    with pytest.raises(ValueError, match=message):
+        moe_math.moe_reference(*layer.values(), 4, 2, False, routing, **kwargs)

@@ -136,7 +136,7 @@ def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, t
     weights = [n for n in dequantize if n.input[0] in inits and inits[n.input[0]].data_type == STORED_TYPE[mode]]
     assert len(weights) == 25
     assert all(inits[n.input[1]].data_type == FLOAT_TYPE[dtype] for n in weights)  # scales in the model dtype
-    router = [i for i in inits if i.endswith("mlp.router")]
+    router = [i for i in inits if i.endswith(".experts.router")]  # the MoeBlock sits at the experts module
     assert router and all(inits[r].data_type == FLOAT_TYPE[dtype] for r in router)
     block = FORMATS[mode].block
     if block:
@@ -156,7 +156,12 @@ def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, t
     else:
         assert "free_running" not in parity
     quality = parity["quality"]
-    assert quality["data"]["source"] == "builtin"
+    if checkpoint == "demo_h256":  # random weights, no task: perplexity on the built-in corpus
+        assert quality["data"]["source"] == "builtin" and "task" not in quality
+    else:  # the trained demo: exact match on its task in ONNX Runtime, beside unquantized PyTorch fp32's
+        task = quality["task"]
+        assert quality["data"]["kind"] == "the checkpoint's task (held-out problems)" and task["problems"] == 300
+        assert task["accuracy_torch_fp32"] >= 0.9 and 0 <= task["accuracy_onnx"] <= 1
     assert quality["perplexity_onnx"] > 0 and quality["perplexity_delta"] == pytest.approx(
         quality["perplexity_onnx"] - quality["perplexity_torch_fp32"])
     parameters = manifest["parameters"]

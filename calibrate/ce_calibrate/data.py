@@ -6,6 +6,9 @@ bytes, each byte value b becoming token id `b % vocab_size` (the identity for an
 least 256 ids, such as the demo model's 512). The fallback is deterministic and needs no files; it
 only makes sense for random-weight test models or models actually trained on bytes.
 
+Default data (`data=None`): the checkpoint's own calibration text when its folder carries a task
+file (`task.json`, ce_export/task.py: the demo model's), else the built-in English corpus.
+
 All tokens are concatenated into one stream (documents joined by the tokenizer's EOS token when it
 has one, else by a newline) and cut into sequences of `seq_len` tokens; the remainder is dropped.
 The last `eval_fraction` of the sequences (at least one) is held out for perplexity.
@@ -20,8 +23,10 @@ from pathlib import Path
 import torch
 
 from ce_export.errors import LoadError
+from ce_export.task import TASK_FILE, read_task
 
 BUILTIN = "builtin"
+CHECKPOINT_TASK = "task.json"  # source: the calibration text of the checkpoint's task file
 CORPUS = Path(__file__).with_name("corpus.txt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 BYTE_FALLBACK = "bytes (utf-8 byte value modulo vocab_size)"
@@ -100,13 +105,16 @@ def load_tokenizer(model_folder: Path):
     """The checkpoint's tokenizer (local files only), or None when the folder has none."""
     if not any((model_folder / name).is_file() for name in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     try:
         return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True)
     except Exception as error:  # tokenizers raise many types for broken files
-        raise LoadError(f"{model_folder}: has tokenizer files but they cannot be loaded "
-                        f"({type(error).__name__}: {error})") from None
+        try:  # a trimmed checkpoint's config.json (per-layer num_experts) is one transformers rejects
+            return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True, config=PretrainedConfig())
+        except Exception:
+            raise LoadError(f"{model_folder}: has tokenizer files but they cannot be loaded "
+                            f"({type(error).__name__}: {error})") from None
 
 
 def token_stream(documents, vocab_size: int, model_folder: Path) -> tuple[list[int], str]:
@@ -143,7 +151,12 @@ def prepare(model_folder: str | Path, vocab_size: int, data: str | Path | None =
         raise LoadError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction!r}")
     model_folder = Path(model_folder)
     path = CORPUS if data is None else Path(data)
-    documents = read_documents(path)
+    source = BUILTIN if data is None else str(path.absolute())
+    task = read_task(model_folder) if data is None else None
+    if task is not None and task.calibration:
+        path, source, documents = model_folder / TASK_FILE, CHECKPOINT_TASK, [task.calibration]
+    else:
+        documents = read_documents(path)
     stream, tokenizer = token_stream(documents, vocab_size, model_folder)
     count = len(stream) // seq_len
     if count < 2:
@@ -155,5 +168,5 @@ def prepare(model_folder: str | Path, vocab_size: int, data: str | Path | None =
     if num_sequences is not None:
         calibration = calibration[:num_sequences]
     return CalibrationData(calibration=calibration, evaluation=evaluation,
-                           source=BUILTIN if data is None else str(path.absolute()),
+                           source=source,
                            tokenizer=tokenizer, total_tokens=len(stream))

@@ -61,12 +61,13 @@ class _Collector:
             self.handles.append(layer.register_forward_pre_hook(self._block_pre(index), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(self._block_post(index)))
             self.handles.append(layer.post_attention_layernorm.register_forward_pre_hook(self._norm_pre(index)))
-            if isinstance(layer.mlp, MoeBlock):
-                experts = layer.mlp.spec.num_experts
+            block = next((module for module in layer.modules() if isinstance(module, MoeBlock)), None)
+            if block is not None:
+                experts = block.spec.num_experts
                 self.counts[index] = torch.zeros(experts, dtype=torch.float64)
                 self.mass[index] = torch.zeros(experts, dtype=torch.float64)
                 self.topk_mass[index] = torch.zeros(experts, dtype=torch.float64)
-                self.handles.append(layer.mlp.register_forward_hook(self._router(index)))
+                self.handles.append(block.register_forward_hook(self._router(index)))
 
     def _block_pre(self, index):
         def hook(module, args, kwargs):

@@ -13,7 +13,7 @@ from ce_kernels.align import ExpertAlignment, align_pairs_by_expert, align_pairs
 from ce_kernels.combine import sum_main_slots, sum_main_slots_torch
 from ce_kernels.fused_moe import fused_moe, fused_moe_with_config
 from ce_kernels.grouped_gemm import down_weighted, down_weighted_torch, gate_up_swiglu, gate_up_swiglu_torch
-from ce_kernels.routing import route
+from ce_kernels.routing import SUPPORTED_ROUTINGS, route
 from ce_kernels.theta import mix_compressed_experts_theta
 from ce_kernels.tile_configs import GemmTiles, MoeTileConfig, select_tile_config
 
@@ -25,6 +25,6 @@ __all__ = [
     "down_weighted", "down_weighted_torch",
     "fused_moe", "fused_moe_with_config",
     "gate_up_swiglu", "gate_up_swiglu_torch",
-    "mix_compressed_experts_theta", "route",
+    "mix_compressed_experts_theta", "route", "SUPPORTED_ROUTINGS",
     "select_tile_config", "sum_main_slots", "sum_main_slots_torch",
 ]

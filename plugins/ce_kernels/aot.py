@@ -199,6 +199,11 @@ def _alignment_args() -> list[tuple[str, str, Pointer]]:
             _ptr("num_padded_ptr", "i32", "num_padded")]
 
 
+# The plugin's experts are SwiGLU without biases: the bias pointers get a weight buffer that
+# HAS_BIAS=False never reads (the biased, clamped experts of gpt-oss are not plugin op types).
+PLUGIN_EXPERTS = {"HAS_BIAS": False, "CLAMPED": False, "SWIGLU_ALPHA": 1.0, "SWIGLU_LIMIT": 0.0}
+
+
 def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[KernelBuild]:
     has_ce = model.n_ce > 0
     precision = "ieee" if dtype == "fp32" else "tf32"
@@ -210,13 +215,15 @@ def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[Kern
         f"gate_up_swiglu_{dtype}_{'ce' if has_ce else 'plain'}_bm{config.block_m}_bn{gate.block_n}_bk{gate.block_k}"
         f"_w{gate.num_warps}_s{gate.num_stages}_g{config.group_m}{swap}",
         [_ptr("hidden_ptr", dtype, "hidden"), _ptr("theta_ptr", dtype, "theta" if has_ce else "hidden"),
-         _ptr("gate_up_ptr", dtype, "gate_up"), _ptr("act_ptr", dtype, "act"), *_alignment_args(),
+         _ptr("gate_up_ptr", dtype, "gate_up"), _ptr("act_ptr", dtype, "act"),
+         _ptr("gate_up_bias_ptr", dtype, "gate_up"), *_alignment_args(),
          _i32("num_pairs", T * KM), _i32("hidden_size", H), _i32("intermediate", I),
          _i32("stride_hidden_t", H), _i32("stride_theta_t", 3 * C if has_ce else 0),
          _i32("stride_theta_r", C if has_ce else 0), _i32("stride_w_e", 2 * I * H), _i32("stride_w_n", H),
          _i32("stride_act_p", I)],
         {"KM": model.km, "HAS_CE": has_ce, "DOT_PRECISION": precision, "BLOCK_M": config.block_m,
-         "BLOCK_N": gate.block_n, "BLOCK_K": gate.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab},
+         "BLOCK_N": gate.block_n, "BLOCK_K": gate.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab,
+         **PLUGIN_EXPERTS},
         {"hidden_ptr", "theta_ptr", "gate_up_ptr", "act_ptr", *alignment_ptrs, "hidden_size", "intermediate",
          "stride_hidden_t", "stride_w_e", "stride_w_n", "stride_act_p"}
         | ({"stride_theta_t", "stride_theta_r"} if has_ce else set()),
@@ -229,12 +236,14 @@ def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[Kern
         f"_w{tiles.num_warps}_s{tiles.num_stages}_g{config.group_m}{swap}",
         [_ptr("act_ptr", dtype, "act"), _ptr("down_ptr", dtype, "down"),
          _ptr("routing_weights_ptr", "fp32", "routing_weights"), _ptr("out_ptr", dtype, "pair_out"),
+         _ptr("down_bias_ptr", dtype, "down"),
          *_alignment_args(),
          _i32("num_pairs", T * KM), _i32("hidden_size", H), _i32("intermediate", I),
          _i32("stride_act_p", I), _i32("stride_w_e", H * I), _i32("stride_w_n", I),
          _i32("stride_routing_t", K), _i32("stride_out_p", H)],
         {"KM": model.km, "DOT_PRECISION": precision, "BLOCK_M": config.block_m,
-         "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab},
+         "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab,
+         "HAS_BIAS": False},
         {"act_ptr", "down_ptr", "routing_weights_ptr", "out_ptr", *alignment_ptrs, "hidden_size", "intermediate",
          "stride_act_p", "stride_w_e", "stride_w_n", "stride_out_p"},
         (max_blocks(T * KM, E, config.block_m) * cdiv(H, tiles.block_n), 1, 1), tiles.num_warps, tiles.num_stages,

@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from ce_export.moe_math import SOFTMAX_TOPK, check_moe_arguments
+from ce_export.moe_math import SOFTMAX_TOPK, SWIGLU, check_moe_arguments
 from ce_kernels.align import align_pairs_by_expert
 from ce_kernels.combine import sum_main_slots
 from ce_kernels.grouped_gemm import down_weighted, gate_up_swiglu
@@ -30,12 +30,22 @@ def fused_moe(
     routing: str = SOFTMAX_TOPK,
     routing_scale: float = 1.0,
     jitter_eps: float = 0.0,
+    score_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = SWIGLU,
+    swiglu_alpha: float = 1.0,
+    swiglu_limit: float = 0.0,
 ) -> torch.Tensor:
-    """Same signature and semantics as `ce_export.moe_math.moe_reference`. Returns [T, H]."""
+    """Same signature and semantics as `ce_export.moe_math.moe_reference` (but weights_on_input,
+    Llama 4's top-1 input scaling, which the kernels do not have). Returns [T, H]."""
     config = select_tile_config(hidden.shape[0], hidden.dtype, max_shared_bytes(hidden.device))
     return fused_moe_with_config(
         hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
-        config, routing, routing_scale, jitter_eps,
+        config, routing, routing_scale, jitter_eps, score_bias, n_group, topk_group, gate_up_bias, down_bias,
+        activation, swiglu_alpha, swiglu_limit,
     )
 
 
@@ -66,8 +76,17 @@ def fused_moe_with_config(
     routing: str = SOFTMAX_TOPK,
     routing_scale: float = 1.0,
     jitter_eps: float = 0.0,
+    score_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = SWIGLU,
+    swiglu_alpha: float = 1.0,
+    swiglu_limit: float = 0.0,
 ) -> torch.Tensor:
-    check_moe_arguments(hidden, router_logits, gate_up, down, ces, top_k, n_ce)
+    check_moe_arguments(hidden, router_logits, gate_up, down, ces, top_k, n_ce, routing, score_bias, n_group,
+                        topk_group, gate_up_bias, down_bias, activation)
     if not (hidden.dtype == gate_up.dtype == down.dtype):
         raise ValueError(f"hidden, gate_up and down dtypes differ: {hidden.dtype}, {gate_up.dtype}, {down.dtype}")
     num_tokens, num_experts = router_logits.shape
@@ -76,11 +95,13 @@ def fused_moe_with_config(
     hidden, gate_up, down = (t if t.stride(-1) == 1 else t.contiguous() for t in (hidden, gate_up, down))
     km = top_k - n_ce
 
-    weights, expert_ids = route(router_logits, top_k, norm_topk_prob, routing, routing_scale, jitter_eps)  # [T, K]
+    weights, expert_ids = route(router_logits, top_k, norm_topk_prob, routing, routing_scale, jitter_eps,
+                                score_bias, n_group, topk_group)  # [T, K]
     theta = None
     if n_ce > 0:
         theta = mix_compressed_experts_theta(weights[:, km:], expert_ids[:, km:], ces, out_dtype=hidden.dtype)
     alignment = align_pairs_by_expert(expert_ids[:, :km], num_experts, config.block_m)
-    act = gate_up_swiglu(hidden, theta, gate_up, alignment, km, config)   # [T*km, I]
-    pair_out = down_weighted(act, down, weights, alignment, km, config)   # [T*km, H]
+    act = gate_up_swiglu(hidden, theta, gate_up, alignment, km, config, gate_up_bias, activation, swiglu_alpha,
+                         swiglu_limit)  # [T*km, I]
+    pair_out = down_weighted(act, down, weights, alignment, km, config, down_bias)  # [T*km, H]
     return sum_main_slots(pair_out, num_tokens, km)

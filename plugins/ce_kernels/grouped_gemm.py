@@ -6,10 +6,13 @@ slice of the output columns. Activation rows are gathered by `pair // km` straig
 the worst case `max_blocks * cdiv(N, BLOCK_N)`; programs whose block starts at or past
 `num_padded` return at once, and sentinel rows (pair == T * km) are masked out.
 
-gate_up_swiglu: act[p] = silu(W_gate[e] @ (h * theta0)) * (W_up[e] @ (h * theta2)) * theta1[:I]
+gate_up_swiglu: act[p] = act(W_gate[e] @ (h * theta0) + b_gate[e], W_up[e] @ (h * theta2) + b_up[e]) * theta1[:I]
                 (plain MoE: theta0 = theta2 = theta1 = 1), the thetas applied to the activation
                 tile as it is loaded and in the epilogue. Same bytes and FLOPs as a plain MoE.
-down_weighted:  out[p] = w[t, slot] * (W_down[e] @ act[p]).
+                act: SwiGLU silu(g) * u, or gpt-oss's clamped SwiGLU (CLAMPED: g = min(g, limit),
+                u = clamp(u, -limit, limit), g * sigmoid(alpha * g) * (u + 1)); biases (HAS_BIAS,
+                gpt-oss) are added in the epilogue.
+down_weighted:  out[p] = w[t, slot] * (W_down[e] @ act[p] + b_down[e]).
 
 SWAP_AB computes the transposed product (weights x activations^T) so that the weight tile's
 BLOCK_N rows, not the few token rows, form the MMA's M side: Hopper's warpgroup MMA (wgmma) needs
@@ -22,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ce_export.moe_math import CLAMPED_SWIGLU, SWIGLU
 from ce_kernels.align import ExpertAlignment
 from ce_kernels.tile_configs import MoeTileConfig
 
@@ -43,13 +47,14 @@ def _program_block_and_column_tile(num_columns, BLOCK_N: tl.constexpr, GROUP_M: 
 
 @triton.jit
 def gate_up_swiglu_kernel(
-    hidden_ptr, theta_ptr, gate_up_ptr, act_ptr,
+    hidden_ptr, theta_ptr, gate_up_ptr, act_ptr, gate_up_bias_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, hidden_size, intermediate,
     stride_hidden_t, stride_theta_t, stride_theta_r, stride_w_e, stride_w_n, stride_act_p,
     KM: tl.constexpr, HAS_CE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr = False, CLAMPED: tl.constexpr = False,
+    SWIGLU_ALPHA: tl.constexpr = 1.0, SWIGLU_LIMIT: tl.constexpr = 0.0,
 ):
     row_block, column_tile = _program_block_and_column_tile(intermediate, BLOCK_N, GROUP_M)
     if row_block * BLOCK_M >= tl.load(num_padded_ptr):
@@ -99,7 +104,16 @@ def gate_up_swiglu_kernel(
     if SWAP_AB:
         acc_gate = tl.trans(acc_gate)
         acc_up = tl.trans(acc_up)
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    if HAS_BIAS:  # [E, 2I]: gate columns, then up columns
+        bias_ptrs = gate_up_bias_ptr + expert * 2 * intermediate + cols
+        acc_gate += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(bias_ptrs + intermediate, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if CLAMPED:
+        acc_gate = tl.minimum(acc_gate, SWIGLU_LIMIT)
+        acc_up = tl.minimum(tl.maximum(acc_up, -SWIGLU_LIMIT), SWIGLU_LIMIT)
+        act = acc_gate * tl.sigmoid(acc_gate * SWIGLU_ALPHA) * (acc_up + 1.0)
+    else:
+        act = acc_gate * tl.sigmoid(acc_gate) * acc_up
     out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_CE:
         theta_act = tl.load(
@@ -112,13 +126,13 @@ def gate_up_swiglu_kernel(
 
 @triton.jit
 def down_weighted_kernel(
-    act_ptr, down_ptr, routing_weights_ptr, out_ptr,
+    act_ptr, down_ptr, routing_weights_ptr, out_ptr, down_bias_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_ptr,
     num_pairs, hidden_size, intermediate,
     stride_act_p, stride_w_e, stride_w_n, stride_routing_t, stride_out_p,
     KM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, HAS_BIAS: tl.constexpr = False,
 ):
     row_block, column_tile = _program_block_and_column_tile(hidden_size, BLOCK_N, GROUP_M)
     if row_block * BLOCK_M >= tl.load(num_padded_ptr):
@@ -148,6 +162,8 @@ def down_weighted_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
 
+    if HAS_BIAS:  # [E, H]
+        acc += tl.load(down_bias_ptr + expert * hidden_size + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     routing_weight = tl.load(
         routing_weights_ptr + (pairs // KM) * stride_routing_t + pairs % KM, mask=row_ok, other=0.0
     )
@@ -172,9 +188,11 @@ def _check_block_m(alignment: ExpertAlignment, config: MoeTileConfig) -> None:
 
 def gate_up_swiglu(
     hidden: torch.Tensor, theta: torch.Tensor | None, gate_up: torch.Tensor,
-    alignment: ExpertAlignment, km: int, config: MoeTileConfig,
+    alignment: ExpertAlignment, km: int, config: MoeTileConfig, gate_up_bias: torch.Tensor | None = None,
+    activation: str = SWIGLU, swiglu_alpha: float = 1.0, swiglu_limit: float = 0.0,
 ) -> torch.Tensor:
-    """hidden [T, H], theta [T, 3, C] or None, gate_up [E, 2I, H] -> act [T * km, I] (hidden's dtype)."""
+    """hidden [T, H], theta [T, 3, C] or None, gate_up [E, 2I, H], gate_up_bias [E, 2I] or None
+    -> act [T * km, I] (hidden's dtype)."""
     _check_block_m(alignment, config)
     tiles = config.gate_up
     num_tokens, hidden_size = hidden.shape
@@ -182,37 +200,44 @@ def gate_up_swiglu(
     act = torch.empty(num_tokens * km, intermediate, dtype=hidden.dtype, device=hidden.device)
     has_ce = theta is not None
     theta_arg = theta if has_ce else hidden  # never read when HAS_CE is False
+    has_bias = gate_up_bias is not None
+    bias_arg = gate_up_bias.contiguous() if has_bias else gate_up  # never read when HAS_BIAS is False
     gate_up_swiglu_kernel[gemm_grid(alignment, intermediate, tiles.block_n)](
-        hidden, theta_arg, gate_up, act,
+        hidden, theta_arg, gate_up, act, bias_arg,
         alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
         num_tokens * km, hidden_size, intermediate,
         hidden.stride(0), theta.stride(0) if has_ce else 0, theta.stride(1) if has_ce else 0,
         gate_up.stride(0), gate_up.stride(1), act.stride(0),
         KM=km, HAS_CE=has_ce, DOT_PRECISION=dot_precision(hidden.dtype),
         BLOCK_M=config.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=config.group_m,
-        SWAP_AB=config.swap_ab, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        SWAP_AB=config.swap_ab, HAS_BIAS=has_bias, CLAMPED=activation == CLAMPED_SWIGLU,
+        SWIGLU_ALPHA=float(swiglu_alpha), SWIGLU_LIMIT=float(swiglu_limit),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return act
 
 
 def down_weighted(
     act: torch.Tensor, down: torch.Tensor, routing_weights: torch.Tensor,
-    alignment: ExpertAlignment, km: int, config: MoeTileConfig,
+    alignment: ExpertAlignment, km: int, config: MoeTileConfig, down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act [T * km, I], down [E, H, I], routing_weights fp32 [T, >= km] -> out [T * km, H] (act's dtype)."""
+    """act [T * km, I], down [E, H, I], routing_weights fp32 [T, >= km], down_bias [E, H] or None
+    -> out [T * km, H] (act's dtype)."""
     _check_block_m(alignment, config)
     tiles = config.down
     num_pairs, intermediate = act.shape
     hidden_size = down.shape[1]
     out = torch.empty(num_pairs, hidden_size, dtype=act.dtype, device=act.device)
+    has_bias = down_bias is not None
+    bias_arg = down_bias.contiguous() if has_bias else down  # never read when HAS_BIAS is False
     down_weighted_kernel[gemm_grid(alignment, hidden_size, tiles.block_n)](
-        act, down, routing_weights, out,
+        act, down, routing_weights, out, bias_arg,
         alignment.sorted_pair_ids, alignment.block_expert_ids, alignment.num_padded,
         num_pairs, hidden_size, intermediate,
         act.stride(0), down.stride(0), down.stride(1), routing_weights.stride(0), out.stride(0),
         KM=km, DOT_PRECISION=dot_precision(act.dtype),
         BLOCK_M=config.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=config.group_m,
-        SWAP_AB=config.swap_ab, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        SWAP_AB=config.swap_ab, HAS_BIAS=has_bias, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 

@@ -1,8 +1,17 @@
-"""The embedded default model: a small CE-OLMoE with random weights, deterministic from a seed.
+"""The embedded default model: a small CE-OLMoE trained on this package's synthetic task language.
 
-It is written in the on-disk format of the CE reference code (transformers' save_pretrained
-layout, per-expert tensors, `use_ce` / `n_ce` in config.json, `mlp.ces` [E, 3, H] per layer), so
-the demo goes through exactly the loading path a real checkpoint does.
+Two checkpoints ship with the package (weights/, fp16, written out as fp32): the plain top-4 MoE
+and its Compressed-Experts fine-tune (n_ce = 2: 2 main experts run, 2 compressed), both trained on
+the CPU by `python -m ce_export.demo.training` (weights/training.json records the command, the
+machine, the time and the accuracy). They are written in the on-disk format of the CE reference
+code (transformers' save_pretrained layout, per-expert tensors, `use_ce` / `n_ce` in config.json,
+`mlp.ces` [E, 3, H] per layer), so the demo goes through exactly the loading path a real
+checkpoint does, with a byte-level tokenizer (tokenizer.json), generation_config.json (a newline
+ends an answer) and task.json: held-out problems of the language, which every build's quality
+report measures (ce_export/task.py).
+
+`demo_tensors` draws random weights of the demo's layout (or any other sizes) from a seed: test
+and benchmark models whose numbers do not matter.
 """
 
 from __future__ import annotations
@@ -16,7 +25,12 @@ from safetensors.torch import save_file
 from ce_export.artifacts import staged_folder
 
 DEMO_NAME = "demo"
-DEMO_SEED = 1234
+DEMO_SEED = 1234  # random weights (demo_tensors)
+WEIGHTS = Path(__file__).with_name("weights")
+TRAINING_RECORD = "training.json"
+TASK_SEED = 20261205  # the held-out problems and the calibration text of task.json
+TASK_PROBLEMS_PER_KIND = 100
+TASK_CALIBRATION_LINES = 2000
 
 DEMO_CONFIG = {
     "architectures": ["OlmoeForCausalLM"],
@@ -39,10 +53,10 @@ DEMO_CONFIG = {
     "tie_word_embeddings": False,
     "pad_token_id": 0,
     "bos_token_id": None,
-    "eos_token_id": None,
+    "eos_token_id": 10,  # the newline that ends every answer (language.STOP)
     "dtype": "float32",
-    # Random tiny models decode greedily into one repeated token with the usual 0.02; a wider
-    # init keeps generated sequences varied, which makes token-equality checks meaningful.
+    # demo_tensors' scale: random tiny models decode greedily into one repeated token with the
+    # usual 0.02; a wider init keeps generated sequences varied (token-equality checks mean something).
     "initializer_range": 0.2,
 }
 DEMO_N_CE = 2
@@ -101,9 +115,39 @@ def demo_tensors(config: dict, seed: int = DEMO_SEED, device: str = "cpu",
     return tensors
 
 
-def write_demo_checkpoint(out: str | Path, compressed: bool = True, force: bool = False, seed: int = DEMO_SEED) -> Path:
+def weights_file(compressed: bool, weights: Path = WEIGHTS) -> Path:
+    return Path(weights) / ("ce.safetensors" if compressed else "plain.safetensors")
+
+
+def trained_tensors(compressed: bool = True, weights: Path = WEIGHTS) -> dict[str, torch.Tensor]:
+    """The trained demo's tensors by on-disk name, as fp32."""
+    from safetensors.torch import load_file
+
+    return {name: tensor.float().contiguous() for name, tensor in load_file(weights_file(compressed, weights)).items()}
+
+
+def demo_task():
+    """task.json's content: the demo language's held-out problems and calibration text."""
+    from ce_export.demo import language
+    from ce_export.task import Task
+
+    return Task(name="ce_export demo language", description=language.__doc__.strip().splitlines()[0],
+                stop=language.STOP, calibration=language.text(TASK_SEED, TASK_CALIBRATION_LINES),
+                held_out=[p.to_json() for p in language.evaluation_set(TASK_SEED, TASK_PROBLEMS_PER_KIND)])
+
+
+def write_demo_checkpoint(out: str | Path, compressed: bool = True, force: bool = False,
+                          weights: Path = WEIGHTS) -> Path:
+    """The trained demo (CE, or the plain top-4 MoE it was fine-tuned from) as a checkpoint folder."""
+    from ce_export.demo import language
+    from ce_export.task import write_task
+
     config = demo_config(compressed)
     with staged_folder(out, force=force) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(demo_tensors(config, seed), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        generation = {"do_sample": False, "eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        save_file(trained_tensors(compressed, weights), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        language.write_tokenizer(staging)
+        write_task(staging, demo_task())
     return Path(out)
