@@ -73,7 +73,7 @@ def test_activation_ranges_of_every_quantized_gemm_input(demo):
     folder, out, stats = demo
     ranges = stats["activation_ranges"]
     projections = [f"model.layers.{l}.self_attn.{p}_proj" for l in range(4) for p in "qkvo"]
-    experts = [f"model.layers.{l}.mlp" for l in range(4)]
+    experts = [f"model.layers.{l}.mlp.experts" for l in range(4)]  # the block's experts module, our op
     assert set(ranges) == set(projections + experts + ["lm_head"])
     assert {ranges[n]["kind"] for n in projections + ["lm_head"]} == {"linear"}
     assert {ranges[n]["kind"] for n in experts} == {"moe_experts"}
@@ -83,7 +83,7 @@ def test_activation_ranges_of_every_quantized_gemm_input(demo):
     lm = build_torch_model(load_checkpoint(folder))
     seen = {}
     for l in range(4):
-        for norm, key in (("post_attention_layernorm", f"model.layers.{l}.mlp"),
+        for norm, key in (("post_attention_layernorm", f"model.layers.{l}.mlp.experts"),
                           ("input_layernorm", f"model.layers.{l}.self_attn.q_proj")):
             getattr(lm.model.layers[l], norm).register_forward_hook(
                 lambda m, a, out, key=key: seen.__setitem__(key, max(seen.get(key, 0.0), out.abs().max().item())))
@@ -101,8 +101,9 @@ def test_activation_ranges_cover_shared_experts_and_dense_mlps(tmp_path):
     folder = save_tiny("qwen2_moe", tmp_path / "qwen2")  # shared experts; layer 1 is a dense MLP
     lm = build_torch_model(load_checkpoint(folder))
     ranges = activation_ranges(lm, torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0)))
-    assert ranges["model.layers.0.mlp.shared"]["kind"] == "shared_expert"
-    assert ranges["model.layers.0.mlp.shared"]["amax"] == ranges["model.layers.0.mlp"]["amax"]  # the same input
+    shared = "model.layers.0.mlp.shared_expert.gate_proj"  # transformers' own shared expert: plain linears
+    assert ranges[shared]["kind"] == "linear" and ranges["model.layers.0.mlp.experts"]["kind"] == "moe_experts"
+    assert ranges[shared]["amax"] == pytest.approx(ranges["model.layers.0.mlp.experts"]["amax"])  # the same input
     assert {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.down_proj"} <= set(ranges)  # the dense layer
     assert not any("router" in name or name.endswith(".gate") for name in ranges)  # routers stay float
 

@@ -136,7 +136,7 @@ def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, t
     weights = [n for n in dequantize if n.input[0] in inits and inits[n.input[0]].data_type == STORED_TYPE[mode]]
     assert len(weights) == 25
     assert all(inits[n.input[1]].data_type == FLOAT_TYPE[dtype] for n in weights)  # scales in the model dtype
-    router = [i for i in inits if i.endswith(".experts.router")]  # the MoeBlock sits at the experts module
+    router = [i for i in inits if i.endswith(".router")]
     assert router and all(inits[r].data_type == FLOAT_TYPE[dtype] for r in router)
     block = FORMATS[mode].block
     if block:
@@ -200,7 +200,7 @@ def test_fp8_activations_with_user_calibration_data(demo_ce, calib_text, tmp_pat
     for moe in [n for n in model.graph.node if n.domain == "ce_export"]:
         assert producer[moe.input[0]].op_type == "DequantizeLinear"  # the experts' input: FP8
         router = producer[moe.input[1]]  # the router logits: a float GEMM of the unquantized hidden
-        assert router.input[1].endswith("mlp.router") and producer[router.input[0]].op_type != "DequantizeLinear"
+        assert router.input[1].endswith(".router") and producer[router.input[0]].op_type != "DequantizeLinear"
 
     parity = json.loads((out / "parity.json").read_text())
     assert parity["logits"]["statistic"] == "max_rel" and parity["logits"]["worst"] <= 1e-4  # synchronized
@@ -222,7 +222,7 @@ def test_fp8_activations_with_user_calibration_data(demo_ce, calib_text, tmp_pat
     with pytest.raises(VerifyError, match="parity FAILED"):
         pipeline.verify(out, **QUIET)
     worst = json.loads((out / "parity.json").read_text())["logits"]["cases"][-1]["outputs"]
-    assert worst["fp8 input of model.layers.1.mlp"]["max_rel"] > 1e-3
+    assert worst["fp8 input of model.layers.1.mlp.experts"]["max_rel"] > 1e-3
 
 
 @pytest.mark.parametrize("args,message", [
