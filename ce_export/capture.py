@@ -163,7 +163,7 @@ def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32, *,
         if weights is not None:
             tensor = weights(name, module, tensor)
         if not (keep_expert_dtype and _is_routed_expert(module, attribute) and (tensor.dtype, dtype) in EXACT_UPCASTS):
-            tensor = tensor.to(_parameter_dtype(module, attribute, dtype))
+            tensor = tensor.to(parameter_dtype(module, attribute, dtype))
         _assign(module, attribute, tensor)
         del tensor
     bar.close()
@@ -181,7 +181,7 @@ def build_traced_model(model: LoadedModel, dtype: torch.dtype, separate_head: bo
     lm = _captured_skeleton(model)
     for _, module, attribute, stored in _parameter_slots(lm, model):
         with fake_mode:
-            tensor = torch.empty(stored.shape, dtype=_parameter_dtype(module, attribute, dtype))
+            tensor = torch.empty(stored.shape, dtype=parameter_dtype(module, attribute, dtype))
         _assign(module, attribute, tensor)
     lm = _finish(lm, model, dtype)
     if separate_head and lm.config.tie_word_embeddings:
@@ -195,8 +195,9 @@ def _is_routed_expert(module: nn.Module, attribute: str) -> bool:
     return isinstance(module, MoeBlock) and attribute in ROUTED_EXPERT_PARAMETERS
 
 
-def _parameter_dtype(module: nn.Module, attribute: str, dtype: torch.dtype) -> torch.dtype:
-    """`dtype`, but fp32 as transformers keeps them (`_keep_in_fp32_modules_strict`): router weights
+def parameter_dtype(module: nn.Module, attribute: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of `module`'s parameter `attribute` in a model of `dtype` (the captured model and the
+    artifact alike): `dtype`, but fp32 as transformers keeps them (`_keep_in_fp32_modules_strict`): router weights
     where the router computes in fp32 (DeepSeek, GLM-4.5, dots1, HunYuan), and score biases."""
     if isinstance(module, MoeBlock) and (
             attribute == "score_bias" or (module.spec.router_fp32 and attribute in ("router", "router_bias"))):

@@ -10,7 +10,8 @@ The view (functions inlined, so that the function bodies can be rewritten too):
   sparse experts form casts one expert's weights per iteration), in bf16;
 - casts such a value to fp32 right where an arithmetic op consumes it (bf16 -> fp32 is exact), so
   only the weights one op uses exist in fp32 at a time, never an fp32 copy of the model;
-- turns every other bf16 type, Cast target and constant into fp32.
+- turns every other bf16 type, Cast target and constant (Constant, ConstantOfShape's fill value)
+  into fp32.
 The view is handed to ONNX Runtime from memory and refers to the artifact's own external-data file,
 so nothing is copied. ONNX Runtime must not fold the casts of the weights into fp32 initializers:
 verify's sessions disable constant folding (verify.OrtDecoder). The reference then uses the same
@@ -85,7 +86,7 @@ def widen_bf16(model: ir.Model) -> None:
                     widen_value(value)
             if node.op_type == "Cast" and node.attributes["to"].as_int() == BF16.value:
                 node.attributes["to"] = ir.AttrInt64("to", FP32.value)
-            constant = node.attributes.get("value") if node.op_type == "Constant" else None
+            constant = node.attributes.get("value") if node.op_type in ("Constant", "ConstantOfShape") else None
             if constant is not None and constant.as_tensor().dtype == BF16:
                 node.attributes["value"] = ir.AttrTensor("value", ir.tensor(constant.as_tensor().numpy().astype(np.float32)))
 

@@ -24,7 +24,7 @@ from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
-from ce_export.capture import DTYPES, LOGITS, build_torch_model, build_traced_model
+from ce_export.capture import DTYPES, LOGITS, build_torch_model, build_traced_model, parameter_dtype
 from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
@@ -376,7 +376,9 @@ def artifact_weights(loaded, round_to: torch.dtype | None, quantization: str | N
     def weights(name, module, tensor):
         if quantization and quantize_stage.is_quantized(module, name.rpartition(".")[2]):
             return quantize_stage.dequantized_like_artifact(tensor, quantization, artifact_dtype, dequantized_dtype, name)
-        return tensor if round_to is None else tensor.to(round_to)
+        if round_to is None or parameter_dtype(module, name.rpartition(".")[2], round_to) != round_to:
+            return tensor  # kept fp32 in the artifact (an fp32 router, a score bias): nothing rounded
+        return tensor.to(round_to)
 
     return weights
 

@@ -120,6 +120,17 @@ def test_compressed_experts_through_the_pipeline(family, tmp_path):
     assert greedy_onnx(runtime, prompt, mask, GREEDY_TOKENS, model.spec, torch.float32).tolist() == captured_tokens.tolist()
 
 
+def test_bf16_build_of_an_fp32_router_family_checks_the_weights_it_stores(tmp_path):
+    """DeepSeek-V3 keeps its router and score bias in fp32 in a bf16 model: the artifact stores them
+    in fp32, so verify's reference must not round them to bf16 (a rounded router flips near-tied
+    expert choices: max_rel 0.59 where the same weights give 4e-4), and the fp32 view widens the
+    bf16 fill values of the attention's ConstantOfShape as well."""
+    folder = add_compressed_experts(save_tiny("deepseek_v3", tmp_path / "ckpt"))
+    pipeline.build(str(folder), tmp_path / "build", pipeline.BuildOptions(target="portable", dtype="bf16"), **QUIET)
+    parity = json.loads((tmp_path / "build" / "parity.json").read_text())
+    assert parity["passed"] and parity["logits"]["max_rel"] <= 1e-2
+
+
 UNEVEN_TRIM = {0: [1, 2, 4, 5, 6, 7], 1: [0, 2, 3, 5, 6]}
 TRIMMABLE = ("gpt_oss", "minimax_m2", "granitemoe", "flex_olmo")  # the required families without expert groups
 
