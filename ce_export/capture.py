@@ -98,16 +98,12 @@ class RemovedMoe(nn.Module):
 def hf_config_for(spec: ModelSpec):
     from transformers import AutoConfig
 
+    from ce_export.checkpoint_check import transformers_config_dict
     from ce_export.load import ARCHITECTURES
 
-    config = dict(spec.hf_config)
     counts = [layer.num_experts for layer in spec.moe_layers if layer.kind == LAYER_MOE]
-    # transformers' config takes one expert count; our blocks carry their own per-layer counts.
-    for key in ARCHITECTURES[spec.architecture].experts_keys:
-        if key in config:
-            config[key] = max(counts, default=2)
-    for key in ("use_ce", "n_ce", "bottom_k", "layer_experts_idx"):
-        config.pop(key, None)
+    config = transformers_config_dict(spec.hf_config, ARCHITECTURES[spec.architecture].experts_keys,
+                                      max(counts, default=2))
     hf_config = AutoConfig.for_model(**config)
     hf_config._attn_implementation = "eager"
     return hf_config

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ce_export.artifacts import staged_folder
+from ce_export.artifacts import staged_folder, writing
 
 DEMO_NAME = "demo"
 DEMO_SEED = 1234
@@ -105,5 +105,7 @@ def write_demo_checkpoint(out: str | Path, compressed: bool = True, force: bool 
     config = demo_config(compressed)
     with staged_folder(out, force=force) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(demo_tensors(config, seed), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        tensors = demo_tensors(config, seed)
+        with writing(staging / "model.safetensors", sum(t.nbytes for t in tensors.values())):
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
     return Path(out)

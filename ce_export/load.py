@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from ce_export.checkpoint_check import check_checkpoint
 from ce_export.errors import LoadError
 from ce_export.moe_math import SOFTMAX_TOPK, SPARSEMIXER
 from ce_export.spec import (
@@ -112,6 +113,7 @@ ARCHITECTURES = {arch.model_type: arch for arch in (
 def load_checkpoint(folder: str | Path) -> LoadedModel:
     folder = Path(folder)
     config = read_config(folder)
+    check_checkpoint(folder, config)  # config.json and the safetensors headers, before any tensor is read
     arch = architecture_for(config, folder)
     tensors = read_safetensors(folder)
     spec = model_spec_from_config(config, arch, tensors, folder)
@@ -139,6 +141,8 @@ def read_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LoadError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise LoadError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise LoadError(f"{path}: expected a JSON object")
     return config
@@ -146,7 +150,7 @@ def read_config(folder: Path) -> dict:
 
 def architecture_for(config: dict, folder: Path) -> Architecture:
     model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise LoadError(
             f"{folder / 'config.json'}: unknown model_type {model_type!r} "
             f"(supported: {', '.join(sorted(ARCHITECTURES))})"

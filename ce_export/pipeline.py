@@ -20,11 +20,12 @@ import torch
 from ce_export import export as export_stage
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
-from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
+from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, staged_folder, write_json, writing
 from ce_export.capture import DTYPES, build_torch_model
 from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
+from ce_export.manifest import read_manifest, recorded_files
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.quantize import fake_quantize_model, quantize_activations
 
@@ -76,7 +77,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         if not Path(options.plugin_library).is_file():
             raise BuildError(f"{options.plugin_library}: plugin library not found")
     out = Path(out)
-    with staged_folder(out, force=options.force) as staging:
+    with staged_folder(out, force=options.force, report=report) as staging:
         timer = StageTimer(report)
         with timer("load"):
             if model == DEMO_NAME:
@@ -103,7 +104,9 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
                        f"x {EVAL_SEQ_LEN} tokens ({'built-in corpus' if options.calib is None else options.calib})"):
                 activations = calibrate_activations(loaded, data, DTYPES[options.dtype])
                 quantize_activations(lm, activations["scales"])
-        with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"):
+        onnx_bytes = None if options.quantize else total * DTYPES[options.dtype].itemsize  # about, unquantized
+        with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"), \
+                writing(staging / "model.onnx", onnx_bytes):
             result = export_stage.export_onnx(loaded, lm, staging, options.target, options.max_batch,
                                               options.max_seq, options.max_context, options.quantize, quantized)
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
@@ -188,6 +191,8 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
             "dynamic_axes": result.dynamic_axes,
             "moe_nodes": result.moe_nodes,
             "limits": {"max_batch": options.max_batch, "max_sequence": options.max_seq, "max_context": options.max_context},
+            "files": recorded_files(result.onnx_path.parent, [result.onnx_path.name] + (
+                ["model.onnx.data"] if result.external_data else [])),
         },
         "tools": tool_versions(),
     }
@@ -195,7 +200,7 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
 
 def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
     folder = Path(folder)
-    manifest = read_json(folder / MANIFEST, "manifest (is this a ce_export build folder?)")
+    manifest = read_manifest(folder)
     timer = StageTimer(report)
     with timer("load"):
         loaded = load_checkpoint(checkpoint_of(folder, manifest))
@@ -221,6 +226,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dic
         view = OnnxPrecisionView(onnx_path, dtype_name)
         runtime_path = view.path_for_runtime()
         runtime = verify_stage.OrtDecoder(runtime_path, exact_dequantize=bool(quantization))
+        runtime.check_names(manifest["onnx"]["inputs"], manifest["onnx"]["outputs"], folder / MANIFEST)
 
     def quantized_like_artifact(lm, dequantized_dtype):
         # The artifact's q and scales (computed in its dtype), dequantized as its runtime does.

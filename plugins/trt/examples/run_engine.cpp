@@ -21,8 +21,10 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -158,6 +160,24 @@ struct Options
     int steps{16};
 };
 
+//! A whole decimal integer (no trailing characters, no overflow), unlike std::stoll.
+bool parseInteger(std::string const& text, int64_t& value)
+{
+    if (text.empty())
+    {
+        return false;
+    }
+    errno = 0;
+    char* end = nullptr;
+    long long const parsed = std::strtoll(text.c_str(), &end, 10);
+    if (errno != 0 || end != text.c_str() + text.size())
+    {
+        return false;
+    }
+    value = parsed;
+    return true;
+}
+
 bool parseArgs(int argc, char** argv, Options& o)
 {
     for (int i = 1; i < argc; ++i)
@@ -188,7 +208,12 @@ bool parseArgs(int argc, char** argv, Options& o)
         }
         else if (a == "--steps" && next(value))
         {
-            o.steps = std::stoi(value);
+            int64_t steps = 0;
+            if (!parseInteger(value, steps) || steps < 0 || steps > 1000000)
+            {
+                return false;
+            }
+            o.steps = static_cast<int>(steps);
         }
         else if (a == "--prompt" && next(value))
         {
@@ -197,7 +222,12 @@ bool parseArgs(int argc, char** argv, Options& o)
             std::string item;
             while (std::getline(ss, item, ','))
             {
-                o.prompt.push_back(std::stoll(item));
+                int64_t token = 0;
+                if (!parseInteger(item, token) || token < 0)
+                {
+                    return false;
+                }
+                o.prompt.push_back(token);
             }
         }
         else
@@ -237,24 +267,87 @@ struct Layer
     std::string presentValue;
 };
 
+//! Exit codes: 2 for what the user asked (arguments, inputs beyond the engine's profiles), 1 for
+//! an engine or CUDA failure. One line on stderr either way.
+int fail(int code, std::string const& message)
+{
+    std::cerr << "ce_run_engine: error: " << message << "\n";
+    return code;
+}
+
+//! The [min, max] an optimization profile allows for one axis of an input.
+struct AxisRange
+{
+    int64_t min{-1};
+    int64_t max{-1};
+    bool contains(int64_t value) const { return min <= value && value <= max; }
+    std::string text() const { return std::to_string(min) + ".." + std::to_string(max); }
+};
+
+AxisRange profileRange(nvinfer1::ICudaEngine const& engine, char const* name, int32_t profile, int32_t axis)
+{
+    Dims const lo = engine.getProfileShape(name, profile, nvinfer1::OptProfileSelector::kMIN);
+    Dims const hi = engine.getProfileShape(name, profile, nvinfer1::OptProfileSelector::kMAX);
+    if (axis >= lo.nbDims || axis >= hi.nbDims)
+    {
+        return {};
+    }
+    return {lo.d[axis], hi.d[axis]};
+}
+
+//! The request (batch 1, the prompt, then `steps` decode steps) against both profiles; "" when it fits.
+std::string checkProfiles(nvinfer1::ICudaEngine const& engine, char const* pastKey, int32_t decodeProfile,
+    int64_t promptLen, int64_t steps)
+{
+    struct Need
+    {
+        int32_t profile;
+        char const* what;
+        char const* tensor;
+        int32_t axis;
+        int64_t low;
+        int64_t high;
+        char const* hint;
+    };
+    int64_t const lastPast = promptLen + steps - 1; // the last decode step's past
+    std::vector<Need> needs = {
+        {0, "batch", "input_ids", 0, 1, 1, "this example runs batch 1"},
+        {0, "prompt length", "input_ids", 1, promptLen, promptLen, "rebuild with a larger --max-seq, or shorten --prompt"},
+        {0, "prompt attention mask length", "attention_mask", 1, promptLen, promptLen, "rebuild with a larger --max-seq"},
+        {0, "prefill past", pastKey, 2, 0, 0, "profile 0 must allow an empty past"},
+    };
+    if (steps > 0)
+    {
+        needs.push_back({decodeProfile, "decode batch", "input_ids", 0, 1, 1, "this example runs batch 1"});
+        needs.push_back({decodeProfile, "decode sequence", "input_ids", 1, 1, 1, "profile 1 must allow one new token"});
+        needs.push_back({decodeProfile, "decode past (prompt + steps - 1)", pastKey, 2, promptLen, lastPast,
+            "rebuild with a larger --max-context, or fewer --steps"});
+        needs.push_back({decodeProfile, "decode attention mask length", "attention_mask", 1, promptLen + 1, lastPast + 1,
+            "rebuild with a larger --max-context, or fewer --steps"});
+    }
+    for (Need const& need : needs)
+    {
+        AxisRange const range = profileRange(engine, need.tensor, need.profile, need.axis);
+        if (!range.contains(need.low) || !range.contains(need.high))
+        {
+            std::string const asked = need.low == need.high ? std::to_string(need.low)
+                                                            : std::to_string(need.low) + ".." + std::to_string(need.high);
+            return std::string(need.what) + " " + asked + " is outside the engine's profile " + std::to_string(need.profile)
+                + " (" + need.tensor + " axis " + std::to_string(need.axis) + ": " + range.text() + "); " + need.hint;
+        }
+    }
+    return "";
+}
+
 } // namespace
 
 int main(int argc, char** argv)
 {
     Options opt;
-    try
+    if (!parseArgs(argc, argv, opt))
     {
-        if (!parseArgs(argc, argv, opt))
-        {
-            std::cerr << "usage: ce_run_engine --engine model.plan --plugin libce_export_trt.so [--dynamic] "
-                         "[--prompt 1,2,3] [--steps N] [--host-code]\n";
-            return 2;
-        }
-    }
-    catch (std::exception const&)
-    {
-        std::cerr << "bad --steps / --prompt value\n";
-        return 2;
+        return fail(2, "usage: ce_run_engine --engine model.plan --plugin libce_export_trt.so [--dynamic] "
+                       "[--prompt 1,2,3 (token ids >= 0)] [--steps N (0..1000000)] [--host-code]");
     }
     Logger logger;
     std::unique_ptr<nvinfer1::IRuntime> runtime{nvinfer1::createInferRuntime(logger)};
@@ -299,8 +392,15 @@ int main(int argc, char** argv)
         return 1;
     }
 
-    // I/O: find the KV-cache tensors by name.
-    std::map<std::string, Layer> layers;
+    // I/O: the names ce_export's ONNX uses (manifest.json "onnx"), then the KV-cache tensors by name.
+    for (char const* name : {"input_ids", "attention_mask", "position_ids", "logits"})
+    {
+        if (engine->getTensorIOMode(name) == nvinfer1::TensorIOMode::kNONE)
+        {
+            return fail(1, std::string(opt.engine) + " has no tensor '" + name + "' (not a ce_export decoder engine?)");
+        }
+    }
+    std::map<int64_t, Layer> layers;
     for (int32_t i = 0; i < engine->getNbIOTensors(); ++i)
     {
         std::string const name = engine->getIOTensorName(i);
@@ -312,18 +412,33 @@ int main(int argc, char** argv)
             }
             std::string const rest = name.substr(std::strlen(prefix));
             size_t const dot = rest.find('.');
-            std::string const index = rest.substr(0, dot);
-            std::string const kind = rest.substr(dot + 1);
+            int64_t index = -1;
+            std::string const kind = dot == std::string::npos ? "" : rest.substr(dot + 1);
+            if (dot == std::string::npos || !parseInteger(rest.substr(0, dot), index) || index < 0
+                || (kind != "key" && kind != "value"))
+            {
+                return fail(1, opt.engine + ": unexpected KV-cache tensor '" + name + "'");
+            }
             Layer& layer = layers[index];
             bool const past = std::strcmp(prefix, "past_key_values.") == 0;
             (kind == "key" ? (past ? layer.pastKey : layer.presentKey) : (past ? layer.pastValue : layer.presentValue)) = name;
         }
     }
     int32_t const numLayers = static_cast<int32_t>(layers.size());
-    std::vector<Layer> ordered(numLayers);
+    std::vector<Layer> ordered;
     for (auto const& [index, layer] : layers)
     {
-        ordered.at(std::stoul(index)) = layer;
+        if (index != static_cast<int64_t>(ordered.size()) || layer.pastKey.empty() || layer.pastValue.empty()
+            || layer.presentKey.empty() || layer.presentValue.empty())
+        {
+            return fail(1, opt.engine + ": KV-cache tensors of layer " + std::to_string(index)
+                    + " missing or out of order (expected past_key_values.i.key|value and present.i.key|value, i = 0..)");
+        }
+        ordered.push_back(layer);
+    }
+    if (numLayers == 0)
+    {
+        return fail(1, opt.engine + ": no past_key_values.* inputs (not a ce_export decoder engine?)");
     }
     int32_t const profiles = engine->getNbOptimizationProfiles();
     int32_t const decodeProfile = profiles > 1 ? 1 : 0;
@@ -340,14 +455,24 @@ int main(int argc, char** argv)
     int64_t const heads = keyShape.d[1];
     int64_t const keyDim = keyShape.d[3];
     int64_t const valueDim = valueShape.d[3];
-    Dims const maxPast = engine->getProfileShape(ordered.at(0).pastKey.c_str(), decodeProfile, nvinfer1::OptProfileSelector::kMAX);
-    int64_t const promptLen = static_cast<int64_t>(opt.prompt.size());
-    int64_t const maxTotal = std::max<int64_t>(maxPast.d[2] + 1, promptLen);
-    if (promptLen + opt.steps > maxTotal)
+    if (vocab <= 0 || heads <= 0 || keyDim <= 0 || valueDim <= 0)
     {
-        std::cerr << "prompt + steps = " << promptLen + opt.steps << " exceeds the engine's context (" << maxTotal << ")\n";
-        return 1;
+        return fail(1, opt.engine + ": logits / KV-cache tensors without static vocab, head count or head sizes");
     }
+    int64_t const promptLen = static_cast<int64_t>(opt.prompt.size());
+    for (int64_t token : opt.prompt)
+    {
+        if (token >= vocab)
+        {
+            return fail(2, "--prompt token " + std::to_string(token) + " is outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
+        }
+    }
+    std::string const outside = checkProfiles(*engine, ordered.at(0).pastKey.c_str(), decodeProfile, promptLen, opt.steps);
+    if (!outside.empty())
+    {
+        return fail(2, outside);
+    }
+    int64_t const maxTotal = promptLen + opt.steps; // slots the KV cache needs (checked against the profiles above)
     std::cout << "engine: " << numLayers << " layers, " << heads << " KV heads x " << keyDim << "/" << valueDim << ", vocab " << vocab
               << ", " << profiles << " profile(s), max context " << maxTotal << "\n";
 

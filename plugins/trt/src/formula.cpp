@@ -11,6 +11,7 @@ namespace
 constexpr char const* kVarNames[kVarCount] = {"T", "H", "I", "C", "E", "K", "KM", "BLOCK_M"};
 constexpr int kMaxStack = 32;
 constexpr int kMaxExpansionDepth = 8;
+constexpr int kMaxNesting = 64; // parentheses, calls and unary minus: the parser recurses on each
 
 class Compiler
 {
@@ -156,11 +157,31 @@ private:
         }
     }
 
+    //! Counts one level of the parser's recursion for its scope; false when too deep.
+    struct Nested
+    {
+        explicit Nested(Compiler& compiler)
+            : mCompiler(compiler)
+        {
+            ++mCompiler.mNesting;
+        }
+        ~Nested()
+        {
+            --mCompiler.mNesting;
+        }
+        bool ok() const
+        {
+            return mCompiler.mNesting <= kMaxNesting || mCompiler.setError("nested too deeply");
+        }
+        Compiler& mCompiler;
+    };
+
     bool unary()
     {
         if (accept("-"))
         {
-            if (!unary())
+            Nested const nested(*this);
+            if (!nested.ok() || !unary())
             {
                 return false;
             }
@@ -181,7 +202,8 @@ private:
         if (c == '(')
         {
             ++mPos;
-            if (!expr())
+            Nested const nested(*this);
+            if (!nested.ok() || !expr())
             {
                 return false;
             }
@@ -221,6 +243,11 @@ private:
 
     bool call(std::string_view name)
     {
+        Nested const nested(*this);
+        if (!nested.ok())
+        {
+            return false;
+        }
         int64_t count = 0;
         do
         {
@@ -287,6 +314,7 @@ private:
     FormulaScope const& mScope;
     std::vector<FormulaOp>& mOps;
     int mDepth;
+    int mNesting{0};
     size_t mPos{0};
     std::string mMessage;
 };
@@ -455,10 +483,17 @@ EvalStatus evalFormula(Formula const& formula, VarValues const& vars, int64_t& o
                 {
                     return EvalStatus::kOverflow;
                 }
-                r = floorDiv(a, b);
-                if (op.code == FormulaOp::Code::kMod)
+                if (op.code == FormulaOp::Code::kFloorDiv)
                 {
-                    r = a - r * b;
+                    r = floorDiv(a, b);
+                }
+                else // Python's a % b (the sign of b), without the overflow a - (a // b) * b can hit
+                {
+                    r = a % b;
+                    if (r != 0 && (r < 0) != (b < 0))
+                    {
+                        r += b;
+                    }
                 }
                 break;
             case FormulaOp::Code::kCdiv:

@@ -12,12 +12,15 @@
 #include "mini_json.h"
 #include "moe_plugin_logic.h"
 
+#include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -1034,6 +1037,478 @@ TEST_CASE(no_allocation_in_plan)
     long const after = allocationCount();
     CHECK(ok);
     CHECK_EQ(after - before, 0L);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fuzzing: what TensorRT or a manifest hands the plugin, random and out of range. Each case draws
+// from a fixed seed (CE_TRT_FUZZ_SEED overrides it), so a failure reproduces; CE_TRT_FUZZ_SCALE
+// multiplies the iterations. Built with CE_TRT_SANITIZE=ON (what the Python test does when the
+// compiler can), AddressSanitizer and UBSan also catch any out-of-bounds read or undefined
+// arithmetic on the way, not only crashes.
+
+uint64_t fuzzSeed()
+{
+    char const* text = std::getenv("CE_TRT_FUZZ_SEED");
+    return text != nullptr ? std::strtoull(text, nullptr, 10) : 20261205u;
+}
+
+int64_t fuzzIterations(int64_t base)
+{
+    char const* text = std::getenv("CE_TRT_FUZZ_SCALE");
+    double const scale = text != nullptr ? std::atof(text) : 1.0;
+    return std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(base) * scale));
+}
+
+class Fuzz
+{
+public:
+    explicit Fuzz(uint64_t salt)
+        : mRng(fuzzSeed() ^ (salt * 0x9E3779B97F4A7C15ull))
+    {
+    }
+
+    uint64_t bits() { return mRng(); }
+    int64_t range(int64_t lo, int64_t hi) { return lo + static_cast<int64_t>(mRng() % static_cast<uint64_t>(hi - lo + 1)); }
+    bool chance(int percent) { return range(0, 99) < percent; }
+    template <typename T>
+    T const& pick(std::vector<T> const& values) { return values[static_cast<size_t>(range(0, static_cast<int64_t>(values.size()) - 1))]; }
+
+    //! Small, boundary and enormous integers, negative ones included.
+    int64_t extent()
+    {
+        static std::vector<int64_t> const special = {-1, 0, 1, 2, 15, 16, 17, 32, 64, 128, 1000, 2048, 4096, 65535, 65536,
+            INT32_MAX, int64_t{INT32_MAX} + 1, int64_t{1} << 40, int64_t{1} << 62, INT64_MAX, INT64_MIN, -16};
+        return chance(50) ? pick(special) : (chance(50) ? range(-4, 300) * (chance(50) ? 16 : 1) : static_cast<int64_t>(bits()));
+    }
+
+    std::string bytes(size_t maxLength)
+    {
+        std::string out(static_cast<size_t>(range(0, static_cast<int64_t>(maxLength))), '\0');
+        for (char& c : out)
+        {
+            c = static_cast<char>(bits() & 0xFF);
+        }
+        return out;
+    }
+
+private:
+    std::mt19937_64 mRng;
+};
+
+size_t fieldTypeSize(FieldType t)
+{
+    switch (t)
+    {
+    case FieldType::kINT32: return 4;
+    case FieldType::kINT64: return 8;
+    case FieldType::kFLOAT32: return 4;
+    case FieldType::kFLOAT64: return 8;
+    default: return 1;
+    }
+}
+
+TEST_CASE(fuzz_fields)
+{
+    // createPlugin's input: TensorRT's PluginFieldCollection, from an ONNX node's attributes or a
+    // deserialized engine. Names, types (also outside the enum), lengths and bytes are random; each
+    // value buffer holds exactly length x element size bytes, as TensorRT's contract has it, so a
+    // read past it is an ASan error.
+    Fuzz fuzz(1);
+    std::vector<char const*> const names = {"top_k", "n_ce", "norm_topk_prob", "routing_scale", "jitter_eps", "max_tokens",
+        "plugin_namespace", "plugin_version", "", "top_k_", "TOP_K", nullptr};
+    int64_t accepted = 0;
+    int64_t const iterations = fuzzIterations(100000);
+    for (int64_t i = 0; i < iterations; ++i)
+    {
+        Variant const v = kAllVariants[fuzz.range(0, kNumVariants - 1)];
+        int32_t const count = static_cast<int32_t>(fuzz.range(0, 8));
+        std::vector<FieldView> fields(static_cast<size_t>(count));
+        std::vector<std::vector<unsigned char>> storage(static_cast<size_t>(count));
+        for (int32_t f = 0; f < count; ++f)
+        {
+            FieldView& field = fields[static_cast<size_t>(f)];
+            field.name = fuzz.pick(names);
+            field.type = static_cast<FieldType>(fuzz.chance(90) ? fuzz.range(0, 4) : fuzz.range(-3, 40));
+            field.length = static_cast<int32_t>(fuzz.chance(80) ? 1 : fuzz.range(-2, 4));
+            if (field.length > 0 && fuzz.chance(95))
+            {
+                auto& bytes = storage[static_cast<size_t>(f)];
+                bytes.resize(static_cast<size_t>(field.length) * fieldTypeSize(field.type));
+                if (fuzz.chance(50))
+                {
+                    for (auto& b : bytes)
+                    {
+                        b = static_cast<unsigned char>(fuzz.bits());
+                    }
+                }
+                else // a plausible value of the field's type
+                {
+                    int64_t const value = fuzz.chance(70) ? fuzz.range(-2, 10) : fuzz.extent();
+                    if (field.type == FieldType::kINT32)
+                    {
+                        int32_t const narrow = static_cast<int32_t>(value);
+                        std::memcpy(bytes.data(), &narrow, 4);
+                    }
+                    else if (field.type == FieldType::kINT64)
+                    {
+                        std::memcpy(bytes.data(), &value, 8);
+                    }
+                    else if (field.type == FieldType::kFLOAT32)
+                    {
+                        float const x = static_cast<float>(value) / 100.0f;
+                        std::memcpy(bytes.data(), &x, 4);
+                    }
+                }
+                field.data = bytes.data();
+            }
+        }
+        MoeAttrs attrs;
+        std::string error;
+        if (!parseFields(v, fields.data(), count, attrs, &error))
+        {
+            CHECK(!error.empty());
+            continue;
+        }
+        ++accepted;
+        // Whatever was accepted is valid, and survives the serialization round trip unchanged.
+        CHECK(validateAttrs(v, attrs, &error));
+        SerializedFields serialized;
+        serialized.fill(v, attrs);
+        MoeAttrs again;
+        CHECK(parseFields(v, serialized.fields(), serialized.count(), again, &error));
+        CHECK(again == attrs);
+    }
+    std::cout << "  fuzz_fields: " << iterations << " field sets, " << accepted << " accepted\n";
+    CHECK(accepted > 0);
+}
+
+std::string mutateText(Fuzz& fuzz, std::string text)
+{
+    static std::vector<std::string> const tokens = {"{", "}", "[", "]", ",", ":", "\"", "0", "-1", "1e999", "null",
+        "true", "\"T\"", "\"T*KM\"", "\"(\"", "\"*bf16\"", "\"i32\"", "9223372036854775808", "\\u0000", "\"\\ud800\""};
+    int const edits = static_cast<int>(fuzz.range(1, 4));
+    for (int e = 0; e < edits && !text.empty(); ++e)
+    {
+        size_t const at = static_cast<size_t>(fuzz.range(0, static_cast<int64_t>(text.size()) - 1));
+        switch (fuzz.range(0, 4))
+        {
+        case 0: text.erase(at, static_cast<size_t>(fuzz.range(1, 40))); break;
+        case 1: text.insert(at, fuzz.pick(tokens)); break;
+        case 2: text[at] = static_cast<char>(fuzz.bits() & 0xFF); break;
+        case 3: text.resize(at); break;
+        default:
+        {
+            // Replace a number with an extreme one: counts, shapes, constexprs, max_tokens.
+            size_t const digit = text.find_first_of("0123456789", at);
+            if (digit != std::string::npos)
+            {
+                size_t const end = text.find_first_not_of("0123456789", digit);
+                text.replace(digit, end - digit, std::to_string(fuzz.extent()));
+            }
+        }
+        }
+    }
+    return text;
+}
+
+void checkPlanInvariants(KernelLibrary const& lib, PlanRequest const& req, LaunchPlan const& plan);
+
+TEST_CASE(fuzz_json_and_manifests)
+{
+    // Random bytes, then mutated manifests (the synthetic one, and a few of the real fixtures):
+    // parse errors are messages, a manifest that is accepted yields plans that keep the invariants.
+    Fuzz fuzz(2);
+    int64_t parsed = 0;
+    int64_t accepted = 0;
+    int64_t planned = 0;
+    int64_t const iterations = fuzzIterations(3000);
+    std::string const fixture = readFile(gFixtures + "/aot_manifest_sparsemixer_e8_e16.json");
+    json::Value value;
+    std::string error;
+    for (int64_t i = 0; i < iterations; ++i)
+    {
+        if (json::parse(fuzz.bytes(64), value, &error))
+        {
+            ++parsed;
+        }
+        std::string const base = (i % 100 == 0) ? fixture : std::string(kSyntheticManifest);
+        KernelLibrary lib;
+        if (!lib.addManifest(mutateText(fuzz, base), "fuzzed", &error))
+        {
+            CHECK(!error.empty() && lib.empty());
+            continue;
+        }
+        ++accepted;
+        KernelSet const& set = lib.sets().front();
+        for (int r = 0; r < 8; ++r)
+        {
+            PlanRequest req;
+            req.variant = set.nCe > 0 ? (set.routing == Routing::kSparseMixer ? Variant::kCompressedSparseMixer : Variant::kCompressed)
+                                      : (set.routing == Routing::kSparseMixer ? Variant::kSparseMixer : Variant::kPlain);
+            req.attrs.routing = set.routing;
+            req.attrs.topK = set.topK;
+            req.attrs.nCe = set.nCe;
+            req.attrs.normTopkProb = set.normTopkProb ? 1 : 0;
+            req.attrs.routingScale = static_cast<float>(set.routingScale);
+            req.attrs.jitterEps = static_cast<float>(set.jitterEps);
+            req.activation = set.plans.empty() ? DType::kBF16 : set.plans.front().dtype;
+            req.logits = fuzz.chance(50) ? req.activation : DType::kFP32;
+            req.dims = LayerDims{fuzz.chance(50) ? fuzz.range(0, 5000) : fuzz.extent(), fuzz.pick(std::vector<int64_t>{16, 128, 4096}),
+                fuzz.pick(std::vector<int64_t>{16, 64, 1024}), set.numExperts.empty() ? 4 : set.numExperts.front(),
+                req.variant == Variant::kCompressed || req.variant == Variant::kCompressedSparseMixer ? 4096 : 0};
+            req.arch = set.archs.empty() ? 80 : fuzz.pick(set.archs);
+            static LaunchPlan plan;
+            if (buildLaunchPlan(lib, req, plan, &error))
+            {
+                ++planned;
+                checkPlanInvariants(lib, req, plan);
+            }
+        }
+    }
+    std::cout << "  fuzz_json_and_manifests: " << iterations << " random texts (" << parsed << " parsed), "
+              << iterations << " mutated manifests (" << accepted << " accepted, " << planned << " plans built)\n";
+    CHECK(accepted > 0);
+}
+
+TEST_CASE(fuzz_formulas)
+{
+    Fuzz fuzz(3);
+    FormulaScope scope;
+    scope.constants["BLOCK_N"] = 64;
+    scope.definitions["max_padded"] = "T*KM + min(E, T*KM) * (BLOCK_M - 1)";
+    scope.definitions["loop"] = "loop + 1";
+    std::vector<std::string> const tokens = {"T", "H", "I", "C", "E", "K", "KM", "BLOCK_M", "BLOCK_N", "max_padded", "loop",
+        "(", ")", "+", "-", "*", "//", "%", "/", ",", "cdiv(", "min(", "max(", "foo(", "0", "1", "16",
+        "9223372036854775807", "99999999999999999999", " ", "x"};
+    int64_t compiled = 0;
+    int64_t const iterations = fuzzIterations(50000);
+    for (int64_t i = 0; i < iterations; ++i)
+    {
+        std::string text;
+        int64_t const length = fuzz.range(0, 24);
+        for (int64_t t = 0; t < length; ++t)
+        {
+            text += fuzz.pick(tokens);
+        }
+        Formula formula;
+        std::string error;
+        if (!compileFormula(text, scope, formula, &error))
+        {
+            CHECK(!error.empty());
+            continue;
+        }
+        ++compiled;
+        VarValues vars{};
+        for (int64_t& v : vars)
+        {
+            v = fuzz.extent();
+        }
+        int64_t value = 0;
+        EvalStatus const status = evalFormula(formula, vars, value);
+        CHECK(status == EvalStatus::kOk || status == EvalStatus::kOverflow || status == EvalStatus::kDivisionByZero);
+    }
+    // Nesting that a recursive parser would follow until the stack runs out.
+    for (std::string const& deep : {std::string(100000, '(') + "1" + std::string(100000, ')'),
+             std::string(100000, '-') + "1", "cdiv(" + std::string(50000, '(') + "T"})
+    {
+        Formula formula;
+        std::string error;
+        CHECK(!compileFormula(deep, scope, formula, &error));
+        CHECK_CONTAINS(error, "nested too deeply");
+    }
+    std::cout << "  fuzz_formulas: " << iterations << " formulas, " << compiled << " compiled\n";
+    CHECK(compiled > 0);
+}
+
+TEST_CASE(fuzz_shapes)
+{
+    // getOutputShapes / configurePlugin / supportsFormatCombination inputs: ranks and extents of
+    // every kind, unknown (-1) ones included.
+    Fuzz fuzz(4);
+    int64_t accepted = 0;
+    int64_t const iterations = fuzzIterations(100000);
+    for (int64_t i = 0; i < iterations; ++i)
+    {
+        Variant const v = kAllVariants[fuzz.range(0, kNumVariants - 1)];
+        int32_t const nbInputs = static_cast<int32_t>(fuzz.chance(90) ? numInputs(v) : fuzz.range(0, 5));
+        std::array<Shape, 5> shapes{};
+        LayerDims consistent{fuzz.range(0, 64), fuzz.range(1, 8) * 16, fuzz.range(1, 8) * 16, fuzz.range(1, 16), 0};
+        consistent.C = std::max(consistent.H, consistent.I);
+        for (int32_t s = 0; s < 5; ++s)
+        {
+            Shape& shape = shapes[static_cast<size_t>(s)];
+            if (fuzz.chance(60)) // a consistent layer, then maybe one extent replaced
+            {
+                switch (s)
+                {
+                case kHidden: shape = Shape::of({consistent.T, consistent.H}); break;
+                case kRouterLogits: shape = Shape::of({consistent.T, consistent.E}); break;
+                case kGateUp: shape = Shape::of({consistent.E, 2 * consistent.I, consistent.H}); break;
+                case kDown: shape = Shape::of({consistent.E, consistent.H, consistent.I}); break;
+                default: shape = Shape::of({consistent.E, 3, consistent.C}); break;
+                }
+                if (fuzz.chance(30))
+                {
+                    shape.d[static_cast<size_t>(fuzz.range(0, shape.rank - 1))] = fuzz.chance(30) ? -1 : fuzz.extent();
+                }
+            }
+            else
+            {
+                shape.rank = static_cast<int32_t>(fuzz.chance(90) ? fuzz.range(0, kMaxRank) : fuzz.range(-3, kMaxRank + 3));
+                for (int32_t d = 0; d < kMaxRank; ++d)
+                {
+                    shape.d[static_cast<size_t>(d)] = fuzz.chance(20) ? -1 : fuzz.extent();
+                }
+            }
+        }
+        LayerDims dims;
+        std::string error;
+        if (!checkShapes(v, shapes.data(), nbInputs, dims, &error))
+        {
+            CHECK(!error.empty());
+            continue;
+        }
+        ++accepted;
+        // What is accepted is usable: known extents positive (T may be 0), multiples of 16 where the
+        // kernels assume it, ces wide enough.
+        CHECK(dims.T >= -1 && dims.H != 0 && dims.I != 0 && dims.E != 0);
+        for (int64_t extent : {dims.H, dims.I})
+        {
+            CHECK(extent == -1 || (extent > 0 && extent % 16 == 0));
+        }
+        if (isCompressed(v) && dims.C >= 0)
+        {
+            CHECK(dims.C % 16 == 0 && (dims.H < 0 || dims.C >= dims.H) && (dims.I < 0 || dims.C >= dims.I));
+        }
+    }
+    std::cout << "  fuzz_shapes: " << iterations << " shape sets, " << accepted << " accepted\n";
+    CHECK(accepted > 0);
+}
+
+//! Bytes of each I/O tensor for the request's dims; a pointer argument must point inside its tensor.
+std::array<uint64_t, kNumIoBuffers> ioBytes(PlanRequest const& req)
+{
+    LayerDims const& d = req.dims;
+    uint64_t const act = dtypeSize(req.activation);
+    auto product = [](std::initializer_list<int64_t> values, uint64_t size) {
+        long double total = static_cast<long double>(size); // no overflow to worry about in a test
+        for (int64_t v : values)
+        {
+            total *= static_cast<long double>(v);
+        }
+        return total >= 1.8e19L ? UINT64_MAX : static_cast<uint64_t>(total);
+    };
+    return {product({d.T, d.H}, act), product({d.T, d.E}, dtypeSize(req.logits)), product({d.E, 2, d.I, d.H}, act),
+        product({d.E, d.H, d.I}, act), product({d.E, 3, d.C}, act), product({d.T, d.H}, act)};
+}
+
+void checkPlanInvariants(KernelLibrary const& lib, PlanRequest const& req, LaunchPlan const& plan)
+{
+    CHECK(plan.numLaunches >= 0 && plan.numLaunches <= kMaxLaunches);
+    WorkspaceLayout const& ws = plan.workspace;
+    CHECK(ws.count >= 0 && ws.count <= kMaxWorkspaceBuffers);
+    for (int32_t w = 0; w < ws.count; ++w)
+    {
+        CHECK(ws.offset[w] % kWorkspaceAlignment == 0 && ws.offset[w] + ws.bytes[w] <= ws.total);
+        CHECK(w == 0 || ws.offset[w] >= ws.offset[w - 1] + ws.bytes[w - 1]);
+    }
+    std::array<uint64_t, kNumIoBuffers> const io = ioBytes(req);
+    for (int32_t l = 0; l < plan.numLaunches; ++l)
+    {
+        KernelLaunch const& launch = plan.launches[static_cast<size_t>(l)];
+        KernelSpec const& spec = lib.sets()[plan.set].kernels[launch.kernel];
+        CHECK(launch.grid[0] >= 1 && launch.grid[0] <= static_cast<uint32_t>(INT32_MAX));
+        CHECK(launch.grid[1] >= 1 && launch.grid[1] <= 65535u && launch.grid[2] >= 1 && launch.grid[2] <= 65535u);
+        CHECK(launch.block >= 32 && launch.block <= 1024);
+        CHECK(launch.numArgs == static_cast<int32_t>(spec.args.size()) + spec.trailingNullPointers);
+        CHECK(launch.numArgs <= kMaxKernelArgs);
+        for (size_t a = 0; a < spec.args.size() && a < static_cast<size_t>(kMaxKernelArgs); ++a)
+        {
+            LaunchArg const& arg = launch.args[a];
+            KernelArgSpec const& argSpec = spec.args[a];
+            switch (arg.kind)
+            {
+            case ArgKind::kI32: CHECK(arg.value >= INT32_MIN && arg.value <= INT32_MAX); break;
+            case ArgKind::kU32: CHECK(arg.value >= 0 && arg.value <= int64_t{UINT32_MAX}); break;
+            case ArgKind::kU64: CHECK(arg.value >= 0); break;
+            case ArgKind::kPointer:
+            {
+                CHECK(arg.value >= 0);
+                uint64_t const offset = static_cast<uint64_t>(arg.value);
+                if (arg.buffer >= 0 && arg.buffer < kNumIoBuffers)
+                {
+                    CHECK(offset == 0 || offset < io[static_cast<size_t>(arg.buffer)]);
+                }
+                else if (arg.buffer >= kNumIoBuffers)
+                {
+                    int32_t const w = arg.buffer - kNumIoBuffers;
+                    CHECK(w < ws.count);
+                    CHECK(w >= ws.count || offset == 0 || offset < ws.bytes[static_cast<size_t>(w)]);
+                }
+                break;
+            }
+            default: break;
+            }
+            if (arg.kind != ArgKind::kPointer && argSpec.divisibleBy16)
+            {
+                CHECK(arg.value % 16 == 0);
+            }
+        }
+    }
+}
+
+TEST_CASE(fuzz_launch_plans)
+{
+    // Kernel argument checks: layer shapes, token counts, attributes, types and devices from valid
+    // to absurd, against the three real AOT manifests and the synthetic one. A plan is either
+    // refused with a message, or every grid, 32-bit argument and pointer offset in it is in range.
+    Fuzz fuzz(5);
+    std::vector<KernelLibrary const*> const libraries = {&ceLibrary(), &sparseMixerLibrary(), &scaledLibrary(), &syntheticLibrary()};
+    int64_t built = 0;
+    int64_t const iterations = fuzzIterations(40000);
+    static LaunchPlan plan;
+    for (int64_t i = 0; i < iterations; ++i)
+    {
+        KernelLibrary const& lib = *fuzz.pick(libraries);
+        KernelSet const& set = lib.sets().front();
+        PlanRequest req;
+        bool const compressed = fuzz.chance(80) ? set.nCe > 0 : fuzz.chance(50);
+        bool const sparse = fuzz.chance(90) ? set.routing == Routing::kSparseMixer : fuzz.chance(50);
+        req.variant = compressed ? (sparse ? Variant::kCompressedSparseMixer : Variant::kCompressed)
+                                 : (sparse ? Variant::kSparseMixer : Variant::kPlain);
+        req.attrs.routing = routingOf(req.variant);
+        req.attrs.topK = static_cast<int32_t>(fuzz.chance(80) ? set.topK : fuzz.range(-1, 9));
+        req.attrs.nCe = static_cast<int32_t>(fuzz.chance(80) ? set.nCe : fuzz.range(-1, 9));
+        req.attrs.normTopkProb = fuzz.chance(80) ? (set.normTopkProb ? 1 : 0) : static_cast<int32_t>(fuzz.range(-1, 2));
+        req.attrs.routingScale = fuzz.chance(80) ? static_cast<float>(set.routingScale) : static_cast<float>(fuzz.range(-2, 3));
+        req.attrs.jitterEps = fuzz.chance(80) ? static_cast<float>(set.jitterEps) : 0.5f;
+        std::vector<DType> const types = {DType::kBF16, DType::kFP16, DType::kFP32, DType::kINT32, DType::kOther};
+        req.activation = fuzz.chance(80) && !set.plans.empty() ? set.plans[static_cast<size_t>(fuzz.range(0, static_cast<int64_t>(set.plans.size()) - 1))].dtype
+                                                               : fuzz.pick(types);
+        req.logits = fuzz.chance(70) ? req.activation : fuzz.pick(types);
+        int64_t const E = fuzz.chance(80) && !set.numExperts.empty() ? fuzz.pick(set.numExperts) : fuzz.extent();
+        req.dims.T = fuzz.chance(60) ? fuzz.range(0, 6000) : fuzz.extent();
+        req.dims.H = fuzz.chance(70) ? fuzz.range(1, 512) * 16 : fuzz.extent();
+        req.dims.I = fuzz.chance(70) ? fuzz.range(1, 512) * 16 : fuzz.extent();
+        req.dims.E = E;
+        req.dims.C = compressed ? (fuzz.chance(70) ? std::max(req.dims.H, req.dims.I) : fuzz.extent()) : (fuzz.chance(90) ? 0 : fuzz.extent());
+        req.arch = static_cast<int32_t>(fuzz.chance(80) && !set.archs.empty() ? fuzz.pick(set.archs) : fuzz.pick(std::vector<int64_t>{0, 75, 86, 100, -1}));
+        req.maxSharedBytes = fuzz.chance(80) ? 0 : fuzz.pick(std::vector<int64_t>{-1, 1, 49152, 101376, 232448});
+        std::string error;
+        if (!buildLaunchPlan(lib, req, plan, &error))
+        {
+            CHECK(!error.empty());
+            continue;
+        }
+        ++built;
+        checkPlanInvariants(lib, req, plan);
+        WorkspaceLayout layout;
+        CHECK(computeWorkspace(lib.sets()[plan.set], req.dims, req.attrs.topK, req.attrs.topK - req.attrs.nCe,
+            req.activation, layout, &error));
+        CHECK(layout.total == plan.workspace.total);
+    }
+    std::cout << "  fuzz_launch_plans: " << iterations << " requests, " << built << " plans built\n";
+    CHECK(built > 0);
 }
 
 // With --aot-dir: the manifest agrees with the PTX it describes (entry name, parameter count =
