@@ -74,18 +74,18 @@ def test_write_failure_of_verify_outputs_leaves_the_build_folder_as_it_was(demo_
     assert after.keys() == before.keys() and after["parity.png"] == before["parity.png"]
 
 
-def limited_file_size():
-    import resource
-
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+# Runs a command with files limited to 1 MB; SIGXFSZ ignored, so write() fails with EFBIG instead
+# of the process being killed (both survive exec; no preexec_fn, which is unsafe with threads).
+LIMITED_FILE_SIZE = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                     "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY)); "
+                     "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 def test_a_real_write_failure_from_the_kernel(tmp_path):
     """No monkeypatching: the kernel refuses a write past RLIMIT_FSIZE (EFBIG) inside safetensors'
     Rust writer, in a child process."""
-    result = subprocess.run([sys.executable, "-m", "ce_export", "demo", str(tmp_path / "out")], capture_output=True,
-                            text=True, preexec_fn=limited_file_size, timeout=300)
+    result = subprocess.run([sys.executable, "-c", LIMITED_FILE_SIZE, sys.executable, "-m", "ce_export", "demo",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"ce_export: error: {tmp_path / 'out' / 'model.safetensors'}: File too large (this needs about 4.8 MB)"]

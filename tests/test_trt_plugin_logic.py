@@ -29,7 +29,7 @@ CASES = [
     "format_combinations", "select_arch", "manifest_fixture_ce", "workspace_monotone", "manifest_fixture_sparsemixer",
     "manifest_fixture_scaled", "plan_errors", "plan_zero_tokens", "synthetic_manifest", "manifest_errors", "resolve_pointers",
     "no_allocation_in_plan", "fuzz_fields", "fuzz_json_and_manifests", "fuzz_formulas", "fuzz_shapes", "fuzz_launch_plans",
-    "aot_contract",
+    "example_request_checks", "aot_contract",
 ]
 JOBS = str(max(os.cpu_count() or 1, 1))
 SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
@@ -76,7 +76,7 @@ def logic_tests(tmp_path_factory) -> tuple[Path, Path | None]:
     exe = build / "ce_moe_logic_tests"
     run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", *(SANITIZERS if sanitize else []),
          f'-DCE_TRT_FIXTURES_DIR="{TRT_DIR / "tests" / "fixtures"}"',
-         "-I", TRT_DIR / "src", *[TRT_DIR / s for s in LOGIC_SOURCES], "-o", exe])
+         "-I", TRT_DIR / "src", "-I", TRT_DIR / "examples", *[TRT_DIR / s for s in LOGIC_SOURCES], "-o", exe])
     return exe, None
 
 

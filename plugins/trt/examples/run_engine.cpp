@@ -15,16 +15,16 @@
 // head_dim]; outputs logits [B, S, vocab], present.{i}.key|value [B, heads, past + S, head_dim].
 // Two optimization profiles are expected: 0 for prefill (S >= 1, past 0) and 1 for decode (S = 1,
 // past >= 0); with a single profile both phases use it. Batch 1.
+#include "request_checks.h"
+
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
 
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -160,24 +160,6 @@ struct Options
     int steps{16};
 };
 
-//! A whole decimal integer (no trailing characters, no overflow), unlike std::stoll.
-bool parseInteger(std::string const& text, int64_t& value)
-{
-    if (text.empty())
-    {
-        return false;
-    }
-    errno = 0;
-    char* end = nullptr;
-    long long const parsed = std::strtoll(text.c_str(), &end, 10);
-    if (errno != 0 || end != text.c_str() + text.size())
-    {
-        return false;
-    }
-    value = parsed;
-    return true;
-}
-
 bool parseArgs(int argc, char** argv, Options& o)
 {
     for (int i = 1; i < argc; ++i)
@@ -209,7 +191,7 @@ bool parseArgs(int argc, char** argv, Options& o)
         else if (a == "--steps" && next(value))
         {
             int64_t steps = 0;
-            if (!parseInteger(value, steps) || steps < 0 || steps > 1000000)
+            if (!ce_example::parseInteger(value, steps) || steps < 0 || steps > 1000000)
             {
                 return false;
             }
@@ -223,7 +205,7 @@ bool parseArgs(int argc, char** argv, Options& o)
             while (std::getline(ss, item, ','))
             {
                 int64_t token = 0;
-                if (!parseInteger(item, token) || token < 0)
+                if (!ce_example::parseInteger(item, token) || token < 0)
                 {
                     return false;
                 }
@@ -275,16 +257,8 @@ int fail(int code, std::string const& message)
     return code;
 }
 
-//! The [min, max] an optimization profile allows for one axis of an input.
-struct AxisRange
-{
-    int64_t min{-1};
-    int64_t max{-1};
-    bool contains(int64_t value) const { return min <= value && value <= max; }
-    std::string text() const { return std::to_string(min) + ".." + std::to_string(max); }
-};
-
-AxisRange profileRange(nvinfer1::ICudaEngine const& engine, char const* name, int32_t profile, int32_t axis)
+//! The range profile `profile` of `engine` allows for one axis of input `name`.
+ce_example::AxisRange profileRange(nvinfer1::ICudaEngine const& engine, int32_t profile, char const* name, int32_t axis)
 {
     Dims const lo = engine.getProfileShape(name, profile, nvinfer1::OptProfileSelector::kMIN);
     Dims const hi = engine.getProfileShape(name, profile, nvinfer1::OptProfileSelector::kMAX);
@@ -293,50 +267,6 @@ AxisRange profileRange(nvinfer1::ICudaEngine const& engine, char const* name, in
         return {};
     }
     return {lo.d[axis], hi.d[axis]};
-}
-
-//! The request (batch 1, the prompt, then `steps` decode steps) against both profiles; "" when it fits.
-std::string checkProfiles(nvinfer1::ICudaEngine const& engine, char const* pastKey, int32_t decodeProfile,
-    int64_t promptLen, int64_t steps)
-{
-    struct Need
-    {
-        int32_t profile;
-        char const* what;
-        char const* tensor;
-        int32_t axis;
-        int64_t low;
-        int64_t high;
-        char const* hint;
-    };
-    int64_t const lastPast = promptLen + steps - 1; // the last decode step's past
-    std::vector<Need> needs = {
-        {0, "batch", "input_ids", 0, 1, 1, "this example runs batch 1"},
-        {0, "prompt length", "input_ids", 1, promptLen, promptLen, "rebuild with a larger --max-seq, or shorten --prompt"},
-        {0, "prompt attention mask length", "attention_mask", 1, promptLen, promptLen, "rebuild with a larger --max-seq"},
-        {0, "prefill past", pastKey, 2, 0, 0, "profile 0 must allow an empty past"},
-    };
-    if (steps > 0)
-    {
-        needs.push_back({decodeProfile, "decode batch", "input_ids", 0, 1, 1, "this example runs batch 1"});
-        needs.push_back({decodeProfile, "decode sequence", "input_ids", 1, 1, 1, "profile 1 must allow one new token"});
-        needs.push_back({decodeProfile, "decode past (prompt + steps - 1)", pastKey, 2, promptLen, lastPast,
-            "rebuild with a larger --max-context, or fewer --steps"});
-        needs.push_back({decodeProfile, "decode attention mask length", "attention_mask", 1, promptLen + 1, lastPast + 1,
-            "rebuild with a larger --max-context, or fewer --steps"});
-    }
-    for (Need const& need : needs)
-    {
-        AxisRange const range = profileRange(engine, need.tensor, need.profile, need.axis);
-        if (!range.contains(need.low) || !range.contains(need.high))
-        {
-            std::string const asked = need.low == need.high ? std::to_string(need.low)
-                                                            : std::to_string(need.low) + ".." + std::to_string(need.high);
-            return std::string(need.what) + " " + asked + " is outside the engine's profile " + std::to_string(need.profile)
-                + " (" + need.tensor + " axis " + std::to_string(need.axis) + ": " + range.text() + "); " + need.hint;
-        }
-    }
-    return "";
 }
 
 } // namespace
@@ -414,7 +344,7 @@ int main(int argc, char** argv)
             size_t const dot = rest.find('.');
             int64_t index = -1;
             std::string const kind = dot == std::string::npos ? "" : rest.substr(dot + 1);
-            if (dot == std::string::npos || !parseInteger(rest.substr(0, dot), index) || index < 0
+            if (dot == std::string::npos || !ce_example::parseInteger(rest.substr(0, dot), index) || index < 0
                 || (kind != "key" && kind != "value"))
             {
                 return fail(1, opt.engine + ": unexpected KV-cache tensor '" + name + "'");
@@ -467,7 +397,9 @@ int main(int argc, char** argv)
             return fail(2, "--prompt token " + std::to_string(token) + " is outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
         }
     }
-    std::string const outside = checkProfiles(*engine, ordered.at(0).pastKey.c_str(), decodeProfile, promptLen, opt.steps);
+    auto const range = [&](int32_t profile, char const* name, int32_t axis) { return profileRange(*engine, profile, name, axis); };
+    std::string const outside
+        = ce_example::checkProfiles(range, ordered.at(0).pastKey.c_str(), decodeProfile, promptLen, opt.steps);
     if (!outside.empty())
     {
         return fail(2, outside);

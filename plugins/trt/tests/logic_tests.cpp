@@ -11,6 +11,7 @@
 #include "formula.h"
 #include "mini_json.h"
 #include "moe_plugin_logic.h"
+#include "request_checks.h"
 
 #include <algorithm>
 #include <array>
@@ -1509,6 +1510,59 @@ TEST_CASE(fuzz_launch_plans)
     }
     std::cout << "  fuzz_launch_plans: " << iterations << " requests, " << built << " plans built\n";
     CHECK(built > 0);
+}
+
+TEST_CASE(example_request_checks)
+{
+    // examples/run_engine.cpp's checks of a request against the engine's profiles, here with the
+    // profiles ce_export builds for --max-batch 4 --max-seq 64 --max-context 128.
+    using ce_example::AxisRange;
+    auto const range = [](int32_t profile, char const* name, int32_t axis) -> AxisRange {
+        std::string const tensor = name;
+        if (axis == 0)
+        {
+            return {1, 4};
+        }
+        if (tensor == "input_ids")
+        {
+            return profile == 0 ? AxisRange{1, 64} : AxisRange{1, 1};
+        }
+        if (tensor == "attention_mask")
+        {
+            return profile == 0 ? AxisRange{1, 64} : AxisRange{1, 129};
+        }
+        return profile == 0 ? AxisRange{0, 0} : AxisRange{0, 128}; // the past
+    };
+    char const* past = "past_key_values.0.key";
+    CHECK_EQ(ce_example::checkProfiles(range, past, 1, 4, 16), std::string());
+    CHECK_EQ(ce_example::checkProfiles(range, past, 1, 64, 65), std::string()); // the last step's past is 128
+    CHECK_EQ(ce_example::checkProfiles(range, past, 1, 64, 0), std::string());
+    CHECK_EQ(ce_example::checkProfiles(range, past, 1, 65, 0),
+        std::string("prompt length 65 is outside the engine's profile 0 (input_ids axis 1: 1..64); "
+                    "rebuild with a larger --max-seq, or shorten --prompt"));
+    CHECK_CONTAINS(ce_example::checkProfiles(range, past, 1, 64, 66),
+        "decode past (prompt + steps - 1) 64..129 is outside the engine's profile 1 (past_key_values.0.key axis 2: 0..128)");
+    // A single profile for both phases (decodeProfile 0) cannot decode here: its past is 0..0.
+    CHECK_CONTAINS(ce_example::checkProfiles(range, past, 0, 4, 1), "decode past (prompt + steps - 1) 4 is outside the engine's profile 0");
+    CHECK_CONTAINS(ce_example::checkProfiles([](int32_t, char const*, int32_t) { return AxisRange{}; }, past, 1, 1, 1),
+        "batch 1 is outside the engine's profile 0 (input_ids axis 0: -1..-1)");
+    Fuzz fuzz(6);
+    for (int i = 0; i < 2000; ++i) // arbitrary profiles and requests: a message or "", never more
+    {
+        int64_t const lo = fuzz.extent();
+        int64_t const hi = fuzz.extent();
+        std::string const message = ce_example::checkProfiles(
+            [&](int32_t, char const*, int32_t) { return AxisRange{lo, hi}; }, past, 1, fuzz.range(1, 300), fuzz.range(0, 300));
+        CHECK(message.find('\n') == std::string::npos);
+    }
+
+    int64_t value = 0;
+    CHECK(ce_example::parseInteger("12", value) && value == 12);
+    CHECK(ce_example::parseInteger("-3", value) && value == -3);
+    for (char const* bad : {"", "12abc", "1,2", " ", "0x10", "99999999999999999999", "1e3"})
+    {
+        CHECK(!ce_example::parseInteger(bad, value));
+    }
 }
 
 // With --aot-dir: the manifest agrees with the PTX it describes (entry name, parameter count =
