@@ -10,12 +10,16 @@ plus a summary.md.
 
 GPU suite: an OLMoE-1B-7B-shaped model (hidden 2048, 64 experts, top-8, 16 layers; random weights
 drawn on the GPU, no download), plain top-8 and CE (4 main + 4 compressed experts, sharing every
-other weight), each built as an fp16 `--target ort` ONNX file and benchmarked on CUDA at batch 1,
-8, 32 (prefill 128 / 512 / 2048 tokens, decode at context 512 / 2048): transformers eager and
-grouped_mm (plain only: transformers cannot run CE), the captured model, our fast path (static
-cache + CUDA-graph decode, bf16) and ONNX Runtime CUDA when onnxruntime-gpu is installed. It ends
-with headline.md / headline.png (batch 1, against the physical floor, with the issue's targets)
-and summary.md. `--size tiny --device cpu` runs the same code on a small model without a GPU.
+other weight), benchmarked on CUDA at batch 1 and 8 (`--batches`; prefill 128 / 512 / 2048 tokens,
+decode at context 512 / 2048): transformers eager and grouped_mm (plain only: transformers cannot
+run CE), the captured model, our fast path (static cache + CUDA-graph decode, bf16) and, when
+ONNX Runtime has the device's execution provider, the fp16 `--target ort` export (`--export
+auto`; without the provider nothing is exported: a 7B export takes minutes and would not be run).
+The device's copy bandwidth and matmul rate are measured first; the floors divide by them. After
+each model it rewrites headline.md / headline.png (batch 1 of every model benched so far into
+`--out`, against the floor, with the issue's targets) and summary.md, so a run cut short keeps the
+models it finished, and separate runs per model (`--models plain`, then `--models ce`, sharing
+`--checkpoints`) add up. `--size tiny --device cpu` runs the same code on a small model without a GPU.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from safetensors.torch import save_file
 
 from ce_export import bench, pipeline
 from ce_export.demo import demo_config, demo_tensors
-from moe_layer import ASSUMED_H100  # the H100 rates the layer benchmark assumes (environment notes)
 
 SIZES = {
     "demo": {},
@@ -50,7 +53,6 @@ SIZES = {
     "tiny": {"num_experts": 16, "num_experts_per_tok": 8, "num_hidden_layers": 2},
 }
 GPU_CE_MAIN, GPU_N_CE = 4, 4  # the CE model: top-8 routing, the best 4 run in full, 4 compressed
-H100_BYTES_PER_S, H100_FLOPS = ASSUMED_H100["copy_bytes_per_s"], ASSUMED_H100["bf16_flops_per_s"]
 TARGETS = {"decode_ms_b1_c512": 1.5, "prefill_ms_b1_s2048": 12.0, "decode_x_eager": 50.0, "prefill_x_eager": 3.0,
            "ce_x_plain": 1.3}
 
@@ -65,11 +67,16 @@ def write_checkpoint(folder: Path, size: str, compressed: bool) -> Path:
 
 def write_gpu_checkpoints(folder: Path, size: str, device: str) -> dict[str, Path]:
     """The plain and CE checkpoints of one random model: one shard of shared weights (bf16, drawn on
-    `device`), and for CE a second shard with the compressed experts, joined by a safetensors index."""
+    `device`), and for CE a second shard with the compressed experts, joined by a safetensors index.
+    Checkpoints already complete in `folder` (a `complete` marker, written last) are reused."""
+    plain, ce = folder / "plain", folder / "ce"
+    marker = folder / "complete"
     config = demo_config(True) | SIZES[size] | {"n_ce": GPU_N_CE, "dtype": "bfloat16"}
+    if marker.is_file() and json.loads(marker.read_text()) == config:
+        return {"plain": plain, "ce": ce}
+    shutil.rmtree(folder, ignore_errors=True)
     tensors = demo_tensors(config, seed=0, device=device, dtype=torch.bfloat16)
     ces = {name: tensors.pop(name) for name in list(tensors) if name.endswith("mlp.ces")}
-    plain, ce = folder / "plain", folder / "ce"
     for path in (plain, ce):
         path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(plain / "model.safetensors"), metadata={"format": "pt"})
@@ -84,6 +91,7 @@ def write_gpu_checkpoints(folder: Path, size: str, device: str) -> dict[str, Pat
         weight_map = {name: "model.safetensors" for name in handle.keys()}
     weight_map |= {name: "ces.safetensors" for name in ces}
     (ce / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    marker.write_text(json.dumps(config))
     return {"plain": plain, "ce": ce}
 
 
@@ -105,42 +113,89 @@ def run_cpu_suite(args, command: str) -> None:
     (args.out / "summary.md").write_text("\n".join(summary))
 
 
+def gpu_points(batches, quick: bool) -> tuple:
+    if quick:
+        return (bench.Point("prefill", 1, 64), bench.Point("decode", 2, 32))
+    return bench.gpu_points(batches)
+
+
+def should_export(choice: str, device: str) -> tuple[bool, str]:
+    """(export?, why not): `auto` exports only when ONNX Runtime has the device's provider."""
+    if choice == "never":
+        return False, "not exported (--export never)"
+    if choice == "always":
+        return True, ""
+    import onnxruntime as ort
+
+    provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
+    if provider in ort.get_available_providers():
+        return True, ""
+    return False, (f"not exported: onnxruntime {ort.__version__} has no {provider} here "
+                   f"(providers: {', '.join(ort.get_available_providers())}), so no ONNX Runtime row could run it")
+
+
 def run_gpu_suite(args, command: str) -> None:
-    points = bench.GPU_POINTS if not args.quick else (bench.Point("prefill", 1, 64), bench.Point("decode", 2, 32))
+    points = gpu_points(args.batches, args.quick)
     max_tokens = max(p.tokens for p in points)
     started = time.perf_counter()
-    results = {}
+    export, no_export_reason = should_export(args.export, args.device)
+    dtype = bench.TORCH_DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    ceilings = bench.measure_ceilings(args.device, dtype)
+    print(f"== {ceilings['device']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.3f} TB/s, "
+          f"{ceilings['dtype']} matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (measured)", flush=True)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-        print(f"== writing the {args.size} checkpoints (random bf16 weights drawn on {args.device})", flush=True)
-        checkpoints = write_gpu_checkpoints(Path(scratch) / "checkpoints", args.size, args.device)
+        checkpoint_dir = args.checkpoints or Path(scratch) / "checkpoints"
+        print(f"== the {args.size} checkpoints in {checkpoint_dir} (random bf16 weights drawn on {args.device})",
+              flush=True)
+        checkpoints = write_gpu_checkpoints(checkpoint_dir, args.size, args.device)
         print(f"   {time.perf_counter() - started:.0f} s", flush=True)
         for name in args.models:
-            build_dir = Path(scratch) / name / "build"
-            print(f"== {name}: export (fp16, --target ort)", flush=True)
-            options = pipeline.BuildOptions(target="ort", dtype="fp16", verify=False, max_batch=max(p.batch for p in points),
-                                            max_seq=max_tokens, max_context=2 * max_tokens)
-            pipeline.build(str(checkpoints[name]), build_dir, options, report=print)
+            model_started = time.perf_counter()
+            onnx = None
+            if export:
+                build_dir = Path(scratch) / name / "build"
+                print(f"== {name}: export (fp16, --target ort)", flush=True)
+                options = pipeline.BuildOptions(target="ort", dtype="fp16", verify=False,
+                                                max_batch=max(p.batch for p in points), max_seq=max_tokens,
+                                                max_context=2 * max_tokens)
+                manifest = pipeline.build(str(checkpoints[name]), build_dir, options, report=print)
+                onnx = bench.OnnxFile(build_dir / manifest["onnx"]["file"], manifest["dtype"], manifest["target"])
             print(f"== {name}: bench on {args.device} ({time.perf_counter() - started:.0f} s so far)", flush=True)
-            data = bench.bench(build_dir, points=points, budget_s=args.budget, device=args.device, dtype=args.dtype,
-                               compile_decode=args.compile)
+            data = bench.bench_checkpoint(checkpoints[name], points=points, budget_s=args.budget, device=args.device,
+                                          dtype=args.dtype, compile_decode=args.compile, onnx=onnx,
+                                          no_onnx_reason=no_export_reason)
             data["command"] = command
-            data["build"] = f"{args.size}-shaped {name} model, random weights, --target ort --dtype fp16"
+            data["build"] = (f"{args.size}-shaped {name} model, random weights"
+                             + (", --target ort --dtype fp16" if onnx else f"; {no_export_reason}"))
+            data["ceilings"] = ceilings
             bench.write_results(data, args.out / f"{args.size}-{name}")
-            results[name] = data
             shutil.rmtree(Path(scratch) / name, ignore_errors=True)  # an fp16 7B export is 14 GB of disk
-    headline = headline_table(results, args.size)
-    (args.out / "headline.md").write_text(f"Command: `{command}`\n\n{headline}")
-    plot_headline(results, args.out / "headline.png")
-    summary = [f"Command: `{command}`", "", headline]
-    for name, data in results.items():
-        summary += [f"## {args.size}-{name}", "", bench.markdown_table(data), f"![{name}]({args.size}-{name}/bench.png)", ""]
-    (args.out / "summary.md").write_text("\n".join(summary))
-    print(headline)
+            write_headline(args.out, args.size, command)
+            print(f"== {name}: done in {time.perf_counter() - model_started:.0f} s; headline: "
+                  f"{args.out / 'headline.md'}", flush=True)
+    print((args.out / "headline.md").read_text())
     print(f"GPU suite done in {time.perf_counter() - started:.0f} s")
 
 
-def floors_ms(config: dict, compressed: bool, batch: int, tokens: int, phase: str) -> float:
-    """max(active weight bytes / bandwidth, active FLOPs / matmul rate) for one point, bf16, H100."""
+def write_headline(out: Path, size: str, command: str) -> None:
+    """headline.md / .png and summary.md from every `{size}-{model}/bench.json` under `out`."""
+    results = {}
+    for name in ("plain", "ce"):
+        path = out / f"{size}-{name}" / bench.BENCH_JSON
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+    headline = headline_table(results, size)
+    (out / "headline.md").write_text(f"Command: `{command}`\n\n{headline}")
+    plot_headline(results, out / "headline.png")
+    summary = [f"Command: `{command}`", "", headline]
+    for name, data in results.items():
+        summary += [f"## {size}-{name}", "", bench.markdown_table(data), f"![{name}]({size}-{name}/bench.png)", ""]
+    (out / "summary.md").write_text("\n".join(summary))
+
+
+def floors_ms(config: dict, compressed: bool, batch: int, tokens: int, phase: str, ceilings: dict) -> float:
+    """max(active weight bytes / bandwidth, active FLOPs / matmul rate) for one point, in the rows'
+    dtype, with the rates measured on the device in the same run (`ceilings`)."""
     hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     experts_run = (config["num_experts_per_tok"] - (GPU_N_CE if compressed else 0))
     attention = 4 * hidden * hidden
@@ -148,9 +203,11 @@ def floors_ms(config: dict, compressed: bool, batch: int, tokens: int, phase: st
     new_tokens = batch * (tokens if phase == "prefill" else 1)
     # Weight bytes: every expert some token picks is read once; at batch 1 decode that is the active set.
     distinct_experts = min(config["num_experts"], experts_run * new_tokens)
-    weight_bytes = 2 * (layers * (attention + distinct_experts * 3 * hidden * inter) + config["vocab_size"] * hidden)
+    element_bytes = torch.finfo(getattr(torch, ceilings["dtype"])).bits // 8
+    weight_bytes = element_bytes * (layers * (attention + distinct_experts * 3 * hidden * inter)
+                                    + config["vocab_size"] * hidden)
     flops = 2 * per_token_params * new_tokens
-    return 1e3 * max(weight_bytes / H100_BYTES_PER_S, flops / H100_FLOPS)
+    return 1e3 * max(weight_bytes / ceilings["copy_bytes_per_s"], flops / ceilings["matmul_flops_per_s"])
 
 
 def headline_table(results: dict, size: str) -> str:
@@ -163,20 +220,28 @@ def headline_table(results: dict, size: str) -> str:
     labels = list(dict.fromkeys(r[2]["label"] for r in rows))
     runtimes = list(dict.fromkeys(r[0] for r in rows))
     cell = {(r[2]["label"], r[0]): r[2] for r in rows}
-    machine = next(iter(results.values()))["machine"] if results else {}
-    tools = next(iter(results.values()))["tools"] if results else {}
-    lines = [f"{size} shapes, batch 1, random weights; {machine.get('gpu', 'CPU')}, torch {tools.get('torch_runtime')}, "
+    first = next(iter(results.values()), {})
+    machine, tools, ceilings = first.get("machine", {}), first.get("tools", {}), first.get("ceilings")
+    if ceilings:
+        floor_text = (f"Floor: bytes / {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s or FLOPs / "
+                      f"{ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s ({ceilings['dtype']}), whichever is "
+                      f"larger; both rates measured on {ceilings['device']} in this run.")
+    else:
+        floor_text = "No floor: no device ceilings were measured."
+    lines = [f"{size} shapes, batch 1, random weights; {machine_label(first)}, torch {tools.get('torch_runtime')}, "
              f"triton {tools.get('triton_runtime', '-')}, onnxruntime {tools.get('onnxruntime_runtime', '-')}, "
              f"{time.strftime('%Y-%m-%d')}. Median ms (parity: max relative error of the last position's logits "
-             f"vs the fp32 reference). Floor: H100 bytes / {H100_BYTES_PER_S / 1e12:.2f} TB/s or FLOPs / "
-             f"{H100_FLOPS / 1e12:.0f} TFLOP/s (assumed anchors), whichever is larger.",
+             f"vs the fp32 reference). {floor_text}",
              "", "| point | " + " | ".join(runtimes) + " | floor plain / CE |", "|---|" + "---|" * (len(runtimes) + 1)]
     for label in labels:
         point = next(r[2]["point"] for r in rows if r[2]["label"] == label)
-        floor = [floors_ms(config, ce, 1, point["tokens"], point["phase"]) for ce in (False, True)]
+        floor = " / ".join(
+            f"{floors_ms(config, ce, 1, point['tokens'], point['phase'], results[name]['ceilings']):.2f}"
+            if name in results and results[name].get("ceilings") else "-"
+            for ce, name in ((False, "plain"), (True, "ce")))
         cells = [f"{cell[label, rt]['median_ms']:.2f} ({cell[label, rt]['parity_max_rel']:.0e})"
                  if (label, rt) in cell else "-" for rt in runtimes]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {floor[0]:.2f} / {floor[1]:.2f} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {floor} |")
     lines += ["", "Targets (issue 6), from the rows above:", ""] + [f"- {line}" for line in target_lines(cell)]
     return "\n".join(lines) + "\n"
 
@@ -208,6 +273,10 @@ def target_lines(cell: dict) -> list[str]:
         met = value <= goal if better == "<=" else value >= goal
         checks.append(f"{what}: {value:.2f} (target {better} {goal}: {'met' if met else 'NOT met'})")
     return checks
+
+
+def machine_label(data: dict) -> str:
+    return bench.machine_name(data) if data else "no results"
 
 
 def ratio(slow, fast):
@@ -251,6 +320,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", help="GPU suite device (cpu with --size tiny for a dry run)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="GPU suite PyTorch rows (default bf16 on cuda)")
     parser.add_argument("--quick", action="store_true", help="GPU suite: two small points instead of the full grid")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="GPU suite batch sizes")
+    parser.add_argument("--export", choices=("auto", "always", "never"), default="auto",
+                        help="GPU suite: export to ONNX (auto: only when ONNX Runtime has the device's provider)")
+    parser.add_argument("--checkpoints", type=Path,
+                        help="GPU suite: keep the random checkpoints here and reuse them (default: a temp folder)")
     parser.add_argument("--compile", action="store_true", help="GPU suite: add a fast-path row with torch.compile'd decode")
     parser.add_argument("--scratch", help="where checkpoints and exports go (default: the system temp folder)")
     parser.add_argument("--out", type=Path)
@@ -258,7 +332,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.out is None:
         host = platform.node() or "host"
-        args.out = Path("benchmarks/results") / (f"cpu-{host}" if args.suite == "cpu" else f"gpu-{host}")
+        args.out = Path("benchmarks/results") / (f"cpu-{host}" if args.suite == "cpu" else bench.device_slug(args.device))
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     args.out.mkdir(parents=True, exist_ok=True)
     if args.suite == "cpu":

@@ -10,7 +10,13 @@ Rows (each on the same inputs, each with its parity vs the fp32 reference):
                                 through torch.ops.ce_export.moe (our Triton kernels on CUDA)
     ce_export fast path         runtime.FastDecoder: the same model with a static slot cache and,
                                 on CUDA, decode replayed from a CUDA graph
-    ONNX Runtime <provider>     the exported ONNX file through IO binding
+    ONNX Runtime <provider>     the exported ONNX file through IO binding; a session that did not get
+                                the provider it is labelled with fails instead of being timed
+On CUDA the rows run in ops.strict_kernels() mode (a row whose MoE op would fall back to the
+reference math fails instead of timing it), after one op call per MoE layer configuration and
+token count has compiled the Triton kernels (`warm_up_kernels`). transformers' batched_mm row runs
+on CPU only: it gathers every token's experts' weights, which at OLMoE shapes needs more than a
+GPU's memory for a 2048-token prompt.
 Points: prefill of S tokens (past 0) and one decode step at context C, per batch size. A decode
 step is timed by feeding the same past of length C repeatedly, so every repetition sees context C.
 
@@ -22,12 +28,14 @@ any row is timed, so the rows' peak-memory figures are their own.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
+import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +47,7 @@ from ce_export.artifacts import atomic_file, checkpoint_of, environment_errors, 
 from ce_export.capture import KvCacheDecoder, build_torch_model
 from ce_export.load import load_checkpoint
 from ce_export.manifest import read_manifest
+from ce_export.spec import LAYER_MOE, ModelSpec, MoeLayerSpec
 from ce_export.verify import compare
 
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
@@ -62,8 +71,14 @@ class Point:
 
 CPU_POINTS = tuple(Point("prefill", b, s) for b in (1, 4) for s in (128, 512)) + \
     tuple(Point("decode", b, c) for b in (1, 4) for c in (128, 512))
-GPU_POINTS = tuple(Point("prefill", b, s) for b in (1, 8, 32) for s in (128, 512, 2048)) + \
-    tuple(Point("decode", b, c) for b in (1, 8, 32) for c in (512, 2048))
+
+
+def gpu_points(batches=(1, 8)) -> tuple[Point, ...]:
+    return tuple(Point("prefill", b, s) for b in batches for s in (128, 512, 2048)) + \
+        tuple(Point("decode", b, c) for b in batches for c in (512, 2048))
+
+
+GPU_POINTS = gpu_points()  # batch 32 too (gpu_points((1, 8, 32))) takes a GPU check past its time
 
 
 def point_inputs(point: Point, spec, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -151,6 +166,7 @@ class OrtRunner:
         if device.type == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        require_provider(self.session, "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider")
         self.device = device
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -184,6 +200,19 @@ class OrtRunner:
         return step
 
 
+class ProviderError(RuntimeError):
+    """An ONNX Runtime session did not get the execution provider its row is labelled with."""
+
+
+def require_provider(session, provider: str) -> None:
+    """ONNX Runtime falls back to the CPU provider, with a log line, when it cannot start the one
+    asked for (onnxruntime without CUDA, a missing CUDA library): refuse such a session."""
+    granted = session.get_providers()
+    if provider not in granted:
+        raise ProviderError(f"ONNX Runtime did not give the session {provider} (it got {', '.join(granted)}): "
+                            "not timing it under that label")
+
+
 def numpy_dtype(dtype: torch.dtype):
     return {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}[dtype]
 
@@ -197,6 +226,8 @@ class Row:
 def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> list[Row]:
     from transformers import AutoModelForCausalLM
 
+    implementations = ("eager", "grouped_mm") if device.type == "cuda" else ("eager", "grouped_mm", "batched_mm")
+
     def make(experts: str):
         def build():
             return TorchRunner(AutoModelForCausalLM.from_pretrained(
@@ -204,7 +235,7 @@ def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device
                 trust_remote_code=False, use_safetensors=True).to(device).eval())
         return build
 
-    return [Row(f"transformers {experts}", make(experts)) for experts in ("eager", "grouped_mm", "batched_mm")]
+    return [Row(f"transformers {experts}", make(experts)) for experts in implementations]
 
 
 def stock_transformers_can_run(loaded) -> bool:
@@ -212,11 +243,21 @@ def stock_transformers_can_run(loaded) -> bool:
     return not spec.use_ce and spec.architecture == "olmoe" and all(layer.kind == "moe" for layer in spec.moe_layers)
 
 
-def rows_for(folder: Path, manifest: dict, loaded, device: torch.device, dtype: torch.dtype, max_context: int,
-             skipped: dict, compile_decode: bool = False) -> list[Row]:
+@dataclass(frozen=True)
+class OnnxFile:
+    """The exported file a bench times with ONNX Runtime, and what its manifest says about it."""
+
+    path: Path
+    dtype: str
+    target: str
+    quantized: bool = False
+
+
+def rows_for(checkpoint: Path, onnx: OnnxFile | None, loaded, device: torch.device, dtype: torch.dtype,
+             max_context: int, skipped: dict, compile_decode: bool = False, no_onnx_reason: str = "") -> list[Row]:
     rows = []
     if stock_transformers_can_run(loaded):
-        rows += transformers_rows(checkpoint_of(folder, manifest), dtype, device)
+        rows += transformers_rows(checkpoint, dtype, device)
     else:
         skipped["transformers"] = ("transformers' own classes cannot run this model "
                                    "(compressed experts, trimmed layers or not OLMoE)")
@@ -229,20 +270,21 @@ def rows_for(folder: Path, manifest: dict, loaded, device: torch.device, dtype: 
     import onnxruntime as ort
 
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    if manifest["dtype"] == "bf16" and device.type == "cpu":
+    if onnx is None:
+        skipped["ONNX Runtime"] = no_onnx_reason or "no ONNX export to run"
+    elif onnx.dtype == "bf16" and device.type == "cpu":
         skipped["ONNX Runtime"] = "ONNX Runtime has no bf16 kernels on CPU"
     elif provider in ort.get_available_providers():
-        quantized = bool((manifest.get("quantization") or {}).get("mode"))
-        label = f"ONNX Runtime {'CUDA' if device.type == 'cuda' else 'CPU'} ({manifest['dtype']})"
-        rows.append(Row(label, lambda: OrtRunner(folder / manifest["onnx"]["file"], device, quantized)))
+        label = f"ONNX Runtime {'CUDA' if device.type == 'cuda' else 'CPU'} ({onnx.dtype})"
+        rows.append(Row(label, lambda: OrtRunner(onnx.path, device, onnx.quantized)))
     else:
         skipped["ONNX Runtime"] = f"{provider} not available (install onnxruntime-gpu)"
     if device.type == "cuda":
-        skipped["TensorRT"] = tensorrt_absence(folder)
+        skipped["TensorRT"] = tensorrt_absence()
     return rows
 
 
-def tensorrt_absence(folder: Path) -> str:
+def tensorrt_absence() -> str:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -297,44 +339,103 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def warm_up_kernels(spec: ModelSpec, token_counts, dtype: torch.dtype, device: torch.device,
+                    report: Callable[[str], None] = print) -> None:
+    """Compile, before anything is timed, the Triton kernels the op launches for each MoE layer
+    configuration and each token count (Triton specialises on the shapes' divisibility, so the
+    exact counts): one op call on random weights each. Nothing to do off CUDA."""
+    if device.type != "cuda":
+        return
+    started = time.perf_counter()
+    counts = sorted(set(token_counts))
+    layers = list(dict.fromkeys(kernel_configuration(layer) for layer in spec.moe_layers if layer.kind == LAYER_MOE))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0, logits_fp32=False):
+        t = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale
+        return t if logits_fp32 else t.to(dtype)
+
+    for layer in layers:
+        experts, hidden, inter = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        gate_up, down = rand(experts, 2 * inter, hidden, scale=hidden ** -0.5), rand(experts, hidden, inter)
+        ces = rand(experts, 3, layer.ces_width) + 1 if layer.n_ce else None
+        for tokens in counts:
+            torch.ops.ce_export.moe(rand(tokens, hidden), rand(tokens, experts, logits_fp32=layer.router_fp32),
+                                    gate_up, down, ces, layer.top_k, layer.n_ce, layer.norm_topk_prob,
+                                    layer.routing, layer.routing_scale, layer.jitter_eps)
+        del gate_up, down, ces
+    torch.cuda.synchronize(device)
+    report(f"  Triton kernels compiled for {len(layers)} MoE layer configuration(s) x T in {counts}: "
+           f"{time.perf_counter() - started:.1f} s")
+
+
+def kernel_configuration(layer: MoeLayerSpec) -> MoeLayerSpec:
+    """The layer spec with the fields that do not reach the MoE op blanked: equal for layers that
+    launch the same kernels."""
+    return replace(layer, layer=0, expert_ids=(), shared_intermediate_size=0, shared_expert_gate=False)
+
+
 def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: str = "cpu",
           dtype: str | None = None, compile_decode: bool = False, report: Callable[[str], None] = print) -> dict:
-    """Time every row of `folder` on `points`; `dtype` is the PyTorch rows' (default fp32 on CPU, bf16 on CUDA);
-    `compile_decode` adds a fast-path row whose decode step goes through torch.compile."""
+    """Time every row of build folder `folder` on `points`; `dtype` is the PyTorch rows' (default fp32 on
+    CPU, bf16 on CUDA); `compile_decode` adds a fast-path row whose decode step goes through torch.compile."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    onnx = OnnxFile(folder / manifest["onnx"]["file"], manifest["dtype"], manifest["target"],
+                    bool((manifest.get("quantization") or {}).get("mode")))
+    data = bench_checkpoint(checkpoint_of(folder, manifest), points, budget_s, device, dtype, compile_decode,
+                            report, onnx=onnx)
+    data["build"] = str(folder.absolute())
+    data["tools"] = manifest["tools"] | data["tools"]
+    return data
+
+
+def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: str = "cpu",
+                     dtype: str | None = None, compile_decode: bool = False,
+                     report: Callable[[str], None] = print, onnx: OnnxFile | None = None,
+                     no_onnx_reason: str = "") -> dict:
+    """Time every PyTorch row of a checkpoint folder, and the ONNX Runtime row when `onnx` is given
+    (else it is listed as not run, with `no_onnx_reason`)."""
+    checkpoint = Path(checkpoint)
     device = torch.device(device)
     dtype_name = dtype or ("bf16" if device.type == "cuda" else "fp32")
     torch_dtype = TORCH_DTYPES[dtype_name]
-    loaded = load_checkpoint(checkpoint_of(folder, manifest))
+    loaded = load_checkpoint(checkpoint)
     max_context = max(p.tokens + (p.phase == "decode") for p in points)
     expected = reference_logits(loaded, points, device, torch_dtype, report)
     skipped: dict[str, str] = {}
     results = []
-    for row in rows_for(folder, manifest, loaded, device, torch_dtype, max_context, skipped, compile_decode):
+    strict = ops.strict_kernels() if device.type == "cuda" else contextlib.nullcontext()
+    with strict:
         try:
-            runner = row.make()
-        except Exception as error:  # one row failing must not lose the others' measurements
-            skipped[row.name] = f"could not start: {type(error).__name__}: {error}"
-            report(f"  {row.name}: {skipped[row.name]}")
-            continue
-        for point in points:
+            warm_up_kernels(loaded.spec, [p.new_tokens for p in points], torch_dtype, device, report)
+        except Exception as error:  # the op's rows then fail one by one with the same error; the others run
+            report(f"  Triton kernel warm-up failed: {type(error).__name__}: {error}")
+        for row in rows_for(checkpoint, onnx, loaded, device, torch_dtype, max_context, skipped, compile_decode,
+                            no_onnx_reason):
             try:
-                results.append(measure(row.name, runner, point, loaded.spec, torch_dtype, device, expected[point],
-                                       budget_s, report))
-            except Exception as error:
-                results.append({"point": asdict(point), "label": point.label, "runtime": row.name,
-                                "error": f"{type(error).__name__}: {error}"})
-                report(f"  {point.label:<22} {row.name:<30} FAILED: {type(error).__name__}: {error}")
-        del runner
-        free_memory(device)
+                runner = row.make()
+            except Exception as error:  # one row failing must not lose the others' measurements
+                skipped[row.name] = f"could not start: {type(error).__name__}: {error}"
+                report(f"  {row.name}: {skipped[row.name]}")
+                continue
+            for point in points:
+                try:
+                    results.append(measure(row.name, runner, point, loaded.spec, torch_dtype, device,
+                                           expected[point], budget_s, report))
+                except Exception as error:
+                    results.append({"point": asdict(point), "label": point.label, "runtime": row.name,
+                                    "error": f"{type(error).__name__}: {error}"})
+                    report(f"  {point.label:<22} {row.name:<30} FAILED: {type(error).__name__}: {error}")
+            del runner
+            free_memory(device)
     for name, why in skipped.items():
         report(f"  not run: {name}: {why}")
-    return {"build": str(folder.absolute()), "model": manifest["model"]["architecture"],
-            "compressed": manifest["model"]["use_ce"], "target": manifest["target"], "dtype": manifest["dtype"],
-            "torch_dtype": dtype_name, "device": str(device), "machine": machine_facts(device),
-            "tools": manifest["tools"] | runtime_versions(), "parity": "max relative error of the last position's "
-            "logits vs the fp32 reference (captured model, MoE through moe_math.py)",
+    return {"build": str(checkpoint.absolute()), "model": loaded.spec.architecture,
+            "compressed": loaded.spec.use_ce, "target": onnx.target if onnx else None,
+            "dtype": onnx.dtype if onnx else None, "torch_dtype": dtype_name, "device": str(device),
+            "machine": machine_facts(device), "tools": runtime_versions(), "parity": "max relative error of the "
+            "last position's logits vs the fp32 reference (captured model, MoE through moe_math.py)",
             "skipped": skipped, "results": results}
 
 
@@ -379,6 +480,9 @@ def runtime_versions() -> dict:
         versions["triton_runtime"] = triton.__version__
     except ImportError:
         pass
+    import transformers
+
+    versions["transformers_runtime"] = transformers.__version__
     return versions
 
 
@@ -398,6 +502,40 @@ def machine_facts(device: torch.device | None = None) -> dict:
     return facts
 
 
+def device_slug(device: torch.device | str | None = None) -> str:
+    """A short name of the machine that times `device` (default: the first GPU if any, else the CPU)
+    for result folders and files: the GPU model ("h200", "h100", "a100") or "cpu-<cores>core"."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        model = re.search(r"\b([A-Z]+\d{2,4}[A-Z]?)\b", name)
+        return (model.group(1) if model else re.sub(r"\W+", "-", name).strip("-")).lower()
+    return f"cpu-{os.cpu_count()}core"
+
+
+def measure_ceilings(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, budget_s: float = 0.5) -> dict:
+    """The device's memory bandwidth (a large copy: bytes read + written per second) and matmul rate
+    in `dtype`, measured now: the rates a floor divides by. GPU: 1 GiB copy, 8192^3 matmul;
+    CPU: 64 MiB copy, 1024^3 matmul."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    elements = (1 << 30 if on_gpu else 1 << 26) // torch.finfo(dtype).bits * 8
+    src = torch.randn(elements, device=device, dtype=torch.float32).to(dtype)
+    dst = torch.empty_like(src)
+    copy = time_ms(lambda: dst.copy_(src), device, budget_s=budget_s)
+    n = 8192 if on_gpu else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=torch.float32).to(dtype) for _ in range(2))
+    matmul = time_ms(lambda: a @ b, device, budget_s=budget_s)
+    ceilings = {"copy_bytes_per_s": 2 * src.numel() * src.element_size() / (copy["median_ms"] / 1e3),
+                "matmul_flops_per_s": 2 * n ** 3 / (matmul["median_ms"] / 1e3),
+                "dtype": str(dtype).removeprefix("torch."), "device": device_slug(device),
+                "source": f"measured in this run: {src.numel() * src.element_size() >> 20} MiB copy, "
+                          f"{n}^3 matmul, median of repetitions"}
+    del src, dst, a, b
+    free_memory(device)
+    return ceilings
+
+
 def machine_name(data: dict) -> str:
     machine = data["machine"]
     if data.get("device", "cpu").startswith("cuda"):
@@ -410,8 +548,9 @@ def markdown_table(data: dict) -> str:
     runtimes = list(dict.fromkeys(r["runtime"] for r in data["results"]))
     labels = list(dict.fromkeys(r["label"] for r in data["results"]))
     cell = {(r["label"], r["runtime"]): r for r in data["results"]}
-    lines = [f"Model: {data['model']} ({'CE' if data['compressed'] else 'plain MoE'}), target {data['target']}, "
-             f"ONNX {data['dtype']}, PyTorch rows {data.get('torch_dtype', 'fp32')}; machine: {machine_name(data)}. "
+    onnx = f"target {data['target']}, ONNX {data['dtype']}" if data.get("target") else "no ONNX export"
+    lines = [f"Model: {data['model']} ({'CE' if data['compressed'] else 'plain MoE'}), {onnx}, "
+             f"PyTorch rows {data.get('torch_dtype', 'fp32')}; machine: {machine_name(data)}. "
              f"Median ms (parity: max relative error of the last position's logits vs the fp32 reference).",
              "", "| point | " + " | ".join(runtimes) + " |", "|---|" + "---|" * len(runtimes)]
     for label in labels:

@@ -15,12 +15,19 @@ from pathlib import Path
 from ce_export.errors import CeExportError, one_line
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error reported like every other error: exit 2 and one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"ce_export: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ce_export.capture import DTYPES
     from ce_export.export import TARGETS
     from ce_export.quantize import QUANTIZATIONS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m ce_export",
         description="Export MoE and Compressed-Experts language models to ONNX / TensorRT, verified against PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +89,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     trim.add_argument("--block-drop", type=int, default=0, help="whole blocks to drop (most similar in/out)")
     trim.add_argument("--force", action="store_true")
 
+    generate = sub.add_parser("generate", help="greedy tokens from a build folder, printed as they come "
+                                               "(onnxruntime-genai when installed, else ONNX Runtime)")
+    generate.add_argument("folder", help="a build folder")
+    given = generate.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="text, through the folder's tokenizer")
+    given.add_argument("--ids", help="comma-separated token ids, e.g. 1,2,3")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--runtime", choices=("genai", "ort", "torch"),
+                          help="genai: onnxruntime-genai over genai_config.json (default when installed and it "
+                               "serves the build on CPU); ort: our ONNX Runtime loop; torch: the captured PyTorch model")
+
     demo = sub.add_parser("demo", help="write the built-in demo checkpoint (CE by default) to a folder")
     demo.add_argument("out")
     demo.add_argument("--plain", action="store_true", help="the same model without compressed experts (top-k MoE)")
@@ -134,6 +152,11 @@ def run(args: argparse.Namespace) -> None:
             path = ce_calibrate.trim(model, args.stats, args.out, expert_drop=args.expert_drop, scope=args.scope,
                                      layer_drop=args.layer_drop, block_drop=args.block_drop, force=args.force)
             print(f"trimmed checkpoint: {path}")
+    elif args.command == "generate":
+        from ce_export.generate import generate, parse_ids
+
+        generate(args.folder, prompt=args.prompt, ids=None if args.ids is None else parse_ids(args.ids),
+                 max_new_tokens=args.max_new_tokens, runtime=args.runtime)
     elif args.command == "demo":
         path = write_demo_checkpoint(args.out, compressed=not args.plain, force=args.force)
         print(f"demo checkpoint ({'plain' if args.plain else 'CE'}): {path.absolute()}")
@@ -180,5 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    if args.command != "generate":  # generate's stdout is the generated text; it reports on stderr
+        print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

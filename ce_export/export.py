@@ -5,7 +5,8 @@ to a bodyless `ce_export::MoE` / `ce_export::CompressedMoE` node (the exporter's
 would inline a function given at export time), and the function bodies are attached afterwards.
 A target then specialises the nodes:
     portable  custom nodes + local functions (any ONNX runtime runs the bodies)
-    ort       plain MoE layers become com.microsoft::MoE (exact; CE layers stay portable)
+    ort       plain MoE layers become com.microsoft::MoE (exact; CE layers stay portable), where the
+              installed onnxruntime computes it correctly for the model's dtype (ort_support.py)
     trt       custom nodes also carry plugin_namespace / plugin_version, so TensorRT binds our
               plugin when it is loaded and inlines the bodies when it is not
 """
@@ -22,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ce_export import onnx_functions
+from ce_export import onnx_functions, ort_support
 from ce_export import quantize as quantize_stage
 from ce_export.capture import KvCacheDecoder, empty_past, io_names
 from ce_export.errors import ExportError
@@ -35,6 +36,7 @@ OPSET = 20
 PLUGIN_VERSION = "1"
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
 MS_DOMAIN = "com.microsoft"
+ONNX_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,11 @@ def export_onnx(
     moe_nodes = name_moe_nodes(onnx_model, [layer.layer for layer in model.spec.moe_layers if layer.kind == LAYER_MOE])
     attach_functions(onnx_model)
     if target == "ort":
-        lower_plain_moe_to_ort(onnx_model)
+        blocker = ort_support.moe_lowering_blocker(ONNX_DTYPE_NAMES.get(dtype, str(dtype)))
+        if blocker is None:
+            lower_plain_moe_to_ort(onnx_model)
+        else:
+            warnings.warn(f"--target ort: plain MoE layers keep their exact function bodies: {blocker}", stacklevel=2)
     elif target == "trt":
         mark_plugin_nodes(onnx_model)
     moe_nodes = [dict(entry, **node_facts(onnx_model, entry["name"])) for entry in moe_nodes]
@@ -128,6 +134,7 @@ def export_onnx(
     if quantize:
         quantization = quantize_stage.store_quantized_weights(onnx_model, quantize, quantized)
 
+    onnx_model.ir_version = ort_support.ir_version_for_runtime(onnx_model.ir_version, dict(onnx_model.opset_imports))
     nbytes = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None)
     external = nbytes > EXTERNAL_DATA_THRESHOLD
     onnx_path = out_dir / "model.onnx"

@@ -55,6 +55,13 @@ class Source(Strict):
 class ModelFacts(Strict):
     architecture: str
     use_ce: bool
+    vocab_size: Count
+    hidden_size: Count
+    num_layers: Count
+    num_attention_heads: Count
+    kv_heads: Count
+    key_dim: Count
+    value_dim: Count
 
 
 class Limits(Strict):
@@ -97,6 +104,16 @@ class Parameters(Strict):
     weight_bytes: NonNegative | None = None
 
 
+class GenaiClient(Strict):
+    supported: bool = False
+    provider: str | None = None
+    reason: str | None = None
+
+
+class Clients(Strict):
+    onnxruntime_genai: GenaiClient = GenaiClient()
+
+
 class Manifest(Strict):
     format: Literal[1]
     source: Source
@@ -107,7 +124,8 @@ class Manifest(Strict):
     calibration_data: CalibrationData | None = None
     parameters: Parameters
     onnx: OnnxSection
-    tools: dict[str, str] = {}
+    tools: dict[str, str]
+    clients: Clients = Clients()  # absent in manifests from before the clients were written
 
     @model_validator(mode="after")
     def known_names(self):

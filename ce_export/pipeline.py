@@ -17,7 +17,9 @@ from typing import Callable
 
 import torch
 
+from ce_export import clients
 from ce_export import export as export_stage
+from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, staged_folder, write_json, writing
@@ -112,9 +114,15 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
         manifest = make_manifest(source, loaded, options, result, data, activations)
+        manifest["clients"] = clients.write_client_files(staging, checkpoint, manifest)
+        manifest["clients"]["polygraphy"] = polygraphy_reference.support(manifest, options.verify)
         write_json(staging / MANIFEST, manifest)
         if options.verify:
-            parity = run_parity(staging, manifest, loaded, timer)
+            reference = (polygraphy_reference.ReferenceWriter(staging, manifest)
+                         if manifest["clients"]["polygraphy"]["supported"] else None)
+            parity = run_parity(staging, manifest, loaded, timer, record_reference=reference)
+            if reference is not None:
+                reference.write_script()
             write_json(staging / PARITY, parity)
             verify_stage.plot_parity(parity, staging / PARITY_PLOT)
         if options.target == "trt":
@@ -216,7 +224,8 @@ def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
     return parity
 
 
-def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dict:
+def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record_reference=None) -> dict:
+    """`record_reference`: receives the logits check's feeds and reference outputs (polygraphy_reference)."""
     dtype_name = manifest["dtype"]
     onnx_path = folder / manifest["onnx"]["file"]
     quantization = (manifest.get("quantization") or {}).get("mode")
@@ -252,7 +261,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer") -> dic
     with timer("verify: logits on %d shapes" % len(verify_stage.PARITY_CASES)):
         tolerance = verify_stage.TOLERANCES[dtype_name]
         logits = verify_stage.check_logits(reference, runtime, loaded.spec, manifest["onnx"]["outputs"],
-                                           runtime_dtype, tolerance)
+                                           runtime_dtype, tolerance, record=record_reference)
     with timer(f"verify: greedy generation of {verify_stage.GENERATION_TOKENS} tokens"):
         generation = verify_stage.check_generation(at_dtype, runtime, loaded.spec, runtime_dtype, tolerance)
         if at_dtype is not reference and not generation["passed"]:

@@ -9,8 +9,9 @@ and the slots being written), so a captured decode graph needs nothing from the 
 token ids, positions and slot, copied into its static inputs before each replay.
 
 Attention reads only a window of the cache: the first slots up to the next multiple of
-`WINDOW_STEP` (capped at `max_context`) that holds every written slot, so a decode step at context
-512 of a 4096-slot cache reads 768 slots, not 4096. Prefill runs eagerly (its shapes change with
+`WINDOW_STEP` that holds every written slot, so a decode step at context 512 of a 4096-slot cache
+reads 768 slots, not 4096. The cache itself holds whole windows (`max_context` rounded up to a
+multiple of `WINDOW_STEP`): a last window of 2049 slots would give attention an unaligned length. Prefill runs eagerly (its shapes change with
 every prompt); decode replays a CUDA graph captured once per window (all graphs share one memory
 pool), or runs eagerly on CPU or when `cuda_graph=False`. `compile_decode=True` first passes the
 decode step through torch.compile (fixed shapes, so it compiles once per window; our MoE op stays
@@ -28,6 +29,11 @@ from ce_export.errors import RuntimeInputError
 from ce_export.spec import ModelSpec
 
 WINDOW_STEP = 256  # attention windows (and decode graphs) come in multiples of this many slots
+
+
+def round_to_window(slots: int) -> int:
+    """`slots` rounded up to a whole number of attention windows."""
+    return -(-slots // WINDOW_STEP) * WINDOW_STEP
 
 
 class SlotCache(Cache):
@@ -83,6 +89,7 @@ class FastDecoder:
         parameter = next(lm.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         set_attention(lm, attention)
+        max_context = round_to_window(max_context)
         self.cache = SlotCache(spec, batch, max_context, self.dtype, self.device)
         self.slot_index = torch.arange(max_context, device=self.device)
         self.valid = torch.ones(batch, max_context, dtype=torch.bool, device=self.device)
@@ -111,7 +118,7 @@ class FastDecoder:
 
     # --- one forward step over the cache -------------------------------------------------------
     def bucket(self, slots_needed: int) -> int:
-        return min(-(-slots_needed // WINDOW_STEP) * WINDOW_STEP, self.cache.max_context)
+        return min(round_to_window(slots_needed), self.cache.max_context)
 
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         slots, window = self.cache.write_slots, self.cache.window

@@ -140,7 +140,9 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
             "mean_abs": abs_err.mean().item(), "mean_rel": abs_err.mean().item() / scale}
 
 
-def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0) -> dict:
+def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0,
+                 record=None) -> dict:
+    """`record(inputs, expected)`, when given, receives each shape's feed and the reference's outputs."""
     reference = KvCacheDecoder(reference_lm).eval()
     gen = torch.Generator().manual_seed(seed)
     results = []
@@ -148,6 +150,8 @@ def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: To
         inputs = random_inputs(case, spec, dtype, gen)
         with torch.no_grad():
             expected = reference(*inputs[:3], tuple(t.float() for t in inputs[3]))
+        if record is not None:
+            record(inputs, expected)
         actual = runtime(*inputs)
         per_output = {name: compare(e, a) for name, e, a in zip(output_names, expected, actual)}
         results.append(case_result(case, expected[0], actual[0], per_output))

@@ -30,3 +30,13 @@ def demo_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("builds") / "demo"
     pipeline.build("demo", out, pipeline.BuildOptions(), report=lambda line: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_plain_build(tmp_path_factory, demo_plain):
+    """The plain demo through `build --target ort` (its MoE layers as com.microsoft::MoE), once per session."""
+    from ce_export import pipeline
+
+    out = tmp_path_factory.mktemp("builds") / "demo_plain_ort"
+    pipeline.build(str(demo_plain), out, pipeline.BuildOptions(target="ort"), report=lambda line: None)
+    return out

@@ -23,12 +23,8 @@ def test_bench_writes_side_by_side_results_with_parity(demo_build, tmp_path):
     assert "Not run: transformers" in table  # said, not silently left out
 
 
-def test_plain_model_bench_includes_transformers_rows(demo_plain, tmp_path):
-    from ce_export import pipeline
-
-    out = tmp_path / "plain"
-    pipeline.build(str(demo_plain), out, pipeline.BuildOptions(target="ort"), report=lambda line: None)
-    data = bench.bench(out, points=POINTS[:1], budget_s=0.05, report=lambda line: None)
+def test_plain_model_bench_includes_transformers_rows(demo_plain_build):
+    data = bench.bench(demo_plain_build, points=POINTS[:1], budget_s=0.05, report=lambda line: None)
     runtimes = [r["runtime"] for r in data["results"]]
     assert runtimes == ["transformers eager", "transformers grouped_mm", "transformers batched_mm",
                         "PyTorch (ce_export op)", "ce_export fast path",

@@ -1,12 +1,15 @@
-"""`python benchmarks/moe_layer.py --dry-run` works with no GPU: floors from the assumed H100
-anchors for every T, and the list of planned comparisons."""
+"""The benchmarks' dry runs, with no GPU: `benchmarks/moe_layer.py --dry-run` (floors from the
+assumed H100 anchors for every T, and the list of planned comparisons) and `benchmarks/gpu_check.sh
+--dry-run` (every step of the prepared GPU run, on the CPU)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,32 +53,66 @@ def test_dry_run_takes_other_token_counts():
     assert {t for t, _ in floor_rows(result.stdout)} == {3, 100}
 
 
-def test_gpu_end_to_end_suite_runs_its_code_path_on_a_tiny_model_on_cpu(tmp_path):
-    """The H100 suite's code, on a tiny model and the CPU: checkpoints (shared shard + CE shard),
-    fp16 exports, every row with parity, the headline table with floors and the issue's targets."""
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        import end_to_end
-    finally:
-        sys.path.pop(0)
-    out = tmp_path / "results"
-    assert end_to_end.main(["--suite", "gpu", "--size", "tiny", "--device", "cpu", "--quick", "--budget", "0.01",
-                            "--scratch", str(tmp_path), "--out", str(out)]) == 0
-    for name in ("headline.md", "headline.png", "summary.md", "tiny-plain/bench.json", "tiny-ce/bench.png"):
-        assert (out / name).is_file(), name
-    import json
+def test_gpu_check_dry_run_writes_every_result_file(tmp_path):
+    """benchmarks/gpu_check.sh, the prepared GPU run, with --dry-run: every step on the CPU with tiny
+    sizes (the GPU-only tests skip), the same result files in the same places: in OUT the archive,
+    the step table, the summary and the console log, named after the device; in the archive the
+    logs, the tests' JUnit XML, the layer benchmark's output and the end-to-end suite per model with
+    its headline (the plain model exported for ONNX Runtime's CPU row, the CE one not)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    device = f"cpu-{os.cpu_count()}core"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{device}-{name}" for name in ("gpu-check.tar.gz", "steps.tsv", "summary.md", "console.log"))
+    steps = [line.split("\t") for line in (out / f"{device}-steps.tsv").read_text().splitlines()[1:]]
+    assert [(s[0], s[1], s[6]) for s in steps] == [(name, "ok", device) for name in
+                                                  ("env", "cuda-tests", "moe-layer", "e2e-plain", "e2e-ce")]
+    assert "gpu_check done" in (out / f"{device}-console.log").read_text()
 
-    plain = json.loads((out / "tiny-plain" / "bench.json").read_text())
-    ce = json.loads((out / "tiny-ce" / "bench.json").read_text())
+    with tarfile.open(out / f"{device}-gpu-check.tar.gz") as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    tree = tmp_path / "unpacked" / device
+    e2e = tree / "end_to_end"
+    for name in ("steps.tsv", "summary.md", "tests/junit.xml", "moe_layer/moe_layer-dry-run.txt",
+                 *(f"logs/{step}.log" for step, *_ in steps), "end_to_end/headline.md", "end_to_end/headline.png",
+                 "end_to_end/summary.md", *(f"end_to_end/tiny-{m}/bench.{x}" for m in ("plain", "ce")
+                                            for x in ("json", "md", "png"))):
+        assert (tree / name).is_file() and (tree / name).stat().st_size > 0, name
+    assert 'skipped="' in (tree / "tests" / "junit.xml").read_text()  # collected, skipped without CUDA
+    assert re.search(r"^\s+1\s+CE km=4", (tree / "moe_layer" / "moe_layer-dry-run.txt").read_text(), re.M)
+
+    plain = json.loads((e2e / "tiny-plain" / "bench.json").read_text())
+    ce = json.loads((e2e / "tiny-ce" / "bench.json").read_text())
     assert {r["runtime"] for r in plain["results"]} == {
         "transformers eager", "transformers grouped_mm", "transformers batched_mm", "PyTorch (ce_export op)",
-        "ce_export fast path",
-        "ONNX Runtime CPU (fp16)"}
-    assert "transformers" in ce["skipped"]
-    for row in plain["results"] + ce["results"]:
-        limit = 5e-3 if "fp16" in row["runtime"] else 1e-4
-        assert row["parity_max_rel"] < limit, row
-    headline = (out / "headline.md").read_text()
+        "ce_export fast path", "ONNX Runtime CPU (fp16)"}
+    assert {r["runtime"] for r in ce["results"]} == {"PyTorch (ce_export op)", "ce_export fast path"}
+    assert "transformers" in ce["skipped"] and "--export never" in ce["skipped"]["ONNX Runtime"]
+    for data in (plain, ce):
+        assert data["ceilings"]["device"] == device and data["ceilings"]["copy_bytes_per_s"] > 0
+        for row in data["results"]:
+            assert row["parity_max_rel"] < (5e-3 if "fp16" in row["runtime"] else 1e-4), row
+    headline = (e2e / "headline.md").read_text()
     assert "ce_export fast path (ce)" in headline and "transformers eager (plain)" in headline
+    assert f"measured on {device} in this run" in headline
     assert "not measured in this run" in headline  # --quick has no context-512 point: said, not invented
-    assert not any(p.name.startswith("tmp") for p in tmp_path.iterdir())  # scratch removed
+    assert "| e2e-ce | ok |" in (out / f"{device}-summary.md").read_text()
+
+
+def test_gpu_check_keeps_going_past_a_failing_step_and_says_so(tmp_path):
+    """A step that fails (here: no time left for any step) is recorded, the others still run, and the
+    exit code says the check did not pass."""
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "GPU_CHECK_BUDGET_S": "0"}
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    device = f"cpu-{os.cpu_count()}core"
+    steps = (out / f"{device}-steps.tsv").read_text().splitlines()[1:]
+    assert [line.split("\t")[:2] for line in steps] == [[name, "skipped"] for name in
+                                                        ("env", "cuda-tests", "moe-layer", "e2e-plain", "e2e-ce")]
+    assert "## e2e-ce: skipped" in (out / f"{device}-summary.md").read_text()

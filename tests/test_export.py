@@ -5,7 +5,7 @@ import json
 import onnx
 import pytest
 
-from ce_export import pipeline
+from ce_export import ort_support, pipeline
 from checkpoints import demo_variant
 
 QUIET = dict(report=lambda line: None)
@@ -20,8 +20,9 @@ def load_parity(folder):
 
 
 def test_demo_build_artifacts(demo_build):
-    assert sorted(p.name for p in demo_build.iterdir()) == ["checkpoint", "manifest.json", "model.onnx", "parity.json",
-                                                             "parity.png"]
+    assert sorted(p.name for p in demo_build.iterdir()) == ["checkpoint", "config.json", "genai_config.json",
+                                                             "manifest.json", "model.onnx", "parity.json", "parity.png",
+                                                             "polygraphy"]
     assert (demo_build / "parity.png").read_bytes()[:4] == b"\x89PNG"
     manifest = load_manifest(demo_build)
     assert manifest["onnx"]["inputs"][:5] == ["input_ids", "attention_mask", "position_ids",
@@ -72,14 +73,15 @@ def test_verify_command_reruns_parity(demo_build):
     assert parity["passed"]
 
 
-def test_ort_target_lowers_plain_moe_to_com_microsoft(demo_plain, tmp_path):
-    out = tmp_path / "ort"
-    pipeline.build(str(demo_plain), out, pipeline.BuildOptions(target="ort"), **QUIET)
-    model = onnx.load(out / "model.onnx")
+def test_ort_target_lowers_plain_moe_to_com_microsoft(demo_plain_build):
+    blocker = ort_support.moe_lowering_blocker("fp32")
+    if blocker:  # tests/test_gpu_readiness.py checks that the bodies stay then
+        pytest.skip(f"not lowered here: {blocker}")
+    model = onnx.load(demo_plain_build / "model.onnx")
     ms = [n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
     assert len(ms) == 4 and not model.functions
     assert not [n for n in model.graph.node if n.domain == "ce_export"]
-    assert load_parity(out)["passed"]
+    assert load_parity(demo_plain_build)["passed"]
 
 
 def test_ort_target_keeps_compressed_layers_portable(demo_ce, tmp_path):

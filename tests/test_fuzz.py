@@ -1,16 +1,20 @@
 """Property-based fuzzing (hypothesis) of what users hand to ce_export: config.json values,
-safetensors headers, calibration data files, and the build folders `verify` and `bench` read
-(manifest.json, parity.json, model.onnx and its external data).
+safetensors headers, calibration data files, and the build folders `verify`, `bench` and
+`generate` read (manifest.json, parity.json, genai_config.json, model.onnx and its external data).
 
 The property, for every generated case: the CLI entry (`ce_export.cli.main`, in process) either
 exits 2 with exactly one line `ce_export: error: ...`, or accepts the input; never a traceback,
-never a hang (each case runs under a hard time limit). "Accepts" means the command got past every
-stage that reads the fuzzed input and a model built from it runs: for `build`, load, capture and
-the calibration data succeed and the captured model runs a forward pass, where export would start;
-for `verify`, the manifest and files pass their checks, the checkpoint loads and ONNX Runtime runs
-the file once; for `bench`, the manifest passes and the checkpoint loads. Exporting every accepted
-case would take seconds each, so test_accepted_inputs_build_end_to_end builds one checkpoint
-carrying several unusual-but-valid values end to end instead.
+never a hang (each case runs under a hard time limit). Exporting and verifying every accepted case
+would take seconds each, so two stages are stood in for, after everything that reads the fuzzed
+input has run:
+- `build`: export_onnx runs the captured model (what export traces) on a prefill + decode shape,
+  then hands back the tiny model's real ONNX file; the rest of the build (manifest, client files)
+  runs, with --no-verify. With --calib, the build stops there instead (the data is read at load).
+- `verify`: the manifest and files pass their checks, the checkpoint loads, ONNX Runtime loads the
+  file and runs it once; the parity checks themselves are not rerun. `bench`: the manifest passes
+  and the checkpoint loads. `generate` runs for real (two tokens through ONNX Runtime).
+test_accepted_inputs_build_end_to_end builds one checkpoint carrying several unusual-but-valid
+values for real, export and verify included.
 
 Cases are derandomized (the same ones each run, so CI cannot flake) unless CE_FUZZ_RANDOM=1;
 CE_FUZZ_SCALE=N multiplies every test's case count for longer campaigns.
@@ -46,6 +50,7 @@ from ce_export.artifacts import write_json
 from ce_export.capture import KvCacheDecoder
 from ce_export.cli import main
 from ce_export.demo import demo_config
+from ce_export.manifest import read_manifest
 from checkpoints import TINY, TINY_LIMITS, tiny_checkpoint
 
 CASE_LIMIT_S = 30  # a hard limit per case: more is a hang
@@ -83,8 +88,9 @@ def time_limit(seconds: float):
 class Outcomes:
     """Each case's outcome and time; `check` runs one CLI call and asserts the property."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, export_stood_in: bool = False):
         self.name, self.counts, self.slowest = name, Counter(), 0.0
+        self.success = "accepted" if export_stood_in else "succeeded"
 
     def check(self, argv: list[str]) -> str:
         err = io.StringIO()
@@ -94,10 +100,12 @@ class Outcomes:
                 code = main(argv)
             except Accepted:
                 code = None
+            except SystemExit as exit:  # argparse's usage errors
+                code = exit.code
         self.slowest = max(self.slowest, time.perf_counter() - start)
         lines = err.getvalue().strip().splitlines()
         if code is None or code == 0:
-            outcome = "accepted" if code is None else "built"
+            outcome = "accepted" if code is None else self.success
         else:
             assert code == 2, (code, lines)
             assert len(lines) == 1 and lines[0].startswith("ce_export: error: "), lines
@@ -123,15 +131,35 @@ def scratch_folder(parent: Path):
 # --- stubs: where each command stops once the fuzzed input has been read ------------------------
 
 
-def forward_then_accept(loaded, lm, *args, **kwargs):
-    """export_onnx's stand-in: the captured model (what export traces) runs one prefill + decode
-    shape, then the case is accepted."""
-    spec = loaded.spec
+def run_captured_model(loaded, lm) -> None:
+    """The captured model (what export traces) on one prefill + decode shape."""
     case = verify_stage.ParityCase(batch=2, sequence=3, past=2)
-    inputs = verify_stage.random_inputs(case, spec, next(lm.parameters()).dtype, torch.Generator().manual_seed(0))
+    inputs = verify_stage.random_inputs(case, loaded.spec, next(lm.parameters()).dtype, torch.Generator().manual_seed(0))
     with torch.no_grad():
         KvCacheDecoder(lm.eval())(*inputs)
+
+
+def forward_then_accept(loaded, lm, *args, **kwargs):
+    """export_onnx's stand-in where the build should stop: the captured model runs, then the case is accepted."""
+    run_captured_model(loaded, lm)
     raise Accepted()
+
+
+def export_stand_in(build: Path):
+    """export_onnx's stand-in that lets the build go on: the captured model runs, then the tiny
+    model's real export (model.onnx and model.onnx.data from `build`) is handed back as if exported,
+    so that the rest of the build (manifest, client files for onnxruntime-genai and Optimum) runs on
+    the fuzzed checkpoint."""
+    from ce_export.capture import io_names
+
+    def stand_in(loaded, lm, out_dir, *args, **kwargs):
+        run_captured_model(loaded, lm)
+        for name in ("model.onnx", "model.onnx.data"):
+            shutil.copyfile(build / name, out_dir / name)
+        inputs, outputs = io_names(loaded.spec.num_layers)
+        return export_stage.ExportResult(out_dir / "model.onnx", True, inputs, outputs, {}, [], 18)
+
+    return stand_in
 
 
 def run_once_then_accept(reference, runtime, spec, output_names, dtype, *args, **kwargs):
@@ -226,8 +254,8 @@ def checkpoint_with(folder: Path, tiny: Path, config_text: str | None = None, we
     return folder
 
 
-def test_config_values(tiny, tmp_path):
-    outcomes = Outcomes("config.json values")
+def test_config_values(tiny, tiny_build, tmp_path):
+    outcomes = Outcomes("config.json values", export_stood_in=True)
 
     @fuzz_settings(220)
     @given(config_edits)
@@ -238,11 +266,12 @@ def test_config_values(tiny, tmp_path):
                 config.pop(key, None)
             else:
                 config[key] = value
-        with scratch_folder(tmp_path) as folder, mock.patch.object(export_stage, "export_onnx", forward_then_accept):
+        with scratch_folder(tmp_path) as folder, \
+                mock.patch.object(export_stage, "export_onnx", export_stand_in(tiny_build)):
             (folder / "ckpt").mkdir()
             checkpoint = checkpoint_with(folder / "ckpt", tiny, json.dumps(config))
-            outcomes.check(["build", str(checkpoint), "--out", str(folder / "out"), *TINY_LIMITS])
-            assert not (folder / "out").exists()
+            outcome = outcomes.check(["build", str(checkpoint), "--out", str(folder / "out"), "--no-verify", *TINY_LIMITS])
+            assert (folder / "out").exists() == (outcome == "accepted")
 
     case()
     outcomes.summary(200)
@@ -342,15 +371,16 @@ def apply_header_edits(data: bytes, edits) -> bytes:
     return data
 
 
-def test_safetensors_headers(tiny, tmp_path):
-    outcomes = Outcomes("safetensors headers")
+def test_safetensors_headers(tiny, tiny_build, tmp_path):
+    outcomes = Outcomes("safetensors headers", export_stood_in=True)
     original = (tiny / "model.safetensors").read_bytes()
     names = sorted(name for name in split_safetensors(original)[0] if name != "__metadata__")
 
     @fuzz_settings(160)
     @given(st.lists(header_edit(names), min_size=1, max_size=3))
     def case(edits):
-        with scratch_folder(tmp_path) as folder, mock.patch.object(export_stage, "export_onnx", forward_then_accept):
+        with scratch_folder(tmp_path) as folder, \
+                mock.patch.object(export_stage, "export_onnx", export_stand_in(tiny_build)):
             (folder / "ckpt").mkdir()
             checkpoint = checkpoint_with(folder / "ckpt", tiny, weights=apply_header_edits(original, edits))
             outcomes.check(["build", str(checkpoint), "--out", str(folder / "out"), "--no-verify"])
@@ -359,8 +389,8 @@ def test_safetensors_headers(tiny, tmp_path):
     outcomes.summary(150)
 
 
-def test_sharded_index(tiny, tmp_path):
-    outcomes = Outcomes("model.safetensors.index.json")
+def test_sharded_index(tiny, tiny_build, tmp_path):
+    outcomes = Outcomes("model.safetensors.index.json", export_stood_in=True)
     names = sorted(name for name in split_safetensors((tiny / "model.safetensors").read_bytes())[0] if name != "__metadata__")
     file_names = st.one_of(st.just("model.safetensors"), st.just("../model.safetensors"), st.just("/etc/passwd"),
                            st.just("missing.safetensors"), st.just(""), st.just("."), json_values)
@@ -374,7 +404,8 @@ def test_sharded_index(tiny, tmp_path):
     @fuzz_settings(40)
     @given(index)
     def case(content):
-        with scratch_folder(tmp_path) as folder, mock.patch.object(export_stage, "export_onnx", forward_then_accept):
+        with scratch_folder(tmp_path) as folder, \
+                mock.patch.object(export_stage, "export_onnx", export_stand_in(tiny_build)):
             (folder / "ckpt").mkdir()
             checkpoint = checkpoint_with(folder / "ckpt", tiny)
             (checkpoint / "model.safetensors.index.json").write_text(json.dumps(content))
@@ -463,7 +494,7 @@ def tiny_build(tiny, tmp_path_factory) -> Path:
     manifest["onnx"]["external_data"] = "model.onnx.data"
     manifest["onnx"]["files"] = recorded_files(out, ["model.onnx", "model.onnx.data"])
     write_json(out / "manifest.json", manifest)
-    assert main(["verify", str(out)]) == 0
+    read_manifest(out)  # the files match the record again
     return out
 
 
@@ -592,6 +623,35 @@ def test_bench_on_edited_manifests(tiny_build, tmp_path):
 
     case()
     outcomes.summary(50)
+
+
+def test_generate_on_edited_build_folders(tiny_build, tmp_path):
+    outcomes = Outcomes("generate: manifest.json, genai_config.json, model.onnx(.data)")
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    genai = json.loads((tiny_build / "genai_config.json").read_text())
+    edits = st.one_of(st.tuples(st.just("manifest.json"), json_edit(manifest)),
+                      st.tuples(st.just("genai_config.json"), json_edit(genai)),
+                      st.tuples(st.just("file"), FILE_EDITS))
+    requests = st.one_of(st.just(["--ids", "1,2"]), st.just(["--ids", "64"]), st.just(["--ids", "-1,x"]), st.just(["--ids=-1,x"]),
+                         st.just(["--ids", ",".join(["1"] * 20)]), st.just(["--prompt", "hello"]))
+
+    @fuzz_settings(60)
+    @given(st.lists(edits, min_size=0, max_size=2), requests, st.sampled_from(["ort", "genai", "torch"]),
+           st.sampled_from(["2", "0", "15", "100"]))
+    def case(changes, request, runtime, new_tokens):
+        with scratch_folder(tmp_path) as folder:
+            build = folder / "build"
+            shutil.copytree(tiny_build, build)
+            for target, change in changes:
+                if target == "file":
+                    apply_file_edit(build, change)
+                else:
+                    document = json.loads((build / target).read_text())
+                    (build / target).write_text(json.dumps(edited_json(document, *change)))
+            outcomes.check(["generate", str(build), *request, "--max-new-tokens", new_tokens, "--runtime", runtime])
+
+    case()
+    outcomes.summary(60)
 
 
 def test_accepted_inputs_build_end_to_end(tiny, tmp_path, capsys):

@@ -14,6 +14,7 @@ runs only on the GPU; fp32 and fp16 run everywhere.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from ce_export import moe_math  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from ce_kernels.tile_configs import H100_TILE_TABLE  # noqa: E402
+from ce_kernels.tile_configs import FP32_TILE_TABLE, H100_TILE_TABLE, SMALL_SHARED_TILE_TABLE  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,16 +76,17 @@ SMALL_TILES_M32 = small_tiles(block_m=32, group_m=8, gate_up=(32, 32), down=(32,
 
 def make_layer(tokens, hidden, inter, experts, *, dtype=torch.float32, ces_columns=None, seed=0, device=DEVICE):
     """Random (not zero) inputs at the reference's layouts, weights scaled to keep outputs O(1).
-    Router logits stay fp32: rounded to 16 bits they tie often, and torch.topk leaves tie order open."""
-    gen = torch.Generator().manual_seed(seed)
+    Router logits stay fp32: rounded to 16 bits they tie often, and torch.topk leaves tie order open.
+    Drawn on `device` (OLMoE-sized weights take seconds to draw on a CPU)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     ces_columns = ces_columns or max(hidden, inter)
 
     def rand(*shape, scale=1.0, offset=0.0):
-        return (offset + scale * torch.randn(*shape, generator=gen)).to(dtype).to(device)
+        return (offset + scale * torch.randn(*shape, generator=gen, device=device)).to(dtype)
 
     return {
         "hidden": rand(tokens, hidden),
-        "router_logits": torch.randn(tokens, experts, generator=gen).to(device),
+        "router_logits": torch.randn(tokens, experts, generator=gen, device=device),
         "gate_up": rand(experts, 2 * inter, hidden, scale=hidden ** -0.5),
         "down": rand(experts, hidden, inter, scale=inter ** -0.5),
         "ces": rand(experts, 3, ces_columns, scale=0.3, offset=1.0),
@@ -128,11 +130,20 @@ LAYER_CASES = {
     "block_m_32": (45, 32, 16, 8, 4, 2, False, SMALL_TILES_M32),
     "h100_table_chosen_by_fused_moe": (3, 32, 16, 8, 4, 2, False, None),
 }
-# Every entry of the H100 table (fed directly: the tiles matter, not the T that would select them),
-# with H and I spanning two BLOCK_K steps.
-LAYER_CASES.update({
-    f"h100_table_entry_{i}": (70, 128, 128, 8, 4, 2, False, entry) for i, entry in enumerate(H100_TILE_TABLE)
-})
+# Every distinct entry of every tile table (fed directly: the tiles matter, not the T that would
+# select them), with H and I spanning two BLOCK_K steps; in fp32 here, whatever dtype a table serves.
+TABLES = {"h100": H100_TILE_TABLE, "small_shared": SMALL_SHARED_TILE_TABLE, "fp32": FP32_TILE_TABLE}
+
+
+def distinct_table_entries() -> dict[str, dict]:
+    entries = {}
+    for name, table in TABLES.items():
+        for i, entry in enumerate(table):
+            entries.setdefault(json.dumps(entry, sort_keys=True), (f"{name}_table_entry_{i}", entry))
+    return dict(entries.values())
+
+
+LAYER_CASES.update({case: (70, 128, 128, 8, 4, 2, False, entry) for case, entry in distinct_table_entries().items()})
 
 
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
@@ -323,19 +334,57 @@ def test_grouped_gemms_and_combine_match_torch_twins(ck, tiles, with_ce):
 def test_tile_config_selection(ck):
     assert ck.select_tile_config(1).max_tokens >= 1
     assert ck.select_tile_config(4096).block_m == 64
-    sizes = [ck.select_tile_config(t).max_tokens for t in (1, 32, 33, 256, 257, 1024, 1025, 10 ** 6)]
-    assert sizes == sorted(sizes)
+    from ce_kernels import tile_configs as tc
+
+    for table in (tc.H100_TILE_TABLE, tc.SMALL_SHARED_TILE_TABLE, tc.FP32_TILE_TABLE):
+        sizes = [tc.select_tile_config(t, table=table).max_tokens for t in (1, 32, 33, 256, 257, 1024, 1025, 10 ** 6)]
+        assert sizes == sorted(sizes) and sizes[-1] == table[-1]["max_tokens"]
+
+
+def test_the_table_follows_the_dtype_and_the_devices_shared_memory(ck):
+    from ce_kernels import tile_configs as tc
+
+    assert tc.arch_tile_table("bf16", 90) is tc.H100_TILE_TABLE is tc.arch_tile_table("fp16", 80)
+    assert tc.arch_tile_table("bf16", 86) is tc.SMALL_SHARED_TILE_TABLE is tc.arch_tile_table("fp16", 89)
+    assert all(tc.arch_tile_table("fp32", arch) is tc.FP32_TILE_TABLE for arch in (80, 86, 89, 90))
+    assert tc.tile_table(torch.bfloat16, None) is tc.H100_TILE_TABLE  # no device: the interpreter
+    assert tc.select_tile_config(4096, torch.float32, 232448) == tc.MoeTileConfig.from_dict(tc.FP32_TILE_TABLE[-1])
+    assert tc.select_tile_config(4096, "bf16", 101376) == tc.MoeTileConfig.from_dict(tc.SMALL_SHARED_TILE_TABLE[-1])
+    with pytest.raises(ValueError, match="no tile table fits 65536 B"):
+        tc.arch_tile_table("fp16", 75)
 
 
 # ---------------------------------------------------------------- GPU only
 
+# Each dtype at OLMoE-1B-7B shapes through the tile table the device gets, every T bucket of it
+# (1 / 8 <= 32, 64 <= 256, 512 <= 1024, 4096 beyond) for bf16 and fp32. Tolerances vs the fp32
+# reference with the same routing: bf16 ~1e-2 is its rounding of h*theta and act, fp16 ~1e-3,
+# fp32 (full-precision dot) only the summation order.
+GPU_OLMOE_CASES = [("bf16", t) for t in (1, 8, 64, 512, 4096)] + [("fp16", t) for t in (8, 4096)] + \
+    [("fp32", t) for t in (1, 64, 512, 4096)]
+GPU_TOLERANCE = {"bf16": 2e-2, "fp16": 3e-3, "fp32": 1e-5}
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 @gpu_only
-@pytest.mark.parametrize("tokens", [1, 8, 64, 512])
-def test_bf16_olmoe_shapes_match_reference(ck, tokens):
-    layer = make_layer(tokens, 2048, 1024, 64, dtype=torch.bfloat16, ces_columns=2048, seed=tokens)
+@pytest.mark.parametrize(("dtype", "tokens"), GPU_OLMOE_CASES)
+def test_olmoe_shapes_match_reference_on_gpu(ck, dtype, tokens):
+    layer = make_layer(tokens, 2048, 1024, 64, dtype=TORCH_DTYPE[dtype], ces_columns=2048, seed=tokens)
     out = run_fused(ck, layer, 8, 4, False)
-    # bf16 inputs, fp32 reference with the same routing: ~1e-2 is bf16 rounding of h*theta and act.
-    assert relative_error(out, reference_fp32(layer, 8, 4, False)) < 2e-2
+    assert out.dtype == TORCH_DTYPE[dtype]
+    assert relative_error(out, reference_fp32(layer, 8, 4, False)) < GPU_TOLERANCE[dtype]
+
+
+@gpu_only
+def test_cuda_op_runs_the_kernels_not_the_reference(ck):
+    """The op as models call it, strict: it must dispatch to fused_moe (same result bit for bit)."""
+    from ce_export import ops
+
+    layer = make_layer(24, 256, 128, 16, dtype=torch.bfloat16, seed=11)
+    args = (layer["hidden"], layer["router_logits"], layer["gate_up"], layer["down"], layer["ces"], 6, 2, False)
+    assert ops.why_not_kernels(layer["hidden"], layer["gate_up"], layer["down"]) is None
+    with ops.strict_kernels():
+        assert torch.equal(torch.ops.ce_export.moe(*args), ck.fused_moe(*args))
 
 
 @gpu_only

@@ -1,5 +1,7 @@
 """Ahead-of-time compilation of every kernel for sm_80 and sm_90 on a machine with no GPU, and what
-the machine code looks like: Hopper matrix instructions in the sm_90 GEMMs, no spills anywhere.
+the machine code looks like: Hopper matrix instructions in the sm_90 GEMMs, no spills anywhere; and
+every tile-table GEMM variant the dispatcher can pick, for sm_80 / 86 / 89 / 90 in bf16, fp16 and
+fp32, within the architecture's shared memory and without spills.
 
 The CLI runs in a subprocess without TRITON_INTERPRET (tests/test_kernels.py sets it in this
 process when there is no GPU, and an interpreted kernel cannot be compiled).
@@ -25,13 +27,15 @@ MODEL_BUFFERS = {"hidden", "router_logits", "gate_up", "down", "ces", "out"}
 SHAPES = {"T": 37, "H": 2048, "I": 1024, "C": 2048, "E": 64, "K": 8, "KM": 4}
 
 
-def compile_ahead_of_time(out: Path, *options: str) -> dict:
+def run_aot(*options: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "plugins"), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-m", "ce_kernels.aot", "--out", str(out), *options],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    return subprocess.run([sys.executable, "-m", "ce_kernels.aot", *options],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def compile_ahead_of_time(out: Path, *options: str) -> dict:
+    result = run_aot("--out", str(out), *options)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "manifest.json").read_text())
 
@@ -132,3 +136,40 @@ def test_fp16_and_bf16_sets_embed_a_routing_variant_for_fp32_router_logits(aot_o
         assert {n: t for n, t in types.items() if n != "logits_ptr"} == \
             {a["name"]: a["type"] for a in planned["args"] if a["name"] != "logits_ptr"}
         assert all(variant["stem"] not in plan["launch"] for plan in manifest["launch_plans"])
+
+
+def test_every_tile_table_variant_fits_shared_memory_and_does_not_spill(tmp_path):
+    """`ce_kernels.aot --check-tables`: each architecture's own table (16-bit: large or small shared
+    memory; fp32), every entry, gate/up with and without CE, compiled once each (Triton's cache
+    makes a rerun take seconds) and read back with the wheel's ptxas."""
+    from ce_kernels.tile_configs import DTYPES, MAX_SHARED_BYTES, arch_tile_table, select_tile_config
+
+    report = tmp_path / "tables.json"
+    result = run_aot("--check-tables", "--json", str(report), timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    records = json.loads(report.read_text())["records"]
+    archs = (80, 86, 89, 90)
+    for arch in archs:
+        for dtype in DTYPES:
+            table = arch_tile_table(dtype, arch)
+            got = [r for r in records if r["arch"] == arch and r["dtype"] == dtype]
+            assert {r["max_tokens"] for r in got} == {entry["max_tokens"] for entry in table}, (arch, dtype)
+            # Whatever T is, the dispatcher picks one of the entries compiled above.
+            for tokens in (1, 32, 33, 256, 257, 1024, 1025, 1 << 20):
+                assert select_tile_config(tokens, dtype, MAX_SHARED_BYTES[arch]).max_tokens in \
+                    {r["max_tokens"] for r in got}
+    for r in records:
+        assert r["shared"] <= MAX_SHARED_BYTES[r["arch"]], r
+        assert r["spill_stores"] == r["spill_loads"] == r["stack_frame"] == 0, r
+        assert 0 < r["registers"] <= 255, r
+    assert {r["stem"].split("_")[0] for r in records} == {"gate", "down"}
+    assert any("_plain_" in r["stem"] for r in records) and any("_ce_" in r["stem"] for r in records)
+
+
+def test_check_tables_fails_on_a_config_over_the_shared_memory_limit():
+    from ce_kernels.aot import table_problems
+
+    record = {"arch": 86, "stem": "gate_up_swiglu_bf16_ce_bm64_bn128_bk64_w8_s3_g8", "shared": 114688,
+              "shared_limit": 101376, "spill_stores": 16, "spill_loads": 8, "stack_frame": 16}
+    problems = table_problems([record])
+    assert len(problems) == 2 and "114688 B shared > 101376 B" in problems[0] and "spills 16 B" in problems[1]

@@ -12,7 +12,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from checkpoints import demo_resized
-from ce_export import pipeline, verify
+from ce_export import ort_support, pipeline, verify
 from ce_export.cli import main
 from ce_export.errors import VerifyError
 from ce_export.quantize import FORMATS, QUANTIZATIONS, quantize_weight
@@ -64,7 +64,8 @@ def ort_run(nodes, inputs, outputs, initializers=(), feeds=None):
     import onnxruntime as ort
 
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)],
+                              ir_version=ort_support.ir_version_for_runtime(onnx.IR_VERSION, {"": 21}))
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds or {})

@@ -56,12 +56,12 @@ def test_prefill_and_decode_logits_match_the_flat_reference(arch, tmp_path):
 
 def test_cache_overflow_and_wrong_batch_are_clear_errors(demo_ce):
     loaded = load_checkpoint(demo_ce)
-    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=1, max_context=8)
-    with pytest.raises(ValueError, match="exceed the cache of 8 slots"):
-        fast.prefill(torch.zeros(1, 9, dtype=torch.long))
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=1, max_context=256)
+    with pytest.raises(ValueError, match="exceed the cache of 256 slots"):
+        fast.prefill(torch.zeros(1, 257, dtype=torch.long))
     with pytest.raises(ValueError, match="built for batch 1"):
         fast.prefill(torch.zeros(2, 4, dtype=torch.long))
-    fast.prefill(torch.zeros(1, 8, dtype=torch.long))
+    fast.prefill(torch.zeros(1, 256, dtype=torch.long))
     with pytest.raises(ValueError, match="exceed"):
         fast.decode(torch.zeros(1, 1, dtype=torch.long))
 
@@ -72,22 +72,22 @@ def test_inputs_beyond_what_the_decoder_was_built_for_are_clear_errors(demo_ce):
     deep in torch or, on a GPU, a device-side assert."""
     loaded = load_checkpoint(demo_ce)
     vocab = loaded.spec.vocab_size
-    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=8)
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=256)
     ids = torch.zeros(2, 3, dtype=torch.long)
     cases = [
         (lambda: fast.decode(torch.zeros(2, 1, dtype=torch.long)), "no prompt yet"),
         (lambda: fast.prefill(torch.zeros(3, 3, dtype=torch.long)), "built for batch 2, got 3"),
-        (lambda: fast.prefill(torch.zeros(2, 9, dtype=torch.long)), "exceed the cache of 8 slots"),
+        (lambda: fast.prefill(torch.zeros(2, 257, dtype=torch.long)), "exceed the cache of 256 slots"),
         (lambda: fast.prefill(torch.zeros(2, 0, dtype=torch.long)), "at least 1 token"),
         (lambda: fast.prefill(torch.zeros(6, dtype=torch.long)), "integer token ids [batch, sequence]"),
         (lambda: fast.prefill(torch.zeros(2, 3)), "integer token ids"),
         (lambda: fast.prefill(torch.full((2, 3), vocab)), f"token id {vocab} is outside the vocabulary"),
         (lambda: fast.prefill(torch.full((2, 3), -1)), "token id -1 is outside the vocabulary"),
         (lambda: fast.prefill(ids, torch.ones(2, 4, dtype=torch.long)), "attention_mask must be [2, 3]"),
-        (lambda: fast.generate(ids, None, new_tokens=7), "3 prompt + 7 new tokens need 9 cache slots"),
+        (lambda: fast.generate(ids, None, new_tokens=255), "3 prompt + 255 new tokens need 257 cache slots"),
         (lambda: fast.generate(ids, None, new_tokens=0), "new_tokens must be a positive integer"),
         (lambda: fast.load_past(tuple(torch.zeros(2, 4, 3, 32) for _ in range(3))), "expected 8 tensors"),
-        (lambda: fast.load_past(tuple(torch.zeros(2, 4, 9, 32) for _ in range(8))), "exceed the cache of 8 slots"),
+        (lambda: fast.load_past(tuple(torch.zeros(2, 4, 257, 32) for _ in range(8))), "exceed the cache of 256 slots"),
         (lambda: fast.load_past(tuple(torch.zeros(1, 4, 3, 32) for _ in range(8))), "expected [2, 4, P, 32]"),
         (lambda: FastDecoder(build_torch_model(loaded), loaded.spec, batch=0, max_context=8), "batch must be a positive"),
     ]
@@ -100,7 +100,15 @@ def test_inputs_beyond_what_the_decoder_was_built_for_are_clear_errors(demo_ce):
                          (torch.full((2, 1), vocab), "outside the vocabulary")):
         with pytest.raises(RuntimeInputError, match=re.escape(message)):
             fast.decode(bad)
-    assert fast.generate(ids, None, new_tokens=6).shape == (2, 6)  # exactly the 8 slots: fine
+    assert fast.generate(ids, None, new_tokens=254).shape == (2, 254)  # exactly the 256 slots: fine
+
+
+def test_the_cache_holds_whole_attention_windows(demo_ce):
+    """max_context 257 (a benchmark's context 256 plus the decoded token) gets two full windows, so
+    attention never reads an unaligned 257-slot window."""
+    loaded = load_checkpoint(demo_ce)
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=1, max_context=257)
+    assert fast.cache.max_context == 512 and fast.bucket(257) == 512 and fast.bucket(1) == 256
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph decode needs a GPU")

@@ -12,16 +12,28 @@ C = ces.shape[2], E experts, K top_k, KM = K - n_ce main experts.
 
 Kernels are compiled with the divisibility hints a JIT launch would derive for ordinary shapes:
 every pointer and every H-, I- or C-derived integer is assumed a multiple of 16 (manifest
-"assumptions"); the plugin must check them and refuse other shapes.
+"assumptions"); the plugin must check them and refuse other shapes. Launch plans are per dtype, not
+per architecture: each dtype's tile table is the one for the smallest shared memory among --arch
+(so `--arch 80 86` plans sm_86's table for both); "tile_table" lists its entries with their dtype.
+
+    python -m ce_kernels.aot --check-tables [--arch 80 86 89 90] [--dtypes bf16 fp16 fp32] [--json F]
+
+compiles every GEMM variant the dispatcher can pick (each architecture's own table, every dtype,
+gate/up with and without CE) and exits 1 if one needs more shared memory than the architecture
+allows or spills.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +44,9 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from ce_export.moe_math import ROUTINGS, SOFTMAX_TOPK, SPARSEMIXER
 from ce_kernels import align, combine, grouped_gemm, routing, theta
-from ce_kernels.tile_configs import H100_TILE_TABLE, MoeTileConfig, tile_configs
+from ce_kernels.tile_configs import (DTYPES, LAST, MAX_SHARED_BYTES, MoeTileConfig, arch_tile_table, tile_configs,
+                                     tile_table)
 
-# Largest dynamic shared memory one block may opt into, per compute capability (CUDA guide table).
-MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -179,7 +190,7 @@ def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[Kern
     gate_up = KernelBuild(
         grouped_gemm.gate_up_swiglu_kernel,
         f"gate_up_swiglu_{dtype}_{'ce' if has_ce else 'plain'}_bm{config.block_m}_bn{gate.block_n}_bk{gate.block_k}"
-        f"_w{gate.num_warps}_s{gate.num_stages}{swap}",
+        f"_w{gate.num_warps}_s{gate.num_stages}_g{config.group_m}{swap}",
         [("hidden_ptr", ptr, "hidden"), ("theta_ptr", ptr, "theta" if has_ce else "hidden"),
          ("gate_up_ptr", ptr, "gate_up"), ("act_ptr", ptr, "act"), *_alignment_args(),
          _i32("num_pairs", "T*KM"), _i32("hidden_size", "H"), _i32("intermediate", "I"),
@@ -197,7 +208,7 @@ def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[Kern
     down = KernelBuild(
         grouped_gemm.down_weighted_kernel,
         f"down_weighted_{dtype}_bm{config.block_m}_bn{tiles.block_n}_bk{tiles.block_k}"
-        f"_w{tiles.num_warps}_s{tiles.num_stages}{swap}",
+        f"_w{tiles.num_warps}_s{tiles.num_stages}_g{config.group_m}{swap}",
         [("act_ptr", ptr, "act"), ("down_ptr", ptr, "down"),
          ("routing_weights_ptr", "*fp32", "routing_weights"), ("out_ptr", ptr, "pair_out"),
          *_alignment_args(),
@@ -225,14 +236,24 @@ def combine_build(model: AotModel, dtype: str) -> KernelBuild:
     )
 
 
+def tables_for(dtypes: list[str], archs: list[int]) -> dict[str, list[dict]]:
+    """Per dtype, the tile table every one of `archs` can run: the one for the smallest shared
+    memory among them (launch plans are per dtype, not per architecture)."""
+    unknown = [arch for arch in archs if arch not in MAX_SHARED_BYTES]
+    if unknown:
+        raise ValueError(f"unknown shared memory size for sm_{unknown[0]} (known: {sorted(MAX_SHARED_BYTES)})")
+    smallest = min(MAX_SHARED_BYTES[arch] for arch in archs)
+    return {dtype: tile_table(dtype, smallest) for dtype in dtypes}
+
+
 def plan_launches(
-    model: AotModel, dtypes: list[str], table: list[dict] = H100_TILE_TABLE
+    model: AotModel, tables: dict[str, list[dict]]
 ) -> tuple[list[KernelBuild], list[dict]]:
-    """The distinct kernel variants the model needs, and for every (dtype, E, tile entry) the
-    variants to launch, in order: routing, theta (CE only), align (2), GEMMs (2), combine."""
+    """The distinct kernel variants the model needs, and for every (dtype, E, entry of the dtype's
+    tile table) the variants to launch, in order: routing, theta (CE only), align (2), GEMMs (2), combine."""
     builds: dict[str, KernelBuild] = {}
     plans = []
-    for dtype in dtypes:
+    for dtype, table in tables.items():
         for num_experts in model.num_experts:
             for config in tile_configs(table):
                 sequence = [routing_build(model, dtype, num_experts)]
@@ -253,22 +274,28 @@ def plan_launches(
     return list(builds.values()), plans
 
 
-def compile_build(build: KernelBuild, arch: int, out_dir: Path) -> dict:
-    """Compiles one variant for sm_{arch}; writes .ptx and .cubin; returns its manifest entry."""
+def triton_compile(build: KernelBuild, arch: int):
+    """One variant compiled for sm_{arch} (Triton's own on-disk cache makes a repeat cheap)."""
     names = build.kernel.arg_names
     signature = {name: ttype for name, ttype, _ in build.args}
     signature.update({name: "constexpr" for name in build.constexprs})
     missing = set(names) - set(signature)
     if missing:
         raise ValueError(f"{build.stem}: no type for arguments {sorted(missing)}")
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in build.divisible_by_16}
+    # In argument order: Triton's cache key hashes this dict, and a set's order changes per process.
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in sorted(build.divisible_by_16, key=names.index)}
     target = GPUTarget("cuda", arch, 32)
     options = triton.compiler.make_backend(target).parse_options(
         {"num_warps": build.num_warps, "num_stages": build.num_stages, "enable_fp_fusion": True}
     )
-    compiled = triton.compile(
+    return triton.compile(
         ASTSource(build.kernel, signature, build.constexprs, attrs), target=target, options=options.__dict__
     )
+
+
+def compile_build(build: KernelBuild, arch: int, out_dir: Path) -> dict:
+    """Compiles one variant for sm_{arch}; writes .ptx and .cubin; returns its manifest entry."""
+    compiled = triton_compile(build, arch)
     if compiled.metadata.global_scratch_size or compiled.metadata.profile_scratch_size:
         raise RuntimeError(f"{build.stem}: needs global/profile scratch memory, which the plugin does not provide")
     limit = MAX_SHARED_BYTES.get(arch)
@@ -320,10 +347,10 @@ def ptxas_resources(ptx_path: Path, arch: int) -> dict:
     }
 
 
-def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: Path,
-                table: list[dict] = H100_TILE_TABLE) -> dict:
+def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    builds, plans = plan_launches(model, dtypes, table)
+    tables = tables_for(dtypes, archs)
+    builds, plans = plan_launches(model, tables)
     manifest = {
         "triton_version": triton.__version__,
         "model": {"num_experts": list(model.num_experts), "top_k": model.top_k, "n_ce": model.n_ce,
@@ -333,7 +360,7 @@ def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: P
                         "hidden, gate_up, down, ces and out contiguous"],
         "definitions": FORMULA_DEFINITIONS,
         "workspace": [{"name": n, "dtype": d, "shape": s, "written_by": w} for n, d, s, w in WORKSPACE],
-        "tile_table": table,
+        "tile_table": [{"dtype": dtype, **entry} for dtype, table in tables.items() for entry in table],
         "notes": NOTES,
         "launch_plans": plans,
         "kernels": [compile_build(build, arch, out_dir) for arch in archs for build in builds],
@@ -356,6 +383,86 @@ def evaluate_formula(formula: str, shapes: dict[str, int], constexprs: dict) -> 
     return int(eval(formula, {"__builtins__": {}}, names))  # formulas come from this module only
 
 
+TABLE_CHECK_ARCHS = (80, 86, 89, 90)  # both shared memory classes, Ampere / Ada / Hopper code generation
+TABLE_CHECK_MODELS = (AotModel(n_ce=4), AotModel(n_ce=0))  # gate/up differs with and without CE
+
+
+def reachable_gemm_builds(archs: list[int], dtypes: list[str]) -> list[tuple[int, str, int, KernelBuild]]:
+    """(arch, dtype, max_tokens, build) for every GEMM variant the dispatcher can pick on each arch:
+    every entry of the arch's table for each dtype, gate/up with and without CE; each variant once."""
+    seen, builds = set(), []
+    for arch in archs:
+        for dtype in dtypes:
+            for config in tile_configs(arch_tile_table(dtype, arch)):
+                for model in TABLE_CHECK_MODELS:
+                    for build in gemm_builds(model, dtype, config):
+                        if (arch, build.stem) not in seen:
+                            seen.add((arch, build.stem))
+                            builds.append((arch, dtype, config.max_tokens, build))
+    return builds
+
+
+def _check_one(job: tuple[tuple[int, ...], tuple[str, ...], int]) -> dict:
+    """Compiles the job's variant (named by its index: Triton kernels do not pickle across processes)."""
+    archs, dtypes, index = job
+    arch, dtype, max_tokens, build = reachable_gemm_builds(list(archs), list(dtypes))[index]
+    compiled = triton_compile(build, arch)
+    with tempfile.TemporaryDirectory() as scratch:
+        ptx_path = Path(scratch) / f"{build.stem}.ptx"
+        ptx_path.write_text(compiled.asm["ptx"])
+        resources = ptxas_resources(ptx_path, arch)
+    return {"arch": arch, "dtype": dtype, "max_tokens": max_tokens, "stem": build.stem,
+            "shared": compiled.metadata.shared, "shared_limit": MAX_SHARED_BYTES[arch], **resources}
+
+
+def check_tile_tables(archs: list[int], dtypes: list[str], jobs: int | None = None) -> list[dict]:
+    """Compile every reachable GEMM variant (in `jobs` processes) and report its shared memory,
+    registers and spills (`table_problems` names the ones over the shared limit or spilling)."""
+    work = [(tuple(archs), tuple(dtypes), index) for index in range(len(reachable_gemm_builds(archs, dtypes)))]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+            return list(pool.map(_check_one, work))
+    return [_check_one(job) for job in work]
+
+
+def table_problems(records: list[dict]) -> list[str]:
+    problems = []
+    for r in records:
+        if r["shared"] > r["shared_limit"]:
+            problems.append(f"sm{r['arch']} {r['stem']}: {r['shared']} B shared > {r['shared_limit']} B")
+        if r["spill_stores"] or r["spill_loads"] or r["stack_frame"]:
+            problems.append(f"sm{r['arch']} {r['stem']}: spills {r['spill_stores']} B stores, "
+                            f"{r['spill_loads']} B loads, {r['stack_frame']} B stack frame")
+    return problems
+
+
+def check_tables_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ce_kernels.aot --check-tables",
+                                     description="Compile every tile-table GEMM variant; fail on shared memory "
+                                                 "over the limit or spills.")
+    parser.add_argument("--check-tables", action="store_true", required=True)
+    parser.add_argument("--arch", type=int, nargs="+", default=list(TABLE_CHECK_ARCHS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--jobs", type=int, help="compile processes (default: one per core)")
+    parser.add_argument("--json", type=Path, help="also write the records here")
+    args = parser.parse_args(argv)
+    if isinstance(routing.topk_softmax_kernel, InterpretedFunction):
+        parser.error("TRITON_INTERPRET=1 is set: unset it to compile ahead of time")
+    started = time.perf_counter()
+    records = check_tile_tables(args.arch, args.dtypes, args.jobs)
+    for r in records:
+        bucket = f"T<={r['max_tokens']}" if r["max_tokens"] < LAST else "larger T"
+        print(f"sm{r['arch']} {bucket:<9} {r['stem']}: {r['shared']:>6} B shared "
+              f"(limit {r['shared_limit']}), {r['registers']} registers, {r['spill_stores']} B spill stores")
+    if args.json:
+        args.json.write_text(json.dumps({"triton_version": triton.__version__, "records": records}, indent=1))
+    problems = table_problems(records)
+    print(f"{len(records)} variants compiled in {time.perf_counter() - started:.0f} s; "
+          f"{len(problems)} problem(s)" + "".join(f"\n  {p}" for p in problems))
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ce_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
@@ -368,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routing", choices=ROUTINGS, default=SOFTMAX_TOPK)
     parser.add_argument("--routing-scale", type=float, default=1.0, help="softmax_topk weights are multiplied by it")
     parser.add_argument("--jitter-eps", type=float, default=0.0, help="sparsemixer's band")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--check-tables" in argv:
+        return check_tables_main(argv)
     args = parser.parse_args(argv)
     if not 0 <= args.n_ce < args.top_k:
         parser.error(f"--n-ce must be in 0..{args.top_k - 1}")

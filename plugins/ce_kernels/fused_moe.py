@@ -5,6 +5,8 @@ layer can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ce_export.moe_math import SOFTMAX_TOPK, check_moe_arguments
@@ -13,7 +15,7 @@ from ce_kernels.combine import sum_main_slots
 from ce_kernels.grouped_gemm import down_weighted, gate_up_swiglu
 from ce_kernels.routing import route
 from ce_kernels.theta import mix_compressed_experts_theta
-from ce_kernels.tile_configs import MoeTileConfig, select_tile_config
+from ce_kernels.tile_configs import MAX_SHARED_BYTES, MoeTileConfig, select_tile_config
 
 
 def fused_moe(
@@ -30,10 +32,25 @@ def fused_moe(
     jitter_eps: float = 0.0,
 ) -> torch.Tensor:
     """Same signature and semantics as `ce_export.moe_math.moe_reference`. Returns [T, H]."""
+    config = select_tile_config(hidden.shape[0], hidden.dtype, max_shared_bytes(hidden.device))
     return fused_moe_with_config(
         hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
-        select_tile_config(hidden.shape[0]), routing, routing_scale, jitter_eps,
+        config, routing, routing_scale, jitter_eps,
     )
+
+
+def max_shared_bytes(device: torch.device) -> int | None:
+    """Shared memory one block may opt into on `device`; None off CUDA (Triton's interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_max_shared_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_max_shared_bytes(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    return int(optin) if optin else MAX_SHARED_BYTES[props.major * 10 + props.minor]
 
 
 def fused_moe_with_config(
