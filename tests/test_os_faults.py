@@ -38,30 +38,48 @@ def leftovers(parent: Path, name: str = "out") -> list[str]:
 # --- a full disk, an I/O error --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code, text", [(errno.ENOSPC, "No space left on device"), (errno.EIO, "Input/output error")])
-def test_write_failure_during_export_names_the_file_and_leaves_nothing(tiny, tmp_path, capsys, monkeypatch, code, text):
-    """onnx_ir's writer fails half-way through model.onnx, as write() does: no file name in the error."""
+def test_full_disk_during_export_names_the_file_and_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    """onnx_ir's writer fails half-way through model.onnx, as write() does: no file name in the error
+    (this was a traceback from onnx's writer)."""
     import onnx_ir
 
     def failing_save(model, path, **kwargs):
         Path(path).write_bytes(b"\0" * 1000)
-        raise OSError(code, os.strerror(code))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(onnx_ir, "save", failing_save)
     out = tmp_path / "out"
     line = one_line_error(capsys, main(["build", str(tiny), "--out", str(out), "--no-verify", *TINY_LIMITS]))
-    assert f"{out / 'model.onnx'}: {text}" in line
-    if code == errno.ENOSPC:
-        assert "this needs about" in line and "free there" in line
+    assert f"{out / 'model.onnx'}: No space left on device (this needs about " in line and "free there)" in line
+    assert leftovers(tmp_path) == []
+
+
+def test_io_error_while_writing_a_checkpoint_names_the_file_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """EIO from safetensors' writer (the demo checkpoint, in its staging folder)."""
+    import ce_export.demo
+
+    def failing_save(tensors, path, **kwargs):
+        Path(path).write_bytes(b"\0" * 1000)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(ce_export.demo, "save_file", failing_save)
+    line = one_line_error(capsys, main(["demo", str(tmp_path / "out")]))
+    assert line == f"ce_export: error: {tmp_path / 'out' / 'model.safetensors'}: Input/output error"
     assert leftovers(tmp_path) == []
 
 
 def test_write_failure_of_verify_outputs_leaves_the_build_folder_as_it_was(demo_build, tmp_path, capsys, monkeypatch):
+    """parity.png fails half-way; the parity run itself is replayed from the folder's parity.json."""
+    import json
+
     import matplotlib.figure
+
+    from ce_export import pipeline
 
     folder = tmp_path / "build"
     shutil.copytree(demo_build, folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    monkeypatch.setattr(pipeline, "run_parity", lambda *args, **kwargs: json.loads(before["parity.json"]))
 
     def failing_savefig(self, path, **kwargs):
         Path(path).write_bytes(b"\x89PNG half")
@@ -148,7 +166,11 @@ def test_signals_clean_up_and_the_next_build_removes_what_sigkill_left(tiny, tmp
         if sig == signal.SIGKILL:
             assert process.returncode == -signal.SIGKILL
             continue
-        assert process.returncode == 128 + sig, stderr
+        # SIGINT: CPython may end a process whose KeyboardInterrupt passed through a C extension's
+        # PyRun_* call by re-raising SIGINT at exit, even after main() caught it and returned 130;
+        # shells report both as 130.
+        expected = {128 + sig, -signal.SIGINT} if sig == signal.SIGINT else {128 + sig}
+        assert process.returncode in expected, (process.returncode, stderr)
         assert stderr.strip().splitlines()[-1] == f"ce_export: {'interrupted' if sig == signal.SIGINT else 'terminated'}"
         assert leftovers(parent) == [], f"{sig.name} left {leftovers(parent)}"
 
