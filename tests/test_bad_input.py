@@ -290,7 +290,11 @@ def truncate(path, keep=0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("command", ["verify", "bench"])
+COMMAND_ARGUMENTS = {"verify": [], "bench": ["--budget", "0"],
+                     "generate": ["--ids", "1,2", "--max-new-tokens", "2", "--runtime", "ort"]}
+
+
+@pytest.mark.parametrize("command", ["verify", "bench", "generate"])
 @pytest.mark.parametrize("name, recorded, fragments", [
     ("model.onnx", True, ["model.onnx", "but the build wrote", "truncated"]),
     ("model.onnx.data", True, ["model.onnx.data", "but the build wrote", "truncated"]),
@@ -303,7 +307,7 @@ def test_truncated_files_are_refused_before_any_runtime(demo_build, tmp_path, ca
     if not recorded:
         drop_file_record(folder)
     truncate(folder / name)
-    code, err = run_cli(capsys, command, str(folder), *(["--budget", "0"] if command == "bench" else []))
+    code, err = run_cli(capsys, command, str(folder), *COMMAND_ARGUMENTS[command])
     assert_one_line_error(code, err, *fragments)
 
 
@@ -334,6 +338,6 @@ def test_verify_and_bench_with_a_manifest_that_disagrees_with_the_file(demo_buil
     assert_one_line_error(code, err, "manifest.json: onnx.outputs", "disagree with model.onnx's")
     manifest["dtype"] = "fp64"
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    for command in ("verify", "bench"):
-        code, err = run_cli(capsys, command, str(folder))
+    for command in ("verify", "bench", "generate"):
+        code, err = run_cli(capsys, command, str(folder), *COMMAND_ARGUMENTS[command])
         assert_one_line_error(code, err, "manifest.json: dtype='fp64' is invalid")
