@@ -1,6 +1,8 @@
 """End-to-end latency of exported models vs PyTorch, on this machine, in one command.
 
     python benchmarks/end_to_end.py                       # CPU suite: demo and mid sizes, CE and plain
+    python benchmarks/end_to_end.py --sizes olmoe-2-layers --points prefill:1:256 decode:1:256 --no-verify
+                                                          # CPU suite at OLMoE-1B-7B width, 2 layers
     python benchmarks/end_to_end.py --suite gpu           # GPU suite: OLMoE-1B-7B shapes, plain and CE, bf16
 
 CPU suite: for each size it writes the checkpoint (random weights from a fixed seed, CE and plain),
@@ -49,6 +51,11 @@ SIZES = {
     "olmoe-1b-7b": {"hidden_size": 2048, "intermediate_size": 1024, "num_experts": 64, "num_experts_per_tok": 8,
                     "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
                     "vocab_size": 50304, "max_position_embeddings": 4096, "initializer_range": 0.02},
+    # OLMoE-1B-7B's layer width with 2 layers (1.05B parameters; CE 4 main + 4 compressed): the CPU
+    # suite at real width.
+    "olmoe-2-layers": {"hidden_size": 2048, "intermediate_size": 1024, "num_experts": 64, "num_experts_per_tok": 8,
+                       "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 16,
+                       "vocab_size": 50304, "max_position_embeddings": 4096, "initializer_range": 0.02},
     # The GPU suite's code path on a model small enough for a CPU (tests, dry runs).
     "tiny": {"num_experts": 16, "num_experts_per_tok": 8, "num_hidden_layers": 2},
 }
@@ -59,6 +66,8 @@ TARGETS = {"decode_ms_b1_c512": 1.5, "prefill_ms_b1_s2048": 12.0, "decode_x_eage
 
 def write_checkpoint(folder: Path, size: str, compressed: bool) -> Path:
     config = demo_config(compressed) | SIZES[size]
+    if compressed and config["num_experts_per_tok"] == 8:
+        config["n_ce"] = GPU_N_CE  # top-8 models: 4 main + 4 compressed, as the CE paper's OLMoE
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     save_file(demo_tensors(config), str(folder / "model.safetensors"))
@@ -104,8 +113,9 @@ def run_cpu_suite(args, command: str) -> None:
                 print(f"== {name}", flush=True)
                 checkpoint = write_checkpoint(Path(scratch) / name / "checkpoint", size, compressed)
                 build_dir = Path(scratch) / name / "build"
-                pipeline.build(str(checkpoint), build_dir, pipeline.BuildOptions(target="ort"), report=print)
-                data = bench.bench(build_dir, budget_s=args.budget)
+                pipeline.build(str(checkpoint), build_dir, pipeline.BuildOptions(target="ort", verify=args.verify),
+                               report=print)
+                data = bench.bench(build_dir, points=args.points or bench.CPU_POINTS, budget_s=args.budget)
                 data["command"] = command
                 data["build"] = f"{size} model, {'CE' if compressed else 'plain'}, --target ort (scratch folder)"
                 bench.write_results(data, args.out / name)
@@ -311,10 +321,22 @@ def plot_headline(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def parse_point(text: str) -> bench.Point:
+    phase, batch, tokens = text.split(":")
+    if phase not in ("prefill", "decode"):
+        raise argparse.ArgumentTypeError(f"{text}: phase must be prefill or decode")
+    return bench.Point(phase, int(batch), int(tokens))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--sizes", nargs="+", choices=("demo", "mid"), default=["demo", "mid"], help="CPU suite sizes")
+    parser.add_argument("--sizes", nargs="+", choices=("demo", "mid", "olmoe-2-layers"), default=["demo", "mid"],
+                        help="CPU suite sizes")
+    parser.add_argument("--points", nargs="+", type=parse_point, metavar="PHASE:BATCH:TOKENS",
+                        help="CPU suite points, e.g. prefill:1:256 decode:1:256 (default: bench.CPU_POINTS)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="CPU suite: build without the parity check (each row still reports its parity)")
     parser.add_argument("--size", choices=("olmoe-1b-7b", "tiny"), default="olmoe-1b-7b", help="GPU suite size")
     parser.add_argument("--models", nargs="+", choices=("plain", "ce"), default=["plain", "ce"], help="GPU suite models")
     parser.add_argument("--device", default="cuda", help="GPU suite device (cpu with --size tiny for a dry run)")

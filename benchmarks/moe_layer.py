@@ -3,6 +3,7 @@ implementation side by side in one run, against the physical floor measured in t
 
     python benchmarks/moe_layer.py [--out benchmarks/results] [--tokens 1 8 64 512 4096]
     python benchmarks/moe_layer.py --dry-run     # no GPU needed: floors from assumed H100 anchors
+    python benchmarks/moe_layer.py --device cpu  # fp32 on the CPU, ONNX Runtime rows (moe_layer_cpu.py)
 
 Method: random (never zero) inputs; router logits in fp32, because in bf16 they tie often and
 tie order is implementation-defined, which would make "same routing" untrue. CUDA-event timing,
@@ -430,12 +431,26 @@ def write_outputs(results: dict, shape: LayerShape, tokens: list[int], out_dir: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results/<device>, e.g. .../h200")
+    parser.add_argument("--tokens", type=int, nargs="+", help=f"default: {' '.join(map(str, DEFAULT_TOKENS))} "
+                        "(cpu: 1 8 64 256 2048)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/<device>, e.g. .../h200 or .../cpu-2core")
     parser.add_argument("--budget-s", type=float, default=0.4, help="seconds of repetitions per measurement")
     parser.add_argument("--dry-run", action="store_true", help="print floors (assumed H100 anchors) and the plan")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: fp32 with ONNX Runtime rows, see moe_layer_cpu.py")
+    parser.add_argument("--small", action="store_true", help="a tiny layer (checks the benchmark's code path)")
     args = parser.parse_args(argv)
-    shape = LayerShape()
+    shape = LayerShape(hidden=64, intermediate=32, experts=8, top_k=4, n_ce=2) if args.small else LayerShape()
+    if args.device == "cpu" and not args.dry_run:
+        from moe_layer_cpu import DEFAULT_TOKENS as CPU_TOKENS, run_cpu
+
+        from ce_export.bench import device_slug
+
+        out = args.out or REPO_ROOT / "benchmarks" / "results" / f"moe-layer-{device_slug('cpu')}"
+        run_cpu(args.tokens or list(CPU_TOKENS), args.budget_s, out, sys.argv[1:] if argv is None else argv,
+                shape=shape)
+        return 0
+    args.tokens = args.tokens or list(DEFAULT_TOKENS)
     if args.dry_run:
         return dry_run(shape, args.tokens)
     if not torch.cuda.is_available():

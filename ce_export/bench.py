@@ -100,10 +100,11 @@ class Step:
 
 
 class TorchRunner:
-    """A causal LM (captured or stock transformers) behind the flat KV interface, DynamicCache."""
+    """A causal LM (captured or stock transformers) behind the flat KV interface, DynamicCache;
+    `logits` as the build's ONNX file computes them (every position, or the last one)."""
 
-    def __init__(self, lm: torch.nn.Module):
-        self.decoder = KvCacheDecoder(lm).eval()
+    def __init__(self, lm: torch.nn.Module, logits: str = "all"):
+        self.decoder = KvCacheDecoder(lm, logits).eval()
         parameter = next(lm.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
 
@@ -223,7 +224,7 @@ class Row:
     make: Callable[[], object]  # -> a runner with prepare(point, inputs) -> Step
 
 
-def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> list[Row]:
+def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device, logits: str = "all") -> list[Row]:
     from transformers import AutoModelForCausalLM
 
     implementations = ("eager", "grouped_mm") if device.type == "cuda" else ("eager", "grouped_mm", "batched_mm")
@@ -232,7 +233,7 @@ def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device
         def build():
             return TorchRunner(AutoModelForCausalLM.from_pretrained(
                 checkpoint, attn_implementation="sdpa", experts_implementation=experts, dtype=dtype,
-                trust_remote_code=False, use_safetensors=True).to(device).eval())
+                trust_remote_code=False, use_safetensors=True).to(device).eval(), logits)
         return build
 
     return [Row(f"transformers {experts}", make(experts)) for experts in implementations]
@@ -251,17 +252,19 @@ class OnnxFile:
     dtype: str
     target: str
     quantized: bool = False
+    logits: str = "all"  # every position, or the last one (capture.LOGITS)
 
 
 def rows_for(checkpoint: Path, onnx: OnnxFile | None, loaded, device: torch.device, dtype: torch.dtype,
              max_context: int, skipped: dict, compile_decode: bool = False, no_onnx_reason: str = "") -> list[Row]:
     rows = []
+    logits = onnx.logits if onnx else "all"  # the PyTorch rows do the same work as the ONNX file
     if stock_transformers_can_run(loaded):
-        rows += transformers_rows(checkpoint, dtype, device)
+        rows += transformers_rows(checkpoint, dtype, device, logits)
     else:
         skipped["transformers"] = ("transformers' own classes cannot run this model "
                                    "(compressed experts, trimmed layers or not OLMoE)")
-    rows.append(Row("PyTorch (ce_export op)", lambda: TorchRunner(build_torch_model(loaded, dtype).to(device))))
+    rows.append(Row("PyTorch (ce_export op)", lambda: TorchRunner(build_torch_model(loaded, dtype).to(device), logits)))
     rows.append(Row("ce_export fast path", lambda: FastPathRunner(build_torch_model(loaded, dtype).to(device),
                                                                   loaded.spec, max_context)))
     if compile_decode:
@@ -382,7 +385,7 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: 
     folder = Path(folder)
     manifest = read_manifest(folder)
     onnx = OnnxFile(folder / manifest["onnx"]["file"], manifest["dtype"], manifest["target"],
-                    bool((manifest.get("quantization") or {}).get("mode")))
+                    bool((manifest.get("quantization") or {}).get("mode")), manifest["onnx"].get("logits", "all"))
     data = bench_checkpoint(checkpoint_of(folder, manifest), points, budget_s, device, dtype, compile_decode,
                             report, onnx=onnx)
     data["build"] = str(folder.absolute())
@@ -433,7 +436,8 @@ def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float 
         report(f"  not run: {name}: {why}")
     return {"build": str(checkpoint.absolute()), "model": loaded.spec.architecture,
             "compressed": loaded.spec.use_ce, "target": onnx.target if onnx else None,
-            "dtype": onnx.dtype if onnx else None, "torch_dtype": dtype_name, "device": str(device),
+            "dtype": onnx.dtype if onnx else None, "logits": onnx.logits if onnx else "all",
+            "torch_dtype": dtype_name, "device": str(device),
             "machine": machine_facts(device), "tools": runtime_versions(), "parity": "max relative error of the "
             "last position's logits vs the fp32 reference (captured model, MoE through moe_math.py)",
             "skipped": skipped, "results": results}

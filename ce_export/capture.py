@@ -186,16 +186,22 @@ def flatten_cache(cache: DynamicCache) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
+LOGITS = ("all", "last")  # logits of every position, or of the last one only (what generation uses)
+
+
 class KvCacheDecoder(nn.Module):
     """Flat-tensor interface of the causal LM for export: one graph for prefill and decode.
 
     inputs  input_ids [B, S], attention_mask [B, P+S], position_ids [B, S], past K/V [B, h, P, d] x 2L
-    outputs logits [B, S, V], present K/V [B, h, P+S, d] x 2L
+    outputs logits [B, S, V] (or [B, 1, V] with logits="last"), present K/V [B, h, P+S, d] x 2L
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, logits: str = "all"):
         super().__init__()
+        if logits not in LOGITS:
+            raise ValueError(f"logits={logits!r} (choose from {', '.join(LOGITS)})")
         self.lm = lm
+        self.logits_to_keep = 1 if logits == "last" else 0  # transformers: 0 keeps every position
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: tuple[torch.Tensor, ...]):
         cache = DynamicCache(
@@ -203,7 +209,7 @@ class KvCacheDecoder(nn.Module):
         )
         out = self.lm(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True,
+            past_key_values=cache, use_cache=True, logits_to_keep=self.logits_to_keep,
         )
         return (out.logits, *flatten_cache(out.past_key_values))
 

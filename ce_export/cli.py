@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     build.add_argument("--calib", metavar="DATA",
                        help="calibration data as for `calibrate --data` (text, JSONL, .npy, .json): FP8 activation "
                             "scales and the held-out perplexity of the quality report (default: built-in corpus)")
+    build.add_argument("--logits", choices=("all", "last"),
+                       help="logits of every position or of the last one only (same output name, [B, 1, V]); "
+                            "default: all for portable and ort, last for trt")
     build.add_argument("--max-batch", type=int, default=64)
     build.add_argument("--max-seq", type=int, default=4096, help="longest input sequence per call (prefill)")
     build.add_argument("--max-context", type=int, default=4096, help="longest KV cache (past length)")
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
         options = pipeline.BuildOptions(target=args.target, dtype=args.dtype, max_batch=args.max_batch,
                                         max_seq=args.max_seq, max_context=args.max_context, force=args.force,
                                         verify=not args.no_verify, plugin_library=args.plugin_lib,
-                                        quantize=args.quantize, calib=args.calib,
+                                        quantize=args.quantize, calib=args.calib, logits=args.logits,
                                         triton_repo=args.triton_repo)
         pipeline.build(args.model, args.out, options)
     elif args.command == "verify":

@@ -32,6 +32,10 @@ from ce_export.spec import LAYER_MOE, LoadedModel
 log = logging.getLogger(__name__)
 
 TARGETS = ("portable", "ort", "trt")
+# Logits per target unless --logits says otherwise: every position where clients evaluate whole
+# sequences (Optimum, perplexity), the last one for TensorRT engines, which serve generation only
+# and would otherwise hold max_batch x max_seq x vocab logits (26 GB in fp16 at OLMoE's 64 x 4096).
+DEFAULT_LOGITS = {"portable": "all", "ort": "all", "trt": "last"}
 OPSET = 20
 PLUGIN_VERSION = "1"
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
@@ -50,6 +54,8 @@ class ExportResult:
     opset: int
     quantization: dict | None = None  # what quantize.store_quantized_weights stored, when quantized
     weight_bytes: int = 0  # bytes of every initializer as stored (int4 packed two per byte)
+    experts_form: str = onnx_functions.SPARSE  # the experts functions' body (onnx_functions.EXPERTS_FORMS)
+    logits: str = "all"  # logits of every position, or of the last one (capture.LOGITS)
 
 
 def moe_translation(hidden, router_logits, gate_up, down, ces, top_k: int, n_ce: int, norm_topk_prob: bool,
@@ -78,16 +84,17 @@ def dynamic_shapes_for(num_layers: int, max_batch: int, max_seq: int, max_contex
 def export_onnx(
     model: LoadedModel, lm: torch.nn.Module, out_dir: Path, target: str = "portable",
     max_batch: int = 64, max_seq: int = 4096, max_context: int = 4096, quantize: str | None = None,
-    quantized: dict | None = None,
+    quantized: dict | None = None, logits: str = "all",
 ) -> ExportResult:
     """`quantize`: store the weights in `quantized` (what quantize.fake_quantize_model returned for
     `lm`) as their q and scales + DequantizeLinear; FP8 activation quantizers in `lm`
-    (quantize.quantize_activations) become QuantizeLinear -> DequantizeLinear."""
+    (quantize.quantize_activations) become QuantizeLinear -> DequantizeLinear. `logits`: every
+    position ("all") or the last one ("last"), capture.LOGITS."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     onnx_functions.register_schemas()
     dtype = next(lm.parameters()).dtype
-    decoder = KvCacheDecoder(lm).eval()
+    decoder = KvCacheDecoder(lm, logits).eval()
     num_layers = model.spec.num_layers
     # Trace with seq >= 2 and past > 0: a traced size of 1 would be specialised into the graph.
     batch, seq, past = 2, 3, 5
@@ -120,7 +127,8 @@ def export_onnx(
 
     onnx_model = program.model
     moe_nodes = name_moe_nodes(onnx_model, [layer.layer for layer in model.spec.moe_layers if layer.kind == LAYER_MOE])
-    attach_functions(onnx_model)
+    experts_form = experts_form_for(target)
+    attach_functions(onnx_model, experts_form)
     if target == "ort":
         blocker = ort_support.moe_lowering_blocker(ONNX_DTYPE_NAMES.get(dtype, str(dtype)))
         if blocker is None:
@@ -142,7 +150,7 @@ def export_onnx(
     dynamic_axes = {value.name: {i: str(d) for i, d in enumerate(value.shape) if not isinstance(d, int)}
                     for value in list(onnx_model.graph.inputs) + list(onnx_model.graph.outputs)}
     return ExportResult(onnx_path, external, input_names, output_names, dynamic_axes, moe_nodes, opset, quantization,
-                        nbytes)
+                        nbytes, experts_form, logits)
 
 
 def custom_moe_nodes(model: ir.Model) -> list[ir.Node]:
@@ -178,11 +186,17 @@ def node_facts(model: ir.Model, name: str) -> dict:
     return {"op_type": node.op_type, "domain": node.domain}
 
 
-def attach_functions(model: ir.Model) -> None:
+def experts_form_for(target: str) -> str:
+    """The experts functions' body per target (onnx_functions.EXPERTS_FORMS): TensorRT cannot size
+    tensors from values, so its file carries the fixed-shape form (its sparse path is our plugin)."""
+    return onnx_functions.FIXED_SHAPE if target == "trt" else onnx_functions.SPARSE
+
+
+def attach_functions(model: ir.Model, experts_form: str) -> None:
     used = {node.op_type for node in custom_moe_nodes(model)}
     model.opset_imports[onnx_functions.DOMAIN] = onnx_functions.DOMAIN_VERSION
     for op_type in sorted(used):
-        for proto in onnx_functions.function_protos(op_type, model.opset_imports[""]):
+        for proto in onnx_functions.function_protos(op_type, model.opset_imports[""], experts_form):
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function
 
@@ -220,7 +234,7 @@ def lower_plain_moe_to_ort(model: ir.Model) -> None:
                         "activation_alpha": 1.0, "activation_beta": 0.0},
         )
         graph.insert_after(node, ms_node)
-        ir.convenience.replace_all_uses_with(node.outputs, ms_node.outputs)
+        ir.convenience.replace_all_uses_with(node.outputs, ms_node.outputs, replace_graph_outputs=True)
         ms_node.outputs[0].name, ms_node.outputs[0].shape, ms_node.outputs[0].type = (
             node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type)
         graph.remove(node, safe=True)
@@ -247,7 +261,7 @@ def ort_routing_attributes(node: ir.Node) -> dict | None:
 
 def prune_unused_functions(model: ir.Model) -> None:
     used = {node.op_type for node in custom_moe_nodes(model)}
-    needed = {fn.name for op_type in used for fn in (onnx_functions.OPS[op_type][0], *onnx_functions.OPS[op_type][1])}
+    needed = set().union(*(onnx_functions.function_names(op_type) for op_type in used))
     for key in [key for key in model.functions if key[1] not in needed]:
         model.functions.pop(key)
     if not used:

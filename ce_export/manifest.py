@@ -82,6 +82,7 @@ class OnnxSection(Strict):
     inputs: Annotated[list[str], Field(min_length=3)]
     outputs: Annotated[list[str], Field(min_length=1)]
     limits: Limits
+    logits: Literal["all", "last"] = "all"  # absent in manifests from before --logits (all positions)
     files: dict[FileName, FileRecord] | None = None  # absent in manifests from before it was recorded
 
 

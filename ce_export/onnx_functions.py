@@ -20,17 +20,31 @@ restate moe_math.py:
                       theta = sum_aux (w_j / sum_aux w) * ces[sel_j];
                       y = sum_main w_i * down[e_i] @ (silu(gate[e_i] @ (h*theta0)) * (up[e_i] @ (h*theta2)) * theta1)
 
-The experts functions have two exact forms, chosen by an If on the token count: few tokens
-(T x slots <= E, i.e. decode) gather only the selected experts' weights; many tokens (prefill)
-run every expert as three large matmuls masked by the dense routing weights, which bounds memory
-by T x E x I instead of copying an expert's weights per (token, slot).
+Both experts functions scale the inputs (CE) and hand the main slots to SwiGLUExperts, whose body
+is one of two exact forms, chosen per target at export (EXPERTS_FORMS):
+
+    sparse (portable, ort)  computes only the routed (token, expert) pairs, at every token count.
+                            ExpertTable lays the pairs out by expert (a counting sort: one-hot
+                            counts, CumSum ranks, one ScatterElements without reduction); a Scan
+                            over the experts runs each expert on exactly its own rows, reading its
+                            weights in place; a Gather brings the rows back. Its [E, C, H]
+                            intermediate is sized by the busiest expert's count C: at worst (every
+                            token routed to the same experts) C = T, i.e. E x T x H elements, less
+                            than the fixed-shape form's 3 x T x E x I. Shapes come from the routing,
+                            so a GPU runtime reads a count on the host for each expert.
+                            ONNX Runtime CPU measured it faster than gathering the experts' weights
+                            even at one token (benchmarks/results/moe-layer-cpu-2core/).
+    fixed-shape (trt)       shapes from input shapes only, since TensorRT cannot size a tensor from
+                            values (TensorRT's sparse path is our plugin): gathered weights while
+                            T x slots <= E, else every expert on every token as three large matmuls
+                            masked by the routing weights (bounded by T x E x I).
 """
 
 from __future__ import annotations
 
 import onnx
 import onnxscript
-from onnxscript import FLOAT
+from onnxscript import FLOAT, INT64
 from onnxscript import opset18 as op
 
 from ce_export.moe_math import SOFTMAX_TOPK, SPARSEMIXER
@@ -71,38 +85,145 @@ def SparseMixerTop2(router_logits, jitter_eps: float):
     return op.Concat(weight1, weight2, axis=-1), op.Concat(first, second, axis=-1)
 
 
+# ---------------------------------------------------------------- experts
+# Every experts function takes the inputs of the main experts' SwiGLU already scaled:
+#     x_gate [T, H], x_up [T, H]  (hidden, or hidden * theta0 / theta2 for CE)
+#     act_scale [T, I] or [T, 1]  (theta1 for CE, ones otherwise)
+#     weights [T, S], experts [T, S]  (S routed slots: the main experts for CE, all K otherwise)
+# and returns sum_s weights[t, s] * down[e] @ (silu(gate[e] @ x_gate[t]) * (up[e] @ x_up[t]) * act_scale[t]).
+
+
 @onnxscript.script(ce_opset, default_opset=op)
-def RoutedExperts(hidden, weights, experts, gate_up, down):
-    weights = op.CastLike(weights, hidden)
+def GatheredSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
+    """Few tokens (decode): gather each (token, slot) pair's expert weights, batched matmuls."""
+    last = op.Constant(value_ints=[-1])
+    tokens = op.Shape(x_gate, start=0, end=1)
+    hidden_size = op.Shape(x_gate, start=1, end=2)
+    slots = op.Shape(experts, start=1, end=2)
+    intermediate = op.Shape(down, start=2, end=3)
+    # [T, S, 2, I, H]: the gate rows and the up rows of each pair's expert
+    pair_gate_up = op.Reshape(op.Gather(gate_up, experts, axis=0),
+                              op.Concat(tokens, slots, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
+    # [T, 1, 2, H, 1]: x_gate against the gate rows, x_up against the up rows
+    inputs = op.Unsqueeze(op.Concat(op.Unsqueeze(x_gate, op.Constant(value_ints=[1])),
+                                    op.Unsqueeze(x_up, op.Constant(value_ints=[1])), axis=1),
+                          op.Constant(value_ints=[1, 4]))
+    projected = op.Squeeze(op.MatMul(pair_gate_up, inputs), last)  # [T, S, 2, I]
+    gate, up = op.Split(projected, axis=2, num_outputs=2)
+    act = op.Mul(op.Squeeze(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Constant(value_ints=[2])),
+                 op.Unsqueeze(act_scale, op.Constant(value_ints=[1])))  # [T, S, I]
+    y = op.Squeeze(op.MatMul(op.Gather(down, experts, axis=0), op.Unsqueeze(act, last)), last)  # [T, S, H]
+    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, x_gate), last)), op.Constant(value_ints=[1]),
+                        keepdims=0)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def ExpertTable(experts, num_experts):
+    """A counting sort of the (token, slot) pairs by expert, with no sort, NonZero or scatter-add.
+
+    experts [T, S], num_experts [1] -> (counts [E, 1], table [E, C] of token ids, each expert's
+    tokens first and in token order, padded with token 0; slot [T*S]: each pair's row in the
+    flattened table); C = the largest count, a size that comes from the routing.
+    """
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    pair_experts = op.Reshape(experts, op.Constant(value_ints=[-1]))  # [N]
+    one_hot = op.Cast(op.Equal(op.Unsqueeze(pair_experts, one), op.Range(0, op.Squeeze(num_experts), 1)),
+                      to=onnx.TensorProto.INT32)  # [N, E]
+    counts = op.Cast(op.ReduceSum(one_hot, zero, keepdims=0), to=INT64.dtype)  # [E]
+    earlier = op.CumSum(one_hot, op.Constant(value_int=0), exclusive=1)  # pairs before, per expert
+    rank = op.Cast(op.GatherElements(earlier, op.Unsqueeze(pair_experts, one), axis=1), to=INT64.dtype)  # [N, 1]
+    capacity = op.ReduceMax(counts, keepdims=1)  # [1]
+    slot = op.Add(op.Mul(pair_experts, capacity), op.Squeeze(rank, one))  # [N]
+    slots_per_token = op.Shape(experts, start=1, end=2)
+    token_of_pair = op.Div(op.Range(0, op.Squeeze(op.Shape(pair_experts)), 1), slots_per_token)
+    table = op.ScatterElements(op.Expand(op.Constant(value_int=0), op.Mul(num_experts, capacity)), slot, token_of_pair)
+    return op.Unsqueeze(counts, one), op.Reshape(table, op.Concat(num_experts, capacity, axis=0)), slot
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def SwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down):
+    """The sparse form: only the routed pairs, one expert at a time, at every token count.
+
+    A Scan over the experts hands each iteration its expert's weights in place (Scan slices its
+    inputs without copying them) and that expert's rows of the table; it computes exactly those
+    rows and pads its [c, H] output to [C, H]. A Gather then brings each pair's row back. The body
+    is kept to a few nodes: it runs once per expert, busy or not. (The trt target's file carries
+    SwiGLUExpertsFixedShape under this name instead.)
+    """
+    last = op.Constant(value_ints=[-1])
+    hidden_size = op.Shape(x_gate, start=1, end=2)
+    intermediate = op.Shape(down, start=2, end=3)
+    num_experts = op.Shape(gate_up, start=0, end=1)
+    counts, table, slot = ExpertTable(experts, num_experts)
+    capacity = op.Shape(table, start=1, end=2)
+    zeros = op.Expand(op.Constant(value_ints=[0]), op.Concat(num_experts, op.Constant(value_ints=[4]), axis=0))
+    pads = op.Concat(zeros, op.Sub(capacity, counts), op.Slice(zeros, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
+                                                            op.Constant(value_ints=[1])), axis=1)  # [E, 6]: rows to C
+    x_both = op.Concat(op.Unsqueeze(x_gate, op.Constant(value_ints=[1])), op.Unsqueeze(x_up, op.Constant(value_ints=[1])),
+                       axis=1)  # [T, 2, H]
+    halves = op.Reshape(gate_up, op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
+
+    @onnxscript.graph()
+    def one_expert(expert_halves, expert_down, count, expert_pads, tokens):
+        rows = op.Slice(tokens, op.Constant(value_ints=[0]), count)  # [c] token ids
+        columns = op.Transpose(op.Gather(x_both, rows, axis=0), perm=[1, 2, 0])  # [2, H, c]: gate and up inputs
+        projected = op.MatMul(expert_halves, columns)  # [2, I, c]: the weights as the left operand, read in place
+        gate, up = op.Split(projected, axis=0, num_outputs=2)
+        act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up),
+                     op.Transpose(op.Gather(act_scale, rows, axis=0), perm=[1, 0]))  # [1, I, c]
+        y = op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1])  # [1, c, H]
+        return op.Pad(y, expert_pads)  # [1, C, H]
+
+    per_expert = op.Scan(halves, down, counts, pads, table, body=one_expert, num_scan_inputs=5)  # [E, 1, C, H]
+    y = op.Gather(op.Reshape(per_expert, op.Concat(last, hidden_size, axis=0)), slot, axis=0)  # [T*S, H]
+    tokens = op.Shape(x_gate, start=0, end=1)
+    slots = op.Shape(experts, start=1, end=2)
+    y = op.Reshape(y, op.Concat(tokens, slots, hidden_size, axis=0))
+    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, x_gate), last)), op.Constant(value_ints=[1]),
+                        keepdims=0)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def DenseSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
+    """Many tokens, fixed shapes only (TensorRT cannot size a tensor from values): every expert on
+    every token as three large matmuls, masked by the routing weights."""
     last = op.Constant(value_ints=[-1])
     one = op.Constant(value_ints=[1])
-    tokens = op.Shape(hidden, start=0, end=1)
-    hidden_size = op.Shape(hidden, start=1, end=2)
-    slots = op.Shape(experts, start=1, end=2)
+    tokens = op.Shape(x_gate, start=0, end=1)
+    hidden_size = op.Shape(x_gate, start=1, end=2)
     num_experts = op.Shape(gate_up, start=0, end=1)
-    if op.Greater(op.Mul(tokens, slots), num_experts):
-        # Many tokens: every expert on every token as large matmuls, masked by the routing weights.
-        dense_weights = op.ReduceSum(
-            op.Mul(op.CastLike(op.Equal(op.Unsqueeze(experts, last), op.Range(0, op.Squeeze(num_experts), 1)), hidden),
-                   op.Unsqueeze(weights, last)),
-            one, keepdims=0)  # [T, E]
-        gate_all, up_all = op.Split(gate_up, axis=1, num_outputs=2)  # [E, I, H] each
-        by_row = op.Concat(last, hidden_size, axis=0)
-        gate = op.MatMul(hidden, op.Transpose(op.Reshape(gate_all, by_row), perm=[1, 0]))  # [T, E*I]
-        up = op.MatMul(hidden, op.Transpose(op.Reshape(up_all, by_row), perm=[1, 0]))
-        act = op.Mul(op.Reshape(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Concat(tokens, num_experts, last, axis=0)),
-                     op.Unsqueeze(dense_weights, last))  # [T, E, I]
-        down_all = op.Reshape(op.Transpose(down, perm=[0, 2, 1]), by_row)  # [E*I, H]
-        out = op.MatMul(op.Reshape(act, op.Concat(tokens, last, axis=0)), down_all)
+    dense_weights = op.ReduceSum(
+        op.Mul(op.CastLike(op.Equal(op.Unsqueeze(experts, last), op.Range(0, op.Squeeze(num_experts), 1)), x_gate),
+               op.Unsqueeze(op.CastLike(weights, x_gate), last)),
+        one, keepdims=0)  # [T, E]
+    gate_all, up_all = op.Split(gate_up, axis=1, num_outputs=2)  # [E, I, H] each
+    by_row = op.Concat(last, hidden_size, axis=0)
+    gate = op.MatMul(x_gate, op.Transpose(op.Reshape(gate_all, by_row), perm=[1, 0]))  # [T, E*I]
+    up = op.MatMul(x_up, op.Transpose(op.Reshape(up_all, by_row), perm=[1, 0]))
+    act = op.Mul(op.Reshape(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Concat(tokens, num_experts, last, axis=0)),
+                 op.Mul(op.Unsqueeze(act_scale, one), op.Unsqueeze(dense_weights, last)))  # [T, E, I]
+    down_all = op.Reshape(op.Transpose(down, perm=[0, 2, 1]), by_row)  # [E*I, H]
+    return op.MatMul(op.Reshape(act, op.Concat(tokens, last, axis=0)), down_all)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def SwiGLUExpertsFixedShape(x_gate, x_up, act_scale, weights, experts, gate_up, down):
+    """The fixed-shape form (trt target; TensorRT's sparse path is our plugin): gathered weights
+    while T x S <= E, else dense masked matmuls over every expert."""
+    pairs = op.Mul(op.Shape(x_gate, start=0, end=1), op.Shape(experts, start=1, end=2))
+    if op.Greater(pairs, op.Shape(gate_up, start=0, end=1)):
+        out = DenseSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down)
     else:
-        # Few tokens (decode): gather only the selected experts' weights.
-        x = op.Unsqueeze(hidden, op.Constant(value_ints=[1, -1]))  # [T, 1, H, 1]
-        gate_up_out = op.Squeeze(op.MatMul(op.Gather(gate_up, experts, axis=0), x), last)  # [T, K, 2I]
-        gate, up = op.Split(gate_up_out, axis=-1, num_outputs=2)
-        act = op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
-        y = op.Squeeze(op.MatMul(op.Gather(down, experts, axis=0), op.Unsqueeze(act, last)), last)  # [T, K, H]
-        out = op.ReduceSum(op.Mul(y, op.Unsqueeze(weights, last)), one, keepdims=0)
+        out = GatheredSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down)
     return out
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def RoutedExperts(hidden, weights, experts, gate_up, down):
+    ones = op.CastLike(op.Expand(op.Constant(value_float=1.0), op.Concat(op.Shape(hidden, start=0, end=1),
+                                                                           op.Constant(value_ints=[1]), axis=0)), hidden)
+    return SwiGLUExperts(hidden, hidden, ones, weights, experts, gate_up, down)
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -113,7 +234,7 @@ def CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce: int):
     last = op.Constant(value_ints=[-1])
     k = op.Shape(experts, start=1, end=2)
     n_main = op.Sub(k, op.Reshape(op.Constant(value_int=n_ce), one))
-    main_weights = op.CastLike(op.Slice(weights, zero, n_main, last), hidden)
+    main_weights = op.Slice(weights, zero, n_main, last)
     main_experts = op.Slice(experts, zero, n_main, last)
     aux_weights = op.Slice(weights, n_main, k, last)
     aux_experts = op.Slice(experts, n_main, k, last)
@@ -128,34 +249,8 @@ def CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce: int):
     theta_gate = op.Squeeze(op.Slice(theta, op.Concat(zero, zero, axis=0), op.Concat(one, hidden_size, axis=0), rows_and_width), one)
     theta_act = op.Squeeze(op.Slice(theta, op.Concat(one, zero, axis=0), op.Concat(two, intermediate, axis=0), rows_and_width), one)
     theta_up = op.Squeeze(op.Slice(theta, op.Concat(two, zero, axis=0), op.Concat(op.Constant(value_ints=[3]), hidden_size, axis=0), rows_and_width), one)
-    x_gate = op.Mul(hidden, theta_gate)  # [T, H]
-    x_up = op.Mul(hidden, theta_up)
-
-    tokens = op.Shape(hidden, start=0, end=1)
-    num_experts = op.Shape(gate_up, start=0, end=1)
-    gate_all, up_all = op.Split(gate_up, axis=1, num_outputs=2)  # [E, I, H] each
-    if op.Greater(op.Mul(tokens, n_main), num_experts):
-        # Many tokens: all experts as large matmuls, masked by the main routing weights.
-        dense_weights = op.ReduceSum(
-            op.Mul(op.CastLike(op.Equal(op.Unsqueeze(main_experts, last), op.Range(0, op.Squeeze(num_experts), 1)), hidden),
-                   op.Unsqueeze(main_weights, last)),
-            one, keepdims=0)  # [T, E]
-        by_row = op.Concat(last, hidden_size, axis=0)
-        gate = op.MatMul(x_gate, op.Transpose(op.Reshape(gate_all, by_row), perm=[1, 0]))  # [T, E*I]
-        up = op.MatMul(x_up, op.Transpose(op.Reshape(up_all, by_row), perm=[1, 0]))
-        act = op.Mul(op.Reshape(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Concat(tokens, num_experts, last, axis=0)),
-                     op.Mul(op.Unsqueeze(theta_act, one), op.Unsqueeze(dense_weights, last)))  # [T, E, I]
-        down_all = op.Reshape(op.Transpose(down, perm=[0, 2, 1]), by_row)  # [E*I, H]
-        out = op.MatMul(op.Reshape(act, op.Concat(tokens, last, axis=0)), down_all)
-    else:
-        # Few tokens (decode): gather only the main experts' weights.
-        column = op.Constant(value_ints=[1, -1])
-        gate = op.Squeeze(op.MatMul(op.Gather(gate_all, main_experts, axis=0), op.Unsqueeze(x_gate, column)), last)
-        up = op.Squeeze(op.MatMul(op.Gather(up_all, main_experts, axis=0), op.Unsqueeze(x_up, column)), last)
-        act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Unsqueeze(theta_act, one))  # [T, km, I]
-        y = op.Squeeze(op.MatMul(op.Gather(down, main_experts, axis=0), op.Unsqueeze(act, last)), last)  # [T, km, H]
-        out = op.ReduceSum(op.Mul(y, op.Unsqueeze(main_weights, last)), one, keepdims=0)
-    return out
+    return SwiGLUExperts(op.Mul(hidden, theta_gate), op.Mul(hidden, theta_up), theta_act, main_weights, main_experts,
+                         gate_up, down)
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -182,12 +277,19 @@ def CompressedSparseMixerMoE(hidden, router_logits, gate_up, down, ces, n_ce: in
     return CompressedExperts(hidden, weights, experts, gate_up, down, ces, n_ce=n_ce)
 
 
-# op type -> (function, the functions its body calls)
+# op type -> (function, the functions its body calls, SwiGLUExperts's form-dependent callees aside)
 OPS = {
-    "MoE": (MoE, (SoftmaxTopK, RoutedExperts)),
-    "CompressedMoE": (CompressedMoE, (SoftmaxTopK, CompressedExperts)),
-    "SparseMixerMoE": (SparseMixerMoE, (SparseMixerTop2, RoutedExperts)),
-    "CompressedSparseMixerMoE": (CompressedSparseMixerMoE, (SparseMixerTop2, CompressedExperts)),
+    "MoE": (MoE, (SoftmaxTopK, RoutedExperts, SwiGLUExperts)),
+    "CompressedMoE": (CompressedMoE, (SoftmaxTopK, CompressedExperts, SwiGLUExperts)),
+    "SparseMixerMoE": (SparseMixerMoE, (SparseMixerTop2, RoutedExperts, SwiGLUExperts)),
+    "CompressedSparseMixerMoE": (CompressedSparseMixerMoE, (SparseMixerTop2, CompressedExperts, SwiGLUExperts)),
+}
+
+SPARSE, FIXED_SHAPE = "sparse", "fixed-shape"
+# form -> the body the SwiGLUExperts function gets, and the functions that body calls
+EXPERTS_FORMS = {
+    SPARSE: (SwiGLUExperts, (ExpertTable,)),
+    FIXED_SHAPE: (SwiGLUExpertsFixedShape, (GatheredSwiGLU, DenseSwiGLU)),
 }
 
 
@@ -229,21 +331,52 @@ def register_schemas() -> None:
         onnx.defs.register_schema(schema)
 
 
-def function_protos(op_type: str, model_opset: int) -> list[onnx.FunctionProto]:
-    """The body of `op_type` and of the functions it calls, importing the model's default opset
-    (onnx.checker needs them equal)."""
+def function_protos(op_type: str, model_opset: int, form: str = SPARSE) -> list[onnx.FunctionProto]:
+    """The body of `op_type` and of the functions it calls, with SwiGLUExperts in the given form
+    (EXPERTS_FORMS), importing the model's default opset (onnx.checker needs them equal)."""
     function, helpers = OPS[op_type]
+    experts_body, experts_helpers = EXPERTS_FORMS[form]
     protos = []
-    for fn in (function, *helpers):
-        proto = fn.to_function_proto()
+    for fn in (function, *helpers, *experts_helpers):
+        proto = experts_body.to_function_proto() if fn is SwiGLUExperts else fn.to_function_proto()
+        proto.name = fn.name
         # onnxscript names body nodes n0, n1, ...; every call site would repeat them (TensorRT warns
         # about each duplicate), so leave them unnamed and let runtimes scope them per call.
         clear_node_names(proto.node)
         for entry in proto.opset_import:
             if entry.domain == "":
                 entry.version = model_opset
+        if DOMAIN not in {entry.domain for entry in proto.opset_import}:  # calls inside an If branch
+            proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
         protos.append(proto)
     return protos
+
+
+def layer_model(op_type: str, attributes: dict, gate_up, down, ces=None, form: str = SPARSE,
+                opset: int = 20) -> onnx.ModelProto:
+    """A standalone model of one MoE layer (tests, benchmarks): inputs hidden [T, H] and fp32
+    router_logits [T, E], output [T, H], the weights (numpy arrays) as initializers."""
+    from onnx import helper, numpy_helper
+
+    dtype = helper.np_dtype_to_tensor_dtype(gate_up.dtype)
+    num_experts, _, hidden = gate_up.shape
+    weights = {"gate_up": gate_up, "down": down, **({"ces": ces} if ces is not None else {})}
+    node = helper.make_node(op_type, ["hidden", "router_logits", *weights], ["out"], domain=DOMAIN, **attributes)
+    graph = helper.make_graph(
+        [node], "moe_layer",
+        [helper.make_tensor_value_info("hidden", dtype, ["T", hidden]),
+         helper.make_tensor_value_info("router_logits", onnx.TensorProto.FLOAT, ["T", num_experts])],
+        [helper.make_tensor_value_info("out", dtype, ["T", hidden])],
+        initializer=[numpy_helper.from_array(array, name) for name, array in weights.items()])
+    model = helper.make_model(graph, functions=function_protos(op_type, opset, form), opset_imports=[
+        helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    model.ir_version = 10
+    return model
+
+
+def function_names(op_type: str, form: str = SPARSE) -> set[str]:
+    function, helpers = OPS[op_type]
+    return {fn.name for fn in (function, *helpers, *EXPERTS_FORMS[form][1])}
 
 
 def clear_node_names(nodes) -> None:

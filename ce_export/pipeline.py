@@ -23,11 +23,11 @@ from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, staged_folder, write_json, writing
-from ce_export.capture import DTYPES, build_torch_model
+from ce_export.capture import DTYPES, LOGITS, build_torch_model
 from ce_export.demo import DEMO_NAME, DEMO_SEED, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
-from ce_export.manifest import read_manifest, recorded_files
+from ce_export.manifest import onnx_files, read_manifest, recorded_files
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.quantize import fake_quantize_model, quantize_activations
 
@@ -51,6 +51,7 @@ class BuildOptions:
     verify: bool = True
     quantize: str | None = None  # quantization mode (see quantize.QUANTIZATIONS)
     calib: str | None = None  # calibration data (text / JSONL / .npy / .json); None: the built-in corpus
+    logits: str | None = None  # "all" positions or the "last" one; None: export.DEFAULT_LOGITS[target]
     plugin_library: str | None = None  # our TensorRT plugin (.so), for --target trt
     triton_repo: str | None = None  # also write a Triton Inference Server model repository here
 
@@ -73,6 +74,8 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(export_stage.TARGETS)})")
     if options.quantize is not None:
         quantize_stage.check_mode(options.quantize)
+    if options.logits not in (None, *LOGITS):
+        raise ExportError(f"unknown logits {options.logits!r} (choose from {', '.join(LOGITS)})")
     if options.plugin_library is not None:
         if options.target != "trt":
             raise BuildError("--plugin-lib applies to --target trt only")
@@ -110,7 +113,8 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"), \
                 writing(staging / "model.onnx", onnx_bytes):
             result = export_stage.export_onnx(loaded, lm, staging, options.target, options.max_batch,
-                                              options.max_seq, options.max_context, options.quantize, quantized)
+                                              options.max_seq, options.max_context, options.quantize, quantized,
+                                              options.logits or export_stage.DEFAULT_LOGITS[options.target])
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
         manifest = make_manifest(source, loaded, options, result, data, activations)
@@ -198,6 +202,8 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
             "outputs": result.output_names,
             "dynamic_axes": result.dynamic_axes,
             "moe_nodes": result.moe_nodes,
+            "experts_form": result.experts_form,
+            "logits": result.logits,
             "limits": {"max_batch": options.max_batch, "max_sequence": options.max_seq, "max_context": options.max_context},
             "files": recorded_files(result.onnx_path.parent, [result.onnx_path.name] + (
                 ["model.onnx.data"] if result.external_data else [])),
@@ -231,6 +237,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     quantization = (manifest.get("quantization") or {}).get("mode")
     scales = ((manifest.get("quantization") or {}).get("activations") or {}).get("scales")
     artifact_dtype = DTYPES[dtype_name]
+    logits_kept = manifest["onnx"].get("logits", "all")
     with timer("verify: ONNX Runtime session"):
         view = OnnxPrecisionView(onnx_path, dtype_name)
         runtime_path = view.path_for_runtime()
@@ -261,7 +268,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     with timer("verify: logits on %d shapes" % len(verify_stage.PARITY_CASES)):
         tolerance = verify_stage.TOLERANCES[dtype_name]
         logits = verify_stage.check_logits(reference, runtime, loaded.spec, manifest["onnx"]["outputs"],
-                                           runtime_dtype, tolerance, record=record_reference)
+                                           runtime_dtype, tolerance, record=record_reference, logits=logits_kept)
     with timer(f"verify: greedy generation of {verify_stage.GENERATION_TOKENS} tokens"):
         generation = verify_stage.check_generation(at_dtype, runtime, loaded.spec, runtime_dtype, tolerance)
         if at_dtype is not reference and not generation["passed"]:
@@ -278,7 +285,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
         from ce_export import synchronized
 
         with timer("verify: logits and greedy generation, synchronized at each FP8 quantizer"):
-            pair = synchronized.SynchronizedPair(runtime_path, reference)
+            pair = synchronized.SynchronizedPair(runtime_path, reference, logits=logits_kept)
             try:
                 logits = synchronized.check_logits(pair, loaded.spec, manifest["onnx"]["outputs"], runtime_dtype,
                                                    tolerance)
@@ -330,8 +337,9 @@ def quality_cost(folder: Path, manifest: dict, loaded, unquantized_fp32, runtime
     data = calibration_data(checkpoint_of(folder, manifest), loaded, None if source == BUILTIN else source)
     sequences = data.evaluation[:EVAL_SEQUENCES]
     torch_ppl = verify_stage.perplexity(verify_stage.TorchDecoder(unquantized_fp32), sequences, loaded.spec, torch.float32)
-    onnx_ppl = verify_stage.perplexity(runtime, sequences, loaded.spec, runtime_dtype)
-    files = [folder / manifest["onnx"]["file"]] + ([folder / manifest["onnx"]["external_data"]] if manifest["onnx"]["external_data"] else [])
+    onnx_ppl = verify_stage.perplexity(runtime, sequences, loaded.spec, runtime_dtype,
+                                       manifest["onnx"].get("logits", "all"))
+    files = [folder / name for name in onnx_files(manifest["onnx"])]
     return {"evaluation": f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}",
             "data": {"source": data.source, "kind": "built-in corpus" if data.source == BUILTIN else "user data (--calib)",
                      "tokenizer": data.tokenizer},

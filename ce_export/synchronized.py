@@ -36,7 +36,8 @@ class SynchronizedPair:
     ONNX Runtime outputs); `inputs` then holds, per quantizer, verify.compare of the reference's
     own quantizer input (before synchronizing it) against ONNX Runtime's."""
 
-    def __init__(self, onnx_path: Path, reference_lm: torch.nn.Module, exact_dequantize: bool = True):
+    def __init__(self, onnx_path: Path, reference_lm: torch.nn.Module, exact_dequantize: bool = True,
+                 logits: str = "all"):
         import onnx_ir as ir
 
         model = ir.load(onnx_path)
@@ -56,7 +57,7 @@ class SynchronizedPair:
         path = self._tmp / "model_sync.onnx"
         ir.save(model, path, external_data="model_sync.onnx.data")
         self.runtime = verify.OrtDecoder(path, exact_dequantize=exact_dequantize)
-        self.reference = KvCacheDecoder(reference_lm).eval()
+        self.reference = KvCacheDecoder(reference_lm, logits).eval()
         self.dtype = next(reference_lm.parameters()).dtype
         self._feeds: dict[str, torch.Tensor] = {}
         self._replaced: dict[int, torch.Tensor] = {}

@@ -141,9 +141,10 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
 
 
 def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0,
-                 record=None) -> dict:
-    """`record(inputs, expected)`, when given, receives each shape's feed and the reference's outputs."""
-    reference = KvCacheDecoder(reference_lm).eval()
+                 record=None, logits: str = "all") -> dict:
+    """`record(inputs, expected)`, when given, receives each shape's feed and the reference's outputs;
+    `logits`: the artifact's (capture.LOGITS), the reference computes the same positions."""
+    reference = KvCacheDecoder(reference_lm, logits).eval()
     gen = torch.Generator().manual_seed(seed)
     results = []
     for case in cases:
@@ -184,8 +185,11 @@ class TorchDecoder:
             return self.decoder(input_ids, attention_mask, position_ids, tuple(t.to(self.dtype) for t in past))
 
 
-def perplexity(runtime, sequences: torch.Tensor, spec, dtype) -> float:
-    """exp(mean next-token NLL) of `sequences` [N, S], each run as one prefill."""
+def perplexity(runtime, sequences: torch.Tensor, spec, dtype, logits: str = "all") -> float:
+    """exp(mean next-token NLL) of `sequences` [N, S], each run as one prefill; a runtime whose
+    logits cover the last position only is fed the sequences token by token over its KV cache."""
+    if logits == "last":
+        return perplexity_token_by_token(runtime, sequences, spec, dtype)
     total_nll, count = 0.0, 0
     for row in sequences:
         ids = row[None]
@@ -196,6 +200,19 @@ def perplexity(runtime, sequences: torch.Tensor, spec, dtype) -> float:
         total_nll += nll.item()
         count += ids.shape[1] - 1
     return float(torch.exp(torch.tensor(total_nll / count)))
+
+
+def perplexity_token_by_token(runtime, sequences: torch.Tensor, spec, dtype) -> float:
+    batch, length = sequences.shape
+    past = tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(batch, 0))
+    total_nll = 0.0
+    for position in range(length - 1):
+        ids = sequences[:, position:position + 1]
+        mask = torch.ones(batch, position + 1, dtype=torch.int64)
+        logits, *past = runtime(ids, mask, torch.full((batch, 1), position), tuple(past))
+        total_nll += torch.nn.functional.cross_entropy(logits[:, -1].float(), sequences[:, position + 1],
+                                                       reduction="sum").item()
+    return float(torch.exp(torch.tensor(total_nll / (batch * (length - 1)))))
 
 
 def generation_prompt(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
