@@ -3,6 +3,7 @@
     python benchmarks/end_to_end.py                       # CPU suite: demo and mid sizes, CE and plain
     python benchmarks/end_to_end.py --sizes olmoe-2-layers --points prefill:1:256 decode:1:256 --no-verify
                                                           # CPU suite at OLMoE-1B-7B width, 2 layers
+                                                          # (--logits last: the LM head on the last position)
     python benchmarks/end_to_end.py --suite gpu           # GPU suite: OLMoE-1B-7B shapes, plain and CE, bf16
 
 CPU suite: for each size it writes the checkpoint (random weights from a fixed seed, CE and plain),
@@ -17,7 +18,7 @@ decode at context 512 / 2048): transformers eager and grouped_mm (plain only: tr
 run CE), the captured model, our fast path (static cache + CUDA-graph decode, bf16) and, when
 ONNX Runtime has the device's execution provider, the fp16 `--target ort` export (`--export
 auto`; without the provider nothing is exported: a 7B export takes minutes and would not be run).
-The device's copy bandwidth and matmul rate are measured first; the floors divide by them. After
+The device's memory bandwidth (the faster of a copy and a read-only sum) and matmul rate are measured first; the floors divide by them. After
 each model it rewrites headline.md / headline.png (batch 1 of every model benched so far into
 `--out`, against the floor, with the issue's targets) and summary.md, so a run cut short keeps the
 models it finished, and separate runs per model (`--models plain`, then `--models ce`, sharing
@@ -113,8 +114,8 @@ def run_cpu_suite(args, command: str) -> None:
                 print(f"== {name}", flush=True)
                 checkpoint = write_checkpoint(Path(scratch) / name / "checkpoint", size, compressed)
                 build_dir = Path(scratch) / name / "build"
-                pipeline.build(str(checkpoint), build_dir, pipeline.BuildOptions(target="ort", verify=args.verify),
-                               report=print)
+                options = pipeline.BuildOptions(target="ort", verify=args.verify, logits=args.logits)
+                pipeline.build(str(checkpoint), build_dir, options, report=print)
                 data = bench.bench(build_dir, points=args.points or bench.CPU_POINTS, budget_s=args.budget)
                 data["command"] = command
                 data["build"] = f"{size} model, {'CE' if compressed else 'plain'}, --target ort (scratch folder)"
@@ -151,7 +152,7 @@ def run_gpu_suite(args, command: str) -> None:
     export, no_export_reason = should_export(args.export, args.device)
     dtype = bench.TORCH_DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     ceilings = bench.measure_ceilings(args.device, dtype)
-    print(f"== {ceilings['device']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.3f} TB/s, "
+    print(f"== {ceilings['device']}: memory {ceilings['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, "
           f"{ceilings['dtype']} matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (measured)", flush=True)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         checkpoint_dir = args.checkpoints or Path(scratch) / "checkpoints"
@@ -217,7 +218,7 @@ def floors_ms(config: dict, compressed: bool, batch: int, tokens: int, phase: st
     weight_bytes = element_bytes * (layers * (attention + distinct_experts * 3 * hidden * inter)
                                     + config["vocab_size"] * hidden)
     flops = 2 * per_token_params * new_tokens
-    return 1e3 * max(weight_bytes / ceilings["copy_bytes_per_s"], flops / ceilings["matmul_flops_per_s"])
+    return 1e3 * max(weight_bytes / ceilings["bandwidth_bytes_per_s"], flops / ceilings["matmul_flops_per_s"])
 
 
 def headline_table(results: dict, size: str) -> str:
@@ -233,7 +234,7 @@ def headline_table(results: dict, size: str) -> str:
     first = next(iter(results.values()), {})
     machine, tools, ceilings = first.get("machine", {}), first.get("tools", {}), first.get("ceilings")
     if ceilings:
-        floor_text = (f"Floor: bytes / {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s or FLOPs / "
+        floor_text = (f"Floor: bytes / {ceilings.get('bandwidth_bytes_per_s', ceilings['copy_bytes_per_s']) / 1e12:.2f} TB/s or FLOPs / "
                       f"{ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s ({ceilings['dtype']}), whichever is "
                       f"larger; both rates measured on {ceilings['device']} in this run.")
     else:
@@ -337,6 +338,9 @@ def main(argv=None) -> int:
                         help="CPU suite points, e.g. prefill:1:256 decode:1:256 (default: bench.CPU_POINTS)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="CPU suite: build without the parity check (each row still reports its parity)")
+    parser.add_argument("--logits", choices=("all", "last"), default="all",
+                        help="CPU suite: export logits for every position or the last only (the PyTorch rows compute "
+                             "the same positions)")
     parser.add_argument("--size", choices=("olmoe-1b-7b", "tiny"), default="olmoe-1b-7b", help="GPU suite size")
     parser.add_argument("--models", nargs="+", choices=("plain", "ce"), default=["plain", "ce"], help="GPU suite models")
     parser.add_argument("--device", default="cuda", help="GPU suite device (cpu with --size tiny for a dry run)")
