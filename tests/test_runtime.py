@@ -100,7 +100,10 @@ def test_inputs_beyond_what_the_decoder_was_built_for_are_clear_errors(demo_ce):
                          (torch.full((2, 1), vocab), "outside the vocabulary")):
         with pytest.raises(RuntimeInputError, match=re.escape(message)):
             fast.decode(bad)
-    assert fast.generate(ids, None, new_tokens=254).shape == (2, 254)  # exactly the 256 slots: fine
+    long = torch.zeros(2, 253, dtype=torch.long)  # a long prompt keeps the boundary cases to a few decode steps
+    assert fast.generate(long, None, new_tokens=4).shape == (2, 4)  # exactly the 256 slots: fine
+    with pytest.raises(RuntimeInputError, match=re.escape("253 prompt + 5 new tokens need 257 cache slots")):
+        fast.generate(long, None, new_tokens=5)
 
 
 def test_the_cache_holds_whole_attention_windows(demo_ce):
