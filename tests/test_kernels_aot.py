@@ -96,19 +96,37 @@ def test_no_kernel_spills_to_local_memory(aot_output):
             assert re.search(r"\bLOCAL:0\b", usage) and re.search(r"\bSTACK:0\b", usage), (kernel["stem"], usage)
 
 
-def test_manifest_formulas_are_complete(aot_output):
-    from ce_kernels.aot import evaluate_formula
+def test_launch_expressions_are_complete(aot_output):
+    """Every grid and argument the plugin's generated C++ computes evaluates on real shapes, every
+    pointer names a layer tensor or a workspace buffer, and kernel_set.inc was written beside the manifest."""
+    from ce_kernels.aot import WORKSPACE, AotModel, Pointer, plan_launches, tables_for
 
-    _, manifest = aot_output
-    buffers = MODEL_BUFFERS | {w["name"] for w in manifest["workspace"]}
-    for kernel in manifest["kernels"]:
-        grid = [evaluate_formula(g, SHAPES, kernel["constexprs"]) for g in kernel["grid"]]
-        assert all(g >= 1 for g in grid), (kernel["stem"], grid)
-        for arg in kernel["args"]:
-            if arg["type"].startswith("*"):
-                assert arg["value"].split(" + ")[0] in buffers, (kernel["stem"], arg)
+    out, manifest = aot_output
+    assert "struct gate_up_swiglu_bf16_ce_" in (out / "kernel_set.inc").read_text()
+    buffers = MODEL_BUFFERS | {w.name for w in WORKSPACE}
+    model = AotModel(num_experts=(64,), top_k=8, n_ce=4)
+    kernel_set = plan_launches(model, tables_for(["bf16"], [80, 90]))
+    assert {b.stem for b in kernel_set.builds} == {k["stem"] for k in manifest["kernels"]}
+    for build in kernel_set.builds:
+        grid = [g(SHAPES) if not isinstance(g, int) else g for g in build.grid]
+        assert all(g >= 1 for g in grid), (build.stem, grid)
+        for name, _, value in build.args:
+            if isinstance(value, Pointer):
+                assert value.buffer in buffers, (build.stem, name)
             else:
-                assert evaluate_formula(arg["value"], SHAPES, kernel["constexprs"]) >= 0, (kernel["stem"], arg)
+                assert (value if isinstance(value, int) else value(SHAPES)) >= 0, (build.stem, name)
+
+
+def test_shape_expressions_evaluate_and_render_alike():
+    """align.py's buffer sizes and the plugin's C++ come from the same expressions."""
+    from ce_kernels import align
+    from ce_kernels.shape_exprs import E, KM, T, cdiv, cpp, max_blocks
+
+    grid = max_blocks(T * KM, E, 64) * cdiv(T, 16)
+    assert grid(SHAPES) == align.max_blocks(37 * 4, 64, 64) * 3 == 66 * 3
+    assert cpp(grid) == "cdiv(d.T * d.KM + smaller(d.E, d.T * d.KM) * 63, 64) * cdiv(d.T, 16)"
+    assert cpp((T - 1) * (KM + 2)) == "(d.T - 1) * (d.KM + 2)"
+    assert align.max_padded_pairs(3, 8, 16) == 3 + 3 * 15
 
 
 def test_plain_moe_with_sparsemixer_routing_compiles(tmp_path):

@@ -11,7 +11,6 @@ script's own message.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -42,13 +41,9 @@ def test_script_says_so_when_headers_are_missing(tmp_path):
 
 
 def _fake_aot_folder(folder: Path) -> None:
-    """The CE fixture manifest with made-up cubins: embedding and configurePlugin never load them."""
-    manifest = json.loads((TRT_DIR / "tests" / "fixtures" / "aot_manifest_ce_k4_nce2_e8.json").read_text())
-    for kernel in manifest["kernels"]:
-        path = folder / kernel["cubin"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"\x7fELF not a real cubin " + kernel["stem"].encode())
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    """The CE fixture kernel set (stand-in cubins: configurePlugin never loads them) as an AOT folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TRT_DIR / "tests" / "fixtures" / "ce_k4_nce2_e8.inc", folder / "kernel_set.inc")
 
 
 @pytest.mark.slow

@@ -1,12 +1,12 @@
 """The TensorRT plugin's own logic, built and run as a C++ unit-test executable: no TensorRT, no
-CUDA, no GPU (plugins/trt/src/moe_plugin_logic.*, formula.*, mini_json.*; tests in
-plugins/trt/tests/logic_tests.cpp).
+CUDA, no GPU (plugins/trt/src/moe_plugin_logic.*; tests in plugins/trt/tests/logic_tests.cpp, over
+the generated kernel sets in plugins/trt/tests/fixtures/).
 
 The executable is configured and built with CMake (CE_TRT_LOGIC_ONLY=ON) into a temporary folder,
-or with g++ directly when CMake is missing. Also here: the kernel embedding script
-(plugins/trt/tools/embed_kernels.py) round trip, and, when Triton is installed, the contract
-between the current `ce_kernels.aot` output and the plugin's launch planning (PTX entry names and
-parameter counts, plans for every dtype / E / tile entry).
+or with g++ directly when CMake is missing. Also here: plugins/trt/tools/embed_kernels.py, and, when
+Triton is installed, the contract between today's `ce_kernels.aot` output and the plugin: its
+generated C++ compiles into the logic tests, its cubins hold their entries and its plans build for
+every dtype / E / tile entry.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRT_DIR = REPO_ROOT / "plugins" / "trt"
-LOGIC_SOURCES = ["src/moe_plugin_logic.cpp", "src/formula.cpp", "src/mini_json.cpp",
-                 "tests/logic_tests.cpp", "tests/alloc_counter.cpp"]
+FIXTURES = TRT_DIR / "tests" / "fixtures"
+LOGIC_SOURCES = ["src/moe_plugin_logic.cpp", "tests/logic_tests.cpp", "tests/alloc_counter.cpp"]
 CASES = [
-    "json_parse", "formula_eval", "fields_roundtrip", "creator_field_names", "shape_rules", "type_rules",
+    "shape_arithmetic", "fields_roundtrip", "creator_field_names", "shape_rules", "type_rules",
     "format_combinations", "select_arch", "manifest_fixture_ce", "workspace_monotone", "manifest_fixture_sparsemixer",
-    "manifest_fixture_scaled", "plan_errors", "plan_zero_tokens", "synthetic_manifest", "manifest_errors", "resolve_pointers",
-    "no_allocation_in_plan", "fuzz_fields", "fuzz_json_and_manifests", "fuzz_formulas", "fuzz_shapes", "fuzz_launch_plans",
-    "example_request_checks", "aot_contract",
+    "manifest_fixture_scaled", "plan_errors", "plan_zero_tokens", "synthetic_manifest", "several_sets",
+    "resolve_pointers", "no_allocation_in_plan", "fuzz_fields", "fuzz_shapes", "example_request_checks", "aot_contract",
 ]
 JOBS = str(max(os.cpu_count() or 1, 1))
 SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
@@ -56,6 +55,22 @@ def sanitizers_work(cxx: str, folder: Path) -> bool:
         return False
 
 
+def build_with_gxx(out: Path, aot_dirs: list[Path]) -> Path:
+    """The logic tests compiled with g++ directly, with `aot_dirs`' kernel sets embedded; with
+    AddressSanitizer and UBSan where the compiler has them."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("neither cmake nor a C++ compiler (g++) is installed")
+    out.mkdir(parents=True, exist_ok=True)
+    embedded = out / "test_kernel_sets.cpp"
+    run([sys.executable, TRT_DIR / "tools" / "embed_kernels.py", "--out", embedded, *aot_dirs])
+    exe = out / "ce_moe_logic_tests"
+    sanitizers = SANITIZERS if sanitizers_work(cxx, out) else []
+    run([cxx, "-std=c++17", "-O0", "-Wall", "-Wextra", "-Werror", *sanitizers, "-I", TRT_DIR / "src",
+         "-I", TRT_DIR / "examples", *[TRT_DIR / s for s in LOGIC_SOURCES], embedded, "-o", exe], timeout=600)
+    return exe
+
+
 @pytest.fixture(scope="module")
 def logic_tests(tmp_path_factory) -> tuple[Path, Path | None]:
     """(the test executable, its CMake build folder or None when built with g++ directly). Built with
@@ -68,16 +83,10 @@ def logic_tests(tmp_path_factory) -> tuple[Path, Path | None]:
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         # Debug (-O0) compiles fastest; check_compile.sh builds the same code with -O3 and -Werror.
         run([cmake, "-S", TRT_DIR, "-B", build, *generator, "-DCE_TRT_LOGIC_ONLY=ON", "-DCMAKE_BUILD_TYPE=Debug",
-             f"-DCE_TRT_SANITIZE={'ON' if sanitize else 'OFF'}"])
-        run([cmake, "--build", build, "-j", JOBS])
+             f"-DPython3_EXECUTABLE={sys.executable}", f"-DCE_TRT_SANITIZE={'ON' if sanitize else 'OFF'}"])
+        run([cmake, "--build", build, "-j", JOBS], timeout=600)
         return build / "ce_moe_logic_tests", build
-    if cxx is None:
-        pytest.skip("neither cmake nor a C++ compiler (g++) is installed")
-    exe = build / "ce_moe_logic_tests"
-    run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", *(SANITIZERS if sanitize else []),
-         f'-DCE_TRT_FIXTURES_DIR="{TRT_DIR / "tests" / "fixtures"}"',
-         "-I", TRT_DIR / "src", "-I", TRT_DIR / "examples", *[TRT_DIR / s for s in LOGIC_SOURCES], "-o", exe])
-    return exe, None
+    return build_with_gxx(build, []), None
 
 
 def test_logic_unit_tests_pass(logic_tests):
@@ -96,26 +105,20 @@ def test_logic_tests_are_registered_with_ctest(logic_tests):
     assert "100% tests passed" in out, out
 
 
-def test_a_failing_check_fails_the_executable(logic_tests, tmp_path):
+def test_a_failing_check_fails_the_executable(logic_tests):
     """The harness is not vacuous: without the fixtures, the fixture cases fail and the exit code says so."""
     exe, _ = logic_tests
-    result = subprocess.run([exe, "--fixtures", tmp_path, "manifest_fixture_ce"], capture_output=True, text=True,
+    result = subprocess.run([exe, "--no-fixtures", "manifest_fixture_ce"], capture_output=True, text=True,
                             env={**os.environ, **SANITIZER_ENV})
     assert result.returncode == 1
     assert "[FAIL] manifest_fixture_ce" in result.stdout
 
 
-def _fake_aot_folder(folder: Path, manifest_name: str) -> dict[str, bytes]:
-    """An AOT-shaped folder: a fixture manifest and made-up cubin bytes for every kernel it names."""
-    manifest = json.loads((TRT_DIR / "tests" / "fixtures" / manifest_name).read_text())
-    images = {}
-    for index, kernel in enumerate(manifest["kernels"]):
-        data = bytes((index * 31 + i * 7) % 256 for i in range(100 + index))
-        images[kernel["cubin"]] = data
-        (folder / kernel["cubin"]).parent.mkdir(parents=True, exist_ok=True)
-        (folder / kernel["cubin"]).write_bytes(data)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return images
+def _fake_aot_folder(folder: Path, fixture: str) -> Path:
+    """An AOT-shaped folder: a fixture kernel set (stand-in cubins) as its kernel_set.inc."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURES / f"{fixture}.inc", folder / "kernel_set.inc")
+    return folder
 
 
 READER = r"""
@@ -124,77 +127,78 @@ READER = r"""
 int main()
 {
     size_t count = 0;
-    ce_trt::embedded::KernelSet const* sets = ce_trt::embedded::kernelSets(&count);
+    ce_trt::KernelSetDesc const* const* sets = ce_trt::embedded::kernelSets(&count);
     std::printf("sets %zu\n", count);
     for (size_t s = 0; s < count; ++s)
     {
-        std::printf("manifest %zu\n", sets[s].manifestSize);
-        for (size_t i = 0; i < sets[s].numImages; ++i)
-        {
-            unsigned long sum = 0;
-            for (size_t b = 0; b < sets[s].images[i].size; ++b)
-            {
-                sum = (sum * 131 + sets[s].images[i].data[b]) % 1000000007UL;
-            }
-            std::printf("image %s %zu %lu %d\n", sets[s].images[i].path, sets[s].images[i].size, sum,
-                int(reinterpret_cast<unsigned long>(sets[s].images[i].data) % 64 == 0));
-        }
+        ce_trt::MoeAttrs const layer = sets[s]->layer();
+        std::printf("set top_k=%d n_ce=%d kernels=%d plans=%d images of %s: %d\n", layer.topK, layer.nCe,
+            sets[s]->numKernels, sets[s]->numPlans, sets[s]->kernels[0].stem, sets[s]->kernels[0].numImages);
     }
 }
 """
 
 
-def _digest(data: bytes) -> int:
-    total = 0
-    for byte in data:
-        total = (total * 131 + byte) % 1000000007
-    return total
-
-
-def test_embed_kernels_round_trip(tmp_path):
+def test_embed_kernels_lists_every_set(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    folder = tmp_path / "aot"
-    images = _fake_aot_folder(folder, "aot_manifest_sparsemixer_e8_e16.json")
+    folders = [_fake_aot_folder(tmp_path / "a", "ce_k4_nce2_e8"), _fake_aot_folder(tmp_path / "b", "sparsemixer_e8_e16")]
     generated = tmp_path / "embedded.cpp"
-    run([sys.executable, TRT_DIR / "tools" / "embed_kernels.py", "--out", generated, folder])
+    run([sys.executable, TRT_DIR / "tools" / "embed_kernels.py", "--out", generated, *folders])
     (tmp_path / "reader.cpp").write_text(READER)
     exe = tmp_path / "reader"
-    run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", TRT_DIR / "src", generated, tmp_path / "reader.cpp",
-         "-o", exe])
-    lines = run([exe]).stdout.splitlines()
-    assert lines[0] == "sets 1"
-    assert lines[1] == f"manifest {(folder / 'manifest.json').stat().st_size}"
-    got = {line.split()[1]: line.split()[2:] for line in lines[2:]}
-    assert got == {path: [str(len(data)), str(_digest(data)), "1"] for path, data in images.items()}
+    compile_reader = [cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", TRT_DIR / "src", generated,
+                      tmp_path / "reader.cpp", TRT_DIR / "src" / "moe_plugin_logic.cpp", "-o", exe]
+    run(compile_reader)
+    assert run([exe]).stdout.splitlines() == [
+        "sets 2",
+        "set top_k=4 n_ce=2 kernels=28 plans=8 images of topk_softmax_bf16_e8: 2",
+        "set top_k=2 n_ce=0 kernels=21 plans=8 images of sparsemixer_top2_fp16_e8: 1",
+    ]
 
-    # No folder: an empty table (the library then refuses to configure, and says so).
+    # No folder: an empty list (the library then refuses to configure, and says so).
     run([sys.executable, TRT_DIR / "tools" / "embed_kernels.py", "--out", generated])
-    run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", TRT_DIR / "src", generated, tmp_path / "reader.cpp",
-         "-o", exe])
+    run(compile_reader)
     assert run([exe]).stdout.splitlines() == ["sets 0"]
 
-    # A manifest naming a missing cubin is refused with the folder and path.
-    next(iter((folder / "sm90").glob("*.cubin"))).unlink()
-    result = subprocess.run([sys.executable, TRT_DIR / "tools" / "embed_kernels.py", "--out", generated, folder],
+    # A folder without generated C++ is refused, naming it.
+    (folders[0] / "kernel_set.inc").unlink()
+    result = subprocess.run([sys.executable, TRT_DIR / "tools" / "embed_kernels.py", "--out", generated, folders[0]],
                             capture_output=True, text=True)
-    assert result.returncode != 0 and "is missing" in result.stderr
+    assert result.returncode != 0 and "no kernel_set.inc" in result.stderr
+
+
+def test_a_mismatch_between_compiler_and_plugin_is_a_compile_error(tmp_path):
+    """Generated code naming a buffer or layer attribute the plugin lacks does not compile."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    text = (FIXTURES / "ce_k4_nce2_e8.inc").read_text()
+    for old, new in [("kBufRouterLogits", "kBufRouterScores"), ("a.normTopkProb", "a.scoreBias")]:
+        folder = tmp_path / new
+        folder.mkdir()
+        (folder / "kernel_set.inc").write_text(text.replace(old, new))
+        generated = folder / "embedded.cpp"
+        run([sys.executable, TRT_DIR / "tools" / "embed_kernels.py", "--out", generated, folder])
+        result = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-I", TRT_DIR / "src", generated],
+                                capture_output=True, text=True)
+        assert result.returncode != 0 and new in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.slow
-def test_current_aot_output_matches_the_plugin_contract(logic_tests, tmp_path):
-    """Compile the kernels with today's ce_kernels.aot (one arch, one dtype: seconds) and check that the
-    plugin's planner accepts the manifest and that it agrees with the PTX it describes."""
+def test_current_aot_output_matches_the_plugin_contract(tmp_path):
+    """Compile the kernels with today's ce_kernels.aot (one arch, one dtype), compile its C++ into the
+    logic tests and check that its cubins hold their entries and its plans build."""
     pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-    exe, _ = logic_tests
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "plugins"), str(REPO_ROOT), env.get("PYTHONPATH", "")])
     out = tmp_path / "aot"
     run([sys.executable, "-m", "ce_kernels.aot", "--out", out, "--arch", "90", "--dtypes", "bf16",
-         "--num-experts", "8", "--top-k", "4", "--n-ce", "2"], cwd=REPO_ROOT, env=env)
-    result = run([exe, "--aot-dir", out, "aot_contract"]).stdout
-    assert "[ OK ] aot_contract" in result and "kernels match their PTX" in result, result
+         "--num-experts", "8", "--top-k", "4", "--n-ce", "2"], cwd=REPO_ROOT, env=env, timeout=600)
+    exe = build_with_gxx(tmp_path / "build", [out])
+    result = run([exe, "aot_contract"]).stdout
+    assert "[ OK ] aot_contract" in result and "cubins hold their entries" in result, result
 
 
 def test_aot_arguments_for_a_model_manifest(tmp_path):

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ce_kernels.shape_exprs import max_blocks, max_padded_pairs
+
 PAIRS_PER_CHUNK = 1024
 
 
@@ -34,15 +36,6 @@ class ExpertAlignment(NamedTuple):
     block_expert_ids: torch.Tensor  # int32 [max_blocks]
     num_padded: torch.Tensor        # int32 [1], the valid prefix of sorted_pair_ids
     block_m: int
-
-
-def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Worst case of sum_e roundup(count_e, block_m): every non-empty expert wastes < block_m."""
-    return num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-
-
-def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
-    return triton.cdiv(max_padded_pairs(num_pairs, num_experts, block_m), block_m)
 
 
 @triton.jit

@@ -4,15 +4,18 @@
                              [--top-k 8] [--n-ce 4] [--norm-topk-prob]
                              [--routing softmax_topk|sparsemixer] [--routing-scale S] [--jitter-eps J]
 
-writes DIR/sm{arch}/{stem}.ptx and .cubin and DIR/manifest.json, the contract a C++ TensorRT plugin
-launches from: per kernel its entry name, ordered arguments (Triton type and a formula for the value
-in terms of the shapes and the workspace buffers), constexprs, grid formula, num_warps, shared
-memory, and the registers / spills ptxas reports. Shapes: T tokens, H hidden, I intermediate,
-C = ces.shape[2], E experts, K top_k, KM = K - n_ce main experts.
+writes DIR/sm{arch}/{stem}.ptx and .cubin, DIR/kernel_set.inc and DIR/manifest.json.
+
+kernel_set.inc is the C++ the TensorRT plugin compiles in (see ce_kernels/aot_cpp.py): per kernel
+its arguments and grid as C++ expressions of the shapes, its cubin per architecture; per kernel set
+the layer attributes it was compiled for, the workspace and the launch plans. manifest.json records
+the same for people and tests (expressions as text), plus the registers / spills ptxas reports.
+Shapes (ce_kernels/shape_exprs.py): T tokens, H hidden, I intermediate, C = ces.shape[2], E experts,
+K top_k, KM = K - n_ce main experts.
 
 Kernels are compiled with the divisibility hints a JIT launch would derive for ordinary shapes:
 every pointer and every H-, I- or C-derived integer is assumed a multiple of 16 (manifest
-"assumptions"); the plugin must check them and refuse other shapes. Launch plans are per dtype, not
+"assumptions"); the plugin checks them and refuses other shapes. Launch plans are per dtype, not
 per architecture: each dtype's tile table is the one for the smallest shared memory among --arch
 (so `--arch 80 86` plans sm_86's table for both); "tile_table" lists its entries with their dtype.
 
@@ -36,6 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -43,43 +47,56 @@ from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
 from ce_export.moe_math import ROUTINGS, SOFTMAX_TOPK, SPARSEMIXER
-from ce_kernels import align, combine, grouped_gemm, routing, theta
+from ce_kernels import align, aot_cpp, combine, grouped_gemm, routing, theta
+from ce_kernels.shape_exprs import C, E, H, I, K, KM, T, Value, cdiv, largest, max_blocks, max_padded_pairs
 from ce_kernels.tile_configs import (DTYPES, LAST, MAX_SHARED_BYTES, MoeTileConfig, arch_tile_table, tile_configs,
                                      tile_table)
 
-TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "i32": "*i32"}
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
-# Everything a grid or argument formula may use besides the shape letters and constexprs.
-FORMULA_DEFINITIONS = {
-    "cdiv(a, b)": "(a + b - 1) // b",
-    "max_padded": "T*KM + min(E, T*KM) * (BLOCK_M - 1)",
-    "max_blocks": "cdiv(max_padded, BLOCK_M)",
-}
+
+@dataclass(frozen=True)
+class WorkspaceBuffer:
+    name: str
+    dtype: str                          # "fp32", "i32" or "model" (the activation type)
+    shape: Callable[[int], tuple]       # block_m -> extents (shape expressions)
+    written_by: str
+
+    def elements(self, block_ms: list[int]) -> Value:
+        """The element count with the worst of `block_ms`."""
+        counts = []
+        for block_m in block_ms:
+            extents = self.shape(block_m)
+            count = extents[0]
+            for extent in extents[1:]:
+                count = count * extent
+            counts.append(count)
+        return largest(counts)
+
 
 WORKSPACE = [
-    # name, dtype, shape formula, written by
-    ("routing_weights", "fp32", "[T, K]", "topk_softmax_kernel or sparsemixer_top2_kernel"),
-    ("expert_ids", "i32", "[T, K]", "topk_softmax_kernel or sparsemixer_top2_kernel"),
-    ("theta", "model", "[T, 3, C]", "mix_compressed_experts_kernel (CE only)"),
-    ("expert_counts", "i32", "[E]", "count_pairs_per_expert_kernel"),
-    ("sorted_pair_ids", "i32", "[max_padded]", "scatter_pairs_by_expert_kernel"),
-    ("block_expert_ids", "i32", "[max_blocks]", "scatter_pairs_by_expert_kernel"),
-    ("num_padded", "i32", "[1]", "scatter_pairs_by_expert_kernel"),
-    ("act", "model", "[T*KM, I]", "gate_up_swiglu_kernel"),
-    ("pair_out", "model", "[T*KM, H]", "down_weighted_kernel"),
+    WorkspaceBuffer("routing_weights", "fp32", lambda bm: (T, K), "topk_softmax_kernel or sparsemixer_top2_kernel"),
+    WorkspaceBuffer("expert_ids", "i32", lambda bm: (T, K), "topk_softmax_kernel or sparsemixer_top2_kernel"),
+    WorkspaceBuffer("theta", "model", lambda bm: (T, 3, C), "mix_compressed_experts_kernel (CE only; C = 0 otherwise)"),
+    WorkspaceBuffer("expert_counts", "i32", lambda bm: (E,), "count_pairs_per_expert_kernel"),
+    WorkspaceBuffer("sorted_pair_ids", "i32", lambda bm: (max_padded_pairs(T * KM, E, bm),),
+                    "scatter_pairs_by_expert_kernel"),
+    WorkspaceBuffer("block_expert_ids", "i32", lambda bm: (max_blocks(T * KM, E, bm),), "scatter_pairs_by_expert_kernel"),
+    WorkspaceBuffer("num_padded", "i32", lambda bm: (1,), "scatter_pairs_by_expert_kernel"),
+    WorkspaceBuffer("act", "model", lambda bm: (T * KM, I), "gate_up_swiglu_kernel"),
+    WorkspaceBuffer("pair_out", "model", lambda bm: (T * KM, H), "down_weighted_kernel"),
 ]
 
-NOTES = [
-    "Pick the launch plan for the model dtype, the layer's E and the smallest max_tokens >= T (else the last); "
-    "launch its kernels in order on one stream.",
-    "Every PTX entry takes two extra trailing pointer parameters (global and profile scratch); "
-    "pass null: both sizes are 0.",
-    "blockDim = num_warps * 32; dynamic shared memory = 'shared' bytes; above 48 KiB set "
-    "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first.",
-    "Skip every launch when T == 0. Pointer offsets such as 'routing_weights + KM' are in elements.",
-    "No buffer needs zero-filling; entries of sorted_pair_ids / block_expert_ids past num_padded are never read.",
-]
+
+@dataclass(frozen=True)
+class Pointer:
+    """A pointer argument: a layer input / output or a workspace buffer, plus an offset in elements."""
+    buffer: str
+    offset: Value = 0
+
+    def __repr__(self) -> str:
+        return self.buffer if self.offset == 0 else f"{self.buffer} + {self.offset}"
 
 
 @dataclass(frozen=True)
@@ -101,16 +118,21 @@ class AotModel:
 class KernelBuild:
     kernel: object                 # a triton JITFunction
     stem: str
-    args: list[tuple[str, str, str]]   # (name, triton type, value formula), in kernel order
+    args: list[tuple[str, str, Pointer | Value]]   # (name, triton type, value), in kernel order
     constexprs: dict
     divisible_by_16: set[str]
-    grid: list[str]
+    grid: tuple[Value, Value, Value]
     num_warps: int = 4
     num_stages: int = 3
+    logits_dtype: str | None = None    # routing kernels: the router logits' type
 
 
-def _i32(name: str, value: str) -> tuple[str, str, str]:
+def _i32(name: str, value: Value) -> tuple[str, str, Value]:
     return (name, "i32", value)
+
+
+def _ptr(name: str, dtype: str, buffer: str, offset: Value = 0) -> tuple[str, str, Pointer]:
+    return (name, TRITON_TYPES[dtype], Pointer(buffer, offset))
 
 
 def routing_build(model: AotModel, dtype: str, num_experts: int, logits_dtype: str | None = None) -> KernelBuild:
@@ -128,60 +150,56 @@ def routing_build(model: AotModel, dtype: str, num_experts: int, logits_dtype: s
         constexprs = {"JITTER_EPS": float(model.jitter_eps), "BLOCK_T": blocks["BLOCK_T"], "BLOCK_E": blocks["BLOCK_E"]}
     return KernelBuild(
         kernel, stem,
-        [("logits_ptr", TRITON_TYPES[logits_dtype], "router_logits"),
-         ("weights_ptr", "*fp32", "routing_weights"),
-         ("expert_ids_ptr", "*i32", "expert_ids"),
-         _i32("num_tokens", "T"), _i32("num_experts", "E"), _i32("stride_logits_t", "E")],
-        constexprs, {"logits_ptr", "weights_ptr", "expert_ids_ptr"}, ["cdiv(T, BLOCK_T)", "1", "1"],
+        [_ptr("logits_ptr", logits_dtype, "router_logits"),
+         _ptr("weights_ptr", "fp32", "routing_weights"),
+         _ptr("expert_ids_ptr", "i32", "expert_ids"),
+         _i32("num_tokens", T), _i32("num_experts", E), _i32("stride_logits_t", E)],
+        constexprs, {"logits_ptr", "weights_ptr", "expert_ids_ptr"}, (cdiv(T, blocks["BLOCK_T"]), 1, 1),
+        logits_dtype=logits_dtype,
     )
 
 
 def theta_build(model: AotModel, dtype: str) -> KernelBuild:
-    ptr = TRITON_TYPES[dtype]
     return KernelBuild(
         theta.mix_compressed_experts_kernel, f"mix_compressed_experts_{dtype}",
-        [("aux_weights_ptr", "*fp32", "routing_weights + KM"),
-         ("aux_ids_ptr", "*i32", "expert_ids + KM"),
-         ("ces_ptr", ptr, "ces"), ("theta_ptr", ptr, "theta"),
-         _i32("num_tokens", "T"), _i32("num_columns", "C"), _i32("stride_aux_t", "K"),
-         _i32("stride_ces_e", "3*C"), _i32("stride_ces_r", "C"),
-         _i32("stride_theta_t", "3*C"), _i32("stride_theta_r", "C")],
+        [_ptr("aux_weights_ptr", "fp32", "routing_weights", KM),
+         _ptr("aux_ids_ptr", "i32", "expert_ids", KM),
+         _ptr("ces_ptr", dtype, "ces"), _ptr("theta_ptr", dtype, "theta"),
+         _i32("num_tokens", T), _i32("num_columns", C), _i32("stride_aux_t", K),
+         _i32("stride_ces_e", 3 * C), _i32("stride_ces_r", C),
+         _i32("stride_theta_t", 3 * C), _i32("stride_theta_r", C)],
         {"N_CE": model.n_ce, "BLOCK_T": theta.THETA_TOKENS_PER_PROGRAM, "BLOCK_C": theta.THETA_COLUMNS_PER_PROGRAM},
         {"ces_ptr", "theta_ptr", "num_columns", "stride_ces_e", "stride_ces_r", "stride_theta_t", "stride_theta_r"},
-        ["cdiv(T, BLOCK_T)", "cdiv(C, BLOCK_C)", "1"],
+        (cdiv(T, theta.THETA_TOKENS_PER_PROGRAM), cdiv(C, theta.THETA_COLUMNS_PER_PROGRAM), 1),
     )
 
 
 def align_builds(model: AotModel, num_experts: int, block_m: int) -> list[KernelBuild]:
-    ids = [("expert_ids_ptr", "*i32", "expert_ids")]
+    ids = [_ptr("expert_ids_ptr", "i32", "expert_ids")]
     common = {"KM": model.km, "BLOCK_P": align.PAIRS_PER_CHUNK}
     count = KernelBuild(
         align.count_pairs_per_expert_kernel, f"count_pairs_per_expert_e{num_experts}",
-        ids + [("counts_ptr", "*i32", "expert_counts"), _i32("num_tokens", "T"), _i32("stride_ids_t", "K")],
-        dict(common), {"expert_ids_ptr", "counts_ptr"}, ["E", "1", "1"],
+        ids + [_ptr("counts_ptr", "i32", "expert_counts"), _i32("num_tokens", T), _i32("stride_ids_t", K)],
+        dict(common), {"expert_ids_ptr", "counts_ptr"}, (E, 1, 1),
     )
     scatter = KernelBuild(
         align.scatter_pairs_by_expert_kernel, f"scatter_pairs_by_expert_bm{block_m}_e{num_experts}",
-        ids + [("counts_ptr", "*i32", "expert_counts"),
-               ("sorted_pair_ids_ptr", "*i32", "sorted_pair_ids"),
-               ("block_expert_ids_ptr", "*i32", "block_expert_ids"),
-               ("num_padded_ptr", "*i32", "num_padded"),
-               _i32("num_tokens", "T"), _i32("num_experts", "E"), _i32("stride_ids_t", "K")],
+        ids + [_ptr("counts_ptr", "i32", "expert_counts"), *_alignment_args(),
+               _i32("num_tokens", T), _i32("num_experts", E), _i32("stride_ids_t", K)],
         {**common, "BLOCK_M": block_m, "BLOCK_E": triton.next_power_of_2(num_experts)},
         {"expert_ids_ptr", "counts_ptr", "sorted_pair_ids_ptr", "block_expert_ids_ptr", "num_padded_ptr"},
-        ["E", "1", "1"],
+        (E, 1, 1),
     )
     return [count, scatter]
 
 
-def _alignment_args() -> list[tuple[str, str, str]]:
-    return [("sorted_pair_ids_ptr", "*i32", "sorted_pair_ids"),
-            ("block_expert_ids_ptr", "*i32", "block_expert_ids"),
-            ("num_padded_ptr", "*i32", "num_padded")]
+def _alignment_args() -> list[tuple[str, str, Pointer]]:
+    return [_ptr("sorted_pair_ids_ptr", "i32", "sorted_pair_ids"),
+            _ptr("block_expert_ids_ptr", "i32", "block_expert_ids"),
+            _ptr("num_padded_ptr", "i32", "num_padded")]
 
 
 def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[KernelBuild]:
-    ptr = TRITON_TYPES[dtype]
     has_ce = model.n_ce > 0
     precision = "ieee" if dtype == "fp32" else "tf32"
     swap = "_swap" if config.swap_ab else ""
@@ -191,48 +209,47 @@ def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[Kern
         grouped_gemm.gate_up_swiglu_kernel,
         f"gate_up_swiglu_{dtype}_{'ce' if has_ce else 'plain'}_bm{config.block_m}_bn{gate.block_n}_bk{gate.block_k}"
         f"_w{gate.num_warps}_s{gate.num_stages}_g{config.group_m}{swap}",
-        [("hidden_ptr", ptr, "hidden"), ("theta_ptr", ptr, "theta" if has_ce else "hidden"),
-         ("gate_up_ptr", ptr, "gate_up"), ("act_ptr", ptr, "act"), *_alignment_args(),
-         _i32("num_pairs", "T*KM"), _i32("hidden_size", "H"), _i32("intermediate", "I"),
-         _i32("stride_hidden_t", "H"), _i32("stride_theta_t", "3*C" if has_ce else "0"),
-         _i32("stride_theta_r", "C" if has_ce else "0"), _i32("stride_w_e", "2*I*H"), _i32("stride_w_n", "H"),
-         _i32("stride_act_p", "I")],
+        [_ptr("hidden_ptr", dtype, "hidden"), _ptr("theta_ptr", dtype, "theta" if has_ce else "hidden"),
+         _ptr("gate_up_ptr", dtype, "gate_up"), _ptr("act_ptr", dtype, "act"), *_alignment_args(),
+         _i32("num_pairs", T * KM), _i32("hidden_size", H), _i32("intermediate", I),
+         _i32("stride_hidden_t", H), _i32("stride_theta_t", 3 * C if has_ce else 0),
+         _i32("stride_theta_r", C if has_ce else 0), _i32("stride_w_e", 2 * I * H), _i32("stride_w_n", H),
+         _i32("stride_act_p", I)],
         {"KM": model.km, "HAS_CE": has_ce, "DOT_PRECISION": precision, "BLOCK_M": config.block_m,
          "BLOCK_N": gate.block_n, "BLOCK_K": gate.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab},
         {"hidden_ptr", "theta_ptr", "gate_up_ptr", "act_ptr", *alignment_ptrs, "hidden_size", "intermediate",
          "stride_hidden_t", "stride_w_e", "stride_w_n", "stride_act_p"}
         | ({"stride_theta_t", "stride_theta_r"} if has_ce else set()),
-        ["max_blocks * cdiv(I, BLOCK_N)", "1", "1"], gate.num_warps, gate.num_stages,
+        (max_blocks(T * KM, E, config.block_m) * cdiv(I, gate.block_n), 1, 1), gate.num_warps, gate.num_stages,
     )
     tiles = config.down
     down = KernelBuild(
         grouped_gemm.down_weighted_kernel,
         f"down_weighted_{dtype}_bm{config.block_m}_bn{tiles.block_n}_bk{tiles.block_k}"
         f"_w{tiles.num_warps}_s{tiles.num_stages}_g{config.group_m}{swap}",
-        [("act_ptr", ptr, "act"), ("down_ptr", ptr, "down"),
-         ("routing_weights_ptr", "*fp32", "routing_weights"), ("out_ptr", ptr, "pair_out"),
+        [_ptr("act_ptr", dtype, "act"), _ptr("down_ptr", dtype, "down"),
+         _ptr("routing_weights_ptr", "fp32", "routing_weights"), _ptr("out_ptr", dtype, "pair_out"),
          *_alignment_args(),
-         _i32("num_pairs", "T*KM"), _i32("hidden_size", "H"), _i32("intermediate", "I"),
-         _i32("stride_act_p", "I"), _i32("stride_w_e", "H*I"), _i32("stride_w_n", "I"),
-         _i32("stride_routing_t", "K"), _i32("stride_out_p", "H")],
+         _i32("num_pairs", T * KM), _i32("hidden_size", H), _i32("intermediate", I),
+         _i32("stride_act_p", I), _i32("stride_w_e", H * I), _i32("stride_w_n", I),
+         _i32("stride_routing_t", K), _i32("stride_out_p", H)],
         {"KM": model.km, "DOT_PRECISION": precision, "BLOCK_M": config.block_m,
          "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab},
         {"act_ptr", "down_ptr", "routing_weights_ptr", "out_ptr", *alignment_ptrs, "hidden_size", "intermediate",
          "stride_act_p", "stride_w_e", "stride_w_n", "stride_out_p"},
-        ["max_blocks * cdiv(H, BLOCK_N)", "1", "1"], tiles.num_warps, tiles.num_stages,
+        (max_blocks(T * KM, E, config.block_m) * cdiv(H, tiles.block_n), 1, 1), tiles.num_warps, tiles.num_stages,
     )
     return [gate_up, down]
 
 
 def combine_build(model: AotModel, dtype: str) -> KernelBuild:
-    ptr = TRITON_TYPES[dtype]
     return KernelBuild(
         combine.sum_main_slots_kernel, f"sum_main_slots_{dtype}",
-        [("pair_out_ptr", ptr, "pair_out"), ("out_ptr", ptr, "out"), _i32("num_tokens", "T"),
-         _i32("hidden_size", "H"), _i32("stride_pair_p", "H"), _i32("stride_out_t", "H")],
+        [_ptr("pair_out_ptr", dtype, "pair_out"), _ptr("out_ptr", dtype, "out"), _i32("num_tokens", T),
+         _i32("hidden_size", H), _i32("stride_pair_p", H), _i32("stride_out_t", H)],
         {"KM": model.km, "BLOCK_T": combine.COMBINE_TOKENS_PER_PROGRAM, "BLOCK_H": combine.COMBINE_COLUMNS_PER_PROGRAM},
         {"pair_out_ptr", "out_ptr", "hidden_size", "stride_pair_p", "stride_out_t"},
-        ["cdiv(T, BLOCK_T)", "cdiv(H, BLOCK_H)", "1"],
+        (cdiv(T, combine.COMBINE_TOKENS_PER_PROGRAM), cdiv(H, combine.COMBINE_COLUMNS_PER_PROGRAM), 1),
     )
 
 
@@ -246,13 +263,19 @@ def tables_for(dtypes: list[str], archs: list[int]) -> dict[str, list[dict]]:
     return {dtype: tile_table(dtype, smallest) for dtype in dtypes}
 
 
-def plan_launches(
-    model: AotModel, tables: dict[str, list[dict]]
-) -> tuple[list[KernelBuild], list[dict]]:
+@dataclass
+class KernelSetPlan:
+    builds: list[KernelBuild]          # every distinct variant, each compiled once per arch
+    plans: list[dict]                  # {"dtype", "num_experts", "max_tokens", "launch": [stem, ...]}
+    logits_variants: dict[str, str]    # planned routing stem -> its fp32-router-logits twin
+    block_ms: list[int]                # every BLOCK_M of the tables (workspace sizes take the worst)
+
+
+def plan_launches(model: AotModel, tables: dict[str, list[dict]]) -> KernelSetPlan:
     """The distinct kernel variants the model needs, and for every (dtype, E, entry of the dtype's
     tile table) the variants to launch, in order: routing, theta (CE only), align (2), GEMMs (2), combine."""
     builds: dict[str, KernelBuild] = {}
-    plans = []
+    plans, variants = [], {}
     for dtype, table in tables.items():
         for num_experts in model.num_experts:
             for config in tile_configs(table):
@@ -262,16 +285,18 @@ def plan_launches(
                 sequence += align_builds(model, num_experts, config.block_m)
                 sequence += gemm_builds(model, dtype, config)
                 sequence.append(combine_build(model, dtype))
+                for build in sequence:
+                    builds.setdefault(build.stem, build)
                 if dtype != "fp32":
                     # Not launched as planned: the plugin swaps it in when the engine's router logits
                     # are fp32 while the activations are not (same entry, constexprs and other args).
                     fp32_logits = routing_build(model, dtype, num_experts, logits_dtype="fp32")
                     builds.setdefault(fp32_logits.stem, fp32_logits)
-                for build in sequence:
-                    builds.setdefault(build.stem, build)
+                    variants[sequence[0].stem] = fp32_logits.stem
                 plans.append({"dtype": dtype, "num_experts": num_experts, "max_tokens": config.max_tokens,
                               "launch": [build.stem for build in sequence]})
-    return list(builds.values()), plans
+    block_ms = sorted({entry["block_m"] for table in tables.values() for entry in table})
+    return KernelSetPlan(list(builds.values()), plans, variants, block_ms)
 
 
 def triton_compile(build: KernelBuild, arch: int):
@@ -312,10 +337,10 @@ def compile_build(build: KernelBuild, arch: int, out_dir: Path) -> dict:
         "entry": compiled.metadata.name,
         "ptx": str(ptx_path.relative_to(out_dir)),
         "cubin": str(cubin_path.relative_to(out_dir)),
-        "args": [{"name": n, "type": t, "value": v, "divisible_by_16": n in build.divisible_by_16}
+        "args": [{"name": n, "type": t, "value": str(v), "divisible_by_16": n in build.divisible_by_16}
                  for n, t, v in build.args],
         "constexprs": build.constexprs,
-        "grid": build.grid,
+        "grid": [str(g) for g in build.grid],
         "num_warps": build.num_warps,
         "num_stages": build.num_stages,
         "shared": compiled.metadata.shared,
@@ -348,9 +373,10 @@ def ptxas_resources(ptx_path: Path, arch: int) -> dict:
 
 
 def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: Path) -> dict:
+    """Compiles the kernel set; writes manifest.json and kernel_set.inc (the plugin's C++)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = tables_for(dtypes, archs)
-    builds, plans = plan_launches(model, tables)
+    kernel_set = plan_launches(model, tables)
     manifest = {
         "triton_version": triton.__version__,
         "model": {"num_experts": list(model.num_experts), "top_k": model.top_k, "n_ce": model.n_ce,
@@ -358,29 +384,18 @@ def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: P
                   "routing_scale": model.routing_scale, "jitter_eps": model.jitter_eps},
         "assumptions": ["H % 16 == 0", "I % 16 == 0", "C % 16 == 0", "every buffer 16-byte aligned",
                         "hidden, gate_up, down, ces and out contiguous"],
-        "definitions": FORMULA_DEFINITIONS,
-        "workspace": [{"name": n, "dtype": d, "shape": s, "written_by": w} for n, d, s, w in WORKSPACE],
+        "workspace": [{"name": w.name, "dtype": w.dtype, "elements": str(w.elements(kernel_set.block_ms)),
+                       "written_by": w.written_by} for w in WORKSPACE],
         "tile_table": [{"dtype": dtype, **entry} for dtype, table in tables.items() for entry in table],
-        "notes": NOTES,
-        "launch_plans": plans,
-        "kernels": [compile_build(build, arch, out_dir) for arch in archs for build in builds],
+        "launch_plans": kernel_set.plans,
+        "logits_variants": kernel_set.logits_variants,
+        "kernels": [compile_build(build, arch, out_dir) for arch in archs for build in kernel_set.builds],
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    images = {(k["stem"], k["arch"]): (out_dir / k["cubin"]).read_bytes() for k in manifest["kernels"]}
+    (out_dir / "kernel_set.inc").write_text(
+        aot_cpp.kernel_set_source(model, kernel_set, WORKSPACE, manifest["kernels"], images))
     return manifest
-
-
-def evaluate_formula(formula: str, shapes: dict[str, int], constexprs: dict) -> int:
-    """Evaluates a grid or argument formula (integers only), for tests and for Python launchers."""
-    names = {**shapes, **{k: v for k, v in constexprs.items() if isinstance(v, int)}}
-
-    def cdiv(a: int, b: int) -> int:
-        return (a + b - 1) // b
-
-    names["cdiv"], names["min"] = cdiv, min
-    if "BLOCK_M" in names:
-        names["max_padded"] = align.max_padded_pairs(names["T"] * names["KM"], names["E"], names["BLOCK_M"])
-        names["max_blocks"] = align.max_blocks(names["T"] * names["KM"], names["E"], names["BLOCK_M"])
-    return int(eval(formula, {"__builtins__": {}}, names))  # formulas come from this module only
 
 
 TABLE_CHECK_ARCHS = (80, 86, 89, 90)  # both shared memory classes, Ampere / Ada / Hopper code generation
@@ -467,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ce_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=sorted(TRITON_TYPES))
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=list(DTYPES))
     parser.add_argument("--num-experts", type=int, nargs="+", default=[64], help="every expert count in the model")
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--n-ce", type=int, default=4)

@@ -14,7 +14,7 @@
 #   CE_TRT_CHECK_NVCC=0  skip the nvcc pass
 #   CE_TRT_HOST_TEST_KERNELS  fixture|any|no: what the embedded kernels are, for the host smoke test
 #                        (default: "any" with CE_KERNELS_AOT_DIR, else "no"; "fixture" when the folder
-#                        holds tests/fixtures/aot_manifest_ce_k4_nce2_e8.json as its manifest)
+#                        holds tests/fixtures/ce_k4_nce2_e8.inc as its kernel_set.inc)
 #
 # Prints "TensorRT headers not found: skipping the plugin compile check" and exits 0 without headers.
 set -euo pipefail

@@ -4,7 +4,6 @@
 #include "embedded_kernels.h"
 
 #include <cstring>
-#include <string_view>
 #include <vector>
 
 namespace ce_trt
@@ -16,22 +15,21 @@ KernelRuntime& KernelRuntime::instance()
     return runtime;
 }
 
-KernelRuntime::KernelRuntime()
+namespace
+{
+
+KernelLibrary embeddedLibrary()
 {
     size_t count = 0;
-    embedded::KernelSet const* sets = embedded::kernelSets(&count);
-    for (size_t i = 0; i < count; ++i)
-    {
-        std::string error;
-        if (mLibrary.addManifest(std::string_view(sets[i].manifest, sets[i].manifestSize), sets[i].source, &error))
-        {
-            mEmbeddedIndex.push_back(i);
-        }
-        else
-        {
-            mErrors += (mErrors.empty() ? "" : "; ") + error;
-        }
-    }
+    KernelSetDesc const* const* sets = embedded::kernelSets(&count);
+    return KernelLibrary(std::vector<KernelSetDesc const*>(sets, sets + count));
+}
+
+} // namespace
+
+KernelRuntime::KernelRuntime()
+    : mLibrary(embeddedLibrary())
+{
 }
 
 bool KernelRuntime::currentDevice(DeviceInfo& out, std::string* error) const
@@ -82,9 +80,10 @@ bool KernelRuntime::currentDevice(DeviceInfo& out, std::string* error) const
     return true;
 }
 
-bool KernelRuntime::loadLocked(CUcontext context, int32_t set, int32_t kernel, CUfunction& function, std::string* error)
+bool KernelRuntime::loadLocked(
+    CUcontext context, int32_t set, int32_t kernel, int32_t image, CUfunction& function, std::string* error)
 {
-    auto const key = std::make_tuple(context, set, kernel);
+    auto const key = std::make_tuple(context, set, kernel, image);
     if (auto const it = mFunctions.find(key); it != mFunctions.end())
     {
         function = it->second;
@@ -95,42 +94,25 @@ bool KernelRuntime::loadLocked(CUcontext context, int32_t set, int32_t kernel, C
     {
         return false;
     }
-    if (set < 0 || set >= static_cast<int32_t>(mEmbeddedIndex.size()))
+    if (set < 0 || set >= static_cast<int32_t>(mLibrary.sets().size()) || kernel < 0
+        || kernel >= mLibrary.set(set).numKernels || image < 0 || image >= mLibrary.set(set).kernels[kernel].numImages)
     {
         if (error != nullptr)
         {
-            *error = "launch plan refers to no embedded kernel set";
+            *error = "launch plan refers to no embedded kernel";
         }
         return false;
     }
-    size_t numSets = 0;
-    embedded::KernelSet const& images = embedded::kernelSets(&numSets)[mEmbeddedIndex[set]];
-    KernelSpec const& spec = mLibrary.sets()[set].kernels[kernel];
-    embedded::Image const* image = nullptr;
-    for (size_t j = 0; j < images.numImages; ++j)
-    {
-        if (spec.cubin == images.images[j].path)
-        {
-            image = &images.images[j];
-            break;
-        }
-    }
-    if (image == nullptr)
-    {
-        if (error != nullptr)
-        {
-            *error = spec.stem + ": cubin " + spec.cubin + " is not embedded";
-        }
-        return false;
-    }
+    KernelDesc const& spec = mLibrary.set(set).kernels[kernel];
+    KernelImage const& cubin = spec.images[image];
     CUmodule module = nullptr;
-    CUresult r = d->moduleLoadData(&module, image->data);
+    CUresult r = d->moduleLoadData(&module, cubin.cubin);
     CUfunction loaded = nullptr;
     if (r == CUDA_SUCCESS)
     {
-        r = d->moduleGetFunction(&loaded, module, spec.entry.c_str());
+        r = d->moduleGetFunction(&loaded, module, cubin.entry);
     }
-    if (r == CUDA_SUCCESS && spec.shared > 48 * 1024)
+    if (r == CUDA_SUCCESS && cubin.shared > 48 * 1024)
     {
         // Like Triton's launcher: allow the opt-in maximum minus the static shared memory.
         int staticShared = 0;
@@ -145,11 +127,11 @@ bool KernelRuntime::loadLocked(CUcontext context, int32_t set, int32_t kernel, C
         {
             r = d->deviceGetAttribute(&optIn, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device);
         }
-        if (r == CUDA_SUCCESS && spec.shared + staticShared > optIn)
+        if (r == CUDA_SUCCESS && cubin.shared + staticShared > optIn)
         {
             if (error != nullptr)
             {
-                *error = spec.stem + " needs " + std::to_string(spec.shared + staticShared)
+                *error = std::string(spec.stem) + " needs " + std::to_string(cubin.shared + staticShared)
                     + " B shared memory; the device allows " + std::to_string(optIn);
             }
             return false;
@@ -163,7 +145,7 @@ bool KernelRuntime::loadLocked(CUcontext context, int32_t set, int32_t kernel, C
     {
         if (error != nullptr)
         {
-            *error = "loading " + spec.stem + " (" + spec.cubin + "): " + cu::resultText(*d, r);
+            *error = "loading " + std::string(spec.stem) + " (sm_" + std::to_string(cubin.arch) + "): " + cu::resultText(*d, r);
         }
         return false;
     }
@@ -177,7 +159,7 @@ bool KernelRuntime::resolve(LaunchPlan const& plan, CUcontext context, FunctionT
     std::lock_guard<std::mutex> lock(mMutex);
     for (int32_t i = 0; i < plan.numLaunches; ++i)
     {
-        if (!loadLocked(context, plan.set, plan.launches[i].kernel, functions[i], error))
+        if (!loadLocked(context, plan.set, plan.launches[i].kernel, plan.launches[i].image, functions[i], error))
         {
             return false;
         }
@@ -192,13 +174,16 @@ bool KernelRuntime::preload(int32_t set, int32_t arch, CUcontext context, std::s
         return false;
     }
     std::lock_guard<std::mutex> lock(mMutex);
-    std::vector<KernelSpec> const& kernels = mLibrary.sets()[set].kernels;
-    for (size_t k = 0; k < kernels.size(); ++k)
+    KernelSetDesc const& ks = mLibrary.set(set);
+    for (int32_t k = 0; k < ks.numKernels; ++k)
     {
-        CUfunction function = nullptr;
-        if (kernels[k].arch == arch && !loadLocked(context, set, static_cast<int32_t>(k), function, error))
+        for (int32_t i = 0; i < ks.kernels[k].numImages; ++i)
         {
-            return false;
+            CUfunction function = nullptr;
+            if (ks.kernels[k].images[i].arch == arch && !loadLocked(context, set, k, i, function, error))
+            {
+                return false;
+            }
         }
     }
     return true;
@@ -230,14 +215,10 @@ CUresult KernelRuntime::launch(LaunchPlan const& plan, FunctionTable const& func
                     return CUDA_ERROR_INVALID_VALUE;
                 }
             }
-            else if (argKindSize(arg.kind) == 4)
+            else
             {
                 uint32_t const v = static_cast<uint32_t>(arg.value); // i32 / u32 bits, range checked in the plan
                 std::memcpy(&slots[a], &v, sizeof(v));
-            }
-            else
-            {
-                std::memcpy(&slots[a], &arg.value, sizeof(arg.value));
             }
             params[a] = &slots[a];
         }

@@ -34,9 +34,8 @@ class KernelRuntime
 public:
     static KernelRuntime& instance();
 
-    //! The embedded manifests, parsed once. Manifests that fail to parse are left out (see errors()).
+    //! The embedded kernel sets.
     KernelLibrary const& library() const { return mLibrary; }
-    std::string const& errors() const { return mErrors; }
 
     //! The current context's device; false with a message when there is no driver or context.
     bool currentDevice(DeviceInfo& out, std::string* error) const;
@@ -57,14 +56,13 @@ public:
 
 private:
     KernelRuntime();
-    //! Under mMutex: the function for (context, set, kernel), loading its module if needed.
-    bool loadLocked(CUcontext context, int32_t set, int32_t kernel, CUfunction& function, std::string* error);
+    //! Under mMutex: the function for (context, set, kernel, image), loading its module if needed.
+    bool loadLocked(
+        CUcontext context, int32_t set, int32_t kernel, int32_t image, CUfunction& function, std::string* error);
 
     KernelLibrary mLibrary;
-    std::string mErrors;
-    std::vector<size_t> mEmbeddedIndex; //!< library set -> embedded set
     std::mutex mMutex;
-    std::map<std::tuple<CUcontext, int32_t, int32_t>, CUfunction> mFunctions; //!< (context, set, kernel)
+    std::map<std::tuple<CUcontext, int32_t, int32_t, int32_t>, CUfunction> mFunctions; //!< (context, set, kernel, image)
 };
 
 } // namespace ce_trt

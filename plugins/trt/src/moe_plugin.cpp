@@ -313,8 +313,7 @@ int32_t MoePlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, 
         if (library.empty())
         {
             logMessage(ILogger::Severity::kERROR,
-                where() + ": this plugin library has no kernels embedded (built with CE_TRT_EMBED_KERNELS=OFF?)"
-                    + (runtime.errors().empty() ? std::string() : "; " + runtime.errors()));
+                where() + ": this plugin library has no kernels embedded (built with CE_TRT_EMBED_KERNELS=OFF?)");
             return -1;
         }
         // Informational (serialized): configurePlugin runs once per profile, possibly on clones.
@@ -342,7 +341,8 @@ int32_t MoePlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, 
                 where() + ": " + deviceError + "; checking the profile against every embedded architecture");
             // With no matching set, the plan check below says what is missing.
             int32_t const set = library.findSet(mAttrs, maxDims.E);
-            archs = set >= 0 ? library.sets()[set].archs : library.archs();
+            archs = set >= 0 ? std::vector<int32_t>(library.set(set).archs, library.set(set).archs + library.set(set).numArchs)
+                             : library.archs();
         }
         if (!checkTokenRange(library, req, minDims.T, maxDims.T, archs, &error))
         {
@@ -543,8 +543,8 @@ int32_t MoePlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1
     CUresult const r = KernelRuntime::instance().launch(plan, mFunctions, bases, stream, failed);
     if (r != CUDA_SUCCESS)
     {
-        KernelSpec const& spec = KernelRuntime::instance().library().sets()[plan.set].kernels[plan.launches[failed].kernel];
-        logMessage(ILogger::Severity::kERROR, where() + ": launching " + spec.stem + " failed: "
+        KernelDesc const& spec = KernelRuntime::instance().library().set(plan.set).kernels[plan.launches[failed].kernel];
+        logMessage(ILogger::Severity::kERROR, where() + ": launching " + std::string(spec.stem) + " failed: "
                 + (r == CUDA_ERROR_INVALID_VALUE ? std::string("a buffer is missing or not 16-byte aligned")
                                                  : cu::resultText(*driver, r)));
         return 1;

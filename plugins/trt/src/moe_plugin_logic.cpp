@@ -1,9 +1,6 @@
 #include "moe_plugin_logic.h"
 
-#include "mini_json.h"
-
 #include <algorithm>
-#include <cctype>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -92,35 +89,6 @@ char const* dtypeName(DType t)
     case DType::kOther: return "other";
     }
     return "other";
-}
-
-DType parseDType(std::string_view name)
-{
-    if (!name.empty() && name.front() == '*')
-    {
-        name.remove_prefix(1);
-    }
-    if (name == "fp32")
-    {
-        return DType::kFP32;
-    }
-    if (name == "fp16")
-    {
-        return DType::kFP16;
-    }
-    if (name == "bf16")
-    {
-        return DType::kBF16;
-    }
-    if (name == "i32")
-    {
-        return DType::kINT32;
-    }
-    if (name == "i64")
-    {
-        return DType::kINT64;
-    }
-    return DType::kOther;
 }
 
 bool isActivationType(DType t)
@@ -593,567 +561,54 @@ bool supportsCombination(Variant v, MoeAttrs const& attrs, int32_t pos, TensorTy
 // ------------------------------------------------------------------------------------------------
 // Kernel library
 
-size_t argKindSize(ArgKind k)
+bool sameLayer(MoeAttrs const& compiled, MoeAttrs const& attrs)
 {
-    switch (k)
+    if (compiled.routing != attrs.routing || compiled.topK != attrs.topK || compiled.nCe != attrs.nCe)
     {
-    case ArgKind::kPointer: return 8;
-    case ArgKind::kI32: return 4;
-    case ArgKind::kI64: return 8;
-    case ArgKind::kU32: return 4;
-    case ArgKind::kU64: return 8;
+        return false;
     }
-    return 0;
+    // The routing constants are compiled into the routing kernel as fp32 constants.
+    return compiled.routing == Routing::kSoftmaxTopK
+        ? compiled.normTopkProb == attrs.normTopkProb && compiled.routingScale == attrs.routingScale
+        : compiled.jitterEps == attrs.jitterEps;
 }
 
 namespace
 {
 
-constexpr char const* kIoBufferNames[kNumIoBuffers] = {"hidden", "router_logits", "gate_up", "down", "ces", "out"};
-
-std::string_view trim(std::string_view s)
+bool hasExperts(KernelSetDesc const& set, int64_t numExperts)
 {
-    while (!s.empty() && (s.front() == ' ' || s.front() == '\t'))
+    for (int32_t p = 0; p < set.numPlans; ++p)
     {
-        s.remove_prefix(1);
+        if (set.plans[p].numExperts == numExperts)
+        {
+            return true;
+        }
     }
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\t'))
-    {
-        s.remove_suffix(1);
-    }
-    return s;
+    return false;
 }
 
-bool getInt(json::Value const& obj, char const* key, int64_t& out, std::string* error, std::string const& where)
+template <typename T>
+std::string joined(std::set<T> const& values)
 {
-    json::Value const* v = obj.find(key);
-    if (v == nullptr || !(v->isInt() || v->isBool()))
+    std::ostringstream out;
+    bool first = true;
+    for (T const& v : values)
     {
-        return setError(error, where + ": missing integer '" + key + "'");
+        out << (first ? "" : ",") << v;
+        first = false;
     }
-    out = v->isBool() ? (v->boolean ? 1 : 0) : v->integer;
-    return true;
-}
-
-bool getString(json::Value const& obj, char const* key, std::string& out, std::string* error, std::string const& where)
-{
-    json::Value const* v = obj.find(key);
-    if (v == nullptr || !v->isString())
-    {
-        return setError(error, where + ": missing string '" + key + "'");
-    }
-    out = v->string;
-    return true;
-}
-
-std::string constexprValueText(json::Value const& v)
-{
-    switch (v.kind)
-    {
-    case json::Value::Kind::kBool: return v.boolean ? "true" : "false";
-    case json::Value::Kind::kInt: return std::to_string(v.integer);
-    case json::Value::Kind::kString: return "'" + v.string + "'";
-    case json::Value::Kind::kFloat: return std::to_string(v.number);
-    default: return "?";
-    }
-}
-
-//! "[T, 3, C]" -> {"T", "3", "C"} (top-level commas only).
-bool splitShape(std::string_view text, std::vector<std::string>& dims)
-{
-    text = trim(text);
-    if (text.size() < 2 || text.front() != '[' || text.back() != ']')
-    {
-        return false;
-    }
-    text = text.substr(1, text.size() - 2);
-    int depth = 0;
-    size_t start = 0;
-    for (size_t i = 0; i <= text.size(); ++i)
-    {
-        if (i == text.size() || (text[i] == ',' && depth == 0))
-        {
-            std::string_view const part = trim(text.substr(start, i - start));
-            if (part.empty())
-            {
-                return false;
-            }
-            dims.emplace_back(part);
-            start = i + 1;
-        }
-        else if (text[i] == '(')
-        {
-            ++depth;
-        }
-        else if (text[i] == ')')
-        {
-            --depth;
-        }
-    }
-    return !dims.empty();
-}
-
-bool parseArgKind(std::string_view type, ArgKind& kind)
-{
-    if (!type.empty() && type.front() == '*')
-    {
-        kind = ArgKind::kPointer;
-        return true;
-    }
-    if (type == "i32")
-    {
-        kind = ArgKind::kI32;
-    }
-    else if (type == "i64")
-    {
-        kind = ArgKind::kI64;
-    }
-    else if (type == "u32")
-    {
-        kind = ArgKind::kU32;
-    }
-    else if (type == "u64")
-    {
-        kind = ArgKind::kU64;
-    }
-    else
-    {
-        return false;
-    }
-    return true;
-}
-
-int32_t bufferIndex(std::string_view name, std::vector<WorkspaceSpec> const& workspace)
-{
-    for (int32_t i = 0; i < kNumIoBuffers; ++i)
-    {
-        if (name == kIoBufferNames[i])
-        {
-            return i;
-        }
-    }
-    for (size_t i = 0; i < workspace.size(); ++i)
-    {
-        if (name == workspace[i].name)
-        {
-            return kNumIoBuffers + static_cast<int32_t>(i);
-        }
-    }
-    return -1;
-}
-
-bool parseKernel(json::Value const& k, FormulaScope const& manifestScope, std::vector<WorkspaceSpec> const& workspace,
-    KernelSpec& out, std::string* error)
-{
-    std::string where = "kernel";
-    int64_t arch = 0;
-    int64_t numWarps = 0;
-    int64_t shared = 0;
-    if (!getString(k, "stem", out.stem, error, where))
-    {
-        return false;
-    }
-    where = "kernel " + out.stem;
-    if (!getInt(k, "arch", arch, error, where) || !getString(k, "entry", out.entry, error, where)
-        || !getString(k, "cubin", out.cubin, error, where) || !getInt(k, "num_warps", numWarps, error, where)
-        || !getInt(k, "shared", shared, error, where))
-    {
-        return false;
-    }
-    if (arch <= 0 || arch > 1000 || numWarps < 1 || numWarps > 32 || shared < 0 || shared > INT32_MAX)
-    {
-        return setError(error, where + ": arch, num_warps or shared out of range");
-    }
-    out.arch = static_cast<int32_t>(arch);
-    out.numWarps = static_cast<int32_t>(numWarps);
-    out.shared = static_cast<int32_t>(shared);
-    if (json::Value const* t = k.find("trailing_null_params"); t != nullptr && t->isInt())
-    {
-        if (t->integer < 0 || t->integer > 8)
-        {
-            return setError(error, where + ": trailing_null_params out of range");
-        }
-        out.trailingNullPointers = static_cast<int32_t>(t->integer);
-    }
-    FormulaScope scope;
-    scope.definitions = manifestScope.definitions;
-    if (json::Value const* ce = k.find("constexprs"); ce != nullptr && ce->isObject())
-    {
-        for (auto const& [name, value] : ce->object)
-        {
-            out.constexprText.emplace_back(name, constexprValueText(value));
-            if (value.isInt())
-            {
-                scope.constants[name] = value.integer;
-            }
-            else if (value.isBool())
-            {
-                scope.constants[name] = value.boolean ? 1 : 0;
-            }
-        }
-    }
-    json::Value const* grid = k.find("grid");
-    if (grid == nullptr || !grid->isArray() || grid->array.empty() || grid->array.size() > 3)
-    {
-        return setError(error, where + ": 'grid' must be a list of 1 to 3 formulas");
-    }
-    for (size_t i = 0; i < 3; ++i)
-    {
-        std::string const text = i < grid->array.size() && grid->array[i].isString() ? grid->array[i].string
-            : i < grid->array.size() && grid->array[i].isInt()                       ? std::to_string(grid->array[i].integer)
-                                                                                      : std::string("1");
-        std::string inner;
-        if (!compileFormula(text, scope, out.grid[i], &inner))
-        {
-            return setError(error, where + ": grid: " + inner);
-        }
-    }
-    json::Value const* args = k.find("args");
-    if (args == nullptr || !args->isArray())
-    {
-        return setError(error, where + ": missing 'args'");
-    }
-    if (static_cast<int32_t>(args->array.size()) + out.trailingNullPointers > kMaxKernelArgs)
-    {
-        return setError(error, where + ": too many arguments");
-    }
-    for (json::Value const& a : args->array)
-    {
-        KernelArgSpec arg;
-        std::string value;
-        if (!getString(a, "name", arg.name, error, where) || !getString(a, "type", arg.type, error, where)
-            || !getString(a, "value", value, error, where + " arg " + arg.name))
-        {
-            return false;
-        }
-        if (json::Value const* d = a.find("divisible_by_16"); d != nullptr && d->isBool())
-        {
-            arg.divisibleBy16 = d->boolean;
-        }
-        if (!parseArgKind(arg.type, arg.kind))
-        {
-            return setError(error, where + " arg " + arg.name + ": unsupported type " + arg.type);
-        }
-        std::string inner;
-        if (arg.kind == ArgKind::kPointer)
-        {
-            arg.element = parseDType(arg.type);
-            if (arg.element == DType::kOther)
-            {
-                return setError(error, where + " arg " + arg.name + ": unsupported pointer type " + arg.type);
-            }
-            std::string_view text = trim(value);
-            size_t n = 0;
-            while (n < text.size() && (std::isalnum(static_cast<unsigned char>(text[n])) || text[n] == '_'))
-            {
-                ++n;
-            }
-            std::string_view const buffer = text.substr(0, n);
-            arg.buffer = bufferIndex(buffer, workspace);
-            if (arg.buffer < 0)
-            {
-                return setError(error, where + " arg " + arg.name + ": unknown buffer '" + std::string(buffer) + "'");
-            }
-            std::string_view rest = trim(text.substr(n));
-            std::string offset = "0";
-            if (!rest.empty())
-            {
-                if (rest.front() != '+')
-                {
-                    return setError(error, where + " arg " + arg.name + ": pointer value must be 'buffer [+ offset]'");
-                }
-                offset = std::string(trim(rest.substr(1)));
-            }
-            if (!compileFormula(offset, scope, arg.value, &inner))
-            {
-                return setError(error, where + " arg " + arg.name + ": " + inner);
-            }
-        }
-        else if (!compileFormula(value, scope, arg.value, &inner))
-        {
-            return setError(error, where + " arg " + arg.name + ": " + inner);
-        }
-        out.args.push_back(std::move(arg));
-    }
-    return true;
-}
-
-bool sameVariantExceptLogits(KernelSpec const& a, KernelSpec const& b) noexcept
-{
-    if (a.arch != b.arch || a.entry != b.entry || a.args.size() != b.args.size() || a.constexprText != b.constexprText
-        || a.numWarps != b.numWarps)
-    {
-        return false;
-    }
-    for (size_t i = 0; i < a.args.size(); ++i)
-    {
-        KernelArgSpec const& x = a.args[i];
-        KernelArgSpec const& y = b.args[i];
-        if (x.name != y.name || x.kind != y.kind || x.buffer != y.buffer)
-        {
-            return false;
-        }
-        if (x.buffer != kBufRouterLogits && x.type != y.type)
-        {
-            return false;
-        }
-    }
-    return true;
+    return out.str();
 }
 
 } // namespace
-
-bool KernelLibrary::addManifest(std::string_view text, std::string const& source, std::string* error)
-{
-    json::Value root;
-    std::string inner;
-    if (!json::parse(text, root, &inner))
-    {
-        return setError(error, source + ": " + inner);
-    }
-    KernelSet set;
-    set.source = source;
-    std::string const where = source;
-    json::Value const* model = root.find("model");
-    if (model == nullptr || !model->isObject())
-    {
-        return setError(error, where + ": missing 'model'");
-    }
-    int64_t topK = 0;
-    int64_t nCe = 0;
-    int64_t norm = 0;
-    if (!getInt(*model, "top_k", topK, error, where + " model") || !getInt(*model, "n_ce", nCe, error, where + " model")
-        || !getInt(*model, "norm_topk_prob", norm, error, where + " model"))
-    {
-        return false;
-    }
-    if (topK < 1 || topK > 1024 || nCe < 0 || nCe >= topK)
-    {
-        return setError(error, where + ": model top_k / n_ce out of range");
-    }
-    set.topK = static_cast<int32_t>(topK);
-    set.nCe = static_cast<int32_t>(nCe);
-    set.normTopkProb = norm != 0;
-    // Older manifests have no routing fields: softmax_topk, unscaled.
-    if (json::Value const* r = model->find("routing"); r != nullptr)
-    {
-        if (!r->isString() || (r->string != "softmax_topk" && r->string != "sparsemixer"))
-        {
-            return setError(error, where + ": unknown routing (known: softmax_topk, sparsemixer)");
-        }
-        set.routing = r->string == "sparsemixer" ? Routing::kSparseMixer : Routing::kSoftmaxTopK;
-    }
-    for (auto [key, target] : {std::pair<char const*, double*>{"routing_scale", &set.routingScale},
-             std::pair<char const*, double*>{"jitter_eps", &set.jitterEps}})
-    {
-        if (json::Value const* v = model->find(key); v != nullptr)
-        {
-            if (v->kind != json::Value::Kind::kFloat && v->kind != json::Value::Kind::kInt)
-            {
-                return setError(error, where + ": model " + key + " must be a number");
-            }
-            *target = v->number;
-        }
-    }
-    if (json::Value const* ne = model->find("num_experts"); ne != nullptr && ne->isArray())
-    {
-        for (auto const& e : ne->array)
-        {
-            if (e.isInt())
-            {
-                set.numExperts.push_back(e.integer);
-            }
-        }
-    }
-    if (json::Value const* tv = root.find("triton_version"); tv != nullptr && tv->isString())
-    {
-        set.tritonVersion = tv->string;
-    }
-
-    FormulaScope scope;
-    if (json::Value const* defs = root.find("definitions"); defs != nullptr && defs->isObject())
-    {
-        for (auto const& [name, value] : defs->object)
-        {
-            // "cdiv(a, b)" documents a built-in function; plain names are formulas.
-            if (name.find('(') == std::string::npos && value.isString())
-            {
-                scope.definitions[name] = value.string;
-            }
-        }
-    }
-
-    json::Value const* ws = root.find("workspace");
-    if (ws == nullptr || !ws->isArray())
-    {
-        return setError(error, where + ": missing 'workspace'");
-    }
-    if (ws->array.size() > static_cast<size_t>(kMaxWorkspaceBuffers))
-    {
-        return setError(error, where + ": more than " + std::to_string(kMaxWorkspaceBuffers) + " workspace buffers");
-    }
-    for (json::Value const& w : ws->array)
-    {
-        WorkspaceSpec spec;
-        std::string shape;
-        if (!getString(w, "name", spec.name, error, where + " workspace") || !getString(w, "dtype", spec.dtype, error, where + " workspace")
-            || !getString(w, "shape", shape, error, where + " workspace " + spec.name))
-        {
-            return false;
-        }
-        if (spec.dtype != "model" && parseDType(spec.dtype) == DType::kOther)
-        {
-            return setError(error, where + " workspace " + spec.name + ": unknown dtype " + spec.dtype);
-        }
-        if (bufferIndex(spec.name, set.workspace) >= 0)
-        {
-            return setError(error, where + " workspace " + spec.name + ": duplicate or reserved name");
-        }
-        std::vector<std::string> dims;
-        if (!splitShape(shape, dims))
-        {
-            return setError(error, where + " workspace " + spec.name + ": bad shape " + shape);
-        }
-        for (auto const& d : dims)
-        {
-            Formula f;
-            if (!compileFormula(d, scope, f, &inner))
-            {
-                return setError(error, where + " workspace " + spec.name + ": " + inner);
-            }
-            spec.shape.push_back(std::move(f));
-        }
-        set.workspace.push_back(std::move(spec));
-    }
-
-    json::Value const* kernels = root.find("kernels");
-    if (kernels == nullptr || !kernels->isArray())
-    {
-        return setError(error, where + ": missing 'kernels'");
-    }
-    std::set<int64_t> blockMs;
-    for (json::Value const& k : kernels->array)
-    {
-        KernelSpec spec;
-        if (!parseKernel(k, scope, set.workspace, spec, error))
-        {
-            if (error != nullptr)
-            {
-                *error = where + ": " + *error;
-            }
-            return false;
-        }
-        for (auto const& [name, value] : spec.constexprText)
-        {
-            if (name == "BLOCK_M")
-            {
-                blockMs.insert(std::strtoll(value.c_str(), nullptr, 10));
-            }
-        }
-        if (std::find(set.archs.begin(), set.archs.end(), spec.arch) == set.archs.end())
-        {
-            set.archs.push_back(spec.arch);
-        }
-        set.kernels.push_back(std::move(spec));
-    }
-    if (json::Value const* table = root.find("tile_table"); table != nullptr && table->isArray())
-    {
-        for (json::Value const& entry : table->array)
-        {
-            if (json::Value const* bm = entry.find("block_m"); bm != nullptr && bm->isInt())
-            {
-                blockMs.insert(bm->integer);
-            }
-        }
-    }
-    for (int64_t bm : blockMs)
-    {
-        if (bm < 1)
-        {
-            return setError(error, where + ": BLOCK_M must be >= 1");
-        }
-    }
-    set.blockMs.assign(blockMs.begin(), blockMs.end());
-    if (set.blockMs.empty())
-    {
-        set.blockMs.push_back(1);
-    }
-    std::sort(set.archs.begin(), set.archs.end());
-
-    json::Value const* plans = root.find("launch_plans");
-    if (plans == nullptr || !plans->isArray() || plans->array.empty())
-    {
-        return setError(error, where + ": missing 'launch_plans'");
-    }
-    for (json::Value const& p : plans->array)
-    {
-        PlanSpec plan;
-        std::string dtype;
-        if (!getString(p, "dtype", dtype, error, where + " launch plan") || !getInt(p, "num_experts", plan.numExperts, error, where + " launch plan")
-            || !getInt(p, "max_tokens", plan.maxTokens, error, where + " launch plan"))
-        {
-            return false;
-        }
-        plan.dtype = parseDType(dtype);
-        if (!isActivationType(plan.dtype))
-        {
-            return setError(error, where + ": launch plan dtype " + dtype + " is not fp32/fp16/bf16");
-        }
-        json::Value const* launch = p.find("launch");
-        if (launch == nullptr || !launch->isArray() || launch->array.empty()
-            || launch->array.size() > static_cast<size_t>(kMaxLaunches))
-        {
-            return setError(error, where + ": launch plan needs 1 to " + std::to_string(kMaxLaunches) + " kernels");
-        }
-        for (json::Value const& stem : launch->array)
-        {
-            if (!stem.isString())
-            {
-                return setError(error, where + ": launch plan entries must be kernel stems");
-            }
-            plan.stems.push_back(stem.string);
-        }
-        for (int32_t arch : set.archs)
-        {
-            std::vector<int32_t> indices;
-            for (auto const& stem : plan.stems)
-            {
-                int32_t found = -1;
-                for (size_t i = 0; i < set.kernels.size(); ++i)
-                {
-                    if (set.kernels[i].arch == arch && set.kernels[i].stem == stem)
-                    {
-                        found = static_cast<int32_t>(i);
-                        break;
-                    }
-                }
-                indices.push_back(found);
-            }
-            plan.kernels.push_back(std::move(indices));
-        }
-        set.plans.push_back(std::move(plan));
-    }
-    std::stable_sort(set.plans.begin(), set.plans.end(), [](PlanSpec const& a, PlanSpec const& b) {
-        if (a.dtype != b.dtype)
-        {
-            return a.dtype < b.dtype;
-        }
-        if (a.numExperts != b.numExperts)
-        {
-            return a.numExperts < b.numExperts;
-        }
-        return a.maxTokens < b.maxTokens;
-    });
-    mSets.push_back(std::move(set));
-    return true;
-}
 
 std::vector<int32_t> KernelLibrary::setsFor(MoeAttrs const& attrs) const
 {
     std::vector<int32_t> out;
     for (size_t s = 0; s < mSets.size(); ++s)
     {
-        if (findSetIn(static_cast<int32_t>(s), attrs, -1))
+        if (sameLayer(mSets[s]->layer(), attrs))
         {
             out.push_back(static_cast<int32_t>(s));
         }
@@ -1165,41 +620,12 @@ int32_t KernelLibrary::findSet(MoeAttrs const& attrs, int64_t numExperts) const
 {
     for (size_t s = 0; s < mSets.size(); ++s)
     {
-        if (findSetIn(static_cast<int32_t>(s), attrs, numExperts))
+        if (sameLayer(mSets[s]->layer(), attrs) && (numExperts < 0 || hasExperts(*mSets[s], numExperts)))
         {
             return static_cast<int32_t>(s);
         }
     }
     return -1;
-}
-
-bool KernelLibrary::findSetIn(int32_t s, MoeAttrs const& attrs, int64_t numExperts) const
-{
-    KernelSet const& set = mSets[s];
-    if (set.routing != attrs.routing || set.topK != attrs.topK || set.nCe != attrs.nCe)
-    {
-        return false;
-    }
-    // The routing constants are compiled into the routing kernel as fp32 constants.
-    bool const constantsMatch = set.routing == Routing::kSoftmaxTopK
-        ? set.normTopkProb == (attrs.normTopkProb != 0) && static_cast<float>(set.routingScale) == attrs.routingScale
-        : static_cast<float>(set.jitterEps) == attrs.jitterEps;
-    if (!constantsMatch)
-    {
-        return false;
-    }
-    if (numExperts < 0)
-    {
-        return true;
-    }
-    for (PlanSpec const& plan : set.plans)
-    {
-        if (plan.numExperts == numExperts)
-        {
-            return true;
-        }
-    }
-    return false;
 }
 
 bool KernelLibrary::hasActivationType(int32_t set, DType act) const
@@ -1208,9 +634,9 @@ bool KernelLibrary::hasActivationType(int32_t set, DType act) const
     {
         return false;
     }
-    for (PlanSpec const& plan : mSets[set].plans)
+    for (int32_t p = 0; p < mSets[set]->numPlans; ++p)
     {
-        if (plan.dtype == act)
+        if (mSets[set]->plans[p].dtype == act)
         {
             return true;
         }
@@ -1228,14 +654,12 @@ bool KernelLibrary::hasLogitsType(int32_t set, DType act, DType logits) const
     {
         return true;
     }
-    for (KernelSpec const& k : mSets[set].kernels)
+    KernelSetDesc const& ks = *mSets[set];
+    for (int32_t k = 0; k < ks.numKernels; ++k)
     {
-        for (KernelArgSpec const& a : k.args)
+        if (ks.kernels[k].logits == logits)
         {
-            if (a.buffer == kBufRouterLogits && a.element == logits)
-            {
-                return true;
-            }
+            return true;
         }
     }
     return false;
@@ -1243,19 +667,12 @@ bool KernelLibrary::hasLogitsType(int32_t set, DType act, DType logits) const
 
 std::vector<int32_t> KernelLibrary::archs() const
 {
-    std::vector<int32_t> out;
-    for (KernelSet const& set : mSets)
+    std::set<int32_t> all;
+    for (KernelSetDesc const* set : mSets)
     {
-        for (int32_t a : set.archs)
-        {
-            if (std::find(out.begin(), out.end(), a) == out.end())
-            {
-                out.push_back(a);
-            }
-        }
+        all.insert(set->archs, set->archs + set->numArchs);
     }
-    std::sort(out.begin(), out.end());
-    return out;
+    return std::vector<int32_t>(all.begin(), all.end());
 }
 
 std::string KernelLibrary::describe() const
@@ -1267,80 +684,28 @@ std::string KernelLibrary::describe() const
     std::ostringstream out;
     for (size_t s = 0; s < mSets.size(); ++s)
     {
-        KernelSet const& set = mSets[s];
+        KernelSetDesc const& set = *mSets[s];
+        MoeAttrs const layer = set.layer();
         std::set<std::string> dtypes;
         std::set<int64_t> experts;
-        for (PlanSpec const& p : set.plans)
+        for (int32_t p = 0; p < set.numPlans; ++p)
         {
-            dtypes.insert(dtypeName(p.dtype));
-            experts.insert(p.numExperts);
+            dtypes.insert(dtypeName(set.plans[p].dtype));
+            experts.insert(set.plans[p].numExperts);
         }
-        out << (s ? "; " : "") << routingName(set.routing) << " top_k=" << set.topK << " n_ce=" << set.nCe;
-        if (set.routing == Routing::kSoftmaxTopK)
+        out << (s ? "; " : "") << routingName(layer.routing) << " top_k=" << layer.topK << " n_ce=" << layer.nCe;
+        if (layer.routing == Routing::kSoftmaxTopK)
         {
-            out << " norm_topk_prob=" << set.normTopkProb << " routing_scale=" << static_cast<float>(set.routingScale);
+            out << " norm_topk_prob=" << layer.normTopkProb << " routing_scale=" << layer.routingScale;
         }
         else
         {
-            out << " jitter_eps=" << static_cast<float>(set.jitterEps);
+            out << " jitter_eps=" << layer.jitterEps;
         }
-        out << " E={";
-        bool first = true;
-        for (int64_t e : experts)
-        {
-            out << (first ? "" : ",") << e;
-            first = false;
-        }
-        out << "} dtypes={";
-        first = true;
-        for (auto const& d : dtypes)
-        {
-            out << (first ? "" : ",") << d;
-            first = false;
-        }
-        out << "} sm={";
-        first = true;
-        for (int32_t a : set.archs)
-        {
-            out << (first ? "" : ",") << a;
-            first = false;
-        }
-        out << "}";
+        out << " E={" << joined(experts) << "} dtypes={" << joined(dtypes) << "} sm={"
+            << joined(std::set<int32_t>(set.archs, set.archs + set.numArchs)) << "}";
     }
     return out.str();
-}
-
-int32_t KernelLibrary::findLogitsVariant(int32_t set, int32_t kernel, DType logits) const noexcept
-{
-    if (set < 0 || set >= static_cast<int32_t>(mSets.size()))
-    {
-        return -1;
-    }
-    std::vector<KernelSpec> const& kernels = mSets[set].kernels;
-    if (kernel < 0 || kernel >= static_cast<int32_t>(kernels.size()))
-    {
-        return -1;
-    }
-    for (size_t i = 0; i < kernels.size(); ++i)
-    {
-        if (!sameVariantExceptLogits(kernels[kernel], kernels[i]))
-        {
-            continue;
-        }
-        bool matches = true;
-        for (KernelArgSpec const& a : kernels[i].args)
-        {
-            if (a.buffer == kBufRouterLogits && a.element != logits)
-            {
-                matches = false;
-            }
-        }
-        if (matches)
-        {
-            return static_cast<int32_t>(i);
-        }
-    }
-    return -1;
 }
 
 int32_t selectArch(std::vector<int32_t> const& available, int32_t cc)
@@ -1361,37 +726,16 @@ int32_t selectArch(std::vector<int32_t> const& available, int32_t cc)
     return best;
 }
 
+
 // ------------------------------------------------------------------------------------------------
 // Workspace and launch plan
 
 namespace
 {
 
-void fillVars(VarValues& vars, LayerDims const& dims, int32_t topK, int32_t km, int64_t blockM)
+Dims dimsOf(LayerDims const& dims, int32_t topK, int32_t km)
 {
-    vars[static_cast<int>(Var::kT)] = dims.T;
-    vars[static_cast<int>(Var::kH)] = dims.H;
-    vars[static_cast<int>(Var::kI)] = dims.I;
-    vars[static_cast<int>(Var::kC)] = dims.C;
-    vars[static_cast<int>(Var::kE)] = dims.E;
-    vars[static_cast<int>(Var::kK)] = topK;
-    vars[static_cast<int>(Var::kKM)] = km;
-    vars[static_cast<int>(Var::kBLOCK_M)] = blockM;
-}
-
-size_t workspaceElementSize(std::string const& dtype, DType act)
-{
-    return dtype == "model" ? dtypeSize(act) : dtypeSize(parseDType(dtype));
-}
-
-bool evalOrFail(Formula const& f, VarValues const& vars, int64_t& value, std::string* error, char const* what)
-{
-    EvalStatus const status = evalFormula(f, vars, value);
-    if (status != EvalStatus::kOk)
-    {
-        return setError(error, std::string(what) + " '" + f.text + "': " + evalStatusName(status));
-    }
-    return true;
+    return Dims{dims.T, dims.H, dims.I, dims.C, dims.E, topK, km};
 }
 
 size_t alignUp(size_t value, size_t alignment)
@@ -1399,9 +743,14 @@ size_t alignUp(size_t value, size_t alignment)
     return (value + alignment - 1) / alignment * alignment;
 }
 
+char const* argKindName(ArgKind k)
+{
+    return k == ArgKind::kU32 ? "u32" : k == ArgKind::kI32 ? "i32" : "pointer";
+}
+
 } // namespace
 
-bool computeWorkspace(KernelSet const& set, LayerDims const& dims, int32_t topK, int32_t km, DType act,
+bool computeWorkspace(KernelSetDesc const& set, LayerDims const& dims, int32_t topK, int32_t km, DType act,
     WorkspaceLayout& out, std::string* error)
 {
     out.count = 0;
@@ -1410,39 +759,26 @@ bool computeWorkspace(KernelSet const& set, LayerDims const& dims, int32_t topK,
     {
         return setError(error, "workspace: shapes not known");
     }
-    size_t offset = 0;
-    for (WorkspaceSpec const& w : set.workspace)
+    if (set.numWorkspace > kMaxWorkspaceBuffers)
     {
-        size_t const elem = workspaceElementSize(w.dtype, act);
-        uint64_t worst = 0;
-        for (int64_t bm : set.blockMs)
-        {
-            VarValues vars{};
-            fillVars(vars, dims, topK, km, bm);
-            uint64_t bytes = elem;
-            for (Formula const& d : w.shape)
-            {
-                int64_t extent = 0;
-                if (!evalOrFail(d, vars, extent, error, "workspace shape"))
-                {
-                    return false;
-                }
-                if (extent < 0 || __builtin_mul_overflow(bytes, static_cast<uint64_t>(extent), &bytes))
-                {
-                    return setError(error, "workspace " + w.name + ": size out of range");
-                }
-            }
-            worst = std::max(worst, bytes);
-        }
-        if (out.count >= kMaxWorkspaceBuffers || worst > (uint64_t{1} << 50))
-        {
-            return setError(error, "workspace " + w.name + ": too large");
-        }
-        out.offset[out.count] = offset;
-        out.bytes[out.count] = static_cast<size_t>(worst);
-        ++out.count;
-        offset = alignUp(offset + static_cast<size_t>(worst), kWorkspaceAlignment);
+        return setError(error, "workspace: too many buffers");
     }
+    std::array<Int, kMaxWorkspaceBuffers> elements{};
+    set.workspaceElements(dimsOf(dims, topK, km), elements.data());
+    size_t offset = 0;
+    for (int32_t i = 0; i < set.numWorkspace; ++i)
+    {
+        WorkspaceDesc const& w = set.workspace[i];
+        Int const bytes = elements[i] * static_cast<int64_t>(w.elementBytes > 0 ? w.elementBytes : dtypeSize(act));
+        if (!bytes.ok || bytes.v < 0 || bytes.v > (int64_t{1} << 50))
+        {
+            return setError(error, std::string("workspace ") + w.name + ": size out of range");
+        }
+        out.offset[i] = offset;
+        out.bytes[i] = static_cast<size_t>(bytes.v);
+        offset = alignUp(offset + out.bytes[i], kWorkspaceAlignment);
+    }
+    out.count = set.numWorkspace;
     out.total = offset;
     return true;
 }
@@ -1471,23 +807,21 @@ bool buildLaunchPlan(KernelLibrary const& library, PlanRequest const& req, Launc
                 + ": no AOT kernels compiled for it (embedded: " + library.describe()
                 + "); rebuild the plugin with ce_kernels.aot for this model");
     }
-    KernelSet const& ks = library.sets()[set];
+    KernelSetDesc const& ks = library.set(set);
     int32_t const km = req.attrs.topK - req.attrs.nCe;
-    auto const archIt = std::find(ks.archs.begin(), ks.archs.end(), req.arch);
-    if (archIt == ks.archs.end())
+    if (std::find(ks.archs, ks.archs + ks.numArchs, req.arch) == ks.archs + ks.numArchs)
     {
         return setError(error, "no kernel image for sm_" + std::to_string(req.arch) + " (embedded: " + library.describe() + ")");
     }
-    size_t const archIndex = static_cast<size_t>(archIt - ks.archs.begin());
     int32_t chosen = -1;
-    for (size_t p = 0; p < ks.plans.size(); ++p)
+    for (int32_t p = 0; p < ks.numPlans; ++p)
     {
-        PlanSpec const& plan = ks.plans[p];
+        PlanDesc const& plan = ks.plans[p];
         if (plan.dtype != req.activation || plan.numExperts != dims.E)
         {
             continue;
         }
-        chosen = static_cast<int32_t>(p); // plans are sorted by max_tokens: the last one is the fallback
+        chosen = p; // plans are sorted by max_tokens: the last one is the fallback
         if (dims.T <= plan.maxTokens)
         {
             break;
@@ -1508,116 +842,109 @@ bool buildLaunchPlan(KernelLibrary const& library, PlanRequest const& req, Launc
     {
         return true; // nothing to launch
     }
-    PlanSpec const& plan = ks.plans[chosen];
-    VarValues vars{};
-    fillVars(vars, dims, req.attrs.topK, km, 0);
-    for (size_t j = 0; j < plan.stems.size(); ++j)
+    PlanDesc const& plan = ks.plans[chosen];
+    Dims const d = dimsOf(dims, req.attrs.topK, km);
+    for (int32_t j = 0; j < plan.numLaunches; ++j)
     {
-        int32_t kernel = plan.kernels[archIndex][j];
-        if (kernel < 0)
+        int32_t kernel = plan.launches[j];
+        if (ks.kernels[kernel].logits != DType::kOther && ks.kernels[kernel].logits != req.logits)
         {
-            return setError(error, "kernel " + plan.stems[j] + " not compiled for sm_" + std::to_string(req.arch));
-        }
-        bool needsVariant = false;
-        for (KernelArgSpec const& a : ks.kernels[kernel].args)
-        {
-            needsVariant = needsVariant || (a.buffer == kBufRouterLogits && a.element != req.logits);
-        }
-        if (needsVariant)
-        {
-            int32_t const variant = library.findLogitsVariant(set, kernel, req.logits);
-            if (variant < 0)
+            int32_t const twin = ks.kernels[kernel].logitsTwin;
+            if (twin < 0 || ks.kernels[twin].logits != req.logits)
             {
                 return setError(error, "no routing kernel for " + std::string(dtypeName(req.logits))
-                        + " router logits like " + plan.stems[j] + " (compile ce_kernels.aot with that dtype too)");
+                        + " router logits like " + ks.kernels[kernel].stem + " (compile ce_kernels.aot with that dtype too)");
             }
-            kernel = variant;
+            kernel = twin;
         }
-        KernelSpec const& spec = ks.kernels[kernel];
+        KernelDesc const& spec = ks.kernels[kernel];
+        int32_t image = -1;
+        for (int32_t i = 0; i < spec.numImages; ++i)
+        {
+            image = spec.images[i].arch == req.arch ? i : image;
+        }
+        if (image < 0)
+        {
+            return setError(error, std::string("kernel ") + spec.stem + " not compiled for sm_" + std::to_string(req.arch));
+        }
         KernelLaunch& launch = out.launches[out.numLaunches];
         launch.kernel = kernel;
+        launch.image = image;
+        Grid const grid = spec.grid(d);
         bool empty = false;
         for (int g = 0; g < 3; ++g)
         {
-            int64_t extent = 0;
-            if (!evalOrFail(spec.grid[g], vars, extent, error, "grid"))
-            {
-                return false;
-            }
             int64_t const limit = g == 0 ? INT32_MAX : 65535;
-            if (extent < 0 || extent > limit)
+            if (!grid[g].ok || grid[g].v < 0 || grid[g].v > limit)
             {
-                return setError(error, spec.stem + ": grid " + std::to_string(g) + " = " + std::to_string(extent)
-                        + " outside 0.." + std::to_string(limit));
+                return setError(error, std::string(spec.stem) + ": grid " + std::to_string(g) + " = "
+                        + (grid[g].ok ? std::to_string(grid[g].v) : std::string("overflow")) + " outside 0.."
+                        + std::to_string(limit));
             }
-            empty = empty || extent == 0;
-            launch.grid[g] = static_cast<uint32_t>(extent);
+            empty = empty || grid[g].v == 0;
+            launch.grid[g] = static_cast<uint32_t>(grid[g].v);
         }
         if (empty)
         {
             continue; // like Triton's launcher: a grid with no programs is not launched
         }
+        int32_t const shared = spec.images[image].shared;
         launch.block = static_cast<uint32_t>(spec.numWarps) * 32u;
-        launch.shared = static_cast<uint32_t>(spec.shared);
-        if (req.maxSharedBytes > 0 && spec.shared > req.maxSharedBytes)
+        launch.shared = static_cast<uint32_t>(shared);
+        if (req.maxSharedBytes > 0 && shared > req.maxSharedBytes)
         {
-            return setError(error, spec.stem + " needs " + std::to_string(spec.shared) + " B shared memory; this device allows "
-                    + std::to_string(req.maxSharedBytes) + " B per block");
+            return setError(error, std::string(spec.stem) + " needs " + std::to_string(shared)
+                    + " B shared memory; this device allows " + std::to_string(req.maxSharedBytes) + " B per block");
         }
-        int32_t n = 0;
-        for (KernelArgSpec const& a : spec.args)
+        std::array<ArgValue, kMaxKernelArgs> values;
+        int32_t const count = spec.args(d, values.data());
+        if (count + spec.scratchPointers > kMaxKernelArgs)
         {
-            LaunchArg& arg = launch.args[n++];
-            arg.kind = a.kind;
-            int64_t value = 0;
-            if (!evalOrFail(a.value, vars, value, error, "argument"))
+            return setError(error, std::string(spec.stem) + ": too many arguments");
+        }
+        for (int32_t a = 0; a < count; ++a)
+        {
+            ArgValue const& v = values[a];
+            LaunchArg& arg = launch.args[a];
+            arg.kind = v.kind;
+            if (v.kind == ArgKind::kPointer)
             {
-                return false;
-            }
-            if (a.kind == ArgKind::kPointer)
-            {
-                if (a.buffer == kBufCes && !isCompressed(req.variant))
+                if (v.buffer == kBufCes && !isCompressed(req.variant))
                 {
-                    return setError(error, spec.stem + ": reads ces, which this op type does not have");
+                    return setError(error, std::string(spec.stem) + ": reads ces, which this op type does not have");
                 }
-                int64_t bytes = 0;
-                if (value < 0 || __builtin_mul_overflow(value, static_cast<int64_t>(dtypeSize(a.element)), &bytes))
+                if (!v.value.ok || v.value.v < 0)
                 {
-                    return setError(error, spec.stem + " arg " + a.name + ": bad pointer offset");
+                    return setError(error, std::string(spec.stem) + " arg " + v.name + ": bad pointer offset");
                 }
-                arg.buffer = a.buffer;
-                arg.value = bytes;
-                arg.aligned16 = a.divisibleBy16;
+                arg.buffer = v.buffer;
+                arg.value = v.value.v;
+                arg.aligned16 = v.divisibleBy16;
                 continue;
             }
-            bool inRange = true;
-            switch (a.kind)
-            {
-            case ArgKind::kI32: inRange = value >= INT32_MIN && value <= INT32_MAX; break;
-            case ArgKind::kU32: inRange = value >= 0 && value <= static_cast<int64_t>(UINT32_MAX); break;
-            case ArgKind::kU64: inRange = value >= 0; break;
-            default: break;
-            }
+            bool const inRange = v.value.ok
+                && (v.kind == ArgKind::kI32 ? v.value.v >= INT32_MIN && v.value.v <= INT32_MAX
+                                            : v.value.v >= 0 && v.value.v <= static_cast<int64_t>(UINT32_MAX));
             if (!inRange)
             {
-                return setError(error, spec.stem + " arg " + a.name + " = " + std::to_string(value) + " ('" + a.value.text
-                        + "') does not fit " + a.type);
+                return setError(error, std::string(spec.stem) + " arg " + v.name + " = "
+                        + (v.value.ok ? std::to_string(v.value.v) : std::string("overflow")) + " does not fit "
+                        + argKindName(v.kind));
             }
-            if (a.divisibleBy16 && value % 16 != 0)
+            if (v.divisibleBy16 && v.value.v % 16 != 0)
             {
-                return setError(error, spec.stem + " arg " + a.name + " = " + std::to_string(value) + " ('" + a.value.text
-                        + "') must be a multiple of 16 (the kernel was compiled assuming it)");
+                return setError(error, std::string(spec.stem) + " arg " + v.name + " = " + std::to_string(v.value.v)
+                        + " must be a multiple of 16 (the kernel was compiled assuming it)");
             }
             arg.buffer = -1;
-            arg.value = value;
+            arg.value = v.value.v;
             arg.aligned16 = false;
         }
-        for (int32_t t = 0; t < spec.trailingNullPointers; ++t)
+        for (int32_t t = 0; t < spec.scratchPointers; ++t)
         {
-            LaunchArg& arg = launch.args[n++];
-            arg = LaunchArg{ArgKind::kPointer, -1, 0, false};
+            launch.args[count + t] = LaunchArg{ArgKind::kPointer, -1, 0, false};
         }
-        launch.numArgs = n;
+        launch.numArgs = count + spec.scratchPointers;
         ++out.numLaunches;
     }
     return true;
@@ -1638,9 +965,10 @@ bool checkTokenRange(KernelLibrary const& library, PlanRequest const& request, i
     int32_t const set = library.findSet(request.attrs, request.dims.E);
     if (set >= 0)
     {
-        for (PlanSpec const& plan : library.sets()[set].plans)
+        KernelSetDesc const& ks = library.set(set);
+        for (int32_t p = 0; p < ks.numPlans; ++p)
         {
-            for (int64_t t : {plan.maxTokens, plan.maxTokens + 1})
+            for (int64_t t : {ks.plans[p].maxTokens, ks.plans[p].maxTokens + 1})
             {
                 if (t > tMin && t < tMax)
                 {
@@ -1680,7 +1008,7 @@ size_t workspaceBytes(KernelLibrary const& library, PlanRequest const& req, std:
         return 0;
     }
     WorkspaceLayout layout;
-    if (!computeWorkspace(library.sets()[set], req.dims, req.attrs.topK, req.attrs.topK - req.attrs.nCe,
+    if (!computeWorkspace(library.set(set), req.dims, req.attrs.topK, req.attrs.topK - req.attrs.nCe,
             req.activation, layout, error))
     {
         return 0;

@@ -3,7 +3,7 @@
 //   ce_plugin_host_test STATIC_LIB DYNAMIC_LIB --kernels fixture|any|no
 //
 // --kernels: what the libraries embed. "fixture": the CE test fixture
-// (tests/fixtures/aot_manifest_ce_k4_nce2_e8.json: bf16 and fp16, E = 8, top_k 4, n_ce 2, sm 80/90;
+// (tests/fixtures/ce_k4_nce2_e8.inc as kernel_set.inc: bf16 and fp16, E = 8, top_k 4, n_ce 2, sm 80/90;
 // its cubins need not be real, nothing loads them without a driver); the build-profile checks then
 // expect success. "no": built with CE_TRT_EMBED_KERNELS=OFF; they expect the "no kernels" refusal.
 // "any": some other kernel set; outcomes that depend on it are not asserted.
