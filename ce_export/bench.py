@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 from ce_export import ops
-from ce_export.artifacts import MANIFEST, checkpoint_of, read_json, write_json
+from ce_export.artifacts import atomic_file, checkpoint_of, environment_errors, write_json, write_text
 from ce_export.capture import KvCacheDecoder, build_torch_model
 from ce_export.load import load_checkpoint
+from ce_export.manifest import read_manifest
 from ce_export.spec import LAYER_MOE, ModelSpec, MoeLayerSpec
 from ce_export.verify import compare
 
@@ -231,8 +232,8 @@ def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device
     def make(experts: str):
         def build():
             return TorchRunner(AutoModelForCausalLM.from_pretrained(
-                checkpoint, attn_implementation="sdpa", experts_implementation=experts, dtype=dtype).to(device).eval(),
-                logits)
+                checkpoint, attn_implementation="sdpa", experts_implementation=experts, dtype=dtype,
+                trust_remote_code=False, use_safetensors=True).to(device).eval(), logits)
         return build
 
     return [Row(f"transformers {experts}", make(experts)) for experts in implementations]
@@ -386,7 +387,7 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: 
     """Time every row of build folder `folder` on `points`; `dtype` is the PyTorch rows' (default fp32 on
     CPU, bf16 on CUDA); `compile_decode` adds a fast-path row whose decode step goes through torch.compile."""
     folder = Path(folder)
-    manifest = read_json(folder / MANIFEST, "manifest (is this a ce_export build folder?)")
+    manifest = read_manifest(folder)
     onnx = OnnxFile(folder / manifest["onnx"]["file"], manifest["dtype"], manifest["target"],
                     bool((manifest.get("quantization") or {}).get("mode")), manifest["onnx"].get("logits", "all"))
     data = bench_checkpoint(checkpoint_of(folder, manifest), points, budget_s, device, dtype, compile_decode,
@@ -611,13 +612,15 @@ def plot(data: dict, path: Path) -> None:
     ax.set_title(f"{data['model']} {'CE' if data['compressed'] else 'plain'} on {machine_name(data)}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as partial:
+        fig.savefig(partial, format="png", dpi=110)
     plt.close(fig)
 
 
 def write_results(data: dict, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with environment_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / BENCH_JSON, data)
-    (out_dir / BENCH_MD).write_text(markdown_table(data))
+    write_text(out_dir / BENCH_MD, markdown_table(data))
     plot(data, out_dir / BENCH_PNG)
     return [out_dir / BENCH_JSON, out_dir / BENCH_MD, out_dir / BENCH_PNG]

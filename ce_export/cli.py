@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from pathlib import Path
 
-from ce_export.errors import CeExportError
+from ce_export.errors import CeExportError, one_line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error reported like every other error: exit 2 and one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"ce_export: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -17,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ce_export.export import TARGETS
     from ce_export.quantize import QUANTIZATIONS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m ce_export",
         description="Export MoE and Compressed-Experts language models to ONNX / TensorRT, verified against PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,8 +115,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from ce_export import pipeline
     from ce_export.demo import write_demo_checkpoint
 
@@ -161,20 +169,47 @@ def run(args: argparse.Namespace) -> None:
         print(f"demo checkpoint ({'plain' if args.plain else 'CE'}): {path.absolute()}")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that the same cleanup runs
+    (staged_folder removes its staging folder) before the process exits."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", category=UserWarning)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):  # libraries' notes to their developers
+        warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
     start = time.perf_counter()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
     try:
         run(args)
     except CeExportError as error:
-        print(f"ce_export: error: {error}", file=sys.stderr)
+        print(f"ce_export: error: {one_line(str(error))}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:
+        # The machine's failures that no writer reported with its own path (writers do: artifacts.py).
+        from ce_export.artifacts import describe_environment_error, environment_errno
+
+        code = environment_errno(error)
+        if code is None or error.filename is None:
+            raise
+        print(f"ce_export: error: {one_line(describe_environment_error(code, Path(error.filename)))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ce_export: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("ce_export: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     if args.command != "generate":  # generate's stdout is the generated text; it reports on stderr
         print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -25,3 +25,17 @@ class VerifyError(CeExportError):
 
 class BuildError(CeExportError):
     """An engine could not be built."""
+
+
+class RuntimeInputError(CeExportError, ValueError):
+    """An input a runtime cannot take: beyond what it was built for (batch, sequence, context
+    length) or malformed (shape, dtype, token ids outside the vocabulary)."""
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """`text` on one line: line breaks become spaces, other characters that are not printable
+    (controls, Unicode line separators) escapes; a library's message may quote a file's bytes.
+    Cut to `limit` characters."""
+    text = " ".join(text.replace("\r", "\n").split("\n")).strip()
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if limit is None or len(text) <= limit else text[: limit - 4] + " ..."

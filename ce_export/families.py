@@ -133,7 +133,9 @@ class UnsupportedFamily(ValueError):
 
 
 def refusal(model_type) -> str | None:
-    """Why `model_type` cannot work, or None when it is served."""
+    """Why `model_type` (config.json's value, any JSON type) cannot work, or None when it is served."""
+    if not isinstance(model_type, str):
+        return f"unknown model_type {model_type!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
     if model_type in REFUSED:
         return f"model_type {model_type!r} is not supported: {REFUSED[model_type]}"
     if model_type not in ARCHITECTURES:
@@ -143,12 +145,20 @@ def refusal(model_type) -> str | None:
 
 # ---------------------------------------------------------------- transformers' model on the meta device
 
+# Training-time output switches a checkpoint may carry (e.g. Mixtral fine-tunes save
+# output_router_logits: true for the auxiliary loss): the exported decoder returns logits and the
+# KV cache only, so transformers' model is always built for that.
+INFERENCE_OUTPUTS = {"output_router_logits": False, "output_hidden_states": False, "output_attentions": False,
+                     "return_dict": True, "use_cache": True}
+
+
 def transformers_config(config: dict):
-    """transformers' config for a checkpoint's config.json, minus ce_export's keys; a per-layer
-    expert-count list (trimmed checkpoints) becomes its largest count (our blocks carry their own)."""
+    """transformers' config for a checkpoint's config.json, minus ce_export's keys, for inference
+    (INFERENCE_OUTPUTS); a per-layer expert-count list (trimmed checkpoints) becomes its largest
+    count (our blocks carry their own)."""
     from transformers import AutoConfig
 
-    config = dict(config)
+    config = dict(config) | INFERENCE_OUTPUTS
     for key in EXPERT_COUNT_KEYS:
         if isinstance(config.get(key), list):
             config[key] = max((count for count in config[key] if isinstance(count, int) and count > 0), default=2)

@@ -15,9 +15,10 @@ from typing import Iterator
 
 import torch
 
-from ce_export.artifacts import MANIFEST, checkpoint_of, read_json
+from ce_export.artifacts import checkpoint_of
 from ce_export.clients import GENAI_CONFIG, special_tokens
-from ce_export.errors import CeExportError
+from ce_export.errors import CeExportError, one_line
+from ce_export.manifest import read_manifest
 
 RUNTIMES = ("genai", "ort", "torch")
 
@@ -35,7 +36,7 @@ def generate(folder: str | Path, prompt: str | None = None, ids: list[int] | Non
     """Stream the greedy continuation of `prompt` (text) or `ids` to `out` (stdout); returns the new token ids."""
     out = out or sys.stdout
     folder = Path(folder)
-    manifest = read_json(folder / MANIFEST, "manifest (is this a ce_export build folder?)")
+    manifest = read_manifest(folder)
     tokenizer = folder_tokenizer(folder)
     if prompt is not None:
         if tokenizer is None:
@@ -122,16 +123,22 @@ def genai_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: i
 
     try:
         model = og.Model(str(folder))
-    except RuntimeError as error:  # e.g. a bf16 build's CUDA provider on a CPU-only onnxruntime-genai
-        raise CeExportError(f"--runtime genai: onnxruntime-genai cannot load {folder}: {str(error).splitlines()[0]}") from None
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens([ids])
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens([ids])
+    except RuntimeError as error:  # e.g. a bf16 build's CUDA provider on a CPU-only onnxruntime-genai,
+        # or a genai_config.json edited since the build (onnxruntime-genai reports both as RuntimeError)
+        raise CeExportError(f"--runtime genai: onnxruntime-genai cannot load {folder}: "
+                            f"{one_line(str(error).splitlines()[0] if str(error) else '', 300)}") from None
 
     def tokens():
         while not generator.is_done():
-            generator.generate_next_token()
+            try:
+                generator.generate_next_token()
+            except RuntimeError as error:
+                raise CeExportError(f"--runtime genai: onnxruntime-genai failed on {folder}: "
+                                    f"{one_line(str(error), 300)}") from None
             yield int(generator.get_next_tokens()[0])
 
     return tokens(), f"onnxruntime-genai {og.__version__}"
@@ -144,7 +151,8 @@ def ort_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int
     from ce_export.verify import OrtDecoder
 
     view = OnnxPrecisionView(folder / manifest["onnx"]["file"], manifest["dtype"])
-    runtime = OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(manifest.get("quantization")))
+    runtime = OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(manifest.get("quantization")),
+                         path=view.onnx_path)
     described = f"ONNX Runtime {onnxruntime.__version__} CPU ({view.numerics_note})"
     return greedy_steps(runtime, manifest, ids, max_new_tokens, stop, view.runtime_torch_dtype), described
 

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 
 from ce_export import families
+from ce_export.checkpoint_check import SAFETENSORS_INDEX, TensorHeader, check_checkpoint, read_headers, transformers_refusal
 from ce_export.errors import LoadError
 from ce_export.families import Architecture, MoeBlockLayout
 from ce_export.spec import (
@@ -46,7 +47,6 @@ from ce_export.spec import (
     MoeLayerWeights,
 )
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 ARCHITECTURES = families.ARCHITECTURES
 
@@ -55,13 +55,13 @@ def load_checkpoint(folder: str | Path) -> LoadedModel:
     folder = Path(folder)
     config = read_config(folder)
     arch = architecture_for(config, folder)
+    headers = check_checkpoint(folder, config)  # config.json and the safetensors headers, before any tensor is read
     try:
         lm = families.meta_model(config)
         blocks = families.find_moe_blocks(lm)
-    except (families.UnsupportedFamily, ValueError, TypeError, KeyError, AttributeError) as error:
-        raise LoadError(f"{folder / 'config.json'}: transformers cannot build {arch.model_type} from it "
-                        f"({type(error).__name__}: {error})") from None
-    files = SafetensorsFiles(folder)
+    except Exception as error:  # transformers' config validation and model constructors raise many types
+        raise transformers_refusal(error, folder / "config.json", arch.model_type) from None
+    files = SafetensorsFiles(folder, headers)
     tensors = to_model_names({name: files.stored(name) for name in files.names}, lm, folder)
     spec = model_spec_from_config(config, arch, lm, blocks, tensors, folder)
     moe_weights = {}
@@ -167,53 +167,24 @@ class LazyMoeWeights(Mapping):
         return len(self.sources)
 
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # FLOAT_DTYPES
 FINITE_CHECK_CHUNK = 1 << 24  # elements per isfinite pass (bounds its temporary to 16 MB)
 
 
 class SafetensorsFiles:
     """Every tensor of a checkpoint folder's safetensors files: name, shape and dtype from the
-    headers at construction; the data on `read`, memory-mapped by safetensors, one file mapping
-    per read (so dropping the tensor releases its pages), checked finite on its first read."""
+    headers (checkpoint_check.read_headers, unless given); the data on `read`, memory-mapped by
+    safetensors, one file mapping per read (so dropping the tensor releases its pages), checked
+    finite on its first read."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, headers: dict[str, TensorHeader] | None = None):
         self.folder = folder
-        self.paths: dict[str, Path] = {}
-        self.headers: dict[str, tuple[tuple[int, ...], torch.dtype | str]] = {}
+        if headers is None:
+            headers = read_headers(folder)
+        self.paths: dict[str, Path] = {name: folder / header.file for name, header in headers.items()}
+        self.headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            name: (header.shape, SAFETENSORS_DTYPES[header.dtype]) for name, header in headers.items()}
         self.checked: set[str] = set()
-        index_path = folder / SAFETENSORS_INDEX
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise LoadError(f"{index_path}: not a safetensors index ({error!r})") from None
-            files = sorted(set(weight_map.values()))
-        else:
-            weight_map = None
-            files = sorted(path.name for path in folder.glob("*.safetensors"))
-            if not files:
-                raise LoadError(f"{folder}: no *.safetensors files and no {SAFETENSORS_INDEX}")
-        for name in files:
-            path = folder / name
-            if not path.is_file():
-                raise LoadError(f"{path}: listed in {SAFETENSORS_INDEX} but missing")
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    for key in handle.keys():
-                        view = handle.get_slice(key)
-                        dtype = view.get_dtype()
-                        self.headers[key] = (tuple(view.get_shape()), SAFETENSORS_DTYPES.get(dtype, dtype))
-                        self.paths[key] = path
-            except Exception as error:  # safetensors raises several types for damaged files
-                raise LoadError(f"{path}: unreadable safetensors file ({type(error).__name__}: {error})") from None
-        if weight_map is not None:
-            missing = sorted(set(weight_map) - set(self.paths))
-            if missing:
-                raise LoadError(f"{index_path}: lists {missing[0]!r}, which its shard does not contain")
 
     @property
     def names(self) -> list[str]:
@@ -276,6 +247,8 @@ def read_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LoadError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise LoadError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise LoadError(f"{path}: expected a JSON object")
     return config

@@ -23,11 +23,12 @@ from ce_export import export as export_stage
 from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
-from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, read_json, staged_folder, write_json
+from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, staged_folder, write_json, writing
 from ce_export.capture import DTYPES, LOGITS, build_torch_model, build_traced_model, parameter_dtype
 from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
+from ce_export.manifest import onnx_files, read_manifest, recorded_files
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.progress import progress_bar
 from ce_export.quantize import quantize_activations
@@ -85,7 +86,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         if not Path(options.plugin_library).is_file():
             raise BuildError(f"{options.plugin_library}: plugin library not found")
     out = Path(out)
-    with staged_folder(out, force=options.force) as staging:
+    with staged_folder(out, force=options.force, report=report) as staging:
         timer = StageTimer(report)
         with timer("load"):
             if model == DEMO_NAME:
@@ -113,7 +114,9 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
                        f"x {EVAL_SEQ_LEN} tokens ({'built-in corpus' if options.calib is None else options.calib})"):
                 activations = calibrate_activations(loaded, data, DTYPES[options.dtype])
                 quantize_activations(lm, activations["scales"])
-        with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"):
+        onnx_bytes = None if options.quantize else total * DTYPES[options.dtype].itemsize  # about, unquantized
+        with timer(f"export ({options.target}, {options.dtype}{', ' + options.quantize if options.quantize else ''})"), \
+                writing(staging / "model.onnx", onnx_bytes):
             result = export_stage.export_onnx(loaded, lm, staging, options.target, options.max_batch,
                                               options.max_seq, options.max_context, options.quantize,
                                               options.logits or export_stage.DEFAULT_LOGITS[options.target])
@@ -209,6 +212,8 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
             "experts_form": result.experts_form,
             "logits": result.logits,
             "limits": {"max_batch": options.max_batch, "max_sequence": options.max_seq, "max_context": options.max_context},
+            "files": recorded_files(result.onnx_path.parent, [result.onnx_path.name] + (
+                ["model.onnx.data"] if result.external_data else [])),
         },
         "tools": tool_versions(),
     }
@@ -216,7 +221,7 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
 
 def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
     folder = Path(folder)
-    manifest = read_json(folder / MANIFEST, "manifest (is this a ce_export build folder?)")
+    manifest = read_manifest(folder)
     timer = StageTimer(report)
     with timer("load"):
         loaded = load_checkpoint(checkpoint_of(folder, manifest))
@@ -253,7 +258,8 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     logits_kept = manifest["onnx"].get("logits", "all")
     with timer("verify: ONNX Runtime session"):
         runtime = verify_stage.OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(quantization),
-                                          weights_as_stored=True)
+                                          weights_as_stored=True, path=onnx_path)
+        runtime.check_names(manifest["onnx"]["inputs"], manifest["onnx"]["outputs"], folder / MANIFEST)
     with timer(f"verify: ONNX Runtime on {len(cases)} shapes, {new_tokens} greedy tokens, "
                f"{len(sequences)} held-out sequences" + (", the task's held-out problems" if evaluation.task else "")), \
             progress_bar(total=len(cases) + new_tokens + len(sequences) + bool(evaluation.task),
@@ -461,7 +467,7 @@ def quality_report(folder: Path, manifest: dict, evaluation: Evaluation, torch_p
         result["task"] = {"source": evaluation.task_source,
                           **compare_exact_match(evaluation.task, evaluation.tokenizer, torch_task, onnx_task)}
     result.update(evaluation.report)
-    files = [folder / manifest["onnx"]["file"]] + ([folder / manifest["onnx"]["external_data"]] if manifest["onnx"]["external_data"] else [])
+    files = [folder / name for name in onnx_files(manifest["onnx"])]
     return {**result, "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
             "perplexity_delta": onnx_ppl - torch_ppl, "parameters": manifest["parameters"],
             "weight_bytes": manifest["parameters"].get("weight_bytes"),

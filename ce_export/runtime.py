@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from ce_export.errors import RuntimeInputError
 from ce_export.spec import ModelSpec
 
 WINDOW_STEP = 256  # attention windows (and decode graphs) come in multiples of this many slots
@@ -79,6 +80,9 @@ class FastDecoder:
 
     def __init__(self, lm: nn.Module, spec: ModelSpec, batch: int, max_context: int, cuda_graph: bool = True,
                  attention: str = "sdpa", compile_decode: bool = False):
+        for name, value in (("batch", batch), ("max_context", max_context)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RuntimeInputError(f"FastDecoder: {name} must be a positive integer, got {value!r}")
         self.lm = lm.eval()
         self.spec = spec
         self.batch = batch
@@ -129,18 +133,43 @@ class FastDecoder:
 
     def _check_room(self, tokens: int) -> None:
         if self.cache.filled + tokens > self.cache.max_context:
-            raise ValueError(f"{self.cache.filled} + {tokens} tokens exceed the cache of {self.cache.max_context} slots")
+            raise RuntimeInputError(f"{self.cache.filled} + {tokens} tokens exceed the cache of "
+                                    f"{self.cache.max_context} slots (max_context)")
+
+    def _check_ids(self, what: str, ids: torch.Tensor, length: int | None = None, check_values: bool = True) -> None:
+        """[batch, length] integer token ids in the vocabulary. The values are read (a host sync)
+        only when `check_values`: decode skips it for ids already on the device (our own argmax),
+        so that a decode loop never waits for the host; an out-of-vocabulary id there would index
+        out of bounds on the GPU."""
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.is_complex() \
+                or ids.dtype == torch.bool:
+            shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise RuntimeInputError(f"{what}: expected integer token ids [batch, sequence], got {shape}"
+                                    f"{' ' + str(ids.dtype) if isinstance(ids, torch.Tensor) else ''}")
+        batch, sequence = ids.shape
+        if batch != self.batch:
+            raise RuntimeInputError(f"{what}: this decoder was built for batch {self.batch}, got {batch}")
+        if sequence < 1 or (length is not None and sequence != length):
+            raise RuntimeInputError(f"{what}: expected {length or 'at least 1'} token(s) per row, got {sequence}")
+        if check_values and ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.spec.vocab_size:
+                raise RuntimeInputError(f"{what}: token id {low if low < 0 else high} is outside the vocabulary "
+                                        f"(0..{self.spec.vocab_size - 1})")
 
     # --- public API ----------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Start over with a (left-padded) prompt batch [B, S]; returns logits [B, S, V]."""
+        self._check_ids("prefill", input_ids)
         batch, length = input_ids.shape
-        if batch != self.batch:
-            raise ValueError(f"this decoder was built for batch {self.batch}, got {batch}")
         self.cache.filled = 0
+        self.next_positions = None
         self._check_room(length)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        elif not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, length):
+            shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise RuntimeInputError(f"prefill: attention_mask must be [{batch}, {length}] like input_ids, got {shape}")
         attention_mask = attention_mask.to(self.device)
         self.valid.fill_(True)
         self.valid[:, :length] = attention_mask.bool()
@@ -154,7 +183,14 @@ class FastDecoder:
 
     def load_past(self, past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> None:
         """Fill the first P slots with given K/V [B, h, P, d] x 2L (the flat ONNX past), positions 0..P-1."""
-        length = past[0].shape[2]
+        expected = self.spec.past_shapes(self.batch, 0)
+        if len(past) != len(expected):
+            raise RuntimeInputError(f"load_past: expected {len(expected)} tensors (key and value per layer), got {len(past)}")
+        length = past[0].shape[2] if past[0].dim() == 4 else -1
+        for tensor, shape in zip(past, expected):
+            if tensor.dim() != 4 or tensor.shape[:2] + tensor.shape[3:] != shape[:2] + shape[3:] or tensor.shape[2] != length:
+                raise RuntimeInputError(f"load_past: expected [{shape[0]}, {shape[1]}, P, {shape[3]}] tensors with one P, "
+                                        f"got {list(tensor.shape)}")
         self.cache.filled = 0
         self._check_room(length)
         for index, tensor in enumerate(past):
@@ -174,6 +210,10 @@ class FastDecoder:
         advance=False leaves the slot count where it was, so the next call writes the same slot
         again (a benchmark times one context length this way).
         """
+        if self.next_positions is None:
+            raise RuntimeInputError("decode: no prompt yet (call prefill or load_past first)")
+        self._check_ids("decode", next_ids, length=1,
+                        check_values=not isinstance(next_ids, torch.Tensor) or next_ids.device.type == "cpu")
         self._check_room(1)
         slot = self.cache.filled
         self.cache.window = self.bucket(slot + 1)
@@ -189,6 +229,14 @@ class FastDecoder:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor:
         """Greedy decoding: the new tokens [B, new_tokens]."""
+        if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 1:
+            raise RuntimeInputError(f"generate: new_tokens must be a positive integer, got {new_tokens!r}")
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            # The whole request must fit before any of it runs (the last new token is never cached).
+            needed = input_ids.shape[1] + new_tokens - 1
+            if needed > self.cache.max_context:
+                raise RuntimeInputError(f"generate: {input_ids.shape[1]} prompt + {new_tokens} new tokens need {needed} "
+                                        f"cache slots; this decoder has {self.cache.max_context} (max_context)")
         logits = self.prefill(input_ids, attention_mask)
         next_ids = logits[:, -1].argmax(-1, keepdim=True)
         tokens = [next_ids]

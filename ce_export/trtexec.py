@@ -460,8 +460,10 @@ def run_trtexec(
     `engine`: build_engine's result (default: manifest["engine"]) for the limits and plugin library.
     `out`: where the JSON goes (default DIR/bench.json; note ce_export.bench writes that name too).
     """
+    from ce_export.manifest import read_manifest
+
     build_dir = Path(build_dir)
-    manifest = read_json(build_dir / MANIFEST, "manifest (is this a ce_export build folder?)")
+    manifest = read_manifest(build_dir)
     if engine is not None:
         manifest = {**manifest, "engine": engine}
     plan = build_dir / PLAN

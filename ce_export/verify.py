@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ce_export.artifacts import atomic_file
 from ce_export.capture import KvCacheDecoder
+from ce_export.errors import VerifyError, one_line
 
 GENERATION_TOKENS = 32
 
@@ -63,8 +65,18 @@ PARITY_CASES = (
 )
 
 
+def onnx_runtime_errors() -> tuple[type[Exception], ...]:
+    """The exception types ONNX Runtime raises for a model it cannot load or run (its own, not Python's)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException", "InvalidProtobuf",
+             "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return tuple(getattr(state, name) for name in names if hasattr(state, name))
+
+
 class OrtDecoder:
-    """ONNX Runtime session over an exported decoder, fed and read as torch tensors.
+    """ONNX Runtime session over an exported decoder, fed and read as torch tensors. A file ONNX
+    Runtime cannot load or run is a VerifyError naming it (exit 2), not a traceback.
 
     weights_as_stored: hold each weight once, as the file stores it (verification of large models).
     By default ONNX Runtime constant-folds what it can at load time (transposes and splits of weights
@@ -76,8 +88,9 @@ class OrtDecoder:
     """
 
     def __init__(self, onnx_path, threads: int | None = None, exact_dequantize: bool = False,
-                 weights_as_stored: bool = False):
-        """onnx_path: a file, or an onnx_ir model (held in memory; its external data stays in its folder)."""
+                 weights_as_stored: bool = False, path: str | Path | None = None):
+        """onnx_path: a file, or an onnx_ir model (held in memory; its external data stays in its folder),
+        for which `path` names the file it was read from in messages."""
         import onnx_ir as ir
         import onnxruntime as ort
 
@@ -95,6 +108,9 @@ class OrtDecoder:
         if threads:
             options.intra_op_num_threads = threads
         source = str(onnx_path)
+        if path is None:
+            path = "model.onnx (in memory)" if isinstance(onnx_path, ir.Model) else onnx_path
+        self.path = Path(path)
         if isinstance(onnx_path, ir.Model):
             folders = {value.const_value.base_dir for value in onnx_path.graph.initializers.values()
                        if isinstance(value.const_value, ir.ExternalTensor)}
@@ -104,14 +120,34 @@ class OrtDecoder:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                  str(folders.pop()))
             source = ir.serde.serialize_model(onnx_path).SerializeToString()
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], **extra)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], **extra)
+        except onnx_runtime_errors() as error:
+            raise VerifyError(f"{self.path}: ONNX Runtime cannot load it ({one_line(str(error), 300)})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, input_ids, attention_mask, position_ids, past: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         arrays = [input_ids, attention_mask, position_ids, *past]
         feed = {name: tensor.detach().contiguous().numpy() for name, tensor in zip(self.input_names, arrays)}
-        return [torch.from_numpy(out) for out in self.session.run(self.output_names, feed)]
+        try:
+            outputs = self.session.run(self.output_names, feed)
+        except onnx_runtime_errors() as error:
+            shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in list(feed.items())[:4])
+            raise VerifyError(f"{self.path}: ONNX Runtime failed running it on {shapes}, ... "
+                              f"({one_line(str(error), 300)})") from None
+        return [torch.from_numpy(out) for out in outputs]
+
+    def check_names(self, inputs: list[str], outputs: list[str], manifest: Path) -> None:
+        """The session's inputs and outputs are the ones manifest.json lists, in its order."""
+        for what, listed, actual in (("inputs", inputs, self.input_names), ("outputs", outputs, self.output_names)):
+            if list(listed) != actual:
+                raise VerifyError(f"{manifest}: onnx.{what} {short_list(listed)} disagree with {self.path.name}'s "
+                                  f"{short_list(actual)}")
+
+
+def short_list(names: list[str]) -> str:
+    return str(names[:3])[:-1] + (f", ... ({len(names)})]" if len(names) > 3 else "]")
 
 
 def random_inputs(case: ParityCase, spec, dtype, gen: torch.Generator):
@@ -389,5 +425,6 @@ def plot_parity(parity: dict, path: Path) -> None:
     ax.set_title(f"parity {verdict}: {parity['dtype']}, {parity['runtime']}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as partial:
+        fig.savefig(partial, format="png", dpi=110)
     plt.close(fig)

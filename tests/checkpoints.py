@@ -102,3 +102,15 @@ def demo_resized(folder: Path, compressed: bool = True, **sizes) -> Path:
     input size is a multiple of 128 (int4-g128); the weights are drawn as the demo's are."""
     config = demo_config(compressed) | sizes
     return write(folder, config, demo_tensors(config))
+
+
+# The smallest CE model the pipeline takes (2 layers, hidden 32, 4 experts, top-2 with 1 compressed):
+# for tests that build often (fault injection, fuzzing).
+TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "n_ce": 1}
+TINY_LIMITS = ("--max-batch", "2", "--max-seq", "8", "--max-context", "16")
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    config = demo_config(True) | TINY
+    return write(folder, config, demo_tensors(config))

@@ -1,7 +1,9 @@
 """Bad input: exit code 2, one line naming the problem, nothing half-written."""
 
+import json
 import subprocess
 import sys
+import time
 
 import pytest
 from ce_export.cli import main
@@ -135,14 +137,12 @@ def test_verify_of_a_folder_without_manifest(tmp_path, capsys):
     assert_one_line_error(code, err, "manifest.json", "missing")
 
 
-def test_verify_fails_on_a_tampered_model(demo_build, tmp_path, capsys):
-    """A corrupted weight in the exported file must make `verify` fail with a non-zero exit."""
+def tamper_with_a_weight(demo_build, folder):
     import shutil
 
     import onnx
     from onnx import numpy_helper
 
-    folder = tmp_path / "tampered"
     shutil.copytree(demo_build, folder)
     model = onnx.load(folder / "model.onnx")
     init = next(i for i in model.graph.initializer if i.name.endswith("gate_up"))
@@ -150,6 +150,25 @@ def test_verify_fails_on_a_tampered_model(demo_build, tmp_path, capsys):
     array[0] *= 3.0
     init.CopyFrom(numpy_helper.from_array(array, init.name))
     onnx.save(model, folder / "model.onnx")
+    return folder
+
+
+def test_verify_refuses_a_model_edited_after_the_build(demo_build, tmp_path, capsys):
+    folder = tamper_with_a_weight(demo_build, tmp_path / "tampered")
+    code, err = run_cli(capsys, "verify", str(folder))
+    assert_one_line_error(code, err, "model.onnx", "differ from what the build wrote")
+
+
+def test_verify_fails_on_a_tampered_model(demo_build, tmp_path, capsys):
+    """A corrupted weight in the exported file makes the parity check itself fail, too (here with
+    the manifest's file record rewritten to match, as an older manifest without one would be)."""
+    from ce_export.artifacts import write_json
+    from ce_export.manifest import recorded_files
+
+    folder = tamper_with_a_weight(demo_build, tmp_path / "tampered")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["onnx"]["files"] = recorded_files(folder, ["model.onnx"])
+    write_json(folder / "manifest.json", manifest)
     code = main(["verify", str(folder)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "parity FAILED" in err[0]
@@ -167,3 +186,158 @@ def test_missing_plugin_library(tmp_path, capsys):
     code, err = run_cli(capsys, "build", "demo", "--target", "trt", "--out", str(out), "--plugin-lib", str(tmp_path / "no.so"))
     assert_one_line_error(code, err, "no.so", "plugin library not found")
     assert not out.exists()
+
+
+# --- config.json: checked against the architecture before any tensor is read (issue 16) ---------
+
+
+@pytest.mark.parametrize("key, value, fragments", [
+    ("rope_theta", "abc", ["rope_theta='abc' is invalid", "valid number"]),
+    ("model_type", ["olmoe"], ["unknown model_type ['olmoe']", "olmoe"]),
+    ("use_ce", "yes", ["use_ce='yes' is invalid", "valid boolean"]),
+    ("hidden_size", "128", ["hidden_size='128' is invalid", "valid integer"]),
+    ("num_attention_heads", 3, ["num_attention_heads=3 is not a multiple of num_key_value_heads=4"]),
+    ("head_dim", 0, ["head_dim=0 is invalid", "greater than or equal to 1"]),
+    ("num_experts_per_tok", 9, ["num_experts_per_tok=9 is more than num_experts=8"]),
+    ("hidden_act", "swishy", ["hidden_act='swishy'", "silu"]),
+    ("pad_token_id", 512, ["pad_token_id=512 is outside the vocabulary"]),
+    ("rms_norm_eps", float("nan"), ["rms_norm_eps=nan is invalid", "finite"]),
+    ("rope_scaling", {"rope_type": "yarn"}, ["transformers cannot build", "factor"]),
+    ("vocab_size", 10**12, ["vocab_size=1000000000000 is invalid"]),
+    ("num_experts", [8, 8], ["num_experts lists 2 layers, num_hidden_layers=4"]),
+    ("layer_experts_idx", [[0, 1]], ["layer_experts_idx has 1 entries"]),
+])
+def test_config_values_against_the_architecture(tmp_path, capsys, key, value, fragments):
+    folder = broken_checkpoint(tmp_path, mutate_config=lambda c: c.update({key: value}))
+    assert_one_line_error(*build_into(tmp_path, folder, capsys), "config.json", *fragments)
+
+
+def test_missing_required_key(tmp_path, capsys):
+    folder = broken_checkpoint(tmp_path, mutate_config=lambda c: c.pop("intermediate_size"))
+    assert_one_line_error(*build_into(tmp_path, folder, capsys), "intermediate_size is missing (required for olmoe)")
+
+
+def test_layer_count_claim_fails_at_once_from_the_headers(tmp_path, capsys):
+    """The checkpoint has 4 layers: a config claiming a billion fails from the safetensors headers,
+    before one module per claimed layer is built (this used to run for minutes)."""
+    folder = broken_checkpoint(tmp_path, mutate_config=lambda c: c.update(num_hidden_layers=1_000_000_000))
+    start = time.perf_counter()
+    code, err = build_into(tmp_path, folder, capsys)
+    assert time.perf_counter() - start < 10
+    assert_one_line_error(code, err, "num_hidden_layers=1000000000", "layers 0..3")
+
+
+def test_embedding_shape_claim_checked_against_the_headers(tmp_path, capsys):
+    folder = broken_checkpoint(tmp_path, mutate_config=lambda c: c.update(vocab_size=1_000_000))
+    assert_one_line_error(*build_into(tmp_path, folder, capsys), "vocab_size=1000000", "[512, 128]")
+
+
+def test_unsupported_tensor_dtype_is_refused_from_the_header(tmp_path, capsys):
+    """FP8 weights would pass the floating-point check and then crash torch.isfinite."""
+    import torch
+
+    def to_fp8(tensors):
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+    folder = broken_checkpoint(tmp_path, mutate_tensors=to_fp8)
+    assert_one_line_error(*build_into(tmp_path, folder, capsys), "model.norm.weight", "F8_E4M3")
+
+
+def test_sharded_index_cannot_point_outside_the_folder(tmp_path, capsys):
+    folder = broken_checkpoint(tmp_path)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}))
+    assert_one_line_error(*build_into(tmp_path, folder, capsys), "../elsewhere.safetensors", "not a file name")
+
+
+def test_tensor_in_two_shards_is_refused(tmp_path, capsys):
+    import shutil
+
+    folder = broken_checkpoint(tmp_path)
+    shutil.copy(folder / "model.safetensors", folder / "model-copy.safetensors")
+    assert_one_line_error(*build_into(tmp_path, folder, capsys), "is also in")
+
+
+# --- verify and bench on build folders damaged after the build -----------------------------------
+
+
+def with_external_data(demo_build, folder):
+    """A copy of the demo build whose weights live in model.onnx.data, as a model over 2 GB has them."""
+    import shutil
+
+    import onnx
+
+    from ce_export.artifacts import write_json
+    from ce_export.manifest import recorded_files
+
+    shutil.copytree(demo_build, folder)
+    onnx.save(onnx.load(folder / "model.onnx"), folder / "model.onnx", save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["onnx"]["external_data"] = "model.onnx.data"
+    manifest["onnx"]["files"] = recorded_files(folder, ["model.onnx", "model.onnx.data"])
+    write_json(folder / "manifest.json", manifest)
+    return folder
+
+
+def drop_file_record(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["onnx"]["files"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+COMMAND_ARGUMENTS = {"verify": [], "bench": ["--budget", "0"],
+                     "generate": ["--ids", "1,2", "--max-new-tokens", "2", "--runtime", "ort"]}
+
+
+@pytest.mark.parametrize("command", ["verify", "bench", "generate"])
+@pytest.mark.parametrize("name, recorded, fragments", [
+    ("model.onnx", True, ["model.onnx", "but the build wrote", "truncated"]),
+    ("model.onnx.data", True, ["model.onnx.data", "but the build wrote", "truncated"]),
+    # manifests written before the file record: the ONNX structure is still checked
+    ("model.onnx", False, ["model.onnx: not a readable ONNX file"]),
+    ("model.onnx.data", False, ["model.onnx.data", "expects at least"]),
+])
+def test_truncated_files_are_refused_before_any_runtime(demo_build, tmp_path, capsys, command, name, recorded, fragments):
+    folder = with_external_data(demo_build, tmp_path / "build")
+    if not recorded:
+        drop_file_record(folder)
+    truncate(folder / name)
+    code, err = run_cli(capsys, command, str(folder), *COMMAND_ARGUMENTS[command])
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_one_line(demo_build, tmp_path, capsys):
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "build"
+    shutil.copytree(demo_build, folder)
+    drop_file_record(folder)
+    model = onnx.load(folder / "model.onnx")
+    next(node for node in model.graph.node if node.op_type == "MatMul").op_type = "NoSuchOperator"
+    onnx.save(model, folder / "model.onnx")
+    code, err = run_cli(capsys, "verify", str(folder))
+    assert_one_line_error(code, err, "model.onnx: ONNX Runtime cannot load it", "NoSuchOperator")
+
+
+def test_verify_and_bench_with_a_manifest_that_disagrees_with_the_file(demo_build, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "build"
+    shutil.copytree(demo_build, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["onnx"]["outputs"] = manifest["onnx"]["outputs"][:-1]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, err = run_cli(capsys, "verify", str(folder))
+    assert_one_line_error(code, err, "manifest.json: onnx.outputs", "disagree with model.onnx's")
+    manifest["dtype"] = "fp64"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for command in ("verify", "bench", "generate"):
+        code, err = run_cli(capsys, command, str(folder), *COMMAND_ARGUMENTS[command])
+        assert_one_line_error(code, err, "manifest.json: dtype='fp64' is invalid")

@@ -1,10 +1,13 @@
 """The PyTorch runtime path (static KV cache, CUDA-graph decode on GPU) against the reference model."""
 
+import re
+
 import pytest
 import torch
 
 from architectures import configs, save_tiny
 from ce_export.capture import build_torch_model
+from ce_export.errors import RuntimeInputError
 from ce_export.load import load_checkpoint
 from ce_export.runtime import FastDecoder
 from ce_export.verify import TorchDecoder, compare, generation_prompt, greedy_torch
@@ -61,6 +64,46 @@ def test_cache_overflow_and_wrong_batch_are_clear_errors(demo_ce):
     fast.prefill(torch.zeros(1, 256, dtype=torch.long))
     with pytest.raises(ValueError, match="exceed"):
         fast.decode(torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_inputs_beyond_what_the_decoder_was_built_for_are_clear_errors(demo_ce):
+    """Batch, sequence and context beyond the built decoder, and malformed inputs: a
+    RuntimeInputError (a ValueError; exit 2 with one line under the CLI), never an index error
+    deep in torch or, on a GPU, a device-side assert."""
+    loaded = load_checkpoint(demo_ce)
+    vocab = loaded.spec.vocab_size
+    fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=256)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    cases = [
+        (lambda: fast.decode(torch.zeros(2, 1, dtype=torch.long)), "no prompt yet"),
+        (lambda: fast.prefill(torch.zeros(3, 3, dtype=torch.long)), "built for batch 2, got 3"),
+        (lambda: fast.prefill(torch.zeros(2, 257, dtype=torch.long)), "exceed the cache of 256 slots"),
+        (lambda: fast.prefill(torch.zeros(2, 0, dtype=torch.long)), "at least 1 token"),
+        (lambda: fast.prefill(torch.zeros(6, dtype=torch.long)), "integer token ids [batch, sequence]"),
+        (lambda: fast.prefill(torch.zeros(2, 3)), "integer token ids"),
+        (lambda: fast.prefill(torch.full((2, 3), vocab)), f"token id {vocab} is outside the vocabulary"),
+        (lambda: fast.prefill(torch.full((2, 3), -1)), "token id -1 is outside the vocabulary"),
+        (lambda: fast.prefill(ids, torch.ones(2, 4, dtype=torch.long)), "attention_mask must be [2, 3]"),
+        (lambda: fast.generate(ids, None, new_tokens=255), "3 prompt + 255 new tokens need 257 cache slots"),
+        (lambda: fast.generate(ids, None, new_tokens=0), "new_tokens must be a positive integer"),
+        (lambda: fast.load_past(tuple(torch.zeros(2, 4, 3, 32) for _ in range(3))), "expected 8 tensors"),
+        (lambda: fast.load_past(tuple(torch.zeros(2, 4, 257, 32) for _ in range(8))), "exceed the cache of 256 slots"),
+        (lambda: fast.load_past(tuple(torch.zeros(1, 4, 3, 32) for _ in range(8))), "expected [2, 4, P, 32]"),
+        (lambda: FastDecoder(build_torch_model(loaded), loaded.spec, batch=0, max_context=8), "batch must be a positive"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeInputError) as raised:
+            call()
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+    fast.prefill(ids)
+    for bad, message in ((torch.zeros(2, 2, dtype=torch.long), "expected 1 token(s) per row, got 2"),
+                         (torch.full((2, 1), vocab), "outside the vocabulary")):
+        with pytest.raises(RuntimeInputError, match=re.escape(message)):
+            fast.decode(bad)
+    long = torch.zeros(2, 253, dtype=torch.long)  # a long prompt keeps the boundary cases to a few decode steps
+    assert fast.generate(long, None, new_tokens=4).shape == (2, 4)  # exactly the 256 slots: fine
+    with pytest.raises(RuntimeInputError, match=re.escape("253 prompt + 5 new tokens need 257 cache slots")):
+        fast.generate(long, None, new_tokens=5)
 
 
 def test_the_cache_holds_whole_attention_windows(demo_ce):

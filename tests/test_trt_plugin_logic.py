@@ -28,19 +28,36 @@ CASES = [
     "shape_arithmetic", "fields_roundtrip", "creator_field_names", "shape_rules", "type_rules",
     "format_combinations", "select_arch", "manifest_fixture_ce", "workspace_monotone", "manifest_fixture_sparsemixer",
     "manifest_fixture_scaled", "plan_errors", "plan_zero_tokens", "synthetic_manifest", "several_sets",
-    "resolve_pointers", "no_allocation_in_plan", "aot_contract",
+    "resolve_pointers", "no_allocation_in_plan", "fuzz_fields", "fuzz_shapes", "example_request_checks", "aot_contract",
 ]
 JOBS = str(max(os.cpu_count() or 1, 1))
+SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+# fixtureLibrary() leaks on purpose; LeakSanitizer also fails under ptrace-restricted containers.
+SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
 
 
 def run(command: list, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout, **kwargs)
+    env = {**kwargs.pop("env", os.environ), **SANITIZER_ENV}
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
     assert result.returncode == 0, f"{' '.join(map(str, command))}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
 
+def sanitizers_work(cxx: str, folder: Path) -> bool:
+    """Whether this compiler builds and runs AddressSanitizer + UBSan programs here."""
+    source = folder / "probe.cpp"
+    source.write_text("int main() { return 0; }\n")
+    try:
+        built = subprocess.run([cxx, *SANITIZERS, source, "-o", folder / "probe"], capture_output=True, timeout=120)
+        return built.returncode == 0 and subprocess.run([folder / "probe"], env={**os.environ, **SANITIZER_ENV},
+                                                        capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def build_with_gxx(out: Path, aot_dirs: list[Path]) -> Path:
-    """The logic tests compiled with g++ directly, with `aot_dirs`' kernel sets embedded."""
+    """The logic tests compiled with g++ directly, with `aot_dirs`' kernel sets embedded; with
+    AddressSanitizer and UBSan where the compiler has them."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("neither cmake nor a C++ compiler (g++) is installed")
@@ -48,21 +65,25 @@ def build_with_gxx(out: Path, aot_dirs: list[Path]) -> Path:
     embedded = out / "test_kernel_sets.cpp"
     run([sys.executable, TRT_DIR / "tools" / "embed_kernels.py", "--out", embedded, *aot_dirs])
     exe = out / "ce_moe_logic_tests"
-    run([cxx, "-std=c++17", "-O0", "-Wall", "-Wextra", "-Werror", "-I", TRT_DIR / "src",
-         *[TRT_DIR / s for s in LOGIC_SOURCES], embedded, "-o", exe], timeout=600)
+    sanitizers = SANITIZERS if sanitizers_work(cxx, out) else []
+    run([cxx, "-std=c++17", "-O0", "-Wall", "-Wextra", "-Werror", *sanitizers, "-I", TRT_DIR / "src",
+         "-I", TRT_DIR / "examples", *[TRT_DIR / s for s in LOGIC_SOURCES], embedded, "-o", exe], timeout=600)
     return exe
 
 
 @pytest.fixture(scope="module")
 def logic_tests(tmp_path_factory) -> tuple[Path, Path | None]:
-    """(the test executable, its CMake build folder or None when built with g++ directly)."""
+    """(the test executable, its CMake build folder or None when built with g++ directly). Built with
+    AddressSanitizer and UBSan where the compiler has them, so that the fuzz cases catch memory errors."""
     build = tmp_path_factory.mktemp("trt_logic")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    sanitize = cxx is not None and sanitizers_work(cxx, build)
     cmake = shutil.which("cmake")
     if cmake:
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         # Debug (-O0) compiles fastest; check_compile.sh builds the same code with -O3 and -Werror.
         run([cmake, "-S", TRT_DIR, "-B", build, *generator, "-DCE_TRT_LOGIC_ONLY=ON", "-DCMAKE_BUILD_TYPE=Debug",
-             f"-DPython3_EXECUTABLE={sys.executable}"])
+             f"-DPython3_EXECUTABLE={sys.executable}", f"-DCE_TRT_SANITIZE={'ON' if sanitize else 'OFF'}"])
         run([cmake, "--build", build, "-j", JOBS], timeout=600)
         return build / "ce_moe_logic_tests", build
     return build_with_gxx(build, []), None
@@ -87,7 +108,8 @@ def test_logic_tests_are_registered_with_ctest(logic_tests):
 def test_a_failing_check_fails_the_executable(logic_tests):
     """The harness is not vacuous: without the fixtures, the fixture cases fail and the exit code says so."""
     exe, _ = logic_tests
-    result = subprocess.run([exe, "--no-fixtures", "manifest_fixture_ce"], capture_output=True, text=True)
+    result = subprocess.run([exe, "--no-fixtures", "manifest_fixture_ce"], capture_output=True, text=True,
+                            env={**os.environ, **SANITIZER_ENV})
     assert result.returncode == 1
     assert "[FAIL] manifest_fixture_ce" in result.stdout
 

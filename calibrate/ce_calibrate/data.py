@@ -17,12 +17,13 @@ The last `eval_fraction` of the sequences (at least one) is held out for perplex
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ce_export.errors import LoadError
+from ce_export.errors import LoadError, one_line
 from ce_export.task import TASK_FILE, read_task
 
 BUILTIN = "builtin"
@@ -63,14 +64,7 @@ def read_documents(path: Path) -> list[str] | list[list[int]]:
         raise LoadError(f"{path}: calibration data file does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        import numpy as np
-
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise LoadError(f"{path}: not a readable .npy array ({error})") from None
-        if array.dtype.kind not in "iu" or array.ndim not in (1, 2):
-            raise LoadError(f"{path}: expected a 1-D or 2-D integer array of token ids, got {array.dtype} {array.shape}")
+        array = read_token_array(path)
         return [row.tolist() for row in (array[None] if array.ndim == 1 else array)]
     try:
         content = path.read_text(encoding="utf-8")
@@ -85,6 +79,8 @@ def read_documents(path: Path) -> list[str] | list[list[int]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise LoadError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise LoadError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise LoadError(f"{path}:{number}: expected an object with a string field \"text\"")
             texts.append(record["text"])
@@ -94,11 +90,44 @@ def read_documents(path: Path) -> list[str] | list[list[int]]:
             data = json.loads(content)
         except json.JSONDecodeError as error:
             raise LoadError(f"{path}: not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise LoadError(f"{path}: not valid JSON (nested too deeply)") from None
         if not (isinstance(data, list) and data and all(isinstance(row, list) for row in data)
                 and all(isinstance(t, int) and not isinstance(t, bool) for row in data for t in row)):
             raise LoadError(f"{path}: expected a JSON list of lists of token ids")
         return data
     return [content]
+
+
+def read_token_array(path: Path):
+    """A .npy file of token ids, without pickle: its header (dtype, shape) is checked against the
+    file's size before any data is read, so a header cannot make the reader allocate or loop over
+    more than the file holds."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    expected = "a 1-D or 2-D integer array of token ids"
+    try:
+        with open(path, "rb") as handle:
+            version = npy.read_magic(handle)
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            data_bytes = path.stat().st_size - handle.tell()
+    except OSError as error:
+        raise LoadError(f"{path}: cannot read it ({error.strerror or error})") from None
+    except Exception as error:  # numpy's header parser raises several types (ValueError, SyntaxError, TokenError...)
+        raise LoadError(f"{path}: not a readable .npy array ({type(error).__name__}: {one_line(str(error), 200)})") from None
+    if dtype.kind not in "iu" or len(shape) not in (1, 2):
+        raise LoadError(f"{path}: expected {expected}, got {dtype} {shape}")
+    if math.prod(shape) == 0:
+        raise LoadError(f"{path}: holds no token ids (shape {shape})")
+    if math.prod(shape) * dtype.itemsize != data_bytes:
+        raise LoadError(f"{path}: its header describes {shape} {dtype} ({math.prod(shape) * dtype.itemsize} bytes), "
+                        f"the file holds {data_bytes} bytes of data")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise LoadError(f"{path}: not a readable .npy array ({one_line(str(error), 200)})") from None
 
 
 def load_tokenizer(model_folder: Path):
@@ -108,10 +137,12 @@ def load_tokenizer(model_folder: Path):
     from transformers import AutoTokenizer, PretrainedConfig
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True)
+        # Never the checkpoint folder's own Python (auto_map): a tokenizer that needs it is refused.
+        return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True, trust_remote_code=False)
     except Exception as error:  # tokenizers raise many types for broken files
         try:  # a trimmed checkpoint's config.json (per-layer num_experts) is one transformers rejects
-            return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True, config=PretrainedConfig())
+            return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True, trust_remote_code=False,
+                                                 config=PretrainedConfig())
         except Exception:
             raise LoadError(f"{model_folder}: has tokenizer files but they cannot be loaded "
                             f"({type(error).__name__}: {error})") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ce_export.artifacts import staged_folder
+from ce_export.artifacts import staged_folder, writing
 
 DEMO_NAME = "demo"
 DEMO_SEED = 1234  # random weights (demo_tensors)
@@ -147,7 +147,9 @@ def write_demo_checkpoint(out: str | Path, compressed: bool = True, force: bool 
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"do_sample": False, "eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        save_file(trained_tensors(compressed, weights), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        tensors = trained_tensors(compressed, weights)
+        with writing(staging / "model.safetensors", sum(t.nbytes for t in tensors.values())):
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         language.write_tokenizer(staging)
         write_task(staging, demo_task())
     return Path(out)

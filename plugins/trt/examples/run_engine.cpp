@@ -15,6 +15,8 @@
 // head_dim]; outputs logits [B, S, vocab], present.{i}.key|value [B, heads, past + S, head_dim].
 // Two optimization profiles are expected: 0 for prefill (S >= 1, past 0) and 1 for decode (S = 1,
 // past >= 0); with a single profile both phases use it. Batch 1.
+#include "request_checks.h"
+
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
 
@@ -188,7 +190,12 @@ bool parseArgs(int argc, char** argv, Options& o)
         }
         else if (a == "--steps" && next(value))
         {
-            o.steps = std::stoi(value);
+            int64_t steps = 0;
+            if (!ce_example::parseInteger(value, steps) || steps < 0 || steps > 1000000)
+            {
+                return false;
+            }
+            o.steps = static_cast<int>(steps);
         }
         else if (a == "--prompt" && next(value))
         {
@@ -197,7 +204,12 @@ bool parseArgs(int argc, char** argv, Options& o)
             std::string item;
             while (std::getline(ss, item, ','))
             {
-                o.prompt.push_back(std::stoll(item));
+                int64_t token = 0;
+                if (!ce_example::parseInteger(item, token) || token < 0)
+                {
+                    return false;
+                }
+                o.prompt.push_back(token);
             }
         }
         else
@@ -237,24 +249,35 @@ struct Layer
     std::string presentValue;
 };
 
+//! Exit codes: 2 for what the user asked (arguments, inputs beyond the engine's profiles), 1 for
+//! an engine or CUDA failure. One line on stderr either way.
+int fail(int code, std::string const& message)
+{
+    std::cerr << "ce_run_engine: error: " << message << "\n";
+    return code;
+}
+
+//! The range profile `profile` of `engine` allows for one axis of input `name`.
+ce_example::AxisRange profileRange(nvinfer1::ICudaEngine const& engine, int32_t profile, char const* name, int32_t axis)
+{
+    Dims const lo = engine.getProfileShape(name, profile, nvinfer1::OptProfileSelector::kMIN);
+    Dims const hi = engine.getProfileShape(name, profile, nvinfer1::OptProfileSelector::kMAX);
+    if (axis >= lo.nbDims || axis >= hi.nbDims)
+    {
+        return {};
+    }
+    return {lo.d[axis], hi.d[axis]};
+}
+
 } // namespace
 
 int main(int argc, char** argv)
 {
     Options opt;
-    try
+    if (!parseArgs(argc, argv, opt))
     {
-        if (!parseArgs(argc, argv, opt))
-        {
-            std::cerr << "usage: ce_run_engine --engine model.plan --plugin libce_export_trt.so [--dynamic] "
-                         "[--prompt 1,2,3] [--steps N] [--host-code]\n";
-            return 2;
-        }
-    }
-    catch (std::exception const&)
-    {
-        std::cerr << "bad --steps / --prompt value\n";
-        return 2;
+        return fail(2, "usage: ce_run_engine --engine model.plan --plugin libce_export_trt.so [--dynamic] "
+                       "[--prompt 1,2,3 (token ids >= 0)] [--steps N (0..1000000)] [--host-code]");
     }
     Logger logger;
     std::unique_ptr<nvinfer1::IRuntime> runtime{nvinfer1::createInferRuntime(logger)};
@@ -299,8 +322,15 @@ int main(int argc, char** argv)
         return 1;
     }
 
-    // I/O: find the KV-cache tensors by name.
-    std::map<std::string, Layer> layers;
+    // I/O: the names ce_export's ONNX uses (manifest.json "onnx"), then the KV-cache tensors by name.
+    for (char const* name : {"input_ids", "attention_mask", "position_ids", "logits"})
+    {
+        if (engine->getTensorIOMode(name) == nvinfer1::TensorIOMode::kNONE)
+        {
+            return fail(1, std::string(opt.engine) + " has no tensor '" + name + "' (not a ce_export decoder engine?)");
+        }
+    }
+    std::map<int64_t, Layer> layers;
     for (int32_t i = 0; i < engine->getNbIOTensors(); ++i)
     {
         std::string const name = engine->getIOTensorName(i);
@@ -312,18 +342,33 @@ int main(int argc, char** argv)
             }
             std::string const rest = name.substr(std::strlen(prefix));
             size_t const dot = rest.find('.');
-            std::string const index = rest.substr(0, dot);
-            std::string const kind = rest.substr(dot + 1);
+            int64_t index = -1;
+            std::string const kind = dot == std::string::npos ? "" : rest.substr(dot + 1);
+            if (dot == std::string::npos || !ce_example::parseInteger(rest.substr(0, dot), index) || index < 0
+                || (kind != "key" && kind != "value"))
+            {
+                return fail(1, opt.engine + ": unexpected KV-cache tensor '" + name + "'");
+            }
             Layer& layer = layers[index];
             bool const past = std::strcmp(prefix, "past_key_values.") == 0;
             (kind == "key" ? (past ? layer.pastKey : layer.presentKey) : (past ? layer.pastValue : layer.presentValue)) = name;
         }
     }
     int32_t const numLayers = static_cast<int32_t>(layers.size());
-    std::vector<Layer> ordered(numLayers);
+    std::vector<Layer> ordered;
     for (auto const& [index, layer] : layers)
     {
-        ordered.at(std::stoul(index)) = layer;
+        if (index != static_cast<int64_t>(ordered.size()) || layer.pastKey.empty() || layer.pastValue.empty()
+            || layer.presentKey.empty() || layer.presentValue.empty())
+        {
+            return fail(1, opt.engine + ": KV-cache tensors of layer " + std::to_string(index)
+                    + " missing or out of order (expected past_key_values.i.key|value and present.i.key|value, i = 0..)");
+        }
+        ordered.push_back(layer);
+    }
+    if (numLayers == 0)
+    {
+        return fail(1, opt.engine + ": no past_key_values.* inputs (not a ce_export decoder engine?)");
     }
     int32_t const profiles = engine->getNbOptimizationProfiles();
     int32_t const decodeProfile = profiles > 1 ? 1 : 0;
@@ -340,14 +385,26 @@ int main(int argc, char** argv)
     int64_t const heads = keyShape.d[1];
     int64_t const keyDim = keyShape.d[3];
     int64_t const valueDim = valueShape.d[3];
-    Dims const maxPast = engine->getProfileShape(ordered.at(0).pastKey.c_str(), decodeProfile, nvinfer1::OptProfileSelector::kMAX);
-    int64_t const promptLen = static_cast<int64_t>(opt.prompt.size());
-    int64_t const maxTotal = std::max<int64_t>(maxPast.d[2] + 1, promptLen);
-    if (promptLen + opt.steps > maxTotal)
+    if (vocab <= 0 || heads <= 0 || keyDim <= 0 || valueDim <= 0)
     {
-        std::cerr << "prompt + steps = " << promptLen + opt.steps << " exceeds the engine's context (" << maxTotal << ")\n";
-        return 1;
+        return fail(1, opt.engine + ": logits / KV-cache tensors without static vocab, head count or head sizes");
     }
+    int64_t const promptLen = static_cast<int64_t>(opt.prompt.size());
+    for (int64_t token : opt.prompt)
+    {
+        if (token >= vocab)
+        {
+            return fail(2, "--prompt token " + std::to_string(token) + " is outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
+        }
+    }
+    auto const range = [&](int32_t profile, char const* name, int32_t axis) { return profileRange(*engine, profile, name, axis); };
+    std::string const outside
+        = ce_example::checkProfiles(range, ordered.at(0).pastKey.c_str(), decodeProfile, promptLen, opt.steps);
+    if (!outside.empty())
+    {
+        return fail(2, outside);
+    }
+    int64_t const maxTotal = promptLen + opt.steps; // slots the KV cache needs (checked against the profiles above)
     std::cout << "engine: " << numLayers << " layers, " << heads << " KV heads x " << keyDim << "/" << valueDim << ", vocab " << vocab
               << ", " << profiles << " profile(s), max context " << maxTotal << "\n";
 

@@ -111,7 +111,7 @@ bool setError(std::string* error, std::string message)
 std::string dimsText(Shape const& s)
 {
     std::string out = "[";
-    for (int32_t i = 0; i < s.rank; ++i)
+    for (int32_t i = 0; i < std::min(s.rank, kMaxRank); ++i)
     {
         out += (i ? ", " : "") + (s.d[i] < 0 ? std::string("?") : std::to_string(s.d[i]));
     }
@@ -286,6 +286,10 @@ bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& ou
                 attrs.normTopkProb = static_cast<int32_t>(value);
             }
         }
+        else if (name == kFieldJitterEps && attrs.routing == Routing::kSoftmaxTopK)
+        {
+            continue; // not an attribute of the softmax ops (nor serialized for them): ignored like unknown fields
+        }
         else if (name == kFieldRoutingScale || name == kFieldJitterEps)
         {
             float x = 0.0f;
@@ -381,6 +385,17 @@ bool checkShapes(Variant v, Shape const* in, int32_t nbInputs, LayerDims& dims, 
     {
         return setError(error,
             op + " takes " + std::to_string(numInputs(v)) + " inputs, got " + std::to_string(nbInputs));
+    }
+    for (int32_t i = 0; i < nbInputs; ++i)
+    {
+        for (int32_t d = 0; d < std::min(in[i].rank, kMaxRank); ++d)
+        {
+            if (in[i].d[d] < -1)
+            {
+                return setError(error, op + ": input " + std::to_string(i) + " " + dimsText(in[i])
+                        + " has a negative dimension (-1 is the only unknown extent)");
+            }
+        }
     }
     Shape const& hidden = in[kHidden];
     Shape const& logits = in[kRouterLogits];

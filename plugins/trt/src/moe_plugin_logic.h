@@ -139,9 +139,9 @@ constexpr char kFieldMaxTokens[] = "max_tokens";
 std::vector<FieldView> creatorFieldNames(Variant v);
 
 //! Reads attributes: integers as INT32 (what the ONNX parser gives for INT attributes) or INT64,
-//! floats as FLOAT32 (or FLOAT64), length 1. Unknown fields are ignored. Defaults: n_ce 0,
-//! norm_topk_prob 0, routing_scale 1, jitter_eps 0; top_k is required for the softmax ops and is 2
-//! for the SparseMixer ops. On failure returns false with a message.
+//! floats as FLOAT32 (or FLOAT64), length 1. Unknown fields, and jitter_eps on the softmax ops, are
+//! ignored. Defaults: n_ce 0, norm_topk_prob 0, routing_scale 1, jitter_eps 0; top_k is required for
+//! the softmax ops and is 2 for the SparseMixer ops. On failure returns false with a message.
 bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& out, std::string* error);
 
 //! Checks the attributes against the op type: top_k >= 1, n_ce in 1..top_k-1 for the compressed

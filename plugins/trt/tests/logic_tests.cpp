@@ -10,13 +10,17 @@
 
 #include "embedded_kernels.h"
 #include "moe_plugin_logic.h"
+#include "request_checks.h"
 
+#include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -993,6 +997,267 @@ TEST_CASE(no_allocation_in_plan)
     long const after = allocationCount();
     CHECK(ok);
     CHECK_EQ(after - before, 0L);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fuzzing: what TensorRT or a manifest hands the plugin, random and out of range. Each case draws
+// from a fixed seed (CE_TRT_FUZZ_SEED overrides it), so a failure reproduces; CE_TRT_FUZZ_SCALE
+// multiplies the iterations. Built with CE_TRT_SANITIZE=ON (what the Python test does when the
+// compiler can), AddressSanitizer and UBSan also catch any out-of-bounds read or undefined
+// arithmetic on the way, not only crashes.
+
+uint64_t fuzzSeed()
+{
+    char const* text = std::getenv("CE_TRT_FUZZ_SEED");
+    return text != nullptr ? std::strtoull(text, nullptr, 10) : 20261205u;
+}
+
+int64_t fuzzIterations(int64_t base)
+{
+    char const* text = std::getenv("CE_TRT_FUZZ_SCALE");
+    double const scale = text != nullptr ? std::atof(text) : 1.0;
+    return std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(base) * scale));
+}
+
+class Fuzz
+{
+public:
+    explicit Fuzz(uint64_t salt)
+        : mRng(fuzzSeed() ^ (salt * 0x9E3779B97F4A7C15ull))
+    {
+    }
+
+    uint64_t bits() { return mRng(); }
+    int64_t range(int64_t lo, int64_t hi) { return lo + static_cast<int64_t>(mRng() % static_cast<uint64_t>(hi - lo + 1)); }
+    bool chance(int percent) { return range(0, 99) < percent; }
+    template <typename T>
+    T const& pick(std::vector<T> const& values) { return values[static_cast<size_t>(range(0, static_cast<int64_t>(values.size()) - 1))]; }
+
+    //! Small, boundary and enormous integers, negative ones included.
+    int64_t extent()
+    {
+        static std::vector<int64_t> const special = {-1, 0, 1, 2, 15, 16, 17, 32, 64, 128, 1000, 2048, 4096, 65535, 65536,
+            INT32_MAX, int64_t{INT32_MAX} + 1, int64_t{1} << 40, int64_t{1} << 62, INT64_MAX, INT64_MIN, -16};
+        return chance(50) ? pick(special) : (chance(50) ? range(-4, 300) * (chance(50) ? 16 : 1) : static_cast<int64_t>(bits()));
+    }
+
+    std::string bytes(size_t maxLength)
+    {
+        std::string out(static_cast<size_t>(range(0, static_cast<int64_t>(maxLength))), '\0');
+        for (char& c : out)
+        {
+            c = static_cast<char>(bits() & 0xFF);
+        }
+        return out;
+    }
+
+private:
+    std::mt19937_64 mRng;
+};
+
+size_t fieldTypeSize(FieldType t)
+{
+    switch (t)
+    {
+    case FieldType::kINT32: return 4;
+    case FieldType::kINT64: return 8;
+    case FieldType::kFLOAT32: return 4;
+    case FieldType::kFLOAT64: return 8;
+    default: return 1;
+    }
+}
+
+TEST_CASE(fuzz_fields)
+{
+    // createPlugin's input: TensorRT's PluginFieldCollection, from an ONNX node's attributes or a
+    // deserialized engine. Names, types (also outside the enum), lengths and bytes are random; each
+    // value buffer holds exactly length x element size bytes, as TensorRT's contract has it, so a
+    // read past it is an ASan error.
+    Fuzz fuzz(1);
+    std::vector<char const*> const names = {"top_k", "n_ce", "norm_topk_prob", "routing_scale", "jitter_eps", "max_tokens",
+        "plugin_namespace", "plugin_version", "", "top_k_", "TOP_K", nullptr};
+    int64_t accepted = 0;
+    int64_t const iterations = fuzzIterations(100000);
+    for (int64_t i = 0; i < iterations; ++i)
+    {
+        Variant const v = kAllVariants[fuzz.range(0, kNumVariants - 1)];
+        int32_t const count = static_cast<int32_t>(fuzz.range(0, 8));
+        std::vector<FieldView> fields(static_cast<size_t>(count));
+        std::vector<std::vector<unsigned char>> storage(static_cast<size_t>(count));
+        for (int32_t f = 0; f < count; ++f)
+        {
+            FieldView& field = fields[static_cast<size_t>(f)];
+            field.name = fuzz.pick(names);
+            field.type = static_cast<FieldType>(fuzz.chance(90) ? fuzz.range(0, 4) : fuzz.range(-3, 40));
+            field.length = static_cast<int32_t>(fuzz.chance(80) ? 1 : fuzz.range(-2, 4));
+            if (field.length > 0 && fuzz.chance(95))
+            {
+                auto& bytes = storage[static_cast<size_t>(f)];
+                bytes.resize(static_cast<size_t>(field.length) * fieldTypeSize(field.type));
+                if (fuzz.chance(50))
+                {
+                    for (auto& b : bytes)
+                    {
+                        b = static_cast<unsigned char>(fuzz.bits());
+                    }
+                }
+                else // a plausible value of the field's type
+                {
+                    int64_t const value = fuzz.chance(70) ? fuzz.range(-2, 10) : fuzz.extent();
+                    if (field.type == FieldType::kINT32)
+                    {
+                        int32_t const narrow = static_cast<int32_t>(value);
+                        std::memcpy(bytes.data(), &narrow, 4);
+                    }
+                    else if (field.type == FieldType::kINT64)
+                    {
+                        std::memcpy(bytes.data(), &value, 8);
+                    }
+                    else if (field.type == FieldType::kFLOAT32)
+                    {
+                        float const x = static_cast<float>(value) / 100.0f;
+                        std::memcpy(bytes.data(), &x, 4);
+                    }
+                }
+                field.data = bytes.data();
+            }
+        }
+        MoeAttrs attrs;
+        std::string error;
+        if (!parseFields(v, fields.data(), count, attrs, &error))
+        {
+            CHECK(!error.empty());
+            continue;
+        }
+        ++accepted;
+        // Whatever was accepted is valid, and survives the serialization round trip unchanged.
+        CHECK(validateAttrs(v, attrs, &error));
+        SerializedFields serialized;
+        serialized.fill(v, attrs);
+        MoeAttrs again;
+        CHECK(parseFields(v, serialized.fields(), serialized.count(), again, &error));
+        CHECK(again == attrs);
+    }
+    std::cout << "  fuzz_fields: " << iterations << " field sets, " << accepted << " accepted\n";
+    CHECK(accepted > 0);
+}
+
+TEST_CASE(fuzz_shapes)
+{
+    // getOutputShapes / configurePlugin / supportsFormatCombination inputs: ranks and extents of
+    // every kind, unknown (-1) ones included.
+    Fuzz fuzz(4);
+    int64_t accepted = 0;
+    int64_t const iterations = fuzzIterations(100000);
+    for (int64_t i = 0; i < iterations; ++i)
+    {
+        Variant const v = kAllVariants[fuzz.range(0, kNumVariants - 1)];
+        int32_t const nbInputs = static_cast<int32_t>(fuzz.chance(90) ? numInputs(v) : fuzz.range(0, 5));
+        std::array<Shape, 5> shapes{};
+        LayerDims consistent{fuzz.range(0, 64), fuzz.range(1, 8) * 16, fuzz.range(1, 8) * 16, fuzz.range(1, 16), 0};
+        consistent.C = std::max(consistent.H, consistent.I);
+        for (int32_t s = 0; s < 5; ++s)
+        {
+            Shape& shape = shapes[static_cast<size_t>(s)];
+            if (fuzz.chance(60)) // a consistent layer, then maybe one extent replaced
+            {
+                switch (s)
+                {
+                case kHidden: shape = Shape::of({consistent.T, consistent.H}); break;
+                case kRouterLogits: shape = Shape::of({consistent.T, consistent.E}); break;
+                case kGateUp: shape = Shape::of({consistent.E, 2 * consistent.I, consistent.H}); break;
+                case kDown: shape = Shape::of({consistent.E, consistent.H, consistent.I}); break;
+                default: shape = Shape::of({consistent.E, 3, consistent.C}); break;
+                }
+                if (fuzz.chance(30))
+                {
+                    shape.d[static_cast<size_t>(fuzz.range(0, shape.rank - 1))] = fuzz.chance(30) ? -1 : fuzz.extent();
+                }
+            }
+            else
+            {
+                shape.rank = static_cast<int32_t>(fuzz.chance(90) ? fuzz.range(0, kMaxRank) : fuzz.range(-3, kMaxRank + 3));
+                for (int32_t d = 0; d < kMaxRank; ++d)
+                {
+                    shape.d[static_cast<size_t>(d)] = fuzz.chance(20) ? -1 : fuzz.extent();
+                }
+            }
+        }
+        LayerDims dims;
+        std::string error;
+        if (!checkShapes(v, shapes.data(), nbInputs, dims, &error))
+        {
+            CHECK(!error.empty());
+            continue;
+        }
+        ++accepted;
+        // What is accepted is usable: known extents positive (T may be 0), multiples of 16 where the
+        // kernels assume it, ces wide enough.
+        CHECK(dims.T >= -1 && dims.H != 0 && dims.I != 0 && dims.E != 0);
+        for (int64_t extent : {dims.H, dims.I})
+        {
+            CHECK(extent == -1 || (extent > 0 && extent % 16 == 0));
+        }
+        if (isCompressed(v) && dims.C >= 0)
+        {
+            CHECK(dims.C % 16 == 0 && (dims.H < 0 || dims.C >= dims.H) && (dims.I < 0 || dims.C >= dims.I));
+        }
+    }
+    std::cout << "  fuzz_shapes: " << iterations << " shape sets, " << accepted << " accepted\n";
+    CHECK(accepted > 0);
+}
+
+TEST_CASE(example_request_checks)
+{
+    // examples/run_engine.cpp's checks of a request against the engine's profiles, here with the
+    // profiles ce_export builds for --max-batch 4 --max-seq 64 --max-context 128.
+    using ce_example::AxisRange;
+    auto const range = [](int32_t profile, char const* name, int32_t axis) -> AxisRange {
+        std::string const tensor = name;
+        if (axis == 0)
+        {
+            return {1, 4};
+        }
+        if (tensor == "input_ids")
+        {
+            return profile == 0 ? AxisRange{1, 64} : AxisRange{1, 1};
+        }
+        if (tensor == "attention_mask")
+        {
+            return profile == 0 ? AxisRange{1, 64} : AxisRange{1, 129};
+        }
+        return profile == 0 ? AxisRange{0, 0} : AxisRange{0, 128}; // the past
+    };
+    char const* past = "past_key_values.0.key";
+    CHECK_EQ(ce_example::checkProfiles(range, past, 1, 4, 16), std::string());
+    CHECK_EQ(ce_example::checkProfiles(range, past, 1, 64, 65), std::string()); // the last step's past is 128
+    CHECK_EQ(ce_example::checkProfiles(range, past, 1, 64, 0), std::string());
+    CHECK_EQ(ce_example::checkProfiles(range, past, 1, 65, 0),
+        std::string("prompt length 65 is outside the engine's profile 0 (input_ids axis 1: 1..64); "
+                    "rebuild with a larger --max-seq, or shorten --prompt"));
+    CHECK_CONTAINS(ce_example::checkProfiles(range, past, 1, 64, 66),
+        "decode past (prompt + steps - 1) 64..129 is outside the engine's profile 1 (past_key_values.0.key axis 2: 0..128)");
+    // A single profile for both phases (decodeProfile 0) cannot decode here: its past is 0..0.
+    CHECK_CONTAINS(ce_example::checkProfiles(range, past, 0, 4, 1), "decode past (prompt + steps - 1) 4 is outside the engine's profile 0");
+    CHECK_CONTAINS(ce_example::checkProfiles([](int32_t, char const*, int32_t) { return AxisRange{}; }, past, 1, 1, 1),
+        "batch 1 is outside the engine's profile 0 (input_ids axis 0: -1..-1)");
+    Fuzz fuzz(6);
+    for (int i = 0; i < 2000; ++i) // arbitrary profiles and requests: a message or "", never more
+    {
+        int64_t const lo = fuzz.extent();
+        int64_t const hi = fuzz.extent();
+        std::string const message = ce_example::checkProfiles(
+            [&](int32_t, char const*, int32_t) { return AxisRange{lo, hi}; }, past, 1, fuzz.range(1, 300), fuzz.range(0, 300));
+        CHECK(message.find('\n') == std::string::npos);
+    }
+
+    int64_t value = 0;
+    CHECK(ce_example::parseInteger("12", value) && value == 12);
+    CHECK(ce_example::parseInteger("-3", value) && value == -3);
+    for (char const* bad : {"", "12abc", "1,2", " ", "0x10", "99999999999999999999", "1e3"})
+    {
+        CHECK(!ce_example::parseInteger(bad, value));
+    }
 }
 
 // The kernel sets linked in as the plugin embeds them (embedded_kernels.cpp, from `python -m
