@@ -44,6 +44,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ce_export import bench as bench_stage
+from ce_export import families
 from ce_export import export as export_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import write_json
@@ -172,8 +173,9 @@ def export_stand_in(build: Path):
     return stand_in
 
 
-def run_once_then_accept(reference, runtime, spec, output_names, dtype, *args, **kwargs):
-    """check_logits' stand-in: ONNX Runtime runs the file once (batch 1, 2 new tokens, past 1)."""
+def run_once_then_accept(runtime, spec, dtype, *args, **kwargs):
+    """record_logits' stand-in (verify's first use of the ONNX Runtime session): ONNX Runtime runs
+    the file once (batch 1, 2 new tokens, past 1)."""
     inputs = verify_stage.random_inputs(verify_stage.ParityCase(1, 2, 1), spec, dtype, torch.Generator().manual_seed(0))
     runtime(*inputs)
     raise Accepted()
@@ -239,7 +241,7 @@ def config_value(key: str) -> st.SearchStrategy:
     if key in ("rope_scaling", "rope_parameters"):
         strategies.append(ROPE_VALUES)
     if key == "model_type":
-        strategies.append(st.sampled_from(["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "phimoe", "llama"]))
+        strategies.append(st.sampled_from([*sorted(families.ARCHITECTURES), *sorted(families.REFUSED), "llama"]))
     if key == "hidden_act":
         strategies.append(st.sampled_from(["gelu", "relu", "gelu_new", "tanh", "prelu", "xielu", "linear"]))
     return st.one_of(strategies)
@@ -598,7 +600,7 @@ def test_verify_on_edited_build_folders(tiny_build, tmp_path):
     @fuzz_settings(70)
     @given(st.lists(edits, min_size=1, max_size=2))
     def case(changes):
-        with scratch_folder(tmp_path) as folder, mock.patch.object(verify_stage, "check_logits", run_once_then_accept):
+        with scratch_folder(tmp_path) as folder, mock.patch.object(verify_stage, "record_logits", run_once_then_accept):
             build = folder / "build"
             shutil.copytree(tiny_build, build)
             for target, change in changes:
