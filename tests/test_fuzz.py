@@ -58,6 +58,7 @@ CASE_LIMIT_S = 30  # a hard limit per case: more is a hang
 MINIMUM_CASES = {  # per fuzz test: how many generated cases must have run (each counted by Outcomes)
     "config_values": 200,
     "config_file_structure": 30,
+    "family_config_values": 120,
     "safetensors_headers": 150,
     "sharded_index": 40,
     "calibration_data_files": 100,
@@ -287,6 +288,47 @@ def test_config_values(tiny, tiny_build, tmp_path):
 
     case()
     outcomes.summary(MINIMUM_CASES["config_values"])
+
+
+FAMILY_CASES = 8  # per family
+
+
+def test_config_values_of_every_family(tmp_path):
+    """config.json edits on each family's own tiny checkpoint (saved by transformers' class, issue 14's
+    families too): every key of its config.json, or ce_export's CE / trimming keys, set to random JSON,
+    near-valid values, deleted. The build stops after the captured model ran (as --calib cases do)."""
+    from architectures import all_configs, save_tiny
+
+    outcomes = Outcomes("config.json values, every family", export_stood_in=True)
+    for family_name in sorted(all_configs()):
+        checkpoint = save_tiny(family_name, tmp_path / family_name)
+        original = json.loads((checkpoint / "config.json").read_text())
+        keys = sorted(original) + ["use_ce", "n_ce", "layer_experts_idx", "head_dim", "rope_theta"]
+
+        def value(key: str) -> st.SearchStrategy:
+            strategies = [st.just(DELETE), json_values] + ([near(original[key])] if key in original else [])
+            if key in ("rope_scaling", "rope_parameters"):
+                strategies.append(ROPE_VALUES)
+            return st.one_of(strategies + ([st.just(True)] if key == "use_ce" else []))
+
+        @fuzz_settings(FAMILY_CASES)
+        @given(st.lists(st.sampled_from(keys).flatmap(lambda key: st.tuples(st.just(key), value(key))),
+                        min_size=1, max_size=3))
+        def case(edits):
+            config = dict(original)
+            for key, edit in edits:
+                if edit is DELETE:
+                    config.pop(key, None)
+                else:
+                    config[key] = edit
+            with scratch_folder(tmp_path) as folder, mock.patch.object(export_stage, "export_onnx", forward_then_accept):
+                (folder / "ckpt").mkdir()
+                (folder / "ckpt" / "config.json").write_text(json.dumps(config))
+                (folder / "ckpt" / "model.safetensors").symlink_to(checkpoint / "model.safetensors")
+                outcomes.check(["build", str(folder / "ckpt"), "--out", str(folder / "out"), "--no-verify", *TINY_LIMITS])
+
+        case()
+    outcomes.summary(MINIMUM_CASES["family_config_values"])
 
 
 def test_config_file_structure(tiny, tmp_path):
