@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from ce_export import families
-from ce_export.checkpoint_check import SAFETENSORS_INDEX, TensorHeader, check_checkpoint, read_headers, transformers_refusal
+from ce_export.checkpoint_check import TensorHeader, check_checkpoint, read_headers, transformers_refusal
 from ce_export.errors import LoadError
 from ce_export.families import Architecture, MoeBlockLayout
 from ce_export.spec import (

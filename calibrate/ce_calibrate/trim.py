@@ -25,8 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ce_export.artifacts import read_json, staged_folder, write_json
+from ce_export.checkpoint_check import SAFETENSORS_INDEX
 from ce_export.errors import CeExportError, LoadError
-from ce_export.load import ARCHITECTURES, SAFETENSORS_INDEX, load_checkpoint, read_config, read_safetensors
+from ce_export.load import ARCHITECTURES, load_checkpoint, read_config, read_safetensors
 from ce_export.spec import LAYER_DENSE, LAYER_MOE, LAYER_REMOVED
 
 from ce_calibrate.stats import STATS_FORMAT
