@@ -3,7 +3,7 @@ logits or of one of its routers."""
 
 import torch
 
-from ce_export.capture import build_torch_model
+from ce_export.capture import MoeBlock, build_torch_model
 from ce_export.load import load_checkpoint
 from ce_export.verify import generation_prompt, router_margin
 
@@ -15,9 +15,13 @@ def test_router_margin_is_the_closest_selection_boundary_of_the_last_token(demo_
     untied = router_margin(lm, ids, mask)
     assert untied is not None and untied > 1e-3
 
-    block = lm.model.layers[2].mlp
+    block = next(module for module in lm.model.layers[2].modules() if isinstance(module, MoeBlock))
     seen = {}
-    handle = block.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0][0, -1]))
+
+    def record_last_token(module, args):
+        seen.setdefault("x", args[0].reshape(-1, args[0].shape[-1])[-1])
+
+    handle = block.register_forward_pre_hook(record_last_token)
     with torch.no_grad():
         lm(input_ids=ids, attention_mask=mask)
     handle.remove()
