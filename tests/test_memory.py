@@ -141,7 +141,10 @@ def test_verification_runs_onnx_runtime_and_pytorch_one_after_the_other(checkpoi
 
 
 def anon_peak_while(action) -> int:
-    """Peak growth of this process's private memory (RssAnon) while `action` runs."""
+    """Peak growth of this process's private memory (RssAnon) while `action(probe)` runs: a thread
+    samples it every 2 ms, and the action calls probe() where a sample must not be missed (a
+    thread cannot sample while a call holds the GIL, and on a loaded machine it may not be
+    scheduled at all during a short call)."""
     def anon() -> int:
         for line in open("/proc/self/status"):
             if line.startswith("RssAnon:"):
@@ -151,15 +154,18 @@ def anon_peak_while(action) -> int:
     gc.collect()
     start, peak, done = anon(), [0], threading.Event()
 
+    def probe():
+        peak[0] = max(peak[0], anon())
+
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], anon())
+            probe()
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        action()
+        action(probe)
     finally:
         done.set()
         sampler.join()
@@ -182,11 +188,13 @@ inputs = [verify.random_inputs(case, spec, torch.float32, torch.Generator().manu
           for case in (verify.ParityCase(2, 16, 0), verify.ParityCase(2, 1, 16))]
 warm_up_onnx_runtime()
 
-def run():
+def run(probe):
     view = OnnxPrecisionView({str(folder / "model.onnx")!r}, "bf16").model_for_runtime()
     session = verify.OrtDecoder(view, weights_as_stored={weights_as_stored})
+    probe()
     for case in inputs:
         session(*case)
+        probe()
 
 print(anon_peak_while(run))
 """
