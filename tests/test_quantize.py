@@ -15,6 +15,7 @@ from checkpoints import demo_resized
 from ce_export import ort_support, pipeline, verify
 from ce_export.cli import main
 from ce_export.errors import VerifyError
+from ce_export.manifest import recorded_files
 from ce_export.quantize import FORMATS, QUANTIZATIONS, quantize_weight
 
 QUIET = dict(report=lambda line: None)
@@ -219,6 +220,10 @@ def test_fp8_activations_with_user_calibration_data(demo_ce, calib_text, tmp_pat
     dq = next(node for node, _ in q.outputs[0].uses())
     ir.convenience.replace_all_uses_with(dq.outputs[0], q.inputs[0])
     ir.save(broken, out / "model.onnx")
+    # as if the build had written it so (a wrong export, not an edit, which the file record catches first)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["onnx"]["files"] = recorded_files(out, list(manifest["onnx"]["files"]))
+    (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(VerifyError, match="parity FAILED"):
         pipeline.verify(out, **QUIET)
     worst = json.loads((out / "parity.json").read_text())["logits"]["cases"][-1]["outputs"]
