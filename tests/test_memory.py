@@ -222,13 +222,14 @@ def test_bf16_artifact_is_checked_without_an_fp32_copy_of_its_weights(checkpoint
     weights = [v.const_value for v in view.graph.initializers.values() if v.const_value.nbytes > 4096]
     assert weights and all(isinstance(t, ir.ExternalTensor) and t.dtype == ir.DataType.BFLOAT16 for t in weights)
     # The session keeps the artifact's weights memory-mapped (not private memory) and casts each to
-    # fp32 only where an op uses it. By default ONNX Runtime folds those casts into fp32 initializers
-    # and prepacks MatMul weights: private copies at least as large as the weights. (Measured here:
-    # 0.9x and 2.1x the file. The 0.9x is the session's own structures and the function bodies'
-    # temporaries, one layer at a time, which do not grow with the number of layers.)
+    # fp32 only where an op uses it: far less than an fp32 copy of the weights (2x the file). By
+    # default ONNX Runtime folds the casts outside the experts' Scan bodies (attention, embedding,
+    # head) into fp32 initializers and prepacks MatMul weights. (Measured here: 0.33x and 1.06-1.11x
+    # the file; the 0.33x is the session's own structures and the function bodies' temporaries, one
+    # layer at a time, which do not grow with the number of layers.)
     lean = session_memory(folder, checkpoint, weights_as_stored=True)
     default = session_memory(folder, checkpoint, weights_as_stored=False)
-    assert default > lean + 0.75 * stored, (lean / stored, default / stored)
+    assert lean < stored and default > lean + 0.5 * stored, (lean / stored, default / stored)
 
 
 def test_bf16_view_casts_the_routed_experts_one_expert_at_a_time(observed_build):
