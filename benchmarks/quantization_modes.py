@@ -5,8 +5,8 @@
 Builds the demo (`--target portable`) once per mode and dtype and collects each parity.json: the
 logits statistic the dtype is judged by, greedy generation, weight bytes as stored, and the quality
 report: exact match on the demo task's held-out problems in ONNX Runtime, and perplexity on their
-text, beside unquantized PyTorch fp32's. Writes results.json and results.md (the numbers in the
-README's modes table). int4-g128 also runs on the demo with hidden size 256 (random weights, no
+text, beside unquantized PyTorch fp32's. Writes results.json and results.md (docs/quantization.md's
+modes table is generated from results.json by benchmarks/docs_tables.py). int4-g128 also runs on the demo with hidden size 256 (random weights, no
 task: perplexity on the built-in corpus), where rows hold two groups of 128.
 """
 

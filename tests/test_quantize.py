@@ -252,8 +252,9 @@ def test_groups_rows_shorter_than_a_group_form_one_and_other_sizes_are_refused()
         quantize_weight(torch.randn(3, 192), "int4-g128", name="w")
 
 
-def test_readme_documents_every_mode_and_its_thresholds():
-    section = (ROOT / "README.md").read_text().split("### Quantization and quality cost")[1].split("\n### ")[0]
+def test_docs_state_every_mode_against_its_dtypes_threshold():
+    text = (ROOT / "docs" / "quantization.md").read_text()
+    section = text.split("<!-- generated: quantization-modes -->")[1].split("<!-- end generated -->")[0]
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9-]+)` \|.*$", section, flags=re.M)}
     assert set(rows) == set(QUANTIZATIONS)
     for mode in QUANTIZATIONS:
