@@ -175,7 +175,13 @@ def end_to_end_olmoe_2_layers() -> list[str]:
 def moe_layer_cpu() -> list[str]:
     data = _json("moe-layer-cpu-2core/moe_layer_cpu.json")
     tokens = [str(t) for t in data["tokens"]]
-    body = [[row["label"], *(_ms(row["by_tokens"][t]["median_ms"]) for t in tokens)] for row in data["rows"].values()]
+    fastest = {t: min(row["by_tokens"][t]["median_ms"] for row in data["rows"].values()) for t in tokens}
+
+    def cell(row: dict, t: str) -> str:
+        ms = row["by_tokens"][t]["median_ms"]
+        return f"**{_ms(ms)}**" if ms == fastest[t] else _ms(ms)
+
+    body = [[row["label"], *(cell(row, t) for t in tokens)] for row in data["rows"].values()]
     body += [[f"floor, {name}", *(_ms(data["floors"][reference][t]["floor_ms"]) for t in tokens)]
              for reference, name in (("ce", "CE"), ("top8", "top-8"))]
     sparse, fused = data["rows"]["ort_ce_sparse"]["by_tokens"], data["rows"]["ort_top8_ms"]["by_tokens"]
@@ -184,7 +190,8 @@ def moe_layer_cpu() -> list[str]:
     worst = max(cell["rel_err"] for row in data["rows"].values() for cell in row["by_tokens"].values())
     ceilings = data["ceilings"]
     return _table(["implementation", *(f"T={t}" for t in tokens)], body) + [
-        "", f"Largest relative error vs `moe_math.py` in this table: {worst:.1e}. Floor: touched expert bytes at "
+        "", f"Fastest implementation per T in bold. Largest relative error vs `moe_math.py` in this table: "
+            f"{worst:.1e}. Floor: touched expert bytes at "
             f"{ceilings['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s or FLOPs at {ceilings['matmul_flops_per_s'] / 1e9:.0f} "
             f"GFLOP/s, whichever is longer ({ceilings['source']})."]
 
