@@ -172,6 +172,11 @@ def end_to_end_olmoe_2_layers() -> list[str]:
     return _end_to_end(["olmoe-2-layers-cpu-2core/olmoe-2-layers-plain", "olmoe-2-layers-cpu-2core/olmoe-2-layers-ce"])
 
 
+def end_to_end_olmoe_2_layers_last() -> list[str]:
+    return _end_to_end(["olmoe-2-layers-last-cpu-2core/olmoe-2-layers-plain",
+                        "olmoe-2-layers-last-cpu-2core/olmoe-2-layers-ce"])
+
+
 def moe_layer_cpu() -> list[str]:
     data = _json("moe-layer-cpu-2core/moe_layer_cpu.json")
     tokens = [str(t) for t in data["tokens"]]
@@ -212,6 +217,7 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "build-memory": build_memory,
     "end-to-end-demo": end_to_end_demo,
     "end-to-end-olmoe-2-layers": end_to_end_olmoe_2_layers,
+    "end-to-end-olmoe-2-layers-last": end_to_end_olmoe_2_layers_last,
     "moe-layer-cpu": moe_layer_cpu,
     "moe-layer-cpu-decode-forms": moe_layer_cpu_decode_forms,
 }
