@@ -1,7 +1,10 @@
 """Loading checkpoint folders into the per-layer MoE description."""
 
+import pytest
 import torch
 
+from architectures import save_tiny
+from ce_export import load
 from ce_export.load import load_checkpoint
 from ce_export.spec import LAYER_MOE, LAYER_REMOVED
 from checkpoints import demo_variant
@@ -29,6 +32,24 @@ def test_fused_and_sharded_layouts_load_the_same_weights(demo_ce, tmp_path):
             for name in ("router", "gate_up", "down", "ces"):
                 assert torch.equal(getattr(model.moe_weights[layer], name), getattr(weights, name)), (folder, name)
         assert model.dense_tensors.keys() == reference.dense_tensors.keys()
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen2_moe", "deepseek_v3"])
+def test_merged_experts_read_one_part_at_a_time_as_transformers_merges_them(family, demo_ce, tmp_path, monkeypatch):
+    """Per-expert checkpoints: each layer's experts are read into one preallocated tensor
+    (load.stacked_reader) with exactly the values of transformers' own weight converter."""
+    folder = demo_ce if family == "olmoe" else save_tiny(family, tmp_path / family)
+    stacked = []
+    monkeypatch.setattr(load, "stacked_reader", lambda *args, real=load.stacked_reader: stacked.append(real(*args))
+                        or stacked[-1])
+    lean = load_checkpoint(folder)
+    assert any(stacked)  # the experts are merged, and by the lean reader
+    monkeypatch.setattr(load, "stacked_reader", lambda *args: None)  # transformers' converter reads
+    converted = load_checkpoint(folder)
+    for layer, source in lean.moe_weights.sources.items():
+        for name, stored in source.items():
+            expected = dict(converted.moe_weights.sources[layer].items())[name].read()
+            assert torch.equal(stored.read(), expected), (family, layer, name)
 
 
 def test_plain_checkpoint_has_no_compressed_experts(demo_plain):
