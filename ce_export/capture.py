@@ -148,12 +148,14 @@ def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32, *,
     replace each tensor as read (e.g. by the values an artifact stores: rounded, quantized).
     keep_expert_dtype: the routed experts' weights stay in their own dtype when `dtype` holds it
     exactly (bf16 or fp16 in an fp32 model) and are upcast one expert at a time inside the op
-    (moe_math), which computes exactly what an upcast copy of the whole layer would.
+    (moe_math), which computes exactly what an upcast copy of the whole layer would; so does an
+    untied input embedding, whose looked-up rows are upcast (the same values as an upcast table).
     progress: a progress bar over the bytes read (progress.progress_bar).
     """
     from ce_export.progress import progress_bar
 
     lm = _captured_skeleton(model)
+    embedding = lm.get_input_embeddings() if keep_expert_dtype and not lm.config.tie_word_embeddings else None
     slots = list(_parameter_slots(lm, model))
     bar = progress_bar(total=sum(stored.nbytes for *_, stored in slots), unit="B", unit_scale=True,
                        unit_divisor=1024, desc="  reading weights", disable=not progress)
@@ -162,11 +164,14 @@ def build_torch_model(model: LoadedModel, dtype: torch.dtype = torch.float32, *,
         tensor = stored.read()
         if weights is not None:
             tensor = weights(name, module, tensor)
-        if not (keep_expert_dtype and _is_routed_expert(module, attribute) and (tensor.dtype, dtype) in EXACT_UPCASTS):
+        kept = keep_expert_dtype and (_is_routed_expert(module, attribute) or module is embedding)
+        if not (kept and (tensor.dtype, dtype) in EXACT_UPCASTS):
             tensor = tensor.to(parameter_dtype(module, attribute, dtype))
         _assign(module, attribute, tensor)
         del tensor
     bar.close()
+    if embedding is not None and embedding.weight.dtype != dtype:
+        embedding.register_forward_hook(lambda module, args, output: output.to(dtype))
     return _finish(lm, model, dtype)
 
 

@@ -259,3 +259,16 @@ def test_bf16_view_casts_the_routed_experts_one_expert_at_a_time(observed_build)
         assert uses and all(node.op_type == "Cast" for node, _ in uses), weights.name
         assert all(node.graph is not view.graph and value.type.dtype == ir.DataType.BFLOAT16 for node, value in uses), \
             f"{weights.name}: cast outside the Scan body"
+
+
+def test_reference_keeps_the_experts_and_the_embedding_in_the_checkpoint_dtype(checkpoint):
+    """verify's fp32 reference holds the routed experts and the (untied) input embedding as stored,
+    in bf16, and computes exactly what the model with every weight upcast to fp32 computes."""
+    loaded = load_checkpoint(checkpoint)
+    lean = capture.build_torch_model(loaded, torch.float32, keep_expert_dtype=True)
+    upcast = capture.build_torch_model(loaded, torch.float32)
+    assert not lean.config.tie_word_embeddings and lean.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {block.gate_up.dtype for block in lean.modules() if isinstance(block, MoeBlock)} == {torch.bfloat16}
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lean(ids).logits, upcast(ids).logits)
