@@ -47,7 +47,7 @@ from ce_export.artifacts import atomic_file, checkpoint_of, environment_errors, 
 from ce_export.capture import KvCacheDecoder, build_torch_model
 from ce_export.load import load_checkpoint
 from ce_export.manifest import read_manifest
-from ce_export.spec import LAYER_MOE, ModelSpec, MoeLayerSpec
+from ce_export.spec import ModelSpec, MoeLayerSpec
 from ce_export.verify import compare
 
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
@@ -241,7 +241,7 @@ def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device
 
 def stock_transformers_can_run(loaded) -> bool:
     spec = loaded.spec
-    return not spec.use_ce and spec.architecture == "olmoe" and all(layer.kind == "moe" for layer in spec.moe_layers)
+    return not spec.use_ce and spec.architecture == "olmoe" and all(isinstance(layer, MoeLayerSpec) for layer in spec.moe_layers)
 
 
 @dataclass(frozen=True)
@@ -351,7 +351,7 @@ def warm_up_kernels(spec: ModelSpec, token_counts, dtype: torch.dtype, device: t
         return
     started = time.perf_counter()
     counts = sorted(set(token_counts))
-    layers = list(dict.fromkeys(kernel_configuration(layer) for layer in spec.moe_layers if layer.kind == LAYER_MOE))
+    layers = list(dict.fromkeys(kernel_configuration(layer) for layer in spec.moe_layers if isinstance(layer, MoeLayerSpec)))
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0, logits_fp32=False):

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from ce_export import families
 from ce_export import ops  # noqa: F401  (registers torch.ops.ce_export.moe)
-from ce_export.spec import LAYER_DENSE, LAYER_MOE, LoadedModel, ModelSpec, MoeLayerSpec, MoeLayerWeights
+from ce_export.spec import DenseLayerSpec, LoadedModel, ModelSpec, MoeLayerSpec, MoeLayerWeights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -218,10 +218,10 @@ def _captured_skeleton(model: LoadedModel) -> nn.Module:
     layers_path, _ = families.decoder_layers(lm)
     with torch.device("meta"):
         for spec in model.spec.moe_layers:
-            if spec.kind == LAYER_DENSE:
+            if isinstance(spec, DenseLayerSpec):
                 continue
             layout = blocks[spec.layer]
-            if spec.kind == LAYER_MOE:
+            if isinstance(spec, MoeLayerSpec):
                 source = model.moe_weights.sources[spec.layer]
                 meta = MoeLayerWeights(**{name: None for name in MOE_PARAMETERS} | {
                     name: stored.meta() for name, stored in source.items()})

@@ -38,7 +38,7 @@ from ce_export import quantize as quantize_stage
 from ce_export.capture import KvCacheDecoder, empty_past, io_names, parameter_sources
 from ce_export.errors import CeExportError, ExportError
 from ce_export.progress import progress_bar
-from ce_export.spec import LAYER_MOE, LoadedModel
+from ce_export.spec import LoadedModel, MoeLayerSpec
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def export_onnx(
     weights = bind_weights(onnx_model, model, dtype)
     optimize(onnx_model, weights)
     fold_weight_transposes(onnx_model, weights)
-    moe_nodes = name_moe_nodes(onnx_model, [layer.layer for layer in model.spec.moe_layers if layer.kind == LAYER_MOE])
+    moe_nodes = name_moe_nodes(onnx_model, [layer.layer for layer in model.spec.moe_layers if isinstance(layer, MoeLayerSpec)])
     experts_form = experts_form_for(target)
     attach_functions(onnx_model, experts_form)
     if target == "ort":

@@ -38,13 +38,12 @@ from ce_export.checkpoint_check import TensorHeader, check_checkpoint, read_head
 from ce_export.errors import LoadError
 from ce_export.families import Architecture, MoeBlockLayout
 from ce_export.spec import (
-    LAYER_DENSE,
-    LAYER_MOE,
-    LAYER_REMOVED,
+    DenseLayerSpec,
     LoadedModel,
     ModelSpec,
     MoeLayerSpec,
     MoeLayerWeights,
+    RemovedLayerSpec,
 )
 
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -66,7 +65,7 @@ def load_checkpoint(folder: str | Path) -> LoadedModel:
     spec = model_spec_from_config(config, arch, lm, blocks, tensors, folder)
     moe_weights = {}
     for layer in spec.moe_layers:
-        if layer.kind == LAYER_MOE:
+        if isinstance(layer, MoeLayerSpec):
             moe_weights[layer.layer] = take_moe_weights(tensors, blocks[layer.layer], layer, folder)
     dense = take_dense_tensors(tensors, spec, lm, blocks, folder)
     leftover = sorted(name for name in tensors if not IGNORED_TENSORS.match(name))
@@ -436,10 +435,10 @@ def model_spec_from_config(config: dict, arch: Architecture, lm: torch.nn.Module
     for layer, count in enumerate(expert_counts):
         layout = blocks.get(layer)
         if layout is None or count is None:
-            layers.append(MoeLayerSpec(layer=layer, kind=LAYER_DENSE))
+            layers.append(DenseLayerSpec(layer))
             continue
         if count in (-1, 0):
-            layers.append(MoeLayerSpec(layer=layer, kind=LAYER_REMOVED, module=layout.block))
+            layers.append(RemovedLayerSpec(layer, module=layout.block))
             continue
         if layout.top_k > count:
             raise LoadError(f"{where}: layer {layer} keeps {count} experts, fewer than top_k={layout.top_k}")
@@ -574,10 +573,10 @@ def take_dense_tensors(tensors: dict[str, StoredTensor], spec: ModelSpec, lm: to
     layers_path, _ = families.decoder_layers(lm)
     for layer in spec.moe_layers:
         layout = blocks.get(layer.layer)
-        if layer.kind == LAYER_MOE:
+        if isinstance(layer, MoeLayerSpec):
             for name in layout.routed_names():
                 shapes.pop(name, None)
-        elif layer.kind == LAYER_REMOVED:
+        elif isinstance(layer, RemovedLayerSpec):
             shapes = {name: shape for name, shape in shapes.items() if not name.startswith(layout.block + ".")}
             norm = f"{layers_path}.{layer.layer}.post_attention_layernorm."
             if not any(name.startswith(norm) for name in tensors):
@@ -592,7 +591,7 @@ def parameter_count(model: LoadedModel) -> tuple[int, int]:
     shared experts are among the dense tensors."""
     total = active = sum(stored.numel for stored in model.dense_tensors.stored.values())
     for layer in model.spec.moe_layers:
-        if layer.kind != LAYER_MOE:
+        if not isinstance(layer, MoeLayerSpec):
             continue
         source = model.moe_weights.sources[layer.layer]
         per_expert = math.prod(source.gate_up.shape[1:]) + math.prod(source.down.shape[1:])

@@ -1,7 +1,9 @@
-"""Typed descriptions passed between stages: one ModelSpec, one MoeLayerSpec per decoder layer.
+"""Typed descriptions passed between stages: one ModelSpec, one LayerSpec per decoder layer.
 
 These are plain, JSON-serialisable facts (no tensors): they go into manifest.json and are all a
-later stage (export, build, verify, bench) needs to know about the model's MoE structure.
+later stage (export, build, verify, bench) needs to know about the model's MoE structure. A
+decoder layer's feed-forward part is a routed MoE block (MoeLayerSpec), the architecture's
+ordinary MLP (DenseLayerSpec) or an MoE block that trimming removed (RemovedLayerSpec).
 """
 
 from __future__ import annotations
@@ -9,26 +11,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar, TypeAlias
 
 import torch
 
 from ce_export.moe_math import SOFTMAX_TOPK, SWIGLU
 
-LAYER_MOE = "moe"
-LAYER_REMOVED = "removed"  # MoE sub-layer dropped (compression study: -1, or 0 experts)
-LAYER_DENSE = "dense"  # an ordinary MLP layer of the architecture (not exported as our op)
-
 
 @dataclass(frozen=True)
 class MoeLayerSpec:
-    """What one decoder layer's MoE block computes (see moe_math.py for the math)."""
+    """What one decoder layer's routed MoE block computes (see moe_math.py for the math)."""
+
+    kind: ClassVar[str] = "moe"  # the layer's tag in manifest.json and the calibration statistics
 
     layer: int
-    kind: str = LAYER_MOE
-    num_experts: int = 0
-    hidden_size: int = 0
-    intermediate_size: int = 0
-    top_k: int = 0
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    top_k: int
     n_ce: int = 0  # compressed experts out of top_k; 0 = plain MoE
     norm_topk_prob: bool = False
     routing: str = SOFTMAX_TOPK  # see moe_math.ROUTINGS
@@ -64,8 +64,48 @@ class MoeLayerSpec:
     def is_compressed(self) -> bool:
         return self.n_ce > 0
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True)
+class DenseLayerSpec:
+    """A decoder layer with the architecture's ordinary MLP (not exported as our op)."""
+
+    kind: ClassVar[str] = "dense"
+
+    layer: int
+
+
+@dataclass(frozen=True)
+class RemovedLayerSpec:
+    """A decoder layer whose MoE block was dropped (compression study: -1, or 0 experts)."""
+
+    kind: ClassVar[str] = "removed"
+
+    layer: int
+    module: str = ""  # the removed block's path in transformers' model, e.g. "model.layers.3.mlp"
+
+
+LayerSpec: TypeAlias = MoeLayerSpec | DenseLayerSpec | RemovedLayerSpec
+LAYER_TYPES: dict[str, type[LayerSpec]] = {cls.kind: cls for cls in (MoeLayerSpec, DenseLayerSpec, RemovedLayerSpec)}
+
+
+def layer_json(layer: LayerSpec) -> dict:
+    """A layer as manifest.json records it: its index, its kind tag, then its fields."""
+    data = dataclasses.asdict(layer)
+    return {"layer": data.pop("layer"), "kind": layer.kind, **data}
+
+
+def layer_from_json(data: Mapping) -> LayerSpec:
+    """A layer from its manifest.json form. Manifests written before the layer types also carry
+    every MoE field (zeroed) on dense and removed layers: fields a layer type does not have are ignored."""
+    kind = data.get("kind")
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"layer kind {kind!r} is not one of {', '.join(LAYER_TYPES)}")
+    layer_type = LAYER_TYPES[kind]
+    names = {f.name for f in dataclasses.fields(layer_type)}
+    values = {name: value for name, value in data.items() if name in names}
+    if "expert_ids" in values:
+        values["expert_ids"] = tuple(values["expert_ids"])
+    return layer_type(**values)
 
 
 @dataclass(frozen=True)
@@ -83,7 +123,7 @@ class ModelSpec:
     use_ce: bool
     n_ce: int
     checkpoint_dtype: str
-    moe_layers: tuple[MoeLayerSpec, ...]
+    moe_layers: tuple[LayerSpec, ...]  # one per decoder layer, whatever its kind
     hf_config: dict = field(repr=False, default_factory=dict)  # the config.json as read
 
     def past_shapes(self, batch: int, past: int) -> list[tuple[int, int, int, int]]:
@@ -94,7 +134,7 @@ class ModelSpec:
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
-        data["moe_layers"] = [layer.to_json() for layer in self.moe_layers]
+        data["moe_layers"] = [layer_json(layer) for layer in self.moe_layers]
         data.pop("hf_config")
         return data
 

@@ -149,7 +149,9 @@ def test_trimmed_model_builds_and_verifies(tmp_path):
     folder = demo_variant(tmp_path / "trimmed", keep=[[0, 2, 3, 5, 7], list(range(8)), -1, [1, 4, 6, 7]])
     out = tmp_path / "trimmed_build"
     manifest = pipeline.build(str(folder), out, pipeline.BuildOptions(), **QUIET)
-    assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [5, 8, 0, 4]
+    layers = manifest["model"]["moe_layers"]  # a removed layer has no MoE fields
+    assert [(layer["kind"], layer.get("num_experts")) for layer in layers] == [
+        ("moe", 5), ("moe", 8), ("removed", None), ("moe", 4)]
     assert len(manifest["onnx"]["moe_nodes"]) == 3
     assert load_parity(out)["passed"]
 

@@ -23,6 +23,7 @@ from ce_export import families, onnx_functions, ort_support, pipeline
 from ce_export.capture import build_torch_model, empty_past
 from ce_export.errors import LoadError
 from ce_export.load import load_checkpoint
+from ce_export.spec import MoeLayerSpec
 from ce_export.verify import OrtDecoder, generation_prompt, greedy_onnx, greedy_torch
 from ce_oracle import ce_moe_loop
 
@@ -81,7 +82,7 @@ def test_family_onnx_runtime_and_tensorrt(family, tmp_path):
             load_checkpoint(add_compressed_experts(folder, n_ce=1))
         return
     model = load_checkpoint(add_compressed_experts(folder))
-    layer = next(layer for layer in model.spec.moe_layers if layer.kind == "moe")
+    layer = next(layer for layer in model.spec.moe_layers if isinstance(layer, MoeLayerSpec))
     assert layer.n_ce == layer.top_k // 2
     weights = model.moe_weights[layer.layer]
     hidden = torch.randn(17, model.spec.hidden_size, generator=torch.Generator().manual_seed(0))

@@ -1,12 +1,14 @@
 """Loading checkpoint folders into the per-layer MoE description."""
 
+import json
+
 import pytest
 import torch
 
 from architectures import save_tiny
 from ce_export import load
 from ce_export.load import load_checkpoint
-from ce_export.spec import LAYER_MOE, LAYER_REMOVED
+from ce_export.spec import DenseLayerSpec, MoeLayerSpec, RemovedLayerSpec, layer_from_json, layer_json
 from checkpoints import demo_variant
 
 
@@ -62,9 +64,33 @@ def test_plain_checkpoint_has_no_compressed_experts(demo_plain):
 def test_trimmed_checkpoint_per_layer_expert_counts(tmp_path):
     keep = [[0, 2, 3, 5, 7], list(range(8)), -1, [1, 4, 6, 7]]
     model = load_checkpoint(demo_variant(tmp_path / "trimmed", keep=keep))
-    kinds = [layer.kind for layer in model.spec.moe_layers]
-    assert kinds == [LAYER_MOE, LAYER_MOE, LAYER_REMOVED, LAYER_MOE]
-    assert [layer.num_experts for layer in model.spec.moe_layers] == [5, 8, 0, 4]
+    layers = model.spec.moe_layers
+    assert [type(layer) for layer in layers] == [MoeLayerSpec, MoeLayerSpec, RemovedLayerSpec, MoeLayerSpec]
+    assert [layers[i].num_experts for i in (0, 1, 3)] == [5, 8, 4]
     assert model.spec.moe_layers[3].expert_ids == (1, 4, 6, 7)
     assert model.moe_weights[3].gate_up.shape[0] == 4 and model.moe_weights[3].ces.shape[0] == 4
     assert 2 not in model.moe_weights
+
+
+def test_layer_specs_round_trip_through_their_manifest_form(tmp_path):
+    keep = [[0, 2, 3, 5, 7], list(range(8)), -1, [1, 4, 6, 7]]
+    layers = load_checkpoint(demo_variant(tmp_path / "trimmed", keep=keep)).spec.moe_layers + (DenseLayerSpec(4),)
+    written = [layer_json(layer) for layer in layers]
+    assert [entry["kind"] for entry in written] == ["moe", "moe", "removed", "moe", "dense"]
+    assert written[2] == {"layer": 2, "kind": "removed", "module": "model.layers.2.mlp"}
+    assert written[4] == {"layer": 4, "kind": "dense"}
+    assert tuple(layer_from_json(json.loads(json.dumps(entry))) for entry in written) == layers
+
+
+def test_layers_of_manifests_from_before_the_layer_types_load():
+    """Dense and removed layers used to carry every MoE field, zeroed."""
+    zeroed = {"num_experts": 0, "hidden_size": 0, "intermediate_size": 0, "top_k": 0, "n_ce": 0,
+              "routing": "softmax_topk", "expert_ids": [], "ces_width": 0}
+    assert layer_from_json({"layer": 1, "kind": "dense", **zeroed, "module": ""}) == DenseLayerSpec(1)
+    assert (layer_from_json({"layer": 2, "kind": "removed", **zeroed, "module": "model.layers.2.mlp"})
+            == RemovedLayerSpec(2, "model.layers.2.mlp"))
+    moe = layer_from_json({"layer": 0, "kind": "moe", **zeroed, "num_experts": 8, "hidden_size": 64,
+                           "intermediate_size": 32, "top_k": 2, "expert_ids": [0, 1, 2, 3, 4, 5, 6, 7]})
+    assert moe == MoeLayerSpec(0, 8, 64, 32, 2, expert_ids=tuple(range(8)))
+    with pytest.raises(ValueError, match="kind 'ffn'"):
+        layer_from_json({"layer": 0, "kind": "ffn"})

@@ -32,7 +32,7 @@ from ce_export.artifacts import staged_folder, write_json
 from ce_export.capture import MoeBlock, activation_sites, build_torch_model
 from ce_export.errors import LoadError
 from ce_export.load import load_checkpoint
-from ce_export.spec import LAYER_MOE
+from ce_export.spec import MoeLayerSpec
 
 from ce_calibrate.data import prepare
 
@@ -193,7 +193,7 @@ def collect(lm: torch.nn.Module, spec, sequences: torch.Tensor, batch_size: int 
         entry = {"layer": index, "kind": layer.kind, "tokens": tokens,
                  "moe_similarity": collector.moe_cos[index] / tokens,
                  "block_similarity": collector.block_cos[index] / tokens}
-        if layer.kind == LAYER_MOE:
+        if isinstance(layer, MoeLayerSpec):
             entry.update(num_experts=layer.num_experts, top_k=layer.top_k, expert_ids=list(layer.expert_ids),
                          selection_counts=[int(c) for c in collector.counts[index].tolist()],
                          softmax_mass=collector.mass[index].tolist(), topk_mass=collector.topk_mass[index].tolist())

@@ -28,7 +28,7 @@ from ce_export.artifacts import read_json, staged_folder, write_json
 from ce_export.checkpoint_check import SAFETENSORS_INDEX
 from ce_export.errors import CeExportError, LoadError
 from ce_export.load import ARCHITECTURES, load_checkpoint, read_config, read_safetensors
-from ce_export.spec import LAYER_DENSE, LAYER_MOE, LAYER_REMOVED
+from ce_export.spec import DenseLayerSpec, LayerSpec, MoeLayerSpec, RemovedLayerSpec
 
 from ce_calibrate.stats import STATS_FORMAT
 
@@ -54,7 +54,7 @@ def read_stats(stats_json: str | Path, spec) -> list[dict]:
         raise TrimError(f"{stats_json}: statistics of a {stats['model'].get('architecture')} model with {len(layers)} "
                         f"layers, but the checkpoint is {spec.architecture} with {spec.num_layers}")
     for layer, entry in zip(spec.moe_layers, layers):
-        if entry.get("kind") != layer.kind or (layer.kind == LAYER_MOE and (
+        if entry.get("kind") != layer.kind or (isinstance(layer, MoeLayerSpec) and (
                 entry.get("num_experts") != layer.num_experts or entry.get("expert_ids") != list(layer.expert_ids))):
             raise TrimError(f"{stats_json}: layer {layer.layer} does not match the checkpoint "
                             f"(statistics of a different model or trim?)")
@@ -96,12 +96,27 @@ def _check_options(expert_drop, scope, layer_drop, block_drop, spec):
         raise TrimError(f"expert_drop must be a fraction in [0, 1), got {expert_drop!r}")
     if scope not in SCOPES:
         raise TrimError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    moe = sum(layer.kind == LAYER_MOE for layer in spec.moe_layers)
+    moe = sum(isinstance(layer, MoeLayerSpec) for layer in spec.moe_layers)
     for name, value, limit in (("layer_drop", layer_drop, moe), ("block_drop", block_drop, spec.num_layers - 1)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
             raise TrimError(f"{name} must be an integer in [0, {limit}] for this model, got {value!r}")
     if expert_drop == 0 and layer_drop == 0 and block_drop == 0:
         raise TrimError("nothing to trim: expert_drop, layer_drop and block_drop are all 0")
+
+
+def _expert_count(layer: LayerSpec) -> int | None:
+    """The layer's entry in the config's per-layer expert counts: null for a dense layer, -1 for a removed one."""
+    match layer:
+        case MoeLayerSpec():
+            return layer.num_experts
+        case RemovedLayerSpec():
+            return -1
+        case DenseLayerSpec():
+            return None
+
+
+def _expert_total(layers: tuple[LayerSpec, ...]) -> int:
+    return sum(layer.num_experts for layer in layers if isinstance(layer, MoeLayerSpec))
 
 
 def _moe_prefix(arch, layer: int) -> str:
@@ -138,14 +153,14 @@ def _renumber_layers(tensors: dict, kept: list[int]) -> dict:
     return out
 
 
-def _config_after_block_drop(config: dict, arch, kept: list[int], kinds: list[str], folder: Path) -> None:
+def _config_after_block_drop(config: dict, arch, kept: list[int], layers: tuple[LayerSpec, ...], folder: Path) -> None:
     """Renumber every per-layer config fact so that the kept layers keep their kind."""
     num_layers = config["num_hidden_layers"]
     for key in (*arch.experts_keys, *PER_LAYER_CONFIG_KEYS):
         if isinstance(config.get(key), list) and len(config[key]) == num_layers:
             config[key] = [config[key][old] for old in kept]
     config["num_hidden_layers"] = len(kept)
-    dense_new = [new for new, old in enumerate(kept) if kinds[old] == LAYER_DENSE]
+    dense_new = [new for new, old in enumerate(kept) if isinstance(layers[old], DenseLayerSpec)]
     if arch.model_type == "qwen2_moe" or arch.model_type == "qwen3_moe":
         if config.get("decoder_sparse_step", 1) not in (1, None) or config.get("mlp_only_layers"):
             config["decoder_sparse_step"] = 1
@@ -172,10 +187,9 @@ def trim(model_folder: str | Path, stats_json: str | Path, out_folder: str | Pat
     layers = read_stats(stats_json, spec)
     config = read_config(model_folder)
     arch = ARCHITECTURES[spec.architecture]
-    kinds = [layer.kind for layer in spec.moe_layers]
 
     blocks = _highest(layers, "block_similarity", list(range(spec.num_layers)), block_drop)
-    moe_left = [layer.layer for layer in spec.moe_layers if layer.kind == LAYER_MOE and layer.layer not in blocks]
+    moe_left = [layer.layer for layer in spec.moe_layers if isinstance(layer, MoeLayerSpec) and layer.layer not in blocks]
     if layer_drop > len(moe_left):
         raise TrimError(f"layer_drop={layer_drop} but only {len(moe_left)} MoE sub-layers remain after block drop")
     sublayers = _highest(layers, "moe_similarity", moe_left, layer_drop)
@@ -185,11 +199,11 @@ def trim(model_folder: str | Path, stats_json: str | Path, out_folder: str | Pat
     tensors = read_safetensors(model_folder)
     metadata = _metadata(model_folder)
     count_key = next((key for key in arch.experts_keys if config.get(key) is not None), arch.experts_keys[0])
-    counts = [None if k == LAYER_DENSE else (-1 if k == LAYER_REMOVED else spec.moe_layers[i].num_experts)
-              for i, k in enumerate(kinds)]
+    counts = [_expert_count(layer) for layer in spec.moe_layers]
     if isinstance(config.get(count_key), list):  # keep an earlier trim's -1 / 0 as written
-        counts = [old if kinds[i] == LAYER_REMOVED else counts[i] for i, old in enumerate(config[count_key])]
-    kept_ids = [list(layer.expert_ids) if layer.kind == LAYER_MOE else [] for layer in spec.moe_layers]
+        counts = [old if isinstance(layer, RemovedLayerSpec) else new
+                  for layer, new, old in zip(spec.moe_layers, counts, config[count_key])]
+    kept_ids = [list(layer.expert_ids) if isinstance(layer, MoeLayerSpec) else [] for layer in spec.moe_layers]
     for layer in sublayers:
         for name in [n for n in tensors if n.startswith(_moe_prefix(arch, layer))
                      or n.startswith(f"model.layers.{layer}.post_attention_layernorm.")]:
@@ -209,7 +223,7 @@ def trim(model_folder: str | Path, stats_json: str | Path, out_folder: str | Pat
     kept_layers = [layer for layer in range(spec.num_layers) if layer not in blocks]
     if blocks:
         tensors = _renumber_layers(tensors, kept_layers)
-        _config_after_block_drop(config, arch, kept_layers, kinds, model_folder)
+        _config_after_block_drop(config, arch, kept_layers, spec.moe_layers, model_folder)
 
     record = {
         "source": str(model_folder.absolute()), "statistics": str(Path(stats_json).absolute()),
@@ -218,7 +232,7 @@ def trim(model_folder: str | Path, stats_json: str | Path, out_folder: str | Pat
         "dropped_moe_sublayers": [mapping[layer] for layer in sublayers],
         "dropped_experts": {str(mapping[layer]): [spec.moe_layers[layer].expert_ids[e] for e in drop]
                             for layer, drop in experts.items() if drop},
-        "experts_before": sum(layer.num_experts for layer in spec.moe_layers if layer.kind == LAYER_MOE),
+        "experts_before": _expert_total(spec.moe_layers),
     }
     with staged_folder(out_folder, force=force) as staging:
         for item in model_folder.iterdir():
@@ -236,7 +250,7 @@ def trim(model_folder: str | Path, stats_json: str | Path, out_folder: str | Pat
             result = load_checkpoint(staging)
         except LoadError as error:  # our own output must load; anything else is a bug worth seeing
             raise RuntimeError(f"trimmed checkpoint does not load: {error}") from error
-        record["experts_after"] = sum(layer.num_experts for layer in result.spec.moe_layers if layer.kind == LAYER_MOE)
+        record["experts_after"] = _expert_total(result.spec.moe_layers)
         write_json(staging / TRIM_RECORD, record)
     report(f"trimmed: {record['experts_before']} -> {record['experts_after']} experts, "
            f"{len(sublayers)} MoE sub-layer(s) and {len(blocks)} block(s) dropped: {out_folder.absolute()}")
