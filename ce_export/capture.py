@@ -376,15 +376,5 @@ class KvCacheDecoder(nn.Module):
         return (out.logits, *flatten_cache(out.past_key_values))
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Optimum / ONNX Runtime GenAI naming."""
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
-
-
 def empty_past(spec: ModelSpec, batch: int, past: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(batch, past))

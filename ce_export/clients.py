@@ -13,6 +13,16 @@ import shutil
 from pathlib import Path
 
 from ce_export.errors import LoadError
+from ce_export.io_schema import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    PAST_KEY,
+    PAST_VALUE,
+    POSITION_IDS,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+)
 
 GENAI_CONFIG = "genai_config.json"
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -107,9 +117,9 @@ def genai_config(manifest: dict, tokens: dict, generation: dict, provider: str) 
         "num_attention_heads": model["num_attention_heads"],
         "num_key_value_heads": model["kv_heads"],
         "num_hidden_layers": model["num_layers"],
-        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
-                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-        "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+        "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "position_ids": POSITION_IDS,
+                   "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE},
+        "outputs": {"logits": LOGITS, "present_key_names": PRESENT_KEY, "present_value_names": PRESENT_VALUE},
     }
     search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_length": 0, "max_length": context,
               "past_present_share_buffer": False}

@@ -25,12 +25,12 @@ import importlib
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ce_export.artifacts import MANIFEST, read_json
 from ce_export.errors import BuildError
+from ce_export.io_schema import TensorSpec, onnx_io, resolve_dims
 
 PLAN = "model.plan"
 PLUGIN_NAMESPACE = "ce_export"
@@ -44,45 +44,6 @@ PREFILL, DECODE = "prefill", "decode"
 OPT_SEQUENCE = 512  # prefill opt sequence, capped at max_seq
 OPT_PAST = 512  # decode opt past length, capped at max_context
 OPT_DECODE_BATCH = 8  # decode opt batch, capped at max_batch (prefill opt batch is 1)
-AXES = ("batch", "sequence", "past_sequence", "total_sequence")
-
-ONNX_DTYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 5: "INT16", 6: "INT32", 7: "INT64", 9: "BOOL",
-               10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: name, dtype ("FP32", "INT64", ... see ONNX_DTYPES) and dims.
-
-    A dim is an int (static) or the name of a dynamic axis ("batch", "past_sequence + sequence", ...).
-    """
-
-    name: str
-    dtype: str
-    dims: tuple[int | str, ...]
-
-
-def onnx_io(build_dir: str | Path, manifest: dict | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of DIR/model.onnx (read without its external data), in graph order."""
-    import onnx
-
-    build_dir = Path(build_dir)
-    manifest = manifest if manifest is not None else read_json(build_dir / MANIFEST, "manifest")
-    path = build_dir / manifest["onnx"]["file"]
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # noqa: BLE001 - OSError, protobuf DecodeError, ...
-        raise BuildError(f"{path}: cannot read ONNX file ({type(error).__name__}: {error})") from None
-
-    def spec(value) -> TensorSpec:
-        tensor_type = value.type.tensor_type
-        dims = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in tensor_type.shape.dim)
-        dtype = ONNX_DTYPES.get(tensor_type.elem_type)
-        if dtype is None:
-            raise BuildError(f"{path}: {value.name} has an unsupported element type {tensor_type.elem_type}")
-        return TensorSpec(value.name, dtype, dims)
-
-    return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 
 
 def limits_of(manifest: dict, max_batch: int | None = None, max_seq: int | None = None,
@@ -114,19 +75,6 @@ def profile_axes(max_batch: int, max_seq: int, max_context: int) -> dict[str, di
         DECODE: {"batch": (1, min(OPT_DECODE_BATCH, max_batch), max_batch), "sequence": (1, 1, 1),
                  "past_sequence": decode_past, "total_sequence": tuple(p + 1 for p in decode_past)},
     }
-
-
-def resolve_dims(spec: TensorSpec, axis_values: dict[str, int]) -> tuple[int, ...]:
-    """Concrete dims of an input for one value per axis name."""
-    dims = []
-    for dim in spec.dims:
-        if isinstance(dim, int):
-            dims.append(dim)
-        elif dim in axis_values:
-            dims.append(int(axis_values[dim]))
-        else:
-            raise BuildError(f"input {spec.name}: unknown dynamic axis {dim!r} (expected one of {', '.join(AXES)})")
-    return tuple(dims)
 
 
 def profile_shapes(inputs: list[TensorSpec], axes: dict[str, tuple[int, int, int]]) -> dict[str, tuple[tuple[int, ...], ...]]:

@@ -35,8 +35,9 @@ import torch
 
 from ce_export import onnx_functions, ort_support
 from ce_export import quantize as quantize_stage
-from ce_export.capture import KvCacheDecoder, empty_past, io_names, parameter_sources
+from ce_export.capture import KvCacheDecoder, empty_past, parameter_sources
 from ce_export.errors import CeExportError, ExportError
+from ce_export.io_schema import io_names
 from ce_export.progress import progress_bar
 from ce_export.spec import LoadedModel, MoeLayerSpec
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ce_export.io_schema import ATTENTION_MASK, INPUT_IDS, PAST_KEY, PAST_VALUE, POSITION_IDS
 from ce_export.verify import PARITY_CASES, TOLERANCES
 
 FOLDER = "polygraphy"
@@ -138,8 +139,8 @@ class ReferenceWriter:
         past = pick(case.past for case in PARITY_CASES)
         total = pick(case.past + case.sequence for case in PARITY_CASES)
         model = self.manifest["model"]
-        shapes = {"input_ids": [batch, sequence], "attention_mask": [batch, total], "position_ids": [batch, sequence]}
+        shapes = {INPUT_IDS: [batch, sequence], ATTENTION_MASK: [batch, total], POSITION_IDS: [batch, sequence]}
         for layer in range(model["num_layers"]):
-            shapes[f"past_key_values.{layer}.key"] = [batch, model["kv_heads"], past, model["key_dim"]]
-            shapes[f"past_key_values.{layer}.value"] = [batch, model["kv_heads"], past, model["value_dim"]]
+            shapes[PAST_KEY % layer] = [batch, model["kv_heads"], past, model["key_dim"]]
+            shapes[PAST_VALUE % layer] = [batch, model["kv_heads"], past, model["value_dim"]]
         return [f"{name}:[{','.join(map(str, dims))}]" for name, dims in shapes.items()]

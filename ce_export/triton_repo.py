@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ce_export.artifacts import MANIFEST, read_json, staged_folder
-from ce_export.engine import PLAN, TensorSpec, onnx_io
+from ce_export.engine import PLAN
 from ce_export.errors import BuildError
+from ce_export.io_schema import TensorSpec, onnx_io
 
 TRT_PLATFORM = "tensorrt_plan"
 ONNX_PLATFORM = "onnxruntime_onnx"

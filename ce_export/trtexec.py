@@ -30,8 +30,9 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ce_export.artifacts import MANIFEST, read_json, write_json
-from ce_export.engine import DECODE, PLAN, PREFILL, PLUGIN_LIBRARY_ENV, TensorSpec, onnx_io, resolve_dims
+from ce_export.engine import DECODE, PLAN, PREFILL, PLUGIN_LIBRARY_ENV
 from ce_export.errors import BuildError
+from ce_export.io_schema import TensorSpec, onnx_io, resolve_dims
 
 SCRIPT = "trtexec.sh"
 BENCH = "bench.json"

@@ -17,9 +17,9 @@ import pytest
 
 from ce_export.artifacts import MANIFEST, read_json, write_json
 from ce_export.engine import (DECODE, PLAN, PLUGIN_LIBRARY_ENV, PLUGIN_NAMESPACE, PLUGIN_VERSION, PREFILL,
-                              build_engine, default_plugin_library, load_tensorrt, onnx_io, profile_axes,
-                              profile_shapes)
+                              build_engine, default_plugin_library, load_tensorrt, profile_axes, profile_shapes)
 from ce_export.errors import BuildError
+from ce_export.io_schema import onnx_io
 from checkpoints import trt_demo
 
 

@@ -162,7 +162,7 @@ def export_stand_in(build: Path):
     model's real export (model.onnx and model.onnx.data from `build`) is handed back as if exported,
     so that the rest of the build (manifest, client files for onnxruntime-genai and Optimum) runs on
     the fuzzed checkpoint."""
-    from ce_export.capture import io_names
+    from ce_export.io_schema import io_names
 
     def stand_in(loaded, lm, out_dir, *args, **kwargs):
         run_captured_model(loaded, lm)

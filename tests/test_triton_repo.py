@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from ce_export.artifacts import MANIFEST, read_json, write_json
-from ce_export.engine import PLAN, build_engine, load_tensorrt, onnx_io
+from ce_export.engine import PLAN, build_engine, load_tensorrt
 from ce_export.errors import BuildError, OutputError
+from ce_export.io_schema import TensorSpec, onnx_io
 from ce_export.triton_repo import (ONNX_PLATFORM, TRT_PLATFORM, load_model_config_pb2, model_config_text,
                                    validate_model_config, write_triton_repo)
 from checkpoints import trt_demo
@@ -131,7 +132,6 @@ def test_existing_model_folder_needs_force(engine_build, tmp_path, pb2):
 def test_invalid_config_is_rejected(pb2):
     with pytest.raises(BuildError, match="not a valid Triton model configuration"):
         validate_model_config('name: "x"\nplatform: "tensorrt_plan"\nmax_batch_size: "zero"\n')
-    from ce_export.engine import TensorSpec
 
     text = model_config_text("m", TRT_PLATFORM, [TensorSpec("x", "BF16", ("batch", 8))],
                              [TensorSpec("y", "FP16", (3,))], default_model_filename=PLAN, profiles=[0, 1])

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from ce_export.artifacts import MANIFEST, read_json, write_json
-from ce_export.engine import DECODE, PLAN, PREFILL, onnx_io
+from ce_export.engine import DECODE, PLAN, PREFILL
 from ce_export.errors import BuildError
+from ce_export.io_schema import onnx_io
 from ce_export.trtexec import (BENCH, SCRIPT, VERSION_FLAGS, BenchPoint, check_points, default_points,
                                find_trtexec, parse_export_times, parse_trtexec_output, run_trtexec, shapes_arg,
                                trtexec_percentile, version_from_banner, write_trtexec_script)
