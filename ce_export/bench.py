@@ -241,7 +241,8 @@ def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device
 
 def stock_transformers_can_run(loaded) -> bool:
     spec = loaded.spec
-    return not spec.use_ce and spec.architecture == "olmoe" and all(isinstance(layer, MoeLayerSpec) for layer in spec.moe_layers)
+    return (not spec.use_ce and spec.architecture == "olmoe"
+            and all(isinstance(layer, MoeLayerSpec) for layer in spec.moe_layers))
 
 
 @dataclass(frozen=True)
@@ -351,7 +352,8 @@ def warm_up_kernels(spec: ModelSpec, token_counts, dtype: torch.dtype, device: t
         return
     started = time.perf_counter()
     counts = sorted(set(token_counts))
-    layers = list(dict.fromkeys(kernel_configuration(layer) for layer in spec.moe_layers if isinstance(layer, MoeLayerSpec)))
+    moe_layers = [layer for layer in spec.moe_layers if isinstance(layer, MoeLayerSpec)]
+    layers = list(dict.fromkeys(kernel_configuration(layer) for layer in moe_layers))
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0, logits_fp32=False):

@@ -157,7 +157,8 @@ def export_onnx(
     weights = bind_weights(onnx_model, model, dtype)
     optimize(onnx_model, weights)
     fold_weight_transposes(onnx_model, weights)
-    moe_nodes = name_moe_nodes(onnx_model, [layer.layer for layer in model.spec.moe_layers if isinstance(layer, MoeLayerSpec)])
+    moe_layers = [layer.layer for layer in model.spec.moe_layers if isinstance(layer, MoeLayerSpec)]
+    moe_nodes = name_moe_nodes(onnx_model, moe_layers)
     experts_form = experts_form_for(target)
     attach_functions(onnx_model, experts_form)
     if target == "ort":
