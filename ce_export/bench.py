@@ -45,13 +45,13 @@ import torch
 from ce_export import ops
 from ce_export.artifacts import atomic_file, checkpoint_of, environment_errors, write_json, write_text
 from ce_export.capture import KvCacheDecoder, build_torch_model
+from ce_export.dtypes import DTYPES
 from ce_export.load import load_checkpoint
 from ce_export.manifest import read_manifest
 from ce_export.spec import LAYER_MOE, ModelSpec, MoeLayerSpec
 from ce_export.verify import compare
 
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -406,7 +406,7 @@ def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float 
     checkpoint = Path(checkpoint)
     device = torch.device(device)
     dtype_name = dtype or ("bf16" if device.type == "cuda" else "fp32")
-    torch_dtype = TORCH_DTYPES[dtype_name]
+    torch_dtype = DTYPES[dtype_name]
     loaded = load_checkpoint(checkpoint)
     max_context = max(p.tokens + (p.phase == "decode") for p in points)
     expected = reference_logits(loaded, points, device, torch_dtype, report)

@@ -158,7 +158,8 @@ def ort_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int
 
 
 def torch_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int, stop: set[int]):
-    from ce_export.capture import DTYPES, build_torch_model
+    from ce_export.capture import build_torch_model
+    from ce_export.dtypes import DTYPES
     from ce_export.load import load_checkpoint
     from ce_export.quantize import fake_quantize_model, quantize_activations
     from ce_export.verify import TorchDecoder

@@ -27,6 +27,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 
+from ce_export.dtypes import DTYPES
+
 BF16, FP32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
 # Ops that only move data, with the inputs whose data they move: ONNX Runtime's CPU provider runs
 # these in bf16 (checked one by one on onnxruntime 1.32), so weights stay bf16 through them.
@@ -44,7 +46,7 @@ class OnnxPrecisionView:
 
     @property
     def runtime_torch_dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.float32}[self.dtype_name]
+        return torch.float32 if self.emulated else DTYPES[self.dtype_name]
 
     @property
     def round_to(self) -> torch.dtype | None:

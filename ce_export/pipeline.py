@@ -24,8 +24,9 @@ from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, staged_folder, write_json, writing
-from ce_export.capture import DTYPES, LOGITS, build_torch_model, build_traced_model, parameter_dtype
+from ce_export.capture import LOGITS, build_torch_model, build_traced_model, parameter_dtype
 from ce_export.demo import DEMO_NAME, write_demo_checkpoint
+from ce_export.dtypes import DTYPES
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
 from ce_export.manifest import onnx_files, read_manifest, recorded_files
