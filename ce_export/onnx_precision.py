@@ -14,7 +14,7 @@ The view (functions inlined, so that the function bodies can be rewritten too):
   into fp32.
 The view is handed to ONNX Runtime from memory and refers to the artifact's own external-data file,
 so nothing is copied. ONNX Runtime must not fold the casts of the weights into fp32 initializers:
-verify's sessions disable constant folding (verify.OrtDecoder). The reference then uses the same
+verify's sessions disable constant folding (runners.OrtRunner). The reference then uses the same
 bf16-rounded weights in fp32. parity.json says so in "numerics".
 """
 
@@ -63,7 +63,7 @@ class OnnxPrecisionView:
 
     def model_for_runtime(self) -> Path | ir.Model:
         """The artifact's path, or its fp32 view (an onnx_ir model whose weights stay in the artifact's
-        external-data file; verify.OrtDecoder opens either)."""
+        external-data file; runners.OrtRunner opens either)."""
         if not self.emulated:
             return self.onnx_path
         model = ir.load(self.onnx_path)  # external weights stay on disk
