@@ -46,6 +46,7 @@ from ce_export.artifacts import write_json  # noqa: E402
 from ce_export.demo import write_demo_checkpoint  # noqa: E402
 from ce_export.errors import CeExportError  # noqa: E402
 from ce_export.quantize import QUANTIZATIONS  # noqa: E402
+from ce_export.runners import OrtRunner  # noqa: E402
 
 POINTS = (bench.Point("prefill", 1, 128), bench.Point("decode", 1, 128))
 CALIBRATION = dict(seq_len=64, num_sequences=128)  # 8k tokens of the checkpoint's calibration text
@@ -125,9 +126,9 @@ def time_build(row: dict, out: Path, quantized: bool, budget_s: float) -> None:
     """ONNX Runtime CPU median ms of each point into `row`."""
     manifest = json.loads((out / "manifest.json").read_text())
     loaded = pipeline.load_checkpoint(pipeline.checkpoint_of(out, manifest))
-    runner = bench.OrtRunner(out / manifest["onnx"]["file"], torch.device("cpu"), quantized)
+    runner = OrtRunner(out / manifest["onnx"]["file"], exact_dequantize=quantized)
     for point in POINTS:
-        step = runner.prepare(point, bench.point_inputs(point, loaded.spec, torch.float32, torch.device("cpu")))
+        step = runner.prepare(*bench.point_inputs(point, loaded.spec, torch.float32, torch.device("cpu")))
         timing = bench.time_ms(step.run, torch.device("cpu"), budget_s=budget_s)
         row[f"{point.phase}_ms"], row[f"{point.phase}_repetitions"] = timing["median_ms"], timing["repetitions"]
 

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from ce_export import bench, pipeline
 from ce_export.demo import demo_config, demo_tensors
+from ce_export.dtypes import DTYPES
 
 SIZES = {
     "demo": {},
@@ -150,7 +151,7 @@ def run_gpu_suite(args, command: str) -> None:
     max_tokens = max(p.tokens for p in points)
     started = time.perf_counter()
     export, no_export_reason = should_export(args.export, args.device)
-    dtype = bench.TORCH_DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     ceilings = bench.measure_ceilings(args.device, dtype)
     print(f"== {ceilings['device']}: memory {ceilings['bandwidth_bytes_per_s'] / 1e12:.3f} TB/s, "
           f"{ceilings['dtype']} matmul {ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (measured)", flush=True)

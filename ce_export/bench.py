@@ -39,19 +39,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ce_export import ops
 from ce_export.artifacts import atomic_file, checkpoint_of, environment_errors, write_json, write_text
-from ce_export.capture import KvCacheDecoder, build_torch_model
+from ce_export.capture import build_torch_model
+from ce_export.dtypes import DTYPES
 from ce_export.load import load_checkpoint
 from ce_export.manifest import read_manifest
+from ce_export.runners import OrtRunner, PreparedStep, TorchRunner
 from ce_export.spec import ModelSpec, MoeLayerSpec
 from ce_export.verify import compare
 
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -92,56 +92,26 @@ def point_inputs(point: Point, spec, dtype: torch.dtype, device: torch.device, s
     return ids, mask, positions, past_kv
 
 
-class Step:
-    """One prepared call: `run()` is what is timed, `logits()` the last position's logits after it."""
-
-    def __init__(self, run: Callable[[], object], logits: Callable[[], torch.Tensor]):
-        self.run, self.logits = run, logits
-
-
-class TorchRunner:
-    """A causal LM (captured or stock transformers) behind the flat KV interface, DynamicCache;
-    `logits` as the build's ONNX file computes them (every position, or the last one)."""
-
-    def __init__(self, lm: torch.nn.Module, logits: str = "all"):
-        self.decoder = KvCacheDecoder(lm, logits).eval()
-        parameter = next(lm.parameters())
-        self.dtype, self.device = parameter.dtype, parameter.device
-
-    def prepare(self, point: Point, inputs) -> Step:
-        ids, mask, positions, past = inputs
-        past = tuple(t.to(self.device, self.dtype) for t in past)
-        ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
-        out = {}
-
-        def run():
-            out.pop("logits", None)  # a prefill's logits can be GBs: free the last ones first
-            with torch.no_grad():
-                out["logits"] = self.decoder(ids, mask, positions, past)[0]
-
-        return Step(run, lambda: out["logits"][:, -1].float().cpu())
-
-
 class FastPathRunner:
-    """runtime.FastDecoder, one per batch size (its static cache is sized for the batch)."""
+    """runtime.FastDecoder, one per batch size (its static cache is sized for the batch), behind the
+    runners' `prepare`: a point without past is a prefill, one with past a decode step at its context."""
 
     def __init__(self, lm: torch.nn.Module, spec, max_context: int, compile_decode: bool = False):
         self.lm, self.spec, self.max_context, self.compile_decode = lm, spec, max_context, compile_decode
         self.decoder = None
 
-    def prepare(self, point: Point, inputs) -> Step:
+    def prepare(self, input_ids, attention_mask, position_ids, past) -> PreparedStep:
         from ce_export.runtime import FastDecoder
 
-        if self.decoder is None or self.decoder.batch != point.batch:
+        batch = input_ids.shape[0]
+        if self.decoder is None or self.decoder.batch != batch:
             self.decoder = None
             gc.collect()
-            self.decoder = FastDecoder(self.lm, self.spec, point.batch, self.max_context,
-                                       compile_decode=self.compile_decode)
+            self.decoder = FastDecoder(self.lm, self.spec, batch, self.max_context, compile_decode=self.compile_decode)
         decoder = self.decoder
-        ids, mask, _, past = inputs
-        ids = ids.to(decoder.device)
+        ids = input_ids.to(decoder.device)
         out = {}
-        if point.phase == "prefill":
+        if past[0].shape[2] == 0:
             def run():
                 out.pop("logits", None)
                 out["logits"] = decoder.prefill(ids)
@@ -150,78 +120,13 @@ class FastPathRunner:
 
             def run():
                 out["logits"] = decoder.decode(ids, advance=False)
-        return Step(run, lambda: out["logits"][:, -1].float().cpu())
-
-
-class OrtRunner:
-    """ONNX Runtime over the exported file, inputs and outputs bound in place (IO binding)."""
-
-    def __init__(self, onnx_path: Path, device: torch.device, exact_dequantize: bool = False):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if exact_dequantize:
-            options.add_session_config_entry("session.disable_quant_qdq", "1")
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
-        require_provider(self.session, "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider")
-        self.device = device
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        float_type = self.session.get_inputs()[3].type if len(self.input_names) > 3 else "tensor(float)"
-        self.past_dtype = {"tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}.get(float_type, torch.float32)
-
-    def prepare(self, point: Point, inputs) -> Step:
-        ids, mask, positions, past = inputs
-        tensors = [t.to(self.device).contiguous() for t in (ids, mask, positions)]
-        tensors += [t.to(self.device, self.past_dtype).contiguous() for t in past]
-        binding = self.session.io_binding()
-        device_type = "cuda" if self.device.type == "cuda" else "cpu"
-        for name, tensor in zip(self.input_names, tensors):
-            binding.bind_input(name, device_type, self.device.index or 0, numpy_dtype(tensor.dtype),
-                               list(tensor.shape), tensor.data_ptr())
-        for name in self.output_names:
-            binding.bind_output(name, device_type, self.device.index or 0)
-        if device_type == "cuda":
-            torch.cuda.synchronize(self.device)  # the inputs were copied on PyTorch's stream, ORT reads on its own
-
-        def run():
-            self.session.run_with_iobinding(binding)
-            if device_type == "cuda":
-                binding.synchronize_outputs()
-
-        def logits():
-            return torch.from_numpy(np.asarray(binding.get_outputs()[0].numpy(), dtype=np.float32))[:, -1]
-
-        step = Step(run, logits)
-        step.bound_inputs = tensors  # the binding points at their memory: keep them alive with the step
-        return step
-
-
-class ProviderError(RuntimeError):
-    """An ONNX Runtime session did not get the execution provider its row is labelled with."""
-
-
-def require_provider(session, provider: str) -> None:
-    """ONNX Runtime falls back to the CPU provider, with a log line, when it cannot start the one
-    asked for (onnxruntime without CUDA, a missing CUDA library): refuse such a session."""
-    granted = session.get_providers()
-    if provider not in granted:
-        raise ProviderError(f"ONNX Runtime did not give the session {provider} (it got {', '.join(granted)}): "
-                            "not timing it under that label")
-
-
-def numpy_dtype(dtype: torch.dtype):
-    return {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}[dtype]
+        return PreparedStep(run, lambda: out["logits"][:, -1].float().cpu())
 
 
 @dataclass
 class Row:
     name: str
-    make: Callable[[], object]  # -> a runner with prepare(point, inputs) -> Step
+    make: Callable[[], object]  # -> a runner with prepare(input_ids, attention_mask, position_ids, past)
 
 
 def transformers_rows(checkpoint: Path, dtype: torch.dtype, device: torch.device, logits: str = "all") -> list[Row]:
@@ -280,7 +185,7 @@ def rows_for(checkpoint: Path, onnx: OnnxFile | None, loaded, device: torch.devi
         skipped["ONNX Runtime"] = "ONNX Runtime has no bf16 kernels on CPU"
     elif provider in ort.get_available_providers():
         label = f"ONNX Runtime {'CUDA' if device.type == 'cuda' else 'CPU'} ({onnx.dtype})"
-        rows.append(Row(label, lambda: OrtRunner(onnx.path, device, onnx.quantized)))
+        rows.append(Row(label, lambda: OrtRunner(onnx.path, device, exact_dequantize=onnx.quantized)))
     else:
         skipped["ONNX Runtime"] = f"{provider} not available (install onnxruntime-gpu)"
     if device.type == "cuda":
@@ -328,7 +233,7 @@ def reference_logits(loaded, points, device: torch.device, input_dtype: torch.dt
     expected = {}
     with ops.reference_math():
         for point in points:
-            step = runner.prepare(point, point_inputs(point, loaded.spec, input_dtype, device))
+            step = runner.prepare(*point_inputs(point, loaded.spec, input_dtype, device))
             step.run()
             expected[point] = step.logits()
     report(f"  reference: {len(points)} points, fp32, MoE through moe_math.py")
@@ -408,7 +313,7 @@ def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float 
     checkpoint = Path(checkpoint)
     device = torch.device(device)
     dtype_name = dtype or ("bf16" if device.type == "cuda" else "fp32")
-    torch_dtype = TORCH_DTYPES[dtype_name]
+    torch_dtype = DTYPES[dtype_name]
     loaded = load_checkpoint(checkpoint)
     max_context = max(p.tokens + (p.phase == "decode") for p in points)
     expected = reference_logits(loaded, points, device, torch_dtype, report)
@@ -450,7 +355,7 @@ def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float 
 
 
 def measure(name: str, runner, point: Point, spec, input_dtype, device, expected, budget_s, report) -> dict:
-    step = runner.prepare(point, point_inputs(point, spec, input_dtype, device))
+    step = runner.prepare(*point_inputs(point, spec, input_dtype, device))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -36,6 +36,8 @@ import torch
 from ce_export import onnx_functions, ort_support
 from ce_export import quantize as quantize_stage
 from ce_export.capture import KvCacheDecoder, empty_past, parameter_sources
+from ce_export.dtypes import DTYPE_NAMES
+from ce_export.engine import PLUGIN_VERSION
 from ce_export.errors import CeExportError, ExportError
 from ce_export.io_schema import io_names
 from ce_export.progress import progress_bar
@@ -49,14 +51,12 @@ TARGETS = ("portable", "ort", "trt")
 # and would otherwise hold max_batch x max_seq x vocab logits (26 GB in fp16 at OLMoE's 64 x 4096).
 DEFAULT_LOGITS = {"portable": "all", "ort": "all", "trt": "last"}
 OPSET = 20
-PLUGIN_VERSION = "1"
 # Weights beyond this go to model.onnx.data: well under protobuf's 2 GB limit, because an embedded
 # model is held whole in memory (twice while it is serialized), while external data is written
 # tensor by tensor and memory-mapped by ONNX Runtime.
 EXTERNAL_DATA_THRESHOLD = 256 * 1024**2
 EXTERNAL_DATA_ALIGNMENT = 65536  # large tensors start at multiples of this (memory mapping)
 MS_DOMAIN = "com.microsoft"
-ONNX_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def export_onnx(
     experts_form = experts_form_for(target)
     attach_functions(onnx_model, experts_form)
     if target == "ort":
-        blocker = ort_support.moe_lowering_blocker(ONNX_DTYPE_NAMES.get(dtype, str(dtype)))
+        blocker = ort_support.moe_lowering_blocker(DTYPE_NAMES.get(dtype, str(dtype)))
         if blocker is None:
             lower_plain_moe_to_ort(onnx_model, weights)
         else:

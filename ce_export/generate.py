@@ -148,20 +148,21 @@ def ort_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int
     import onnxruntime
 
     from ce_export.onnx_precision import OnnxPrecisionView
-    from ce_export.verify import OrtDecoder
+    from ce_export.runners import OrtRunner
 
     view = OnnxPrecisionView(folder / manifest["onnx"]["file"], manifest["dtype"])
-    runtime = OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(manifest.get("quantization")),
-                         path=view.onnx_path)
+    runtime = OrtRunner(view.model_for_runtime(), exact_dequantize=bool(manifest.get("quantization")),
+                        path=view.onnx_path)
     described = f"ONNX Runtime {onnxruntime.__version__} CPU ({view.numerics_note})"
-    return greedy_steps(runtime, manifest, ids, max_new_tokens, stop, view.runtime_torch_dtype), described
+    return greedy_ids(runtime, manifest, ids, max_new_tokens, stop, view.runtime_torch_dtype), described
 
 
 def torch_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int, stop: set[int]):
-    from ce_export.capture import DTYPES, build_torch_model
+    from ce_export.capture import build_torch_model
+    from ce_export.dtypes import DTYPES
     from ce_export.load import load_checkpoint
     from ce_export.quantize import fake_quantize_model, quantize_activations
-    from ce_export.verify import TorchDecoder
+    from ce_export.runners import TorchRunner
 
     dtype = DTYPES[manifest["dtype"]]
     lm = build_torch_model(load_checkpoint(checkpoint_of(folder, manifest)), dtype)
@@ -172,27 +173,19 @@ def torch_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: i
         if scales:
             quantize_activations(lm, scales)
     described = f"PyTorch {torch.__version__} ({manifest['dtype']}, the captured model)"
-    return greedy_steps(TorchDecoder(lm), manifest, ids, max_new_tokens, stop, dtype), described
+    return greedy_ids(TorchRunner(lm), manifest, ids, max_new_tokens, stop, dtype), described
 
 
-def greedy_steps(step, manifest: dict, ids: list[int], max_new_tokens: int, stop: set[int], dtype) -> Iterator[int]:
-    """Prefill, then one decode step per new token over the flat KV cache (capture.KvCacheDecoder's interface)."""
+def greedy_ids(runner, manifest: dict, ids: list[int], max_new_tokens: int, stop: set[int], dtype) -> Iterator[int]:
+    """runners.greedy from the prompt `ids` (one row) and an empty KV cache of the manifest's shapes, token by token."""
+    from ce_export.runners import greedy
+
     model = manifest["model"]
     key, value = (1, model["kv_heads"], 0, model["key_dim"]), (1, model["kv_heads"], 0, model["value_dim"])
     past = tuple(torch.zeros(shape, dtype=dtype) for _ in range(model["num_layers"]) for shape in (key, value))
-    step_ids = torch.tensor([ids])
-    mask = torch.ones_like(step_ids)
-    positions = torch.arange(len(ids))[None]
-    for _ in range(max_new_tokens):
-        logits, *present = step(step_ids, mask, positions, past)
-        token = int(logits[0, -1].float().argmax())
-        yield token
-        if token in stop:
-            return
-        past = tuple(present)
-        step_ids = torch.tensor([[token]])
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-        positions = positions[:, -1:] + 1
+    prompt = torch.tensor([ids])
+    for tokens, _ in greedy(runner, prompt, torch.ones_like(prompt), past, max_new_tokens, stop):
+        yield int(tokens)
 
 
 class IdStreamer:

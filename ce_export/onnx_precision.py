@@ -14,7 +14,7 @@ The view (functions inlined, so that the function bodies can be rewritten too):
   into fp32.
 The view is handed to ONNX Runtime from memory and refers to the artifact's own external-data file,
 so nothing is copied. ONNX Runtime must not fold the casts of the weights into fp32 initializers:
-verify's sessions disable constant folding (verify.OrtDecoder). The reference then uses the same
+verify's sessions disable constant folding (runners.OrtRunner). The reference then uses the same
 bf16-rounded weights in fp32. parity.json says so in "numerics".
 """
 
@@ -26,6 +26,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
+
+from ce_export.dtypes import DTYPES
 
 BF16, FP32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
 # Ops that only move data, with the inputs whose data they move: ONNX Runtime's CPU provider runs
@@ -44,7 +46,7 @@ class OnnxPrecisionView:
 
     @property
     def runtime_torch_dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.float32}[self.dtype_name]
+        return torch.float32 if self.emulated else DTYPES[self.dtype_name]
 
     @property
     def round_to(self) -> torch.dtype | None:
@@ -61,7 +63,7 @@ class OnnxPrecisionView:
 
     def model_for_runtime(self) -> Path | ir.Model:
         """The artifact's path, or its fp32 view (an onnx_ir model whose weights stay in the artifact's
-        external-data file; verify.OrtDecoder opens either)."""
+        external-data file; runners.OrtRunner opens either)."""
         if not self.emulated:
             return self.onnx_path
         model = ir.load(self.onnx_path)  # external weights stay on disk

@@ -22,10 +22,12 @@ from ce_export import clients
 from ce_export import export as export_stage
 from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
+from ce_export import runners
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, staged_folder, write_json, writing
-from ce_export.capture import DTYPES, LOGITS, build_torch_model, build_traced_model, parameter_dtype
+from ce_export.capture import LOGITS, build_torch_model, build_traced_model, empty_past, parameter_dtype
 from ce_export.demo import DEMO_NAME, write_demo_checkpoint
+from ce_export.dtypes import DTYPES
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
 from ce_export.manifest import onnx_files, read_manifest, recorded_files
@@ -257,8 +259,8 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     cases, new_tokens = verify_stage.PARITY_CASES, verify_stage.GENERATION_TOKENS
     logits_kept = manifest["onnx"].get("logits", "all")
     with timer("verify: ONNX Runtime session"):
-        runtime = verify_stage.OrtDecoder(view.model_for_runtime(), exact_dequantize=bool(quantization),
-                                          weights_as_stored=True, path=onnx_path)
+        runtime = runners.OrtRunner(view.model_for_runtime(), exact_dequantize=bool(quantization),
+                                    weights_as_stored=True, path=onnx_path)
         runtime.check_names(manifest["onnx"]["inputs"], manifest["onnx"]["outputs"], folder / MANIFEST)
     with timer(f"verify: ONNX Runtime on {len(cases)} shapes, {new_tokens} greedy tokens, "
                f"{len(sequences)} held-out sequences" + (", the task's held-out problems" if evaluation.task else "")), \
@@ -267,7 +269,8 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
         recorded = verify_stage.record_logits(runtime, spec, runtime_dtype, cases, progress=bar)
         ids, mask = verify_stage.generation_prompt(spec.vocab_size)
         start = time.perf_counter()
-        onnx_tokens = verify_stage.greedy_onnx(runtime, ids, mask, new_tokens, spec, runtime_dtype, progress=bar)
+        onnx_tokens, _ = runners.greedy_tokens(runtime, ids, mask, empty_past(spec, ids.shape[0], 0, runtime_dtype),
+                                               new_tokens, progress=bar)
         onnx_seconds = time.perf_counter() - start
         onnx_perplexity = verify_stage.perplexity(runtime, sequences, spec, runtime_dtype, logits_kept, progress=bar)
         onnx_task = None
@@ -392,7 +395,7 @@ def artifact_weights(loaded, round_to: torch.dtype | None, quantization: str | N
 def torch_fp32_quality(lm, evaluation: "Evaluation", spec, timer) -> tuple[float, dict | None]:
     """The unquantized PyTorch fp32 model's side of the quality report: (held-out perplexity, its
     exact_match on the task's held-out problems, or None without a task)."""
-    decoder = verify_stage.TorchDecoder(lm)
+    decoder = runners.TorchRunner(lm)
     sequences = evaluation.sequences
     with timer("verify: quality (held-out perplexity" + (", the task's held-out problems" if evaluation.task else "")
                + "), PyTorch fp32"), \

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from ce_export import verify
-from ce_export.capture import KvCacheDecoder, activation_sites
+from ce_export.capture import activation_sites, empty_past
 from ce_export.errors import VerifyError
+from ce_export.runners import OrtRunner, TorchRunner, greedy
 
 SCALE_SUFFIX = ".input_scale"
 
@@ -50,9 +51,8 @@ class SynchronizedPair:
                 self.site_of_output[value.name] = node.inputs[1].name.removesuffix(SCALE_SUFFIX).removeprefix("lm.")
         if not self.site_of_output:
             raise VerifyError(f"{onnx_path}: no FP8 activation QuantizeLinear found")
-        self.runtime = verify.OrtDecoder(model, exact_dequantize=exact_dequantize, weights_as_stored=True)
-        self.reference = KvCacheDecoder(reference_lm, logits).eval()
-        self.dtype = next(reference_lm.parameters()).dtype
+        self.runtime = OrtRunner(model, exact_dequantize=exact_dequantize, weights_as_stored=True)
+        self.reference = TorchRunner(reference_lm, logits)
         self._feeds: dict[str, torch.Tensor] = {}
         self._replaced: dict[int, torch.Tensor] = {}
         self.inputs: dict[str, dict] = {}
@@ -80,9 +80,7 @@ class SynchronizedPair:
         self._feeds = {site: named[name] for name, site in self.site_of_output.items()}
         self._replaced, self.inputs = {}, {}
         try:
-            with torch.no_grad():
-                expected = self.reference(input_ids, attention_mask, position_ids,
-                                          tuple(t.to(self.dtype) for t in past))
+            expected = self.reference(input_ids, attention_mask, position_ids, past)
         finally:
             self._feeds, self._replaced = {}, {}
         return list(expected), outputs[:self.outputs]
@@ -114,14 +112,19 @@ def check_generation(pair: SynchronizedPair, spec, dtype, tolerance: verify.Tole
     reference, given the same tokens and ONNX Runtime's KV cache, must pick the same next token,
     or one whose logit is within the near-tie tolerance of its own choice."""
     ids, mask = verify.generation_prompt(spec.vocab_size)
-    past = tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(ids.shape[0], 0))
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    step_ids, onnx_tokens, torch_tokens = ids, [], []
+    onnx_tokens, torch_tokens = [], []
     rows = [{"identical": True, "first_difference": None, "near_tie_margin": None, "passed": True} for _ in ids]
-    for step in range(new_tokens):
-        expected, actual = pair(step_ids, mask, positions, past)
-        reference_logits = expected[0][:, -1].float()
-        chosen = actual[0][:, -1].float().argmax(-1)
+    reference = {}
+
+    def onnx_runtime_step(*inputs):
+        expected, actual = pair(*inputs)
+        reference["logits"] = expected[0][:, -1].float()
+        return actual
+
+    steps = greedy(onnx_runtime_step, ids, mask, empty_past(spec, ids.shape[0], 0, dtype), new_tokens)
+    for step, (chosen, _) in enumerate(steps):
+        chosen = chosen[:, 0]
+        reference_logits = reference["logits"]
         preferred = reference_logits.argmax(-1)
         for index, row in enumerate(rows):
             if chosen[index] == preferred[index]:
@@ -134,10 +137,6 @@ def check_generation(pair: SynchronizedPair, spec, dtype, tolerance: verify.Tole
             row["passed"] = row["near_tie_margin"] <= tolerance.near_tie
         onnx_tokens.append(chosen)
         torch_tokens.append(preferred)
-        past = tuple(actual[1:])
-        step_ids = chosen[:, None]
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-        positions = positions[:, -1:] + 1
     return {"new_tokens": new_tokens, "near_tie_tolerance": tolerance.near_tie,
             "passed": all(r["passed"] for r in rows), "rows": rows,
             "synchronized_at_fp8_quantizers": True, "teacher_forced": "on ONNX Runtime's tokens and KV cache",

@@ -68,7 +68,8 @@ def write_task(folder: str | Path, task: Task) -> None:
 
 def answers(runtime, prompts: list[list[int]], new_tokens: int, spec, dtype) -> list[list[int]]:
     """Greedy `new_tokens` after each prompt, all prompts as one left-padded batch (pad id 0)."""
-    from ce_export.verify import greedy_onnx
+    from ce_export.capture import empty_past
+    from ce_export.runners import greedy
 
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -76,7 +77,8 @@ def answers(runtime, prompts: list[list[int]], new_tokens: int, spec, dtype) -> 
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
-    return greedy_onnx(runtime, ids, mask, new_tokens, spec, dtype).tolist()
+    steps = greedy(runtime, ids, mask, empty_past(spec, len(prompts), 0, dtype), new_tokens)
+    return torch.cat([tokens for tokens, _ in steps], dim=1).tolist()
 
 
 def exact_match(runtime, task: Task, tokenizer, spec, dtype) -> dict:

@@ -3,8 +3,8 @@
 Two checks, both against the captured PyTorch model (whose MoE blocks run moe_math.py):
 - logits and present K/V on several (batch, sequence, past) shapes, with and without past;
   per output the max absolute error and the relative error max|ort - torch| / max|torch|;
-- greedy generation (prefill, then a decode loop over the KV cache) from a left-padded batch:
-  ONNX Runtime must produce the same tokens as transformers' generate on the PyTorch model.
+- greedy generation (runners.greedy: prefill, then a decode loop over the KV cache) from a
+  left-padded batch: ONNX Runtime must produce the same tokens as the PyTorch model.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ce_export.artifacts import atomic_file
-from ce_export.capture import KvCacheDecoder
-from ce_export.errors import VerifyError, one_line
+from ce_export.capture import empty_past
+from ce_export.runners import TorchRunner, greedy_tokens
 
 GENERATION_TOKENS = 32
 
@@ -63,91 +63,6 @@ PARITY_CASES = (
     ParityCase(1, 1, 0), ParityCase(1, 7, 0), ParityCase(2, 16, 0), ParityCase(4, 64, 0),
     ParityCase(1, 1, 16), ParityCase(2, 1, 37), ParityCase(4, 8, 20), ParityCase(3, 64, 64),
 )
-
-
-def onnx_runtime_errors() -> tuple[type[Exception], ...]:
-    """The exception types ONNX Runtime raises for a model it cannot load or run (its own, not Python's)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException", "InvalidProtobuf",
-             "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
-    return tuple(getattr(state, name) for name in names if hasattr(state, name))
-
-
-class OrtDecoder:
-    """ONNX Runtime session over an exported decoder, fed and read as torch tensors. A file ONNX
-    Runtime cannot load or run is a VerifyError naming it (exit 2), not a traceback.
-
-    weights_as_stored: hold each weight once, as the file stores it (verification of large models).
-    By default ONNX Runtime constant-folds what it can at load time (transposes and splits of weights
-    become new fp32 initializers beside the originals; casts of bf16 weights in onnx_precision's view
-    would become an fp32 copy of the model) and prepacks MatMul weights into copies of its own. With
-    weights_as_stored neither happens: the session keeps the weights of the external-data file
-    memory-mapped, derived tensors exist only while an op needs them, and without the CPU memory
-    arena they are returned to the system afterwards. Same kernels, same results; slower.
-    """
-
-    def __init__(self, onnx_path, threads: int | None = None, exact_dequantize: bool = False,
-                 weights_as_stored: bool = False, path: str | Path | None = None):
-        """onnx_path: a file, or an onnx_ir model (held in memory; its external data stays in its folder),
-        for which `path` names the file it was read from in messages."""
-        import onnx_ir as ir
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if exact_dequantize:
-            # By default ORT fuses DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, which also
-            # quantizes the activations: faster, but not the weight-only math the file states.
-            options.add_session_config_entry("session.disable_quant_qdq", "1")
-        extra = {}
-        if weights_as_stored:
-            options.add_session_config_entry("session.disable_prepacking", "1")
-            options.enable_cpu_mem_arena = False
-            extra["disabled_optimizers"] = ["ConstantFolding"]
-        if threads:
-            options.intra_op_num_threads = threads
-        source = str(onnx_path)
-        if path is None:
-            path = "model.onnx (in memory)" if isinstance(onnx_path, ir.Model) else onnx_path
-        self.path = Path(path)
-        if isinstance(onnx_path, ir.Model):
-            folders = {value.const_value.base_dir for value in onnx_path.graph.initializers.values()
-                       if isinstance(value.const_value, ir.ExternalTensor)}
-            if len(folders) > 1:
-                raise ValueError(f"external data in several folders: {sorted(map(str, folders))}")
-            if folders:
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                 str(folders.pop()))
-            source = ir.serde.serialize_model(onnx_path).SerializeToString()
-        try:
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], **extra)
-        except onnx_runtime_errors() as error:
-            raise VerifyError(f"{self.path}: ONNX Runtime cannot load it ({one_line(str(error), 300)})") from None
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, input_ids, attention_mask, position_ids, past: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        arrays = [input_ids, attention_mask, position_ids, *past]
-        feed = {name: tensor.detach().contiguous().numpy() for name, tensor in zip(self.input_names, arrays)}
-        try:
-            outputs = self.session.run(self.output_names, feed)
-        except onnx_runtime_errors() as error:
-            shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in list(feed.items())[:4])
-            raise VerifyError(f"{self.path}: ONNX Runtime failed running it on {shapes}, ... "
-                              f"({one_line(str(error), 300)})") from None
-        return [torch.from_numpy(out) for out in outputs]
-
-    def check_names(self, inputs: list[str], outputs: list[str], manifest: Path) -> None:
-        """The session's inputs and outputs are the ones manifest.json lists, in its order."""
-        for what, listed, actual in (("inputs", inputs, self.input_names), ("outputs", outputs, self.output_names)):
-            if list(listed) != actual:
-                raise VerifyError(f"{manifest}: onnx.{what} {short_list(listed)} disagree with {self.path.name}'s "
-                                  f"{short_list(actual)}")
-
-
-def short_list(names: list[str]) -> str:
-    return str(names[:3])[:-1] + (f", ... ({len(names)})]" if len(names) > 3 else "]")
 
 
 def random_inputs(case: ParityCase, spec, dtype, gen: torch.Generator):
@@ -196,12 +111,10 @@ def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tol
     """The parity report of recorded runtime outputs against the reference (PyTorch, past in fp32).
     `record(inputs, expected)`, when given, receives each shape's feed and the reference's outputs;
     `logits`: the artifact's (capture.LOGITS), the reference computes the same positions."""
-    reference = KvCacheDecoder(reference_lm, logits).eval()
+    reference = TorchRunner(reference_lm, logits)
     results = []
     for entry in recorded:
-        ids, mask, positions, past = entry.inputs
-        with torch.no_grad():
-            expected = reference(ids, mask, positions, tuple(t.float() for t in past))
+        expected = reference(*entry.inputs)
         if record is not None:
             record(entry.inputs, expected)
         per_output = {name: compare(e, a) for name, e, a in zip(output_names, expected, entry.outputs)}
@@ -229,18 +142,6 @@ def summarize_cases(results: list[dict], tolerance: Tolerance) -> dict:
     worst = max(r[tolerance.statistic] for r in results)
     return {"statistic": tolerance.statistic, "threshold": tolerance.threshold, "worst": worst,
             "max_rel": max(r["max_rel"] for r in results), "passed": bool(worst <= tolerance.threshold), "cases": results}
-
-
-class TorchDecoder:
-    """A PyTorch causal LM behind the same flat interface as OrtDecoder."""
-
-    def __init__(self, lm):
-        self.decoder = KvCacheDecoder(lm).eval()
-        self.dtype = getattr(lm, "compute_dtype", None) or next(lm.parameters()).dtype
-
-    def __call__(self, input_ids, attention_mask, position_ids, past):
-        with torch.no_grad():
-            return self.decoder(input_ids, attention_mask, position_ids, tuple(t.to(self.dtype) for t in past))
 
 
 def perplexity(runtime, sequences: torch.Tensor, spec, dtype, logits: str = "all", progress=None) -> float:
@@ -287,58 +188,19 @@ def generation_prompt(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def greedy_onnx(runtime, ids, mask, new_tokens: int, spec, dtype, progress=None) -> torch.Tensor:
-    batch = ids.shape[0]
-    past = tuple(torch.zeros(shape, dtype=dtype) for shape in spec.past_shapes(batch, 0))
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = ids
-    step_ids = ids
-    for _ in range(new_tokens):
-        if progress is not None:
-            progress.update()
-        logits, *past = runtime(step_ids, mask, positions, tuple(past))
-        step_ids = logits[:, -1].float().argmax(-1, keepdim=True)
-        out = torch.cat([out, step_ids], dim=1)
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-        positions = positions[:, -1:] + 1
-    return out[:, ids.shape[1]:]
-
-
-class _StepCounter:
-    """A transformers streamer that only advances a progress bar, one step per generated token."""
-
-    def __init__(self, progress):
-        self.progress, self.prompt_seen = progress, False
-
-    def put(self, value) -> None:
-        if self.prompt_seen:
-            self.progress.update()
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-
-def greedy_torch(lm, ids, mask, new_tokens: int, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' generate: (new tokens [B, N], the logits of each step [B, N, V])."""
-    with torch.no_grad():
-        out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
-                          return_dict_in_generate=True, streamer=None if progress is None else _StepCounter(progress))
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
-
-
 def check_generation(lm_at_export_dtype, runtime, spec, dtype, tolerance: Tolerance, new_tokens: int = GENERATION_TOKENS,
                      onnx_tokens: list | None = None, onnx_seconds: float | None = None, progress=None) -> dict:
-    """`onnx_tokens`: the runtime's tokens from an earlier run (greedy_onnx on generation_prompt,
+    """`onnx_tokens`: the runtime's tokens from an earlier run (runners.greedy_tokens on generation_prompt,
     taking `onnx_seconds`), to compare with a PyTorch model without running the runtime again."""
     ids, mask = generation_prompt(spec.vocab_size)
     start = time.perf_counter()
-    expected, step_logits = greedy_torch(lm_at_export_dtype, ids, mask, new_tokens, progress)
+    torch_runner = TorchRunner(lm_at_export_dtype, logits="last")
+    expected, step_logits = greedy_tokens(torch_runner, ids, mask, empty_past(spec, ids.shape[0], 0, torch_runner.dtype),
+                                          new_tokens, progress)
     torch_seconds = time.perf_counter() - start
     start = time.perf_counter()
     if onnx_tokens is None:
-        actual = greedy_onnx(runtime, ids, mask, new_tokens, spec, dtype)
+        actual, _ = greedy_tokens(runtime, ids, mask, empty_past(spec, ids.shape[0], 0, dtype), new_tokens)
     else:
         actual = torch.tensor(onnx_tokens)
     ort_seconds = time.perf_counter() - start if onnx_seconds is None else onnx_seconds

@@ -1,17 +1,26 @@
-"""Greedy tokens from the field's clients and from PyTorch, for the client tests."""
+"""Greedy tokens from the field's clients (transformers' generate included) and from PyTorch, for the
+client, family and runtime tests."""
 
 import pytest
 import torch
 
 from ce_export.capture import build_torch_model
 from ce_export.load import load_checkpoint
-from ce_export.verify import greedy_torch
+
+
+def transformers_generate(lm, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' own greedy generate (its cache, its positions for left padding): the new tokens [B, N]."""
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:]
 
 
 def torch_tokens(checkpoint, ids: list[int], new_tokens: int) -> list[int]:
     """transformers' generate on the captured PyTorch model (MoE blocks through moe_math.py)."""
     prompt = torch.tensor([ids])
-    return greedy_torch(build_torch_model(load_checkpoint(checkpoint)), prompt, torch.ones_like(prompt), new_tokens)[0][0].tolist()
+    return transformers_generate(build_torch_model(load_checkpoint(checkpoint)), prompt, torch.ones_like(prompt),
+                                 new_tokens)[0].tolist()
 
 
 def genai_tokens(folder, ids: list[int], new_tokens: int) -> list[int]:

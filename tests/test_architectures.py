@@ -10,10 +10,11 @@ from architectures import add_compressed_experts, configs, drop_blocks, drop_exp
 from ce_export import ort_support, pipeline
 from ce_export.capture import empty_past
 from ce_export.load import load_checkpoint
+from ce_export.runners import OrtRunner
 from ce_export.spec import MoeLayerSpec
-from ce_export.verify import OrtDecoder, generation_prompt, greedy_torch
+from ce_export.verify import generation_prompt
 from ce_oracle import ce_moe_loop
-from client_runs import genai_tokens, until_genai_stops
+from client_runs import genai_tokens, transformers_generate, until_genai_stops
 
 QUIET = dict(report=lambda line: None)
 ARCHITECTURES = sorted(configs())
@@ -42,12 +43,12 @@ def test_onnx_matches_transformers(arch, tmp_path):
     ids = torch.randint(0, spec.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = stock(ids).logits
-    runtime = OrtDecoder(tmp_path / "build" / "model.onnx")
+    runtime = OrtRunner(tmp_path / "build" / "model.onnx")
     got = runtime(ids, torch.ones_like(ids), torch.arange(13).expand(2, -1).contiguous(), empty_past(spec, 2, 0, torch.float32))[0]
     assert (got - want).abs().max() / want.abs().max() <= 1e-4
 
     prompt, mask = generation_prompt(spec.vocab_size)
-    stock_tokens, _ = greedy_torch(stock, prompt, mask, 32)
+    stock_tokens = transformers_generate(stock, prompt, mask, 32)
     assert parity["generation"]["onnx_tokens"] == stock_tokens.tolist()
     assert len(set(stock_tokens[1].tolist())) > 4
 

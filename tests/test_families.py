@@ -23,9 +23,11 @@ from ce_export import families, onnx_functions, ort_support, pipeline
 from ce_export.capture import build_torch_model, empty_past
 from ce_export.errors import LoadError
 from ce_export.load import load_checkpoint
+from ce_export.runners import OrtRunner, greedy_tokens
 from ce_export.spec import MoeLayerSpec
-from ce_export.verify import OrtDecoder, generation_prompt, greedy_onnx, greedy_torch
+from ce_export.verify import generation_prompt
 from ce_oracle import ce_moe_loop
+from client_runs import transformers_generate
 
 QUIET = dict(report=lambda line: None)
 FAMILIES = sorted(second_wave_configs())
@@ -62,7 +64,7 @@ def test_family_onnx_runtime_and_tensorrt(family, tmp_path):
 
     spec = load_checkpoint(folder).spec
     stock = stock_model(folder)
-    runtime = OrtDecoder(out / "model.onnx")
+    runtime = OrtRunner(out / "model.onnx")
     ids = torch.randint(0, spec.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = stock(ids).logits
@@ -71,8 +73,9 @@ def test_family_onnx_runtime_and_tensorrt(family, tmp_path):
     assert (got - want).abs().max() / want.abs().max() <= 1e-4
 
     prompt, mask = generation_prompt(spec.vocab_size)
-    stock_tokens, _ = greedy_torch(stock, prompt, mask, GREEDY_TOKENS)
-    assert greedy_onnx(runtime, prompt, mask, GREEDY_TOKENS, spec, torch.float32).tolist() == stock_tokens.tolist()
+    stock_tokens = transformers_generate(stock, prompt, mask, GREEDY_TOKENS)
+    onnx_tokens, _ = greedy_tokens(runtime, prompt, mask, empty_past(spec, 2, 0, torch.float32), GREEDY_TOKENS)
+    assert onnx_tokens.tolist() == stock_tokens.tolist()
     assert len(set(stock_tokens[1].tolist())) > 4  # not collapsed into a repeated token
 
     # CE with the family's routing: one layer of the op against the loop oracle.
@@ -109,7 +112,7 @@ def test_compressed_experts_through_the_pipeline(family, tmp_path):
         assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [6, 5]
     model = load_checkpoint(folder)
     captured = build_torch_model(model)
-    runtime = OrtDecoder(tmp_path / "build" / "model.onnx")
+    runtime = OrtRunner(tmp_path / "build" / "model.onnx")
     ids = torch.randint(0, model.spec.vocab_size, (2, 13), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         want = captured(ids).logits
@@ -117,8 +120,9 @@ def test_compressed_experts_through_the_pipeline(family, tmp_path):
                   empty_past(model.spec, 2, 0, torch.float32))[0]
     assert (got - want).abs().max() / want.abs().max() <= 1e-4
     prompt, mask = generation_prompt(model.spec.vocab_size)
-    captured_tokens, _ = greedy_torch(captured, prompt, mask, GREEDY_TOKENS)
-    assert greedy_onnx(runtime, prompt, mask, GREEDY_TOKENS, model.spec, torch.float32).tolist() == captured_tokens.tolist()
+    captured_tokens = transformers_generate(captured, prompt, mask, GREEDY_TOKENS)
+    onnx_tokens, _ = greedy_tokens(runtime, prompt, mask, empty_past(model.spec, 2, 0, torch.float32), GREEDY_TOKENS)
+    assert onnx_tokens.tolist() == captured_tokens.tolist()
 
 
 def test_bf16_build_of_an_fp32_router_family_checks_the_weights_it_stores(tmp_path):
@@ -232,8 +236,8 @@ def test_gpt_oss_runs_on_onnx_runtimes_fused_moe(tmp_path):
     ids = torch.randint(0, spec.vocab_size, (2, 13), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = stock_model(folder)(ids).logits
-    got = OrtDecoder(tmp_path / "build" / "model.onnx")(ids, torch.ones_like(ids), torch.arange(13).expand(2, -1).contiguous(),
-                                                       empty_past(spec, 2, 0, torch.float32))[0]
+    got = OrtRunner(tmp_path / "build" / "model.onnx")(ids, torch.ones_like(ids), torch.arange(13).expand(2, -1).contiguous(),
+                                                      empty_past(spec, 2, 0, torch.float32))[0]
     assert (got - want).abs().max() / want.abs().max() <= 1e-4
 
 

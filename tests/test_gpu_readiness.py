@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from ce_export import bench, moe_math, ops, ort_support
+from ce_export import moe_math, ops, ort_support, runners
 
 # ---------------------------------------------------------------- the CUDA op's fallback
 
@@ -76,9 +76,9 @@ def identity_model(path, ir_version=None):
 def test_ort_row_labelled_cuda_fails_on_a_session_that_got_the_cpu_provider(tmp_path):
     """onnxruntime without CUDA (this machine) starts a CUDA-requested session on the CPU provider."""
     path = identity_model(tmp_path / "identity.onnx")
-    with pytest.raises(bench.ProviderError, match="did not give the session CUDAExecutionProvider"):
-        bench.OrtRunner(path, torch.device("cuda"))
-    assert bench.OrtRunner(path, torch.device("cpu")).session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(runners.ProviderError, match="did not give the session CUDAExecutionProvider"):
+        runners.OrtRunner(path, torch.device("cuda"))
+    assert runners.OrtRunner(path, torch.device("cpu")).session.get_providers() == ["CPUExecutionProvider"]
 
 
 # ---------------------------------------------------------------- onnxruntime versions

@@ -17,7 +17,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from ce_export import capture, export, pipeline, verify
+from ce_export import capture, export, pipeline, runners, verify
 from ce_export.capture import MoeBlock
 from ce_export.demo import demo_config, demo_tensors
 from ce_export.load import load_checkpoint, weight_bytes
@@ -87,7 +87,7 @@ def observed_build(checkpoint, tmp_path_factory):
                        "bytes": sum(p.nbytes for p in lm.parameters())})
         return lm
 
-    class Session(verify.OrtDecoder):
+    class Session(runners.OrtRunner):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             sessions.add(self)
@@ -103,7 +103,7 @@ def observed_build(checkpoint, tmp_path_factory):
     monkeypatch.setattr(capture, "parameter_sources", sources)
     monkeypatch.setattr(export, "parameter_sources", sources)
     monkeypatch.setattr(pipeline, "build_torch_model", build_torch_model)
-    monkeypatch.setattr(verify, "OrtDecoder", Session)
+    monkeypatch.setattr(runners, "OrtRunner", Session)
     monkeypatch.setattr(pipeline, "StageTimer", Timer)
     monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path_factory.mktemp("memory") / "build"
@@ -178,7 +178,7 @@ def session_memory(folder, checkpoint, weights_as_stored: bool) -> int:
     would be reused and hide it), after a first session on another model (ONNX Runtime's one-time set-up)."""
     code = f"""
 import torch
-from ce_export import verify
+from ce_export import runners, verify
 from ce_export.load import load_checkpoint
 from ce_export.onnx_precision import OnnxPrecisionView
 from test_memory import anon_peak_while, warm_up_onnx_runtime
@@ -190,7 +190,7 @@ warm_up_onnx_runtime()
 
 def run(probe):
     view = OnnxPrecisionView({str(folder / "model.onnx")!r}, "bf16").model_for_runtime()
-    session = verify.OrtDecoder(view, weights_as_stored={weights_as_stored})
+    session = runners.OrtRunner(view, weights_as_stored={weights_as_stored})
     probe()
     for case in inputs:
         session(*case)
@@ -212,7 +212,7 @@ def warm_up_onnx_runtime() -> None:
     node = ir.node("Relu", [x])
     node.outputs[0].name = "y"
     model = ir.Model(ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 20}), ir_version=10)
-    verify.OrtDecoder(model).session.run(None, {"x": np.ones(1, np.float32)})
+    runners.OrtRunner(model).session.run(None, {"x": np.ones(1, np.float32)})
 
 
 def test_bf16_artifact_is_checked_without_an_fp32_copy_of_its_weights(checkpoint, observed_build):

@@ -6,16 +6,18 @@ import pytest
 import torch
 
 from architectures import configs, save_tiny
+from client_runs import transformers_generate
 from ce_export.capture import build_torch_model
 from ce_export.errors import RuntimeInputError
 from ce_export.load import load_checkpoint
 from ce_export.runtime import FastDecoder
-from ce_export.verify import TorchDecoder, compare, generation_prompt, greedy_torch
+from ce_export.runners import TorchRunner
+from ce_export.verify import compare, generation_prompt
 
 
 def flat_reference_steps(loaded, ids, next_ids):
     """Prefill logits, then one decode step's logits, through the flat DynamicCache interface."""
-    reference = TorchDecoder(build_torch_model(loaded))
+    reference = TorchRunner(build_torch_model(loaded))
     batch, length = ids.shape
     empty = tuple(torch.zeros(shape) for shape in loaded.spec.past_shapes(batch, 0))
     positions = torch.arange(length).expand(batch, -1)
@@ -28,7 +30,7 @@ def flat_reference_steps(loaded, ids, next_ids):
 def test_generation_matches_transformers_generate_on_a_left_padded_batch(demo_ce):
     loaded = load_checkpoint(demo_ce)
     ids, mask = generation_prompt(loaded.spec.vocab_size)
-    expected, _ = greedy_torch(build_torch_model(loaded), ids, mask, 24)
+    expected = transformers_generate(build_torch_model(loaded), ids, mask, 24)
     fast = FastDecoder.from_checkpoint(demo_ce, batch=2, max_context=40, dtype=torch.float32, device="cpu")
     assert torch.equal(fast.generate(ids, mask, 24), expected)
     # The same decoder starts over cleanly with another prompt.
@@ -134,7 +136,7 @@ def test_attention_reads_a_window_of_the_cache_not_all_of_it(demo_ce):
     prompt = torch.cat([ids[:, :1].expand(-1, 245), ids], dim=1)  # 253 tokens, the first 3 of row 0 padded
     prompt_mask = torch.cat([torch.zeros(2, 245, dtype=torch.long), mask], dim=1)
     prompt_mask[1] = 1
-    expected, _ = greedy_torch(lm, prompt, prompt_mask, 8)
+    expected = transformers_generate(lm, prompt, prompt_mask, 8)
     fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=600)
     windows = []
     logits = fast.prefill(prompt, prompt_mask)
@@ -150,6 +152,6 @@ def test_compiled_decode_step_generates_the_same_tokens(demo_ce):
     """torch.compile of the decode step (inductor's CPU backend here) with our op left opaque."""
     loaded = load_checkpoint(demo_ce)
     ids, mask = generation_prompt(loaded.spec.vocab_size)
-    expected, _ = greedy_torch(build_torch_model(loaded), ids, mask, 8)
+    expected = transformers_generate(build_torch_model(loaded), ids, mask, 8)
     fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=24, compile_decode=True)
     assert torch.equal(fast.generate(ids, mask, 8), expected)

@@ -265,14 +265,15 @@ def measure(weights: Path, compressed: bool, scratch: Path) -> dict:
     from ce_export.demo import write_demo_checkpoint
     from ce_export.load import load_checkpoint
     from ce_export.pipeline import EVAL_SEQ_LEN, TASK_PERPLEXITY_SEQUENCES
+    from ce_export.runners import TorchRunner
     from ce_export.task import exact_match, held_out_sequences, read_task
-    from ce_export.verify import TorchDecoder, perplexity
+    from ce_export.verify import perplexity
     from ce_calibrate.data import load_tokenizer
 
     folder = write_demo_checkpoint(scratch / ("ce" if compressed else "plain"), compressed, force=True, weights=weights)
     loaded = load_checkpoint(folder)
     task, tokenizer = read_task(folder), load_tokenizer(folder)
-    runtime = TorchDecoder(build_torch_model(loaded, torch.float32))
+    runtime = TorchRunner(build_torch_model(loaded, torch.float32))
     result = exact_match(runtime, task, tokenizer, loaded.spec, torch.float32)
     result.pop("correct_by_problem")
     sequences = held_out_sequences(task, tokenizer, EVAL_SEQ_LEN, TASK_PERPLEXITY_SEQUENCES)  # as a build's report
@@ -295,14 +296,14 @@ class _Shapes:
 def progress_evaluation(config: dict, every_nth_problem: int = 4):
     """Exact match of the training model on a quarter of the held-out problems (the training log)."""
     from ce_export.demo import demo_task
+    from ce_export.runners import TorchRunner
     from ce_export.task import ByteTokens, Task, exact_match
-    from ce_export.verify import TorchDecoder
 
     task = demo_task()
     subset = Task(task.name, task.description, task.stop, "", task.held_out[::every_nth_problem])
 
     def evaluate(lm):  # the demo's tokenizer is the byte identity
-        result = exact_match(TorchDecoder(lm), subset, ByteTokens(config["vocab_size"]), _Shapes(config), torch.float32)
+        result = exact_match(TorchRunner(lm), subset, ByteTokens(config["vocab_size"]), _Shapes(config), torch.float32)
         return {"accuracy": result["accuracy"], **result["per_task"]}
 
     return evaluate
