@@ -27,11 +27,13 @@ E4M3 (round to nearest even) -> * scale, evaluated in fp32 whatever x's dtype, w
 Runtime's QuantizeLinear(saturate=1) -> DequantizeLinear compute; export.py translates it to that
 node pair. It is applied to every nn.Linear's input (shared experts are transformers' own linear
 layers) and each MoE block's hidden input to the experts (not the router input). The experts' intermediate activation
-(the down-projection input) is inside the custom MoE op and stays float.
+(the down-projection input) is inside the custom MoE op and stays float. Each scale is amax / 448 of
+its input over calibration data in the unquantized fp32 model (`activation_ranges`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -46,6 +48,7 @@ from ce_export.errors import ExportError
 
 FP8_MAX = 448.0
 QUANTIZE_ROWS_PER_CHUNK = 4096  # rows quantized at once: bounds quantize_weight's fp32 temporaries
+RANGE_PERCENTILE = 99.99  # activation_ranges' p99_99: a clipping candidate, recorded beside amax
 
 
 @dataclass(frozen=True)
@@ -205,9 +208,49 @@ class InputQuantizedLinear(nn.Linear):
         return F.linear(torch.ops.ce_export.fake_quantize_fp8(input, self.input_scale), self.weight, self.bias)
 
 
+class ActivationRangeCollector:
+    """Forward pre-hooks on every quantized GEMM input (capture.activation_sites) until `remove()`:
+    per site, `amax` = max |x| over every token seen and `p99_99` = the largest per-call
+    RANGE_PERCENTILE-th percentile of |x|."""
+
+    def __init__(self, lm: nn.Module):
+        self.ranges: dict[str, dict] = {}
+        self.handles = []
+        for name, module, kind in activation_sites(lm):
+            self.ranges[name] = {"kind": kind, "amax": 0.0, "p99_99": 0.0}
+            self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach().float().abs().flatten()
+            if x.numel() == 0:
+                return
+            entry = self.ranges[name]
+            entry["amax"] = max(entry["amax"], x.max().item())
+            k = max(1, min(x.numel(), math.ceil(x.numel() * RANGE_PERCENTILE / 100)))
+            entry["p99_99"] = max(entry["p99_99"], x.kthvalue(k).values.item())
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def activation_ranges(lm: nn.Module, sequences: torch.Tensor, batch_size: int = 4) -> dict[str, dict]:
+    """{site name: {kind, amax, p99_99}} of every quantized GEMM input of `lm` over token `sequences` [N, S]."""
+    collector = ActivationRangeCollector(lm)
+    try:
+        for start in range(0, sequences.shape[0], batch_size):
+            lm(input_ids=sequences[start:start + batch_size], use_cache=False)
+    finally:
+        collector.remove()
+    return collector.ranges
+
+
 def activation_scales(ranges: dict, dtype: torch.dtype) -> dict[str, float]:
     """{site: amax / 448} rounded to the artifact's dtype (the scale is stored in it), from
-    calibration's activation_ranges."""
+    activation_ranges."""
     scales = {}
     for name, entry in ranges.items():
         scale = torch.tensor(max(float(entry["amax"]), 1e-12) / FP8_MAX, dtype=torch.float32).to(dtype)
