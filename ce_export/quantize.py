@@ -26,9 +26,10 @@ Activations (`fp8-w8a8`): `ce_export::fake_quantize_fp8(x, scale)` = clamp(x / s
 E4M3 (round to nearest even) -> * scale, evaluated in fp32 whatever x's dtype, which is what ONNX
 Runtime's QuantizeLinear(saturate=1) -> DequantizeLinear compute; export.py translates it to that
 node pair. It is applied to every nn.Linear's input (shared experts are transformers' own linear
-layers) and each MoE block's hidden input to the experts (not the router input). The experts' intermediate activation
-(the down-projection input) is inside the custom MoE op and stays float. Each scale is amax / 448 of
-its input over calibration data in the unquantized fp32 model (`activation_ranges`).
+layers; each becomes an InputQuantizedLinear holding the same parameters, in its place) and each
+MoE block's hidden input to the experts (not the router input). The experts' intermediate
+activation (the down-projection input) is inside the custom MoE op and stays float. Each scale is
+amax / 448 of its input over calibration data in the unquantized fp32 model (`activation_ranges`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ce_export.capture import MoeBlock, activation_sites, is_quantized_linear
+from ce_export.capture import MoeBlock, activation_sites, is_quantized_linear, replace_module
 from ce_export.errors import ExportError
 
 FP8_MAX = 448.0
@@ -202,7 +203,13 @@ def _fake_quantize_fp8_fake(x, scale):
 
 
 class InputQuantizedLinear(nn.Linear):
-    """nn.Linear whose input goes through fake_quantize_fp8 first (parameter names unchanged)."""
+    """An nn.Linear whose input goes through fake_quantize_fp8 first. It takes the place of `linear`
+    in the model and holds the same parameter objects (names, ties and storage unchanged)."""
+
+    def __init__(self, linear: nn.Linear, input_scale: torch.Tensor):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("input_scale", input_scale, persistent=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(torch.ops.ce_export.fake_quantize_fp8(input, self.input_scale), self.weight, self.bias)
@@ -269,9 +276,11 @@ def quantize_activations(lm: nn.Module, scales: dict[str, float]) -> int:
                           f"calibration does not match this model")
     dtype = getattr(lm, "compute_dtype", None) or next(lm.parameters()).dtype
     for name, module, kind in sites:
+        scale = torch.tensor(scales[name], dtype=dtype)
         if kind == "linear":
-            module.__class__ = InputQuantizedLinear
-        module.register_buffer("input_scale", torch.tensor(scales[name], dtype=dtype), persistent=False)
+            replace_module(lm, name, InputQuantizedLinear(module, scale))
+        else:
+            module.register_buffer("input_scale", scale, persistent=False)
     return len(sites)
 
 
