@@ -11,6 +11,7 @@ router(h) then experts(h, index, weights) get an adapter here (Llama 4).
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Callable
 
@@ -299,46 +300,62 @@ def _llama4_block_forward(self, hidden_states):
     return self.shared_expert(flat) + self.experts(flat), None
 
 
-# Families whose attention rotates q/k with complex tensors, which ONNX cannot express: their
-# modeling module and where the heads axis sits in q/k relative to the [B, S, d/2] frequencies.
+# Families whose attention rotates q/k with complex tensors, which ONNX cannot express: where the
+# heads axis sits in q/k relative to the [B, S, d/2] frequencies.
 COMPLEX_ROTARY = {
-    "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", 1),  # q, k [B, heads, S, d]
-    "llama4_text": ("transformers.models.llama4.modeling_llama4", 2),  # q, k [B, S, heads, d]
+    "deepseek_v2": 1,  # q, k [B, heads, S, d]
+    "llama4_text": 2,  # q, k [B, S, heads, d]
 }
+ROTATION_FUNCTION = "apply_rotary_emb"  # the global the family's attention forward rotates q and k with
 
 
 def use_real_rotary(lm: nn.Module, architecture: str) -> None:
-    """Swap in the same rotation in real arithmetic: the rotary module returns (cos, sin) pairs and
-    the attention's rotation function (patched at module level, and still delegating to the
-    original for complex inputs, so stock models in the process are unaffected) applies them."""
-    import importlib
+    """The same rotation in real arithmetic, in this model instance only: its rotary module returns
+    (cos, sin) pairs instead of complex frequencies, and each of its attention modules runs a copy
+    of the family's attention forward whose `apply_rotary_emb` applies them. Neither transformers'
+    classes nor its modeling module change."""
+    heads_axis = COMPLEX_ROTARY[architecture]
+    rotary = lm.model.rotary_emb
+    rotary.forward = types.MethodType(_real_rotary_forward, rotary)
+    real_forwards = {}
+    for module in lm.modules():
+        # The attention's own forward function; its decorators (they rename deprecated keywords
+        # that the decoder layer does not pass) are not kept.
+        forward = inspect.unwrap(type(module).forward)
+        if ROTATION_FUNCTION not in getattr(getattr(forward, "__code__", None), "co_names", ()):
+            continue
+        if type(module) not in real_forwards:
+            real_forwards[type(module)] = _with_global(forward, ROTATION_FUNCTION, _real_rotation(heads_axis))
+        module.forward = types.MethodType(real_forwards[type(module)], module)
+    if not real_forwards:
+        raise RuntimeError(f"{architecture}: no module of the model calls {ROTATION_FUNCTION}; "
+                           f"transformers' attention changed, the real rotation has nothing to replace")
 
-    module_name, heads_axis = COMPLEX_ROTARY[architecture]
-    modeling = importlib.import_module(module_name)
-    original_rotary = type(lm.model.rotary_emb)
 
-    class RealRotaryEmbedding(original_rotary):
-        def forward(self, x, position_ids):
-            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-            return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
+def _real_rotary_forward(self, x, position_ids):
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
 
-    lm.model.rotary_emb.__class__ = RealRotaryEmbedding
-    if not getattr(modeling.apply_rotary_emb, "handles_real", False):
-        complex_rotation = modeling.apply_rotary_emb
 
-        def apply_rotary_emb(xq, xk, freqs):
-            if freqs.is_complex():
-                return complex_rotation(xq, xk, freqs)
-            cos, sin = (part.unsqueeze(heads_axis) for part in freqs.unbind(-1))  # heads axis of size 1
+def _real_rotation(heads_axis: int) -> Callable:
+    def apply_rotary_emb(xq, xk, freqs):
+        cos, sin = (part.unsqueeze(heads_axis) for part in freqs.unbind(-1))  # heads axis of size 1
 
-            def rotate(x):
-                real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
-                return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(3).type_as(x)
+        def rotate(x):
+            real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+            return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(3).type_as(x)
 
-            return rotate(xq), rotate(xk)
+        return rotate(xq), rotate(xk)
 
-        apply_rotary_emb.handles_real = True
-        modeling.apply_rotary_emb = apply_rotary_emb
+    return apply_rotary_emb
+
+
+def _with_global(function: types.FunctionType, name: str, value) -> types.FunctionType:
+    """A copy of `function` that sees `value` as its global `name` (its module keeps its own)."""
+    copy = types.FunctionType(function.__code__, {**function.__globals__, name: value}, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
 
 
 def flatten_cache(cache: DynamicCache) -> list[torch.Tensor]:

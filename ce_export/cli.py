@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
         print(bench.markdown_table(data))
         print("results: " + ", ".join(str(f) for f in files))
     elif args.command in ("calibrate", "trim"):
-        import ce_calibrate
+        import ce_calibrate  # the only import of ce_calibrate in ce_export (DESIGN.md, "Who imports whom")
 
         model = args.model
         if model == "demo":

@@ -70,7 +70,7 @@ def generate(folder: str | Path, prompt: str | None = None, ids: list[int] | Non
 
 
 def folder_tokenizer(folder: Path):
-    from ce_calibrate.data import load_tokenizer
+    from ce_export.tokenizer import load_tokenizer
 
     return load_tokenizer(folder)
 

@@ -25,6 +25,7 @@ from ce_export import quantize as quantize_stage
 from ce_export import runners
 from ce_export import verify as verify_stage
 from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, staged_folder, write_json, writing
+from ce_export.calibration_data import BUILTIN, CHECKPOINT_TASK, prepare
 from ce_export.capture import LOGITS, build_torch_model, build_traced_model, empty_past, parameter_dtype
 from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.dtypes import DTYPES
@@ -38,7 +39,7 @@ from ce_export.task import TASK_FILE, compare_exact_match, exact_match, held_out
 
 MANIFEST_FORMAT = 1
 CHECKPOINT_COPY = "checkpoint"
-# Calibration / evaluation data (ce_calibrate.prepare): sequences of EVAL_SEQ_LEN tokens; the last
+# Calibration / evaluation data (calibration_data.prepare): sequences of EVAL_SEQ_LEN tokens; the last
 # quarter is held out, and its first EVAL_SEQUENCES give the perplexity of the quality report; the
 # first CALIBRATION_SEQUENCES of the rest give the FP8 activation ranges (fp8-w8a8).
 EVAL_SEQ_LEN, EVAL_FRACTION, EVAL_SEQUENCES, CALIBRATION_SEQUENCES = 64, 0.25, 8, 32
@@ -160,19 +161,16 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
 
 
 def calibration_data(checkpoint: Path, loaded, data: str | None):
-    """The build's calibration / evaluation sequences (ce_calibrate.prepare): `data`, or the built-in corpus."""
-    from ce_calibrate import prepare
-
+    """The build's calibration / evaluation sequences (calibration_data.prepare): `data`, or the built-in corpus."""
     return prepare(checkpoint, loaded.spec.vocab_size, data, seq_len=EVAL_SEQ_LEN, eval_fraction=EVAL_FRACTION)
 
 
 def calibrate_activations(loaded, data, dtype: torch.dtype) -> dict:
     """FP8 activation scales (amax / 448, in the artifact's dtype) of every quantized GEMM input,
     from the unquantized fp32 model on the calibration split (never the held-out slice)."""
-    from ce_calibrate import activation_ranges
-
     sequences = data.calibration[:CALIBRATION_SEQUENCES]
-    ranges = activation_ranges(build_torch_model(loaded, torch.float32, keep_expert_dtype=True), sequences)
+    lm = build_torch_model(loaded, torch.float32, keep_expert_dtype=True)
+    ranges = quantize_stage.activation_ranges(lm, sequences)
     return {"format": "FP8 E4M3 (float8e4m3fn), QuantizeLinear saturate=1 -> DequantizeLinear",
             "granularity": "one static scale per tensor", "scale": "amax / 448, stored in the model dtype",
             "calibration": f"{sequences.shape[0]} x {sequences.shape[1]} tokens, {data.source}",
@@ -437,9 +435,6 @@ class Evaluation:
 
 
 def evaluation_inputs(folder: Path, manifest: dict, loaded) -> Evaluation:
-    from ce_calibrate import BUILTIN
-    from ce_calibrate.data import CHECKPOINT_TASK
-
     checkpoint = checkpoint_of(folder, manifest)
     task = read_task(checkpoint)
     recorded = manifest.get("calibration_data") or {}
@@ -478,9 +473,6 @@ def quality_report(folder: Path, manifest: dict, evaluation: Evaluation, torch_p
 
 
 def data_kind(source: str) -> str:
-    from ce_calibrate import BUILTIN
-    from ce_calibrate.data import CHECKPOINT_TASK
-
     return {BUILTIN: "built-in corpus", CHECKPOINT_TASK: "the checkpoint's task (calibration text)"}.get(
         source, "user data (--calib)")
 

@@ -26,12 +26,15 @@ Activations (`fp8-w8a8`): `ce_export::fake_quantize_fp8(x, scale)` = clamp(x / s
 E4M3 (round to nearest even) -> * scale, evaluated in fp32 whatever x's dtype, which is what ONNX
 Runtime's QuantizeLinear(saturate=1) -> DequantizeLinear compute; export.py translates it to that
 node pair. It is applied to every nn.Linear's input (shared experts are transformers' own linear
-layers) and each MoE block's hidden input to the experts (not the router input). The experts' intermediate activation
-(the down-projection input) is inside the custom MoE op and stays float.
+layers; each becomes an InputQuantizedLinear holding the same parameters, in its place) and each
+MoE block's hidden input to the experts (not the router input). The experts' intermediate
+activation (the down-projection input) is inside the custom MoE op and stays float. Each scale is
+amax / 448 of its input over calibration data in the unquantized fp32 model (`activation_ranges`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -41,11 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ce_export.capture import MoeBlock, activation_sites, is_quantized_linear
+from ce_export.capture import MoeBlock, activation_sites, is_quantized_linear, replace_module
 from ce_export.errors import ExportError
 
 FP8_MAX = 448.0
 QUANTIZE_ROWS_PER_CHUNK = 4096  # rows quantized at once: bounds quantize_weight's fp32 temporaries
+RANGE_PERCENTILE = 99.99  # activation_ranges' p99_99: a clipping candidate, recorded beside amax
 
 
 @dataclass(frozen=True)
@@ -199,15 +203,61 @@ def _fake_quantize_fp8_fake(x, scale):
 
 
 class InputQuantizedLinear(nn.Linear):
-    """nn.Linear whose input goes through fake_quantize_fp8 first (parameter names unchanged)."""
+    """An nn.Linear whose input goes through fake_quantize_fp8 first. It takes the place of `linear`
+    in the model and holds the same parameter objects (names, ties and storage unchanged)."""
+
+    def __init__(self, linear: nn.Linear, input_scale: torch.Tensor):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("input_scale", input_scale, persistent=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(torch.ops.ce_export.fake_quantize_fp8(input, self.input_scale), self.weight, self.bias)
 
 
+class ActivationRangeCollector:
+    """Forward pre-hooks on every quantized GEMM input (capture.activation_sites) until `remove()`:
+    per site, `amax` = max |x| over every token seen and `p99_99` = the largest per-call
+    RANGE_PERCENTILE-th percentile of |x|."""
+
+    def __init__(self, lm: nn.Module):
+        self.ranges: dict[str, dict] = {}
+        self.handles = []
+        for name, module, kind in activation_sites(lm):
+            self.ranges[name] = {"kind": kind, "amax": 0.0, "p99_99": 0.0}
+            self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach().float().abs().flatten()
+            if x.numel() == 0:
+                return
+            entry = self.ranges[name]
+            entry["amax"] = max(entry["amax"], x.max().item())
+            k = max(1, min(x.numel(), math.ceil(x.numel() * RANGE_PERCENTILE / 100)))
+            entry["p99_99"] = max(entry["p99_99"], x.kthvalue(k).values.item())
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def activation_ranges(lm: nn.Module, sequences: torch.Tensor, batch_size: int = 4) -> dict[str, dict]:
+    """{site name: {kind, amax, p99_99}} of every quantized GEMM input of `lm` over token `sequences` [N, S]."""
+    collector = ActivationRangeCollector(lm)
+    try:
+        for start in range(0, sequences.shape[0], batch_size):
+            lm(input_ids=sequences[start:start + batch_size], use_cache=False)
+    finally:
+        collector.remove()
+    return collector.ranges
+
+
 def activation_scales(ranges: dict, dtype: torch.dtype) -> dict[str, float]:
     """{site: amax / 448} rounded to the artifact's dtype (the scale is stored in it), from
-    calibration's activation_ranges."""
+    activation_ranges."""
     scales = {}
     for name, entry in ranges.items():
         scale = torch.tensor(max(float(entry["amax"]), 1e-12) / FP8_MAX, dtype=torch.float32).to(dtype)
@@ -226,9 +276,11 @@ def quantize_activations(lm: nn.Module, scales: dict[str, float]) -> int:
                           f"calibration does not match this model")
     dtype = getattr(lm, "compute_dtype", None) or next(lm.parameters()).dtype
     for name, module, kind in sites:
+        scale = torch.tensor(scales[name], dtype=dtype)
         if kind == "linear":
-            module.__class__ = InputQuantizedLinear
-        module.register_buffer("input_scale", torch.tensor(scales[name], dtype=dtype), persistent=False)
+            replace_module(lm, name, InputQuantizedLinear(module, scale))
+        else:
+            module.register_buffer("input_scale", scale, persistent=False)
     return len(sites)
 
 

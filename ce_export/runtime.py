@@ -99,12 +99,13 @@ class FastDecoder:
         self.next_positions = None  # [B, 1] rotary positions of the next token per row
         self._decode_step = self._step
         if compile_decode:
-            # One compiled variant per window; dynamo's default limit (8) would drop later windows to eager.
+            # One compiled variant per window; dynamo's default limit (8) would drop later windows to
+            # eager. The limit is raised during the step's calls only (where dynamo recompiles).
             windows = -(-max_context // WINDOW_STEP) + 1
             config = torch._dynamo.config
             name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            setattr(config, name, max(getattr(config, name), windows))
-            self._decode_step = torch.compile(self._step, dynamic=False)
+            enough_variants = config.patch(name, max(getattr(config, name), windows))
+            self._decode_step = enough_variants(torch.compile(self._step, dynamic=False))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, batch: int, max_context: int, dtype: torch.dtype = torch.bfloat16,

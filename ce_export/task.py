@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ce_export.errors import LoadError
+from ce_export.tokenizer import byte_tokens, load_tokenizer
 
 TASK_FILE = "task.json"
 TASK_FORMAT = 1
@@ -115,21 +116,17 @@ def compare_exact_match(task: Task, tokenizer, expected: dict, actual: dict) -> 
 
 
 class ByteTokens:
-    """ce_calibrate's byte fallback (token id = byte % vocab_size) behind tokenizer.encode."""
+    """The byte fallback (tokenizer.byte_tokens: token id = byte % vocab_size) behind tokenizer.encode."""
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        from ce_calibrate.data import byte_tokens
-
         return byte_tokens(text, self.vocab_size)
 
 
 def task_tokenizer(folder: str | Path, vocab_size: int):
     """The checkpoint's tokenizer, or the byte fallback when its folder has none (as calibration does)."""
-    from ce_calibrate.data import load_tokenizer
-
     return load_tokenizer(Path(folder)) or ByteTokens(vocab_size)
 
 

@@ -12,12 +12,14 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "calibrate"))
 
 from architectures import save_tiny  # noqa: E402
-from ce_calibrate import HEATMAP_FILE, STATS_FILE, byte_tokens, calibrate, prepare, trim  # noqa: E402
+from ce_calibrate import HEATMAP_FILE, STATS_FILE, calibrate, trim  # noqa: E402
 from ce_export import pipeline  # noqa: E402
+from ce_export.calibration_data import prepare  # noqa: E402
 from ce_export.capture import build_torch_model  # noqa: E402
 from ce_export.demo import write_demo_checkpoint  # noqa: E402
 from ce_export.errors import CeExportError, LoadError, OutputError  # noqa: E402
 from ce_export.load import load_checkpoint  # noqa: E402
+from ce_export.tokenizer import byte_tokens  # noqa: E402
 
 QUIET = dict(report=lambda line: None)
 # The checkpoint's calibration text (the demo's task.json), else the built-in corpus.
@@ -96,7 +98,7 @@ def test_activation_ranges_of_every_quantized_gemm_input(demo):
 
 
 def test_activation_ranges_cover_shared_experts_and_dense_mlps(tmp_path):
-    from ce_calibrate import activation_ranges
+    from ce_export.quantize import activation_ranges
 
     folder = save_tiny("qwen2_moe", tmp_path / "qwen2")  # shared experts; layer 1 is a dense MLP
     lm = build_torch_model(load_checkpoint(folder))

@@ -272,7 +272,7 @@ def folder_with_tokenizer(demo_build, tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ce_calibrate.data import CORPUS
+    from ce_export.calibration_data import CORPUS
 
     folder = tmp_path_factory.mktemp("tokenized") / "demo"
     shutil.copytree(demo_build, folder)

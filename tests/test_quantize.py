@@ -230,6 +230,37 @@ def test_fp8_activations_with_user_calibration_data(demo_ce, calib_text, tmp_pat
     assert worst["fp8 input of model.layers.1.mlp.experts"]["max_rel"] > 1e-3
 
 
+def test_fp8_activations_replace_the_linear_modules_of_this_model_only(demo_ce):
+    """quantize_activations puts a new module in each nn.Linear's place, holding the same parameters;
+    the old modules and nn.Linear itself are unchanged."""
+    from torch import nn
+
+    from ce_export.capture import build_torch_model
+    from ce_export.load import load_checkpoint
+    from ce_export.quantize import InputQuantizedLinear, activation_ranges, activation_scales, quantize_activations
+
+    lm = build_torch_model(load_checkpoint(demo_ce))
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    scales = activation_scales(activation_ranges(lm, ids), torch.float32)
+    linear_forward, old = nn.Linear.forward, dict(lm.named_modules())
+    with torch.no_grad():
+        unquantized = lm(ids).logits
+        assert quantize_activations(lm, scales) == ACTIVATION_SITES
+        quantized = lm(ids).logits
+    assert nn.Linear.forward is linear_forward
+    for name, module in lm.named_modules():
+        if isinstance(module, InputQuantizedLinear):
+            assert type(old[name]) is nn.Linear and module is not old[name]
+            assert module.weight is old[name].weight and module.bias is old[name].bias
+            assert module.input_scale.item() == pytest.approx(scales[name])
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight or not lm.config.tie_word_embeddings
+    assert sum(isinstance(module, InputQuantizedLinear) for module in lm.modules()) == ACTIVATION_SITES - 4
+    assert not torch.equal(quantized, unquantized)
+    x = torch.randn(3, lm.lm_head.in_features, generator=torch.Generator().manual_seed(1))
+    fp8_x = torch.ops.ce_export.fake_quantize_fp8(x, lm.lm_head.input_scale)
+    assert torch.equal(lm.lm_head(x), old["lm_head"](fp8_x)) and not torch.equal(fp8_x, x)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--quantize", "fp8-w8a8", "--calib", "missing.txt"], "calibration data file does not exist"),
 ])

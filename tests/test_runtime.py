@@ -10,8 +10,8 @@ from client_runs import transformers_generate
 from ce_export.capture import build_torch_model
 from ce_export.errors import RuntimeInputError
 from ce_export.load import load_checkpoint
-from ce_export.runtime import FastDecoder
 from ce_export.runners import TorchRunner
+from ce_export.runtime import WINDOW_STEP, FastDecoder
 from ce_export.verify import compare, generation_prompt
 
 
@@ -155,3 +155,6 @@ def test_compiled_decode_step_generates_the_same_tokens(demo_ce):
     expected = transformers_generate(build_torch_model(loaded), ids, mask, 8)
     fast = FastDecoder(build_torch_model(loaded), loaded.spec, batch=2, max_context=24, compile_decode=True)
     assert torch.equal(fast.generate(ids, mask, 8), expected)
+    limits = dict(torch._dynamo.config.get_config_copy())
+    FastDecoder(fast.lm, loaded.spec, batch=1, max_context=40 * WINDOW_STEP, compile_decode=True)
+    assert torch._dynamo.config.get_config_copy() == limits  # its 41 variants are allowed inside its calls only

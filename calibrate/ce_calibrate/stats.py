@@ -12,10 +12,11 @@ Per decoder layer it records
   Block Drop score).
 Higher similarity = the sub-layer or block changes the residual stream less = a better drop candidate.
 
-And per quantized GEMM input (`activation_ranges`, keyed by the torch module name, with forward
-pre-hooks): every nn.Linear (attention projections, LM head, dense MLPs), each shared expert and
-each MoE block's hidden input to the experts; `amax` = max |x| over all calibration tokens, and
-`p99_99` = the largest per-batch 99.99th percentile of |x|. FP8 activation scales are amax / 448.
+And per quantized GEMM input, in the same pass, the ranges `ce_export.quantize.activation_ranges`
+measures (keyed by the torch module name): every nn.Linear (attention projections, LM head, dense
+MLPs), each shared expert and each MoE block's hidden input to the experts; `amax` = max |x| over all
+calibration tokens, and `p99_99` = the largest per-batch 99.99th percentile of |x|. FP8 activation
+scales are amax / 448.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from ce_export.artifacts import staged_folder, write_json
-from ce_export.capture import MoeBlock, activation_sites, build_torch_model
+from ce_export.calibration_data import prepare
+from ce_export.capture import MoeBlock, build_torch_model
 from ce_export.errors import LoadError
 from ce_export.load import load_checkpoint
+from ce_export.quantize import ActivationRangeCollector
 from ce_export.spec import MoeLayerSpec
 
-from ce_calibrate.data import prepare
-
 STATS_FORMAT = 1  # activation_ranges was added without a format change (trim does not read it)
-PERCENTILE = 99.99
 STATS_FILE = "calibration.json"
 HEATMAP_FILE = "expert_usage.png"
 
@@ -107,32 +107,6 @@ class _Collector:
             handle.remove()
 
 
-class _RangeCollector:
-    """Forward pre-hooks on every quantized GEMM input (ce_export.capture.activation_sites)."""
-
-    def __init__(self, lm: torch.nn.Module):
-        self.ranges: dict[str, dict] = {}
-        self.handles = []
-        for name, module, kind in activation_sites(lm):
-            self.ranges[name] = {"kind": kind, "amax": 0.0, "p99_99": 0.0}
-            self.handles.append(module.register_forward_pre_hook(self._hook(name)))
-
-    def _hook(self, name):
-        def hook(module, args):
-            x = args[0].detach().float().abs().flatten()
-            if x.numel() == 0:
-                return
-            entry = self.ranges[name]
-            entry["amax"] = max(entry["amax"], x.max().item())
-            k = max(1, min(x.numel(), math.ceil(x.numel() * PERCENTILE / 100)))
-            entry["p99_99"] = max(entry["p99_99"], x.kthvalue(k).values.item())
-        return hook
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
 def _run(lm: torch.nn.Module, sequences: torch.Tensor, batch_size: int, progress: bool, collectors) -> None:
     try:
         with torch.no_grad(), _progress(sequences.shape[0], "calibration", progress) as bar:
@@ -143,14 +117,6 @@ def _run(lm: torch.nn.Module, sequences: torch.Tensor, batch_size: int, progress
     finally:
         for collector in collectors:
             collector.remove()
-
-
-def activation_ranges(lm: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 4,
-                      progress: bool = False) -> dict[str, dict]:
-    """{module name: {kind, amax, p99_99}} of every quantized GEMM input of `lm` over `sequences`."""
-    collector = _RangeCollector(lm)
-    _run(lm, sequences, batch_size, progress, [collector])
-    return collector.ranges
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -181,9 +147,9 @@ def perplexity(lm: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 4
 def collect(lm: torch.nn.Module, spec, sequences: torch.Tensor, batch_size: int = 4, progress: bool = True,
             ranges: dict | None = None) -> list[dict]:
     """Run `sequences` through `lm` with the hooks; one statistics dict per decoder layer. When
-    `ranges` is a dict, the same pass fills it with `activation_ranges`."""
+    `ranges` is a dict, the same pass fills it with ce_export.quantize's activation ranges."""
     collector = _Collector(lm)
-    range_collector = _RangeCollector(lm) if ranges is not None else None
+    range_collector = ActivationRangeCollector(lm) if ranges is not None else None
     _run(lm, sequences, batch_size, progress, [collector] + ([range_collector] if range_collector else []))
     if range_collector is not None:
         ranges.update(range_collector.ranges)

@@ -267,8 +267,8 @@ def measure(weights: Path, compressed: bool, scratch: Path) -> dict:
     from ce_export.pipeline import EVAL_SEQ_LEN, TASK_PERPLEXITY_SEQUENCES
     from ce_export.runners import TorchRunner
     from ce_export.task import exact_match, held_out_sequences, read_task
+    from ce_export.tokenizer import load_tokenizer
     from ce_export.verify import perplexity
-    from ce_calibrate.data import load_tokenizer
 
     folder = write_demo_checkpoint(scratch / ("ce" if compressed else "plain"), compressed, force=True, weights=weights)
     loaded = load_checkpoint(folder)

@@ -1,7 +1,9 @@
-"""Calibration data: text / JSONL / token-id files (or the built-in corpus) -> fixed-length sequences.
+"""Calibration data: text / JSONL / token-id files (or the built-in corpus) -> fixed-length sequences,
+for the build's `--calib DATA` (FP8 activation scales, the quality report's perplexity) and for
+ce_calibrate's `calibrate --data`.
 
-Tokenization: the checkpoint folder's own tokenizer when it has one (transformers AutoTokenizer,
-local files only, never the hub); otherwise the byte-level fallback `byte_tokens`: the text's UTF-8
+Tokenization (tokenizer.py): the checkpoint folder's own tokenizer when it has one (transformers
+AutoTokenizer, local files only, never the hub); otherwise the byte-level fallback `byte_tokens`: the text's UTF-8
 bytes, each byte value b becoming token id `b % vocab_size` (the identity for any vocabulary of at
 least 256 ids, such as the demo model's 512). The fallback is deterministic and needs no files; it
 only makes sense for random-weight test models or models actually trained on bytes.
@@ -25,11 +27,11 @@ import torch
 
 from ce_export.errors import LoadError, one_line
 from ce_export.task import TASK_FILE, read_task
+from ce_export.tokenizer import byte_tokens, load_tokenizer
 
 BUILTIN = "builtin"
 CHECKPOINT_TASK = "task.json"  # source: the calibration text of the checkpoint's task file
 CORPUS = Path(__file__).with_name("corpus.txt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 BYTE_FALLBACK = "bytes (utf-8 byte value modulo vocab_size)"
 
 
@@ -51,11 +53,6 @@ class CalibrationData:
             "evaluation_sequences": int(self.evaluation.shape[0]),
             "stream_tokens": self.total_tokens,
         }
-
-
-def byte_tokens(text: str, vocab_size: int) -> list[int]:
-    """The documented fallback tokenizer: UTF-8 bytes, id = byte % vocab_size."""
-    return [byte % vocab_size for byte in text.encode("utf-8")]
 
 
 def read_documents(path: Path) -> list[str] | list[list[int]]:
@@ -128,24 +125,6 @@ def read_token_array(path: Path):
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as error:
         raise LoadError(f"{path}: not a readable .npy array ({one_line(str(error), 200)})") from None
-
-
-def load_tokenizer(model_folder: Path):
-    """The checkpoint's tokenizer (local files only), or None when the folder has none."""
-    if not any((model_folder / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer, PretrainedConfig
-
-    try:
-        # Never the checkpoint folder's own Python (auto_map): a tokenizer that needs it is refused.
-        return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True, trust_remote_code=False)
-    except Exception as error:  # tokenizers raise many types for broken files
-        try:  # a trimmed checkpoint's config.json (per-layer num_experts) is one transformers rejects
-            return AutoTokenizer.from_pretrained(str(model_folder), local_files_only=True, trust_remote_code=False,
-                                                 config=PretrainedConfig())
-        except Exception:
-            raise LoadError(f"{model_folder}: has tokenizer files but they cannot be loaded "
-                            f"({type(error).__name__}: {error})") from None
 
 
 def token_stream(documents, vocab_size: int, model_folder: Path) -> tuple[list[int], str]:
