@@ -27,7 +27,8 @@ is one of two exact forms, chosen per target at export (EXPERTS_FORMS):
                             ExpertTable lays the pairs out by expert (a counting sort: one-hot
                             counts, CumSum ranks, one ScatterElements without reduction); a Scan
                             over the experts runs each expert on exactly its own rows, reading its
-                            weights in place; a Gather brings the rows back. Its [E, C, H]
+                            weights in place (an empty expert costs one If; an expert with one
+                            token takes a matrix-vector path); a Gather brings the rows back. Its [E, C, H]
                             intermediate is sized by the busiest expert's count C: at worst (every
                             token routed to the same experts) C = T, i.e. E x T x H elements, less
                             than the fixed-shape form's 3 x T x E x I. Shapes come from the routing,
@@ -172,14 +173,29 @@ def ExpertTable(experts, num_experts):
 
 
 @onnxscript.script(ce_opset, default_opset=op)
+def ExpertRows(expert_halves, expert_down, columns, scale_columns, expert_pads):
+    """One expert of the sparse form on its c tokens, its weights read in place as the left operand:
+    columns [2, H, c] (the gate and up inputs), scale_columns [I or 1, c]; the [1, c, H] result
+    padded to the busiest expert's [1, C, H]."""
+    projected = op.MatMul(expert_halves, columns)  # [2, I, c]
+    gate, up = op.Split(projected, axis=0, num_outputs=2)
+    act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), scale_columns)  # [1, I, c]
+    y = op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1])  # [1, c, H]
+    return op.Pad(y, expert_pads)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
 def SwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down):
     """The sparse form: only the routed pairs, one expert at a time, at every token count.
 
     A Scan over the experts hands each iteration its expert's weights in place (Scan slices its
     inputs without copying them) and that expert's rows of the table; it computes exactly those
     rows and pads its [c, H] output to [C, H]. A Gather then brings each pair's row back. The body
-    is kept to a few nodes: it runs once per expert, busy or not. (The trt target's file carries
-    SwiGLUExpertsFixedShape under this name instead.)
+    runs once per expert, busy or not, so an empty expert takes an If straight to zeros. The inputs
+    reach the weights as columns [2, H, c]: for c > 1 as a Transpose, which ONNX Runtime fuses into
+    the MatMul (its fastest form there), and for c = 1 as a Reshape, since the fused form reads the
+    weights at about half the bandwidth of a plain matrix-vector product (most experts hold one
+    token in decode). (The trt target's file carries SwiGLUExpertsFixedShape under this name instead.)
     """
     last = op.Constant(value_ints=[-1])
     hidden_size = op.Shape(x_gate, start=1, end=2)
@@ -193,17 +209,23 @@ def SwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down):
     x_both = op.Concat(op.Unsqueeze(x_gate, op.Constant(value_ints=[1])), op.Unsqueeze(x_up, op.Constant(value_ints=[1])),
                        axis=1)  # [T, 2, H]
     halves = op.Reshape(gate_up, op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
+    empty = op.Expand(op.CastLike(op.Constant(value_float=0.0), x_gate),
+                      op.Concat(op.Constant(value_ints=[1]), capacity, hidden_size, axis=0))  # [1, C, H]
+    one_column = op.Concat(op.Constant(value_ints=[2]), hidden_size, op.Constant(value_ints=[1]), axis=0)
 
     @onnxscript.graph()
     def one_expert(expert_halves, expert_down, count, expert_pads, tokens):
-        rows = op.Slice(tokens, op.Constant(value_ints=[0]), count)  # [c] token ids
-        columns = op.Transpose(op.Gather(x_both, rows, axis=0), perm=[1, 2, 0])  # [2, H, c]: gate and up inputs
-        projected = op.MatMul(expert_halves, columns)  # [2, I, c]: the weights as the left operand, read in place
-        gate, up = op.Split(projected, axis=0, num_outputs=2)
-        act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up),
-                     op.Transpose(op.Gather(act_scale, rows, axis=0), perm=[1, 0]))  # [1, I, c]
-        y = op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1])  # [1, c, H]
-        return op.Pad(y, expert_pads)  # [1, C, H]
+        if op.Equal(count, op.Constant(value_ints=[0])):
+            out = op.Identity(empty)
+        else:
+            if op.Equal(count, op.Constant(value_ints=[1])):
+                out = ExpertRows(expert_halves, expert_down, op.Reshape(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), one_column),
+                                 op.Reshape(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), op.Constant(value_ints=[-1, 1])),
+                                 expert_pads)
+            else:
+                out = ExpertRows(expert_halves, expert_down, op.Transpose(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 2, 0]),
+                                 op.Transpose(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 0]), expert_pads)
+        return out
 
     per_expert = op.Scan(halves, down, counts, pads, table, body=one_expert, num_scan_inputs=5)  # [E, 1, C, H]
     y = op.Gather(op.Reshape(per_expert, op.Concat(last, hidden_size, axis=0)), slot, axis=0)  # [T*S, H]
@@ -286,6 +308,20 @@ def GatheredClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, do
 
 
 @onnxscript.script(ce_opset, default_opset=op)
+def ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias, columns, scale_columns,
+                      expert_pads, limit, alpha):
+    """ExpertRows with the biases and gpt-oss's clamped activation (limit and alpha as tensors)."""
+    projected = op.Add(op.MatMul(expert_halves, columns), expert_half_bias)  # [2, I, c]
+    gate, up = op.Split(projected, axis=0, num_outputs=2)
+    gate = op.Min(gate, limit)
+    up = op.Max(op.Min(up, limit), op.Neg(limit))
+    act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(op.Mul(gate, alpha))), op.Add(up, op.CastLike(1.0, limit))),
+                 scale_columns)  # [1, I, c]
+    y = op.Add(op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1]), expert_down_bias)  # [1, c, H]
+    return op.Pad(y, expert_pads)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
 def ClampedSwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
                          swiglu_alpha: float, swiglu_limit: float):
     """The sparse form (SwiGLUExperts's), with the biases and gpt-oss's clamped activation."""
@@ -305,22 +341,26 @@ def ClampedSwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, dow
                              op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, one, axis=0))  # [E, 2, I, 1]
     down_biases = op.Reshape(op.CastLike(down_bias, x_gate), op.Concat(num_experts, one, one, hidden_size, axis=0))
     limit = op.CastLike(op.Constant(value_float=swiglu_limit), x_gate)
-    minus_limit = op.Neg(limit)
     alpha = op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate)
-    plus_one = op.CastLike(op.Constant(value_float=1.0), x_gate)
+    empty = op.Expand(op.CastLike(op.Constant(value_float=0.0), x_gate), op.Concat(one, capacity, hidden_size, axis=0))
+    one_column = op.Concat(op.Constant(value_ints=[2]), hidden_size, one, axis=0)
 
     @onnxscript.graph()
     def one_expert(expert_halves, expert_down, expert_half_bias, expert_down_bias, count, expert_pads, tokens):
-        rows = op.Slice(tokens, op.Constant(value_ints=[0]), count)  # [c] token ids
-        columns = op.Transpose(op.Gather(x_both, rows, axis=0), perm=[1, 2, 0])  # [2, H, c]
-        projected = op.Add(op.MatMul(expert_halves, columns), expert_half_bias)  # [2, I, c]
-        gate, up = op.Split(projected, axis=0, num_outputs=2)
-        gate = op.Min(gate, limit)
-        up = op.Max(op.Min(up, limit), minus_limit)
-        act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(op.Mul(gate, alpha))), op.Add(up, plus_one)),
-                     op.Transpose(op.Gather(act_scale, rows, axis=0), perm=[1, 0]))  # [1, I, c]
-        y = op.Add(op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1]), expert_down_bias)  # [1, c, H]
-        return op.Pad(y, expert_pads)  # [1, C, H]
+        if op.Equal(count, op.Constant(value_ints=[0])):
+            out = op.Identity(empty)
+        else:
+            if op.Equal(count, op.Constant(value_ints=[1])):
+                out = ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias,
+                                        op.Reshape(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), one_column),
+                                        op.Reshape(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), op.Constant(value_ints=[-1, 1])),
+                                        expert_pads, limit, alpha)
+            else:
+                out = ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias,
+                                        op.Transpose(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 2, 0]),
+                                        op.Transpose(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 0]),
+                                        expert_pads, limit, alpha)
+        return out
 
     per_expert = op.Scan(halves, down, half_biases, down_biases, counts, pads, table, body=one_expert,
                          num_scan_inputs=7)  # [E, 1, C, H]
@@ -518,8 +558,8 @@ OPS = {
 SPARSE, FIXED_SHAPE = "sparse", "fixed-shape"
 # form -> {experts function: (the body it gets, the functions that body calls)}
 EXPERTS_FORMS = {
-    SPARSE: {SwiGLUExperts: (SwiGLUExperts, (ExpertTable,)),
-             ClampedSwiGLUExperts: (ClampedSwiGLUExperts, (ExpertTable,))},
+    SPARSE: {SwiGLUExperts: (SwiGLUExperts, (ExpertTable, ExpertRows)),
+             ClampedSwiGLUExperts: (ClampedSwiGLUExperts, (ExpertTable, ClampedExpertRows))},
     FIXED_SHAPE: {SwiGLUExperts: (SwiGLUExpertsFixedShape, (GatheredSwiGLU, DenseSwiGLU)),
                   ClampedSwiGLUExperts: (ClampedSwiGLUExpertsFixedShape, (GatheredClampedSwiGLU, DenseClampedSwiGLU))},
 }
