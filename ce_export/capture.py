@@ -24,6 +24,7 @@ from ce_export import families
 from ce_export import ops  # noqa: F401  (registers torch.ops.ce_export.moe)
 from ce_export.spec import DenseLayerSpec, LoadedModel, ModelSpec, MoeLayerSpec, MoeLayerWeights
 
+
 def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
     return None if tensor is None else nn.Parameter(tensor.clone(), requires_grad=False)
 
