@@ -55,6 +55,16 @@ class CalibrationData:
         }
 
 
+def parse_json(text: str, where: str):
+    """json.loads, with a malformed or too deeply nested document a LoadError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LoadError(f"{where}: not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise LoadError(f"{where}: not valid JSON (nested too deeply)") from None
+
+
 def read_documents(path: Path) -> list[str] | list[list[int]]:
     """Texts (list of str) or pre-tokenized sequences (list of lists of int) from a data file."""
     if not path.is_file():
@@ -72,23 +82,13 @@ def read_documents(path: Path) -> list[str] | list[list[int]]:
         for number, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise LoadError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            except RecursionError:
-                raise LoadError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+            record = parse_json(line, f"{path}:{number}")
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise LoadError(f"{path}:{number}: expected an object with a string field \"text\"")
             texts.append(record["text"])
         return texts
     if suffix == ".json":
-        try:
-            data = json.loads(content)
-        except json.JSONDecodeError as error:
-            raise LoadError(f"{path}: not valid JSON ({error.msg})") from None
-        except RecursionError:
-            raise LoadError(f"{path}: not valid JSON (nested too deeply)") from None
+        data = parse_json(content, str(path))
         if not (isinstance(data, list) and data and all(isinstance(row, list) for row in data)
                 and all(isinstance(t, int) and not isinstance(t, bool) for row in data for t in row)):
             raise LoadError(f"{path}: expected a JSON list of lists of token ids")
