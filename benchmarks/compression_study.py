@@ -45,7 +45,7 @@ from ce_export import bench, pipeline  # noqa: E402
 from ce_export.artifacts import write_json  # noqa: E402
 from ce_export.demo import write_demo_checkpoint  # noqa: E402
 from ce_export.errors import CeExportError  # noqa: E402
-from ce_export.manifest import Manifest  # noqa: E402
+from ce_export.manifest import Manifest, Parity  # noqa: E402
 from ce_export.quantize import QUANTIZATIONS  # noqa: E402
 from ce_export.runners import OrtRunner  # noqa: E402
 from ce_export.spec import MoeLayerSpec  # noqa: E402
@@ -110,10 +110,10 @@ def build_and_score(variant: Variant, out: Path) -> dict:
                        report=lambda line: None)
     except CeExportError as error:  # a failed parity check still leaves the folder and its numbers
         row["error"] = str(error)
-    parity = json.loads((out / "parity.json").read_text())
+    parity = Parity.read(out)
     manifest = Manifest.read(out)
-    quality, task = parity["quality"], parity["quality"]["task"]
-    row.update(parity_passed=parity["passed"], accuracy_onnx=task["accuracy_onnx"],
+    quality, task = parity.quality, parity.quality["task"]
+    row.update(parity_passed=parity.passed, accuracy_onnx=task["accuracy_onnx"],
                accuracy_torch_fp32=task["accuracy_torch_fp32"], per_task_onnx=task["per_task_onnx"],
                perplexity_onnx=quality["perplexity_onnx"], perplexity_torch_fp32=quality["perplexity_torch_fp32"],
                total_parameters=quality["parameters"]["total"],

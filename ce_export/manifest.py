@@ -1,5 +1,5 @@
-"""The typed artifacts of a build folder: manifest.json, with the engine record build adds, read and
-written through frozen models.
+"""The typed artifacts of a build folder: manifest.json (with the engine record build adds) and
+parity.json, read and written through frozen models.
 
 Each model names the fields a stage reads; every other key of the file is kept as it was read
 (`extra="allow"`), so a manifest read and written again keeps its keys, and older folders still load.
@@ -17,7 +17,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSeriali
                       ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
 
-from ce_export.artifacts import MANIFEST, file_record, read_json, write_json
+from ce_export.artifacts import MANIFEST, PARITY, file_record, read_json, write_json
 from ce_export.checkpoint_check import short
 from ce_export.errors import OutputError
 from ce_export.spec import LayerSpec, layer_from_json, layer_json
@@ -243,7 +243,56 @@ class Manifest(Strict):
         return self.model_copy(update={"engine": engine})
 
 
-def parse(model: type[Strict], data, path: Path):
+class Report(BaseModel):
+    """parity.json's models: values as verify measured them (an unreadable output's error is inf)."""
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class LogitsCheck(Report):
+    passed: bool
+    statistic: str  # the verdict's statistic (verify.TOLERANCES) and its threshold
+    threshold: float
+    worst: float
+    max_rel: float
+    cases: list[dict]  # per parity shape: its outputs' errors
+
+
+class GenerationRow(Report):
+    passed: bool
+    identical: bool
+    first_difference: int | None = None
+    near_tie_margin: float | None = None
+    router_margin: float | None = None
+    identical_to_fp32_reference: bool = False
+
+
+class GenerationCheck(Report):
+    passed: bool
+    new_tokens: int
+    rows: list[GenerationRow]
+
+
+class Parity(Report):
+    """parity.json: verify's report; the quality and free-running sections stay as verify wrote them."""
+    runtime: str
+    dtype: str
+    quantization: str | None = None
+    passed: bool
+    logits: LogitsCheck
+    generation: GenerationCheck
+    free_running: dict | None = None
+    quality: dict | None = None
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "Parity":
+        path = Path(folder) / PARITY
+        return parse(cls, read_json(path, "parity report"), path)
+
+    def write(self, folder: str | Path) -> None:
+        write_json(Path(folder) / PARITY, self.model_dump(exclude_unset=True))
+
+
+def parse(model: type[BaseModel], data, path: Path):
     if not isinstance(data, dict):
         raise OutputError(f"{path}: expected a JSON object")
     try:

@@ -24,14 +24,14 @@ from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import runners
 from ce_export import verify as verify_stage
-from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, staged_folder, write_json, writing
+from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, staged_folder, writing
 from ce_export.calibration_data import BUILTIN, CHECKPOINT_TASK, prepare
 from ce_export.capture import LOGITS, build_torch_model, build_traced_model, empty_past, parameter_dtype
 from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.dtypes import DTYPES
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
-from ce_export.manifest import Manifest, read_manifest, recorded_files
+from ce_export.manifest import Manifest, Parity, read_manifest, recorded_files
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.progress import progress_bar
 from ce_export.quantize import quantize_activations
@@ -137,7 +137,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
             parity = run_parity(staging, manifest, loaded, timer, record_reference=reference)
             if reference is not None:
                 reference.write_script()
-            write_json(staging / PARITY, parity)
+            parity.write(staging)
             verify_stage.plot_parity(parity, staging / PARITY_PLOT)
         if options.target == "trt":
             from ce_export.engine import build_engine, default_plugin_library
@@ -157,7 +157,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         write_triton_repo(out, options.triton_repo, force=options.force, report=report)
     if options.verify:
         report(summarize(parity))
-        if not parity["passed"]:
+        if not parity.passed:
             raise VerifyError(f"{out / PARITY}: parity FAILED ({failure_reason(parity)}); artifacts kept for inspection")
     return manifest
 
@@ -221,7 +221,7 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
     }
 
 
-def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
+def verify(folder: str | Path, report: Callable[[str], None] = print) -> Parity:
     folder = Path(folder)
     manifest = read_manifest(folder)
     timer = StageTimer(report)
@@ -229,17 +229,17 @@ def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
         loaded = load_checkpoint(manifest.source.checkpoint(folder))
     parity = run_parity(folder, manifest, loaded, timer)
     try:
-        write_json(folder / PARITY, parity)
+        parity.write(folder)
         verify_stage.plot_parity(parity, folder / PARITY_PLOT)
     except OSError as error:
         raise OutputError(f"{folder / PARITY}: cannot write ({error.strerror or error})") from None
     report(summarize(parity))
-    if not parity["passed"]:
+    if not parity.passed:
         raise VerifyError(f"{folder / PARITY}: parity FAILED ({failure_reason(parity)})")
     return parity
 
 
-def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", record_reference=None) -> dict:
+def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", record_reference=None) -> Parity:
     """Parity of the artifact with PyTorch, in two phases whose memory peaks do not add up: ONNX Runtime
     first, on every input (parity shapes, greedy generation, held-out perplexity, the task's held-out
     problems), keeping only its outputs; the session is then released and the PyTorch models are built and run one at a time,
@@ -351,7 +351,7 @@ def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", re
         gc.collect()
     torch_perplexity, torch_task = torch_quality
     quality = quality_report(folder, manifest, evaluation, torch_perplexity, onnx_perplexity, torch_task, onnx_task)
-    return {
+    return Parity.model_validate({
         "runtime": "onnxruntime CPUExecutionProvider",
         "reference": "PyTorch fp32, MoE blocks through ce_export.moe_math (the reference op)",
         "dtype": dtype_name,
@@ -365,7 +365,7 @@ def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", re
         **({"free_running": free_running} if free_running else {}),
         "quality": quality,
         "tools": tool_versions(),
-    }
+    })
 
 
 def free_generation(generation: dict) -> dict:
@@ -478,42 +478,42 @@ def data_kind(source: str) -> str:
         source, "user data (--calib)")
 
 
-def failure_reason(parity: dict) -> str:
+def failure_reason(parity: Parity) -> str:
     reasons = []
-    logits, generation = parity["logits"], parity["generation"]
-    if not logits["passed"]:
-        reasons.append(f"{logits['statistic']} {logits['worst']:.2e} > {logits['threshold']:.0e}")
-    for index, row in enumerate(generation["rows"]):
-        if not row["passed"]:
-            router = f", closest router margin {row['router_margin']:.2e}" if row.get("router_margin") is not None else ""
-            reasons.append(f"generated tokens of row {index} differ from step {row['first_difference']} "
-                           f"(PyTorch logit margin {row['near_tie_margin']:.2e}{router}: no near-tie)")
+    logits, generation = parity.logits, parity.generation
+    if not logits.passed:
+        reasons.append(f"{logits.statistic} {logits.worst:.2e} > {logits.threshold:.0e}")
+    for index, row in enumerate(generation.rows):
+        if not row.passed:
+            router = f", closest router margin {row.router_margin:.2e}" if row.router_margin is not None else ""
+            reasons.append(f"generated tokens of row {index} differ from step {row.first_difference} "
+                           f"(PyTorch logit margin {row.near_tie_margin:.2e}{router}: no near-tie)")
     return "; ".join(reasons)
 
 
-def summarize(parity: dict) -> str:
-    logits, generation = parity["logits"], parity["generation"]
-    verdict = "PASSED" if parity["passed"] else "FAILED"
-    rows = generation["rows"]
-    identical = sum(r["identical"] for r in rows)
-    fp32 = sum(bool(r.get("identical_to_fp32_reference")) for r in rows)
-    ties = sum(not r["identical"] and r["passed"] for r in rows) - fp32
+def summarize(parity: Parity) -> str:
+    logits, generation = parity.logits, parity.generation
+    verdict = "PASSED" if parity.passed else "FAILED"
+    rows = generation.rows
+    identical = sum(r.identical for r in rows)
+    fp32 = sum(r.identical_to_fp32_reference for r in rows)
+    ties = sum(not r.identical and r.passed for r in rows) - fp32
     tokens = (f"identical in {identical}/{len(rows)} rows" + (f", {ties} diverging at a near-tie" if ties else "")
               + (f", {fp32} identical to the fp32 reference instead" if fp32 else ""))
-    quality = parity.get("quality")
+    quality = parity.quality
     task = (quality or {}).get("task")
     answers = (f"; task exact match {task['accuracy_onnx']:.1%} of {task['problems']} held-out problems vs "
                f"{task['accuracy_torch_fp32']:.1%} in PyTorch fp32" if task else "")
     ppl = (f"{answers}; held-out perplexity {quality['perplexity_onnx']:.3f} vs {quality['perplexity_torch_fp32']:.3f} "
            f"in PyTorch fp32 (delta {quality['perplexity_delta']:+.4f})" if quality else "")
-    free = parity.get("free_running")
+    free = parity.free_running
     synchronized = (f"; synchronized at each FP8 quantizer (free-running: max relative error "
                     f"{free['logits']['max_rel']:.2e}, greedy tokens identical in "
                     f"{free['generation']['identical_rows']}/{len(rows)} rows)" if free else "")
-    return (f"parity {verdict} ({parity['dtype']}{', ' + parity['quantization'] if parity.get('quantization') else ''}, "
-            f"{parity['runtime']}): {logits['statistic']} "
-            f"{logits['worst']:.2e} over {len(logits['cases'])} shapes (threshold {logits['threshold']:.0e}, "
-            f"max relative error {logits['max_rel']:.2e}); greedy {generation['new_tokens']} tokens {tokens}{ppl}"
+    return (f"parity {verdict} ({parity.dtype}{', ' + parity.quantization if parity.quantization else ''}, "
+            f"{parity.runtime}): {logits.statistic} "
+            f"{logits.worst:.2e} over {len(logits.cases)} shapes (threshold {logits.threshold:.0e}, "
+            f"max relative error {logits.max_rel:.2e}); greedy {generation.new_tokens} tokens {tokens}{ppl}"
             f"{synchronized}")
 
 

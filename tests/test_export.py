@@ -90,7 +90,7 @@ def test_demo_quality_is_the_task_accuracy_in_onnx_runtime(demo_build):
 
 def test_verify_command_reruns_parity(demo_build):
     parity = pipeline.verify(demo_build, **QUIET)
-    assert parity["passed"]
+    assert parity.passed
 
 
 def test_ort_target_lowers_plain_moe_to_com_microsoft(demo_plain_build):

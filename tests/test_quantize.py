@@ -210,7 +210,7 @@ def test_fp8_activations_with_user_calibration_data(demo_ce, calib_text, tmp_pat
                                          "tokenizer": parity["quality"]["data"]["tokenizer"]}
     assert "8 x 64 held-out tokens" in parity["quality"]["evaluation"]
     again = pipeline.verify(out, **QUIET)  # the reference is rebuilt from the manifest's scales alone
-    assert again["passed"] and again["logits"]["worst"] == parity["logits"]["worst"]
+    assert again.passed and again.logits.worst == parity["logits"]["worst"]
 
     # A file with one quantizer bypassed fails, although later quantizers hide it from the outputs.
     import onnx_ir as ir
