@@ -327,7 +327,7 @@ def build_engine(
     if not onnx_path.is_file():
         raise BuildError(f"{onnx_path}: missing ONNX file")
     limits = limits_of(manifest, max_batch, max_seq, max_context)
-    inputs, _ = onnx_io(build_dir, manifest)
+    inputs, _ = onnx_io(onnx_path)
     # The MoE nodes our plugin implements (the others carry no plugin attributes: their bodies run).
     plugin_nodes = [node for node in manifest.onnx.moe_nodes if node.plugin and node.domain == PLUGIN_NAMESPACE]
     moe_nodes = [node.name for node in plugin_nodes]

@@ -15,12 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ce_export.errors import BuildError
-
-if TYPE_CHECKING:
-    from ce_export.manifest import Manifest
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -60,15 +56,10 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
 
-def onnx_io(build_dir: str | Path, manifest: Manifest | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of DIR/model.onnx (read without its external data), in graph order."""
+def onnx_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX file (read without its external data), in graph order."""
     import onnx
 
-    from ce_export.manifest import Manifest
-
-    build_dir = Path(build_dir)
-    manifest = manifest if manifest is not None else Manifest.read(build_dir)
-    path = build_dir / manifest.onnx.file
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - OSError, protobuf DecodeError, ...

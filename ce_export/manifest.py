@@ -46,6 +46,8 @@ def moe_layers_from_json(value) -> tuple[LayerSpec, ...]:
         raise PydanticCustomError("layers", str(error)) from None
 
 
+TARGETS = ("portable", "ort", "trt")  # what export writes the file for (export.export_onnx)
+
 FileName = Annotated[str, AfterValidator(plain_file_name)]
 Count = Annotated[int, Field(ge=1, le=2**31 - 1)]
 NonNegative = Annotated[int, Field(ge=0)]
@@ -204,7 +206,6 @@ class Manifest(Strict):
 
     @model_validator(mode="after")
     def known_names(self):
-        from ce_export.export import TARGETS
         from ce_export.load import ARCHITECTURES
         from ce_export.quantize import QUANTIZATIONS
 

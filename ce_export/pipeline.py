@@ -31,7 +31,7 @@ from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.dtypes import DTYPES
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
-from ce_export.manifest import Manifest, Parity, read_manifest, recorded_files
+from ce_export.manifest import TARGETS, Manifest, Parity, read_manifest, recorded_files
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.progress import progress_bar
 from ce_export.quantize import quantize_activations
@@ -77,8 +77,8 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
     """Build every artifact for `model` (a checkpoint folder or "demo") into `out`; returns the manifest."""
     if options.dtype not in DTYPES:
         raise ExportError(f"unknown dtype {options.dtype!r} (choose from {', '.join(DTYPES)})")
-    if options.target not in export_stage.TARGETS:
-        raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(export_stage.TARGETS)})")
+    if options.target not in TARGETS:
+        raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(TARGETS)})")
     if options.quantize is not None:
         quantize_stage.check_mode(options.quantize)
     if options.logits not in (None, *LOGITS):

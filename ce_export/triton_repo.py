@@ -200,7 +200,7 @@ def write_triton_repo(
         raise BuildError(f"unknown Triton model kind {unknown[0]!r} (choose trt and/or onnx)")
     if "trt" in models and not plan.is_file():
         raise BuildError(f"{plan}: missing engine (build with --target trt first)")
-    inputs, outputs = onnx_io(build_dir, manifest)
+    inputs, outputs = onnx_io(build_dir / manifest.onnx.file)
     base = model_name(manifest, name)
     engine = engine if engine is not None else manifest.engine
     bound = engine.plugin.bound if engine is not None else None

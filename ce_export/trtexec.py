@@ -156,7 +156,7 @@ def write_trtexec_script(
     profiles and plugin are the engine's recorded in manifest.json (else the export limits)."""
     build_dir = Path(build_dir)
     manifest = Manifest.read(build_dir)
-    inputs, _ = onnx_io(build_dir, manifest)
+    inputs, _ = onnx_io(build_dir / manifest.onnx.file)
     limits = manifest.engine_limits.model_dump()
     points = check_points(points if points is not None else default_points(limits), limits)
     plugin = _recorded_plugin(manifest, plugin_library)
@@ -456,7 +456,7 @@ def run_trtexec(
         raise BuildError(f"{plan}: missing engine (build with --target trt first)")
     executable = find_trtexec(trtexec)
     major, version = trtexec_version(executable)
-    inputs, _ = onnx_io(build_dir, manifest)
+    inputs, _ = onnx_io(build_dir / manifest.onnx.file)
     limits = manifest.engine_limits.model_dump()
     points = check_points(points if points is not None else default_points(limits), limits)
     plugin = _recorded_plugin(manifest, plugin_library)

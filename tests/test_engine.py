@@ -75,7 +75,7 @@ def test_profiles_cover_prefill_and_decode():
 
 def test_profile_shapes_follow_the_graph_inputs(tmp_path_factory):
     folder = trt_demo(tmp_path_factory)
-    inputs, outputs = onnx_io(folder)
+    inputs, outputs = onnx_io(folder / "model.onnx")
     manifest = read_json(folder / MANIFEST)
     assert [s.name for s in inputs] == manifest["onnx"]["inputs"]
     assert [s.name for s in outputs] == manifest["onnx"]["outputs"]

@@ -57,7 +57,7 @@ def test_repository_configs_match_triton_schema(engine_build, tmp_path, pb2):
     written = write_triton_repo(engine_build, repo, report=lambda line: None)
     assert set(written["models"]) == {"demo_trt", "demo_onnx"}
     assert all(m["schema_checked"] for m in written["models"].values())
-    inputs, outputs = onnx_io(engine_build)
+    inputs, outputs = onnx_io(engine_build / "model.onnx")
     from google.protobuf import text_format
 
     trt = text_format.Parse((repo / "demo_trt" / "config.pbtxt").read_text(), pb2.ModelConfig())
