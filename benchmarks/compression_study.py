@@ -45,8 +45,10 @@ from ce_export import bench, pipeline  # noqa: E402
 from ce_export.artifacts import write_json  # noqa: E402
 from ce_export.demo import write_demo_checkpoint  # noqa: E402
 from ce_export.errors import CeExportError  # noqa: E402
+from ce_export.manifest import Manifest, Parity  # noqa: E402
 from ce_export.quantize import QUANTIZATIONS  # noqa: E402
 from ce_export.runners import OrtRunner  # noqa: E402
+from ce_export.spec import MoeLayerSpec  # noqa: E402
 
 POINTS = (bench.Point("prefill", 1, 128), bench.Point("decode", 1, 128))
 CALIBRATION = dict(seq_len=64, num_sequences=128)  # 8k tokens of the checkpoint's calibration text
@@ -108,25 +110,25 @@ def build_and_score(variant: Variant, out: Path) -> dict:
                        report=lambda line: None)
     except CeExportError as error:  # a failed parity check still leaves the folder and its numbers
         row["error"] = str(error)
-    parity = json.loads((out / "parity.json").read_text())
-    manifest = json.loads((out / "manifest.json").read_text())
-    quality, task = parity["quality"], parity["quality"]["task"]
-    row.update(parity_passed=parity["passed"], accuracy_onnx=task["accuracy_onnx"],
+    parity = Parity.read(out)
+    manifest = Manifest.read(out)
+    quality, task = parity.quality, parity.quality["task"]
+    row.update(parity_passed=parity.passed, accuracy_onnx=task["accuracy_onnx"],
                accuracy_torch_fp32=task["accuracy_torch_fp32"], per_task_onnx=task["per_task_onnx"],
                perplexity_onnx=quality["perplexity_onnx"], perplexity_torch_fp32=quality["perplexity_torch_fp32"],
                total_parameters=quality["parameters"]["total"],
                active_parameters=quality["parameters"]["active_per_token"], weight_bytes=quality["weight_bytes"],
-               experts_per_layer=[layer["num_experts"] if layer["kind"] == "moe" else 0
-                                  for layer in manifest["model"]["moe_layers"]],
-               layers=manifest["model"]["num_layers"])
+               experts_per_layer=[layer.num_experts if isinstance(layer, MoeLayerSpec) else 0
+                                  for layer in manifest.model.moe_layers],
+               layers=manifest.model.num_layers)
     return row
 
 
 def time_build(row: dict, out: Path, quantized: bool, budget_s: float) -> None:
     """ONNX Runtime CPU median ms of each point into `row`."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    loaded = pipeline.load_checkpoint(pipeline.checkpoint_of(out, manifest))
-    runner = OrtRunner(out / manifest["onnx"]["file"], exact_dequantize=quantized)
+    manifest = Manifest.read(out)
+    loaded = pipeline.load_checkpoint(manifest.source.checkpoint(out))
+    runner = OrtRunner(out / manifest.onnx.file, exact_dequantize=quantized)
     for point in POINTS:
         step = runner.prepare(*bench.point_inputs(point, loaded.spec, torch.float32, torch.device("cpu")))
         timing = bench.time_ms(step.run, torch.device("cpu"), budget_s=budget_s)

@@ -26,6 +26,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "plugins"), str(REPO_ROOT / "cal
 from ce_export import pipeline  # noqa: E402
 from ce_export.demo import write_demo_checkpoint  # noqa: E402
 from ce_export.errors import CeExportError  # noqa: E402
+from ce_export.manifest import Parity  # noqa: E402
 from ce_export.quantize import QUANTIZATIONS  # noqa: E402
 
 
@@ -35,13 +36,13 @@ def measure(checkpoint: Path, mode: str | None, dtype: str, out: Path) -> dict:
         pipeline.build(str(checkpoint), out, pipeline.BuildOptions(quantize=mode, dtype=dtype), report=lambda line: None)
     except CeExportError as error:
         row["error"] = str(error)
-    parity = json.loads((out / "parity.json").read_text())
-    quality = parity["quality"]
+    parity = Parity.read(out)
+    quality = parity.quality
     task = quality.get("task") or {}
-    rows = parity["generation"]["rows"]
-    return row | {"passed": parity["passed"], "statistic": parity["logits"]["statistic"],
-                  "worst": parity["logits"]["worst"], "max_rel": parity["logits"]["max_rel"],
-                  "generation_identical_rows": sum(r["identical"] for r in rows), "generation_rows": len(rows),
+    rows = parity.generation.rows
+    return row | {"passed": parity.passed, "statistic": parity.logits.statistic,
+                  "worst": parity.logits.worst, "max_rel": parity.logits.max_rel,
+                  "generation_identical_rows": sum(r.identical for r in rows), "generation_rows": len(rows),
                   "weight_bytes": quality["weight_bytes"], "perplexity_onnx": quality["perplexity_onnx"],
                   "perplexity_torch_fp32": quality["perplexity_torch_fp32"],
                   "perplexity_delta": quality["perplexity_delta"], "accuracy_onnx": task.get("accuracy_onnx"),

@@ -298,9 +298,3 @@ def file_record(path: Path) -> dict:
         while chunk := handle.read(1 << 24):
             digest.update(chunk)
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def checkpoint_of(folder: str | Path, manifest: dict) -> Path:
-    """The checkpoint a build folder was made from (the demo's copy lives inside the folder)."""
-    source = manifest["source"]
-    return Path(folder) / source["path"] if source["kind"] == "demo" else Path(source["path"])

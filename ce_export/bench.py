@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from ce_export import ops
-from ce_export.artifacts import atomic_file, checkpoint_of, environment_errors, write_json, write_text
+from ce_export.artifacts import atomic_file, environment_errors, write_json, write_text
 from ce_export.capture import build_torch_model
 from ce_export.dtypes import DTYPES
 from ce_export.load import load_checkpoint
@@ -295,12 +295,12 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: 
     CPU, bf16 on CUDA); `compile_decode` adds a fast-path row whose decode step goes through torch.compile."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    onnx = OnnxFile(folder / manifest["onnx"]["file"], manifest["dtype"], manifest["target"],
-                    bool((manifest.get("quantization") or {}).get("mode")), manifest["onnx"].get("logits", "all"))
-    data = bench_checkpoint(checkpoint_of(folder, manifest), points, budget_s, device, dtype, compile_decode,
+    onnx = OnnxFile(folder / manifest.onnx.file, manifest.dtype, manifest.target, manifest.quantized,
+                    manifest.onnx.logits)
+    data = bench_checkpoint(manifest.source.checkpoint(folder), points, budget_s, device, dtype, compile_decode,
                             report, onnx=onnx)
     data["build"] = str(folder.absolute())
-    data["tools"] = manifest["tools"] | data["tools"]
+    data["tools"] = manifest.tools | data["tools"]
     return data
 
 

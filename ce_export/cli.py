@@ -24,7 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ce_export.dtypes import DTYPES
-    from ce_export.export import TARGETS
+    from ce_export.manifest import TARGETS
     from ce_export.quantize import QUANTIZATIONS
 
     parser = OneLineParser(

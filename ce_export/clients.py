@@ -23,6 +23,7 @@ from ce_export.io_schema import (
     PRESENT_KEY,
     PRESENT_VALUE,
 )
+from ce_export.manifest import Manifest, ModelFacts
 
 GENAI_CONFIG = "genai_config.json"
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -63,9 +64,9 @@ def read_optional_json(path: Path) -> dict:
     return data
 
 
-def genai_support(model: dict, dtype: str) -> dict:
+def genai_support(model: ModelFacts, dtype: str) -> dict:
     """Whether onnxruntime-genai's "decoder" model type can run the build, and on what."""
-    if model["key_dim"] != model["value_dim"]:
+    if model.key_dim != model.value_dim:
         return {"supported": False,
                 "reason": f"{MLA_NOTE}; onnxruntime-genai allocates key and value caches of one head_size, so it "
                           "cannot hold them (use `generate --runtime ort`, ONNX Runtime directly, or TensorRT)"}
@@ -76,17 +77,17 @@ def genai_support(model: dict, dtype: str) -> dict:
     return {"supported": True, "provider": "cpu"}
 
 
-def optimum_support(model: dict, model_type: str, dtype: str, quantized: bool) -> dict:
+def optimum_support(model: ModelFacts, model_type: str, dtype: str, quantized: bool) -> dict:
     """Whether Optimum's ORTModelForCausalLM (optimum-onnx 0.1.0) feeds this build's KV cache the right shape."""
-    if model["key_dim"] != model["value_dim"]:
+    if model.key_dim != model.value_dim:
         return {"supported": False, "reason": f"{MLA_NOTE}; Optimum sizes both like an ordinary key / value cache"}
-    heads = model["kv_heads"] if model_type in OPTIMUM_KV_HEADS_MODEL_TYPES else model["num_attention_heads"]
-    head_size = model["hidden_size"] // model["num_attention_heads"]
-    if (heads, head_size) != (model["kv_heads"], model["key_dim"]):
+    heads = model.kv_heads if model_type in OPTIMUM_KV_HEADS_MODEL_TYPES else model.num_attention_heads
+    head_size = model.hidden_size // model.num_attention_heads
+    if (heads, head_size) != (model.kv_heads, model.key_dim):
         return {"supported": False,
                 "reason": f"Optimum sizes the empty KV cache of a {model_type} model as [batch, {heads}, 0, {head_size}] "
                           f"(num_key_value_heads only for the model types it knows as grouped-query); this model's "
-                          f"cache is [batch, {model['kv_heads']}, past, {model['key_dim']}]"}
+                          f"cache is [batch, {model.kv_heads}, past, {model.key_dim}]"}
     if dtype == "bf16":
         return {"supported": False, "reason": "bf16 on CPU: ONNX Runtime's CPU provider has no bf16 kernels "
                                               "(on a GPU provider: not tested here)"}
@@ -99,24 +100,24 @@ def optimum_support(model: dict, model_type: str, dtype: str, quantized: bool) -
 
 
 
-def genai_config(manifest: dict, tokens: dict, generation: dict, provider: str) -> dict:
+def genai_config(manifest: Manifest, tokens: dict, generation: dict, provider: str) -> dict:
     """onnxruntime-genai's "decoder" model over our I/O names; the graph concatenates the cache itself,
     so past and present are separate buffers (past_present_share_buffer false)."""
-    model, onnx = manifest["model"], manifest["onnx"]
+    model, onnx = manifest.model, manifest.onnx
     session_options = {"log_id": "onnxruntime-genai", "provider_options": [] if provider == "cpu" else [{provider: {}}]}
-    if manifest.get("quantization"):
+    if manifest.quantization is not None:
         # Run the Q/DQ nodes as written (verify does the same): ONNX Runtime would otherwise fuse
         # DequantizeLinear + MatMul into MatMulNBits, which also quantizes the activations.
         session_options["session.disable_quant_qdq"] = "1"
-    context = onnx["limits"]["max_context"]
+    context = onnx.limits.max_context
     decoder = {
-        "filename": onnx["file"],
+        "filename": onnx.file,
         "session_options": session_options,
-        "head_size": model["key_dim"],
-        "hidden_size": model["hidden_size"],
-        "num_attention_heads": model["num_attention_heads"],
-        "num_key_value_heads": model["kv_heads"],
-        "num_hidden_layers": model["num_layers"],
+        "head_size": model.key_dim,
+        "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.kv_heads,
+        "num_hidden_layers": model.num_layers,
         "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "position_ids": POSITION_IDS,
                    "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE},
         "outputs": {"logits": LOGITS, "present_key_names": PRESENT_KEY, "present_value_names": PRESENT_VALUE},
@@ -124,20 +125,20 @@ def genai_config(manifest: dict, tokens: dict, generation: dict, provider: str) 
     search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_length": 0, "max_length": context,
               "past_present_share_buffer": False}
     search.update({key: generation[key] for key in SEARCH_KEYS if generation.get(key) is not None})
-    config_model = {"type": "decoder", "vocab_size": model["vocab_size"], "context_length": context, "decoder": decoder}
+    config_model = {"type": "decoder", "vocab_size": model.vocab_size, "context_length": context, "decoder": decoder}
     config_model.update({key: value for key, value in tokens.items() if value is not None})
     return {"model": config_model, "search": search}
 
 
-def write_client_files(folder: Path, checkpoint: Path, manifest: dict) -> dict:
+def write_client_files(folder: Path, checkpoint: Path, manifest: Manifest) -> dict:
     """Copy the checkpoint's config, generation config and tokenizer files to `folder`, write
     genai_config.json where onnxruntime-genai can serve the build, and return manifest.json's
     "clients": what each client can do with the build and the files written for them."""
-    model, dtype = manifest["model"], manifest["dtype"]
+    model, dtype = manifest.model, manifest.dtype
     tokens = special_tokens(checkpoint)
     generation = read_optional_json(checkpoint / "generation_config.json")
     genai = genai_support(model, dtype)
-    optimum = optimum_support(model, model["architecture"], dtype, bool(manifest.get("quantization")))
+    optimum = optimum_support(model, model.architecture, dtype, manifest.quantization is not None)
     written = []
     for name in CONFIG_FILES + TOKENIZER_FILES:
         if (checkpoint / name).is_file():

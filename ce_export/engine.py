@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ce_export.artifacts import MANIFEST, read_json
 from ce_export.errors import BuildError
 from ce_export.io_schema import TensorSpec, onnx_io, resolve_dims
+from ce_export.manifest import EngineRecord, Manifest, MoeNode
 
 PLAN = "model.plan"
 PLUGIN_NAMESPACE = "ce_export"
@@ -46,10 +46,10 @@ OPT_PAST = 512  # decode opt past length, capped at max_context
 OPT_DECODE_BATCH = 8  # decode opt batch, capped at max_batch (prefill opt batch is 1)
 
 
-def limits_of(manifest: dict, max_batch: int | None = None, max_seq: int | None = None,
+def limits_of(manifest: Manifest, max_batch: int | None = None, max_seq: int | None = None,
               max_context: int | None = None) -> dict[str, int]:
     """Build limits: the given values, else the export limits in the manifest; never above the latter."""
-    exported = manifest["onnx"]["limits"]
+    exported = manifest.onnx.limits.model_dump()
     chosen = {"max_batch": max_batch, "max_sequence": max_seq, "max_context": max_context}
     limits = {}
     for key, value in chosen.items():
@@ -291,11 +291,11 @@ def _set_compute_capability(trt, config, compute_capability: str | None) -> str:
     return name
 
 
-def not_in_plugin(nodes: list[dict]) -> dict:
+def not_in_plugin(nodes: list[MoeNode]) -> dict:
     """What our plugin cannot take among `nodes` (manifest moe_nodes without plugin attributes)."""
     from ce_export.onnx_functions import NOT_IN_PLUGIN
 
-    op_types = sorted({node["op_type"] for node in nodes})
+    op_types = sorted({node.op_type for node in nodes})
     lacks = sorted({NOT_IN_PLUGIN.get(op_type, f"the op type {op_type}") for op_type in op_types})
     return {"op_types": op_types, "nodes": len(nodes),
             "message": f"the TensorRT plugin does not implement {', '.join(op_types)} ({'; '.join(lacks)}): "
@@ -313,7 +313,7 @@ def build_engine(
     optimization_level: int | None = None,
     workspace_mib: int | None = None,
     report: Callable[[str], None] = print,
-) -> dict:
+) -> EngineRecord:
     """Build DIR/model.plan from DIR/model.onnx + DIR/manifest.json; returns what the manifest records.
 
     Limits default to the export limits in the manifest (and may not exceed them). `plugin_library`:
@@ -322,18 +322,17 @@ def build_engine(
     says so. `compute_capability` ("SM89", "8.9", ...) is honoured by TensorRT-RTX only.
     """
     build_dir = Path(build_dir)
-    manifest = read_json(build_dir / MANIFEST, "manifest (is this a ce_export build folder?)")
-    onnx_path = build_dir / manifest["onnx"]["file"]
+    manifest = Manifest.read(build_dir)
+    onnx_path = build_dir / manifest.onnx.file
     if not onnx_path.is_file():
         raise BuildError(f"{onnx_path}: missing ONNX file")
     limits = limits_of(manifest, max_batch, max_seq, max_context)
-    inputs, _ = onnx_io(build_dir, manifest)
+    inputs, _ = onnx_io(onnx_path)
     # The MoE nodes our plugin implements (the others carry no plugin attributes: their bodies run).
-    plugin_nodes = [node for node in manifest["onnx"].get("moe_nodes", []) if node.get("plugin", True)
-                    and node["domain"] == PLUGIN_NAMESPACE]
-    moe_nodes = [node["name"] for node in plugin_nodes]
-    op_types = sorted({node["op_type"] for node in plugin_nodes})
-    body_only = [node for node in manifest["onnx"].get("moe_nodes", []) if node not in plugin_nodes]
+    plugin_nodes = [node for node in manifest.onnx.moe_nodes if node.plugin and node.domain == PLUGIN_NAMESPACE]
+    moe_nodes = [node.name for node in plugin_nodes]
+    op_types = sorted({node.op_type for node in plugin_nodes})
+    body_only = [node for node in manifest.onnx.moe_nodes if node not in plugin_nodes]
 
     trt, flavour = load_tensorrt()
     runtime = runtime_label(trt, flavour)
@@ -437,7 +436,7 @@ def build_engine(
         raise BuildError(f"{plan}: cannot write ({error.strerror or error})") from None
     size = plan.stat().st_size
     report(f"  {plan.name}: {size / 2**20:.1f} MiB, built in {build_seconds:.1f} s")
-    return {
+    return EngineRecord.model_validate({
         "plan": PLAN,
         "plan_bytes": size,
         "runtime": runtime,
@@ -456,4 +455,4 @@ def build_engine(
         "parse_seconds": round(parse_seconds, 3),
         "build_seconds": round(build_seconds, 3),
         "log_warnings": len(logger.warnings),
-    }
+    })

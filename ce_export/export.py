@@ -40,12 +40,12 @@ from ce_export.dtypes import DTYPE_NAMES
 from ce_export.engine import PLUGIN_VERSION
 from ce_export.errors import CeExportError, ExportError
 from ce_export.io_schema import io_names
+from ce_export.manifest import TARGETS
 from ce_export.progress import progress_bar
 from ce_export.spec import LoadedModel, MoeLayerSpec
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("portable", "ort", "trt")
 # Logits per target unless --logits says otherwise: every position where clients evaluate whole
 # sequences (Optimum, perplexity), the last one for TensorRT engines, which serve generation only
 # and would otherwise hold max_batch x max_seq x vocab logits (26 GB in fp16 at OLMoE's 64 x 4096).

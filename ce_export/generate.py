@@ -15,10 +15,9 @@ from typing import Iterator
 
 import torch
 
-from ce_export.artifacts import checkpoint_of
 from ce_export.clients import GENAI_CONFIG, special_tokens
 from ce_export.errors import CeExportError, one_line
-from ce_export.manifest import read_manifest
+from ce_export.manifest import Manifest, read_manifest
 
 RUNTIMES = ("genai", "ort", "torch")
 
@@ -80,9 +79,9 @@ def eos_ids(folder: Path) -> set[int]:
     return set() if eos is None else set(eos if isinstance(eos, list) else [eos])
 
 
-def check_request(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int) -> None:
-    vocab = manifest["model"]["vocab_size"]
-    limits = manifest["onnx"]["limits"]
+def check_request(folder: Path, manifest: Manifest, ids: list[int], max_new_tokens: int) -> None:
+    vocab = manifest.model.vocab_size
+    limits = manifest.onnx.limits
     if not ids:
         raise CeExportError("the prompt is empty (no token ids)")
     bad = next((token for token in ids if not 0 <= token < vocab), None)
@@ -90,11 +89,11 @@ def check_request(folder: Path, manifest: dict, ids: list[int], max_new_tokens: 
         raise CeExportError(f"token id {bad} is outside the model's vocabulary (vocab_size={vocab})")
     if max_new_tokens < 1:
         raise CeExportError("--max-new-tokens must be at least 1")
-    if len(ids) > limits["max_sequence"]:
-        raise CeExportError(f"the prompt has {len(ids)} tokens; {folder} was built with --max-seq {limits['max_sequence']}")
-    if len(ids) + max_new_tokens > limits["max_context"]:
+    if len(ids) > limits.max_sequence:
+        raise CeExportError(f"the prompt has {len(ids)} tokens; {folder} was built with --max-seq {limits.max_sequence}")
+    if len(ids) + max_new_tokens > limits.max_context:
         raise CeExportError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the build's context of "
-                            f"{limits['max_context']} tokens (--max-context)")
+                            f"{limits.max_context} tokens (--max-context)")
 
 
 def genai_available() -> bool:
@@ -105,19 +104,19 @@ def genai_available() -> bool:
     return True
 
 
-def default_runtime(folder: Path, manifest: dict) -> str:
-    genai = manifest.get("clients", {}).get("onnxruntime_genai", {})
-    if genai.get("provider") == "cpu" and (folder / GENAI_CONFIG).is_file() and genai_available():
+def default_runtime(folder: Path, manifest: Manifest) -> str:
+    genai = manifest.clients.onnxruntime_genai
+    if genai.provider == "cpu" and (folder / GENAI_CONFIG).is_file() and genai_available():
         return "genai"
     return "ort"
 
 
-def genai_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int) -> tuple[Iterator[int], str]:
+def genai_tokens(folder: Path, manifest: Manifest, ids: list[int], max_new_tokens: int) -> tuple[Iterator[int], str]:
     if not genai_available():
         raise CeExportError("--runtime genai: onnxruntime-genai is not installed (pip install 'ce_export[genai]')")
-    genai = manifest.get("clients", {}).get("onnxruntime_genai", {})
-    if not genai.get("supported", False) or not (folder / GENAI_CONFIG).is_file():
-        reason = genai.get("reason") or f"the folder has no {GENAI_CONFIG} (built before ce_export wrote one: rebuild it)"
+    genai = manifest.clients.onnxruntime_genai
+    if not genai.supported or not (folder / GENAI_CONFIG).is_file():
+        reason = genai.reason or f"the folder has no {GENAI_CONFIG} (built before ce_export wrote one: rebuild it)"
         raise CeExportError(f"--runtime genai: onnxruntime-genai cannot run {folder}: {reason}")
     import onnxruntime_genai as og
 
@@ -144,45 +143,44 @@ def genai_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: i
     return tokens(), f"onnxruntime-genai {og.__version__}"
 
 
-def ort_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int, stop: set[int]):
+def ort_tokens(folder: Path, manifest: Manifest, ids: list[int], max_new_tokens: int, stop: set[int]):
     import onnxruntime
 
     from ce_export.onnx_precision import OnnxPrecisionView
     from ce_export.runners import OrtRunner
 
-    view = OnnxPrecisionView(folder / manifest["onnx"]["file"], manifest["dtype"])
-    runtime = OrtRunner(view.model_for_runtime(), exact_dequantize=bool(manifest.get("quantization")),
+    view = OnnxPrecisionView(folder / manifest.onnx.file, manifest.dtype)
+    runtime = OrtRunner(view.model_for_runtime(), exact_dequantize=manifest.quantized,
                         path=view.onnx_path)
     described = f"ONNX Runtime {onnxruntime.__version__} CPU ({view.numerics_note})"
     return greedy_ids(runtime, manifest, ids, max_new_tokens, stop, view.runtime_torch_dtype), described
 
 
-def torch_tokens(folder: Path, manifest: dict, ids: list[int], max_new_tokens: int, stop: set[int]):
+def torch_tokens(folder: Path, manifest: Manifest, ids: list[int], max_new_tokens: int, stop: set[int]):
     from ce_export.capture import build_torch_model
     from ce_export.dtypes import DTYPES
     from ce_export.load import load_checkpoint
     from ce_export.quantize import fake_quantize_model, quantize_activations
     from ce_export.runners import TorchRunner
 
-    dtype = DTYPES[manifest["dtype"]]
-    lm = build_torch_model(load_checkpoint(checkpoint_of(folder, manifest)), dtype)
-    quantization = manifest.get("quantization") or {}
-    if quantization:  # the artifact's q and scales, dequantized in its dtype
-        fake_quantize_model(lm, quantization["mode"], dtype, dtype)
-        scales = (quantization.get("activations") or {}).get("scales")
-        if scales:
-            quantize_activations(lm, scales)
-    described = f"PyTorch {torch.__version__} ({manifest['dtype']}, the captured model)"
+    dtype = DTYPES[manifest.dtype]
+    lm = build_torch_model(load_checkpoint(manifest.source.checkpoint(folder)), dtype)
+    quantization = manifest.quantization
+    if quantization is not None:  # the artifact's q and scales, dequantized in its dtype
+        fake_quantize_model(lm, quantization.mode, dtype, dtype)
+        if quantization.activations is not None and quantization.activations.scales:
+            quantize_activations(lm, quantization.activations.scales)
+    described = f"PyTorch {torch.__version__} ({manifest.dtype}, the captured model)"
     return greedy_ids(TorchRunner(lm), manifest, ids, max_new_tokens, stop, dtype), described
 
 
-def greedy_ids(runner, manifest: dict, ids: list[int], max_new_tokens: int, stop: set[int], dtype) -> Iterator[int]:
+def greedy_ids(runner, manifest: Manifest, ids: list[int], max_new_tokens: int, stop: set[int], dtype) -> Iterator[int]:
     """runners.greedy from the prompt `ids` (one row) and an empty KV cache of the manifest's shapes, token by token."""
     from ce_export.runners import greedy
 
-    model = manifest["model"]
-    key, value = (1, model["kv_heads"], 0, model["key_dim"]), (1, model["kv_heads"], 0, model["value_dim"])
-    past = tuple(torch.zeros(shape, dtype=dtype) for _ in range(model["num_layers"]) for shape in (key, value))
+    model = manifest.model
+    key, value = (1, model.kv_heads, 0, model.key_dim), (1, model.kv_heads, 0, model.value_dim)
+    past = tuple(torch.zeros(shape, dtype=dtype) for _ in range(model.num_layers) for shape in (key, value))
     prompt = torch.tensor([ids])
     for tokens, _ in greedy(runner, prompt, torch.ones_like(prompt), past, max_new_tokens, stop):
         yield int(tokens)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ce_export.artifacts import MANIFEST, read_json
 from ce_export.errors import BuildError
 
 INPUT_IDS = "input_ids"
@@ -57,13 +56,10 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
 
-def onnx_io(build_dir: str | Path, manifest: dict | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of DIR/model.onnx (read without its external data), in graph order."""
+def onnx_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX file (read without its external data), in graph order."""
     import onnx
 
-    build_dir = Path(build_dir)
-    manifest = manifest if manifest is not None else read_json(build_dir / MANIFEST, "manifest")
-    path = build_dir / manifest["onnx"]["file"]
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - OSError, protobuf DecodeError, ...

@@ -1,5 +1,8 @@
-"""manifest.json as verify and bench read it: validated before use, and the files it records checked.
+"""The typed artifacts of a build folder: manifest.json (with the engine record build adds) and
+parity.json, read and written through frozen models.
 
+Each model names the fields a stage reads; every other key of the file is kept as it was read
+(`extra="allow"`), so a manifest read and written again keeps its keys, and older folders still load.
 `build` records the size and SHA-256 of the ONNX file and its external data (`onnx.files`); a
 folder whose model.onnx or model.onnx.data was truncated or edited since then is refused with one
 line before any runtime touches it. Manifests written before the record existed are read without it.
@@ -10,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator,
+                      ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
 
-from ce_export.artifacts import MANIFEST, file_record, read_json
+from ce_export.artifacts import MANIFEST, PARITY, file_record, read_json, write_json
 from ce_export.checkpoint_check import short
 from ce_export.errors import OutputError
+from ce_export.spec import LayerSpec, layer_from_json, layer_json
 
 
 def plain_file_name(name: str) -> str:
@@ -32,13 +37,26 @@ def relative_path_inside(path: str) -> str:
     return path
 
 
+def moe_layers_from_json(value) -> tuple[LayerSpec, ...]:
+    if not isinstance(value, list) or not all(isinstance(layer, dict) for layer in value):
+        raise PydanticCustomError("layers", "a list of layer objects is expected")
+    try:
+        return tuple(layer_from_json(layer) for layer in value)
+    except (TypeError, ValueError) as error:
+        raise PydanticCustomError("layers", str(error)) from None
+
+
+TARGETS = ("portable", "ort", "trt")  # what export writes the file for (export.export_onnx)
+
 FileName = Annotated[str, AfterValidator(plain_file_name)]
 Count = Annotated[int, Field(ge=1, le=2**31 - 1)]
 NonNegative = Annotated[int, Field(ge=0)]
+Layers = Annotated[tuple[LayerSpec, ...], PlainValidator(moe_layers_from_json),
+                   PlainSerializer(lambda layers: [layer_json(layer) for layer in layers])]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False, frozen=True)
 
 
 class Source(Strict):
@@ -51,6 +69,10 @@ class Source(Strict):
             relative_path_inside(self.path)
         return self
 
+    def checkpoint(self, folder: str | Path) -> Path:
+        """The checkpoint the build folder was made from (the demo's copy lives inside the folder)."""
+        return Path(folder) / self.path if self.kind == "demo" else Path(self.path)
+
 
 class ModelFacts(Strict):
     architecture: str
@@ -62,6 +84,7 @@ class ModelFacts(Strict):
     kv_heads: Count
     key_dim: Count
     value_dim: Count
+    moe_layers: Layers = ()  # one per decoder layer, whatever its kind
 
 
 class Limits(Strict):
@@ -75,6 +98,14 @@ class FileRecord(Strict):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class MoeNode(Strict):
+    """An MoE node of the exported graph; `plugin` false where the TensorRT plugin cannot take it."""
+    name: str
+    op_type: str
+    domain: str
+    plugin: bool = True
+
+
 class OnnxSection(Strict):
     file: FileName
     external_data: FileName | None = None
@@ -84,6 +115,11 @@ class OnnxSection(Strict):
     limits: Limits
     logits: Literal["all", "last"] = "all"  # absent in manifests from before --logits (all positions)
     files: dict[FileName, FileRecord] | None = None  # absent in manifests from before it was recorded
+    moe_nodes: list[MoeNode] = []
+
+    def file_names(self) -> list[str]:
+        """The ONNX file and its external data (when any), by name."""
+        return [self.file] + ([self.external_data] if self.external_data else [])
 
 
 class Activations(Strict):
@@ -115,8 +151,47 @@ class Clients(Strict):
     onnxruntime_genai: GenaiClient = GenaiClient()
 
 
+class EnginePlugin(Strict):
+    """Whether the engine's MoE nodes became plugin layers, and with which library."""
+    bound: bool
+    library: str | None = None
+    namespace: str | None = None
+    version: str | None = None
+    reason: str | None = None  # why not bound
+    mechanism: str | None = None  # how the plugin creators were registered
+    not_in_plugin: dict | None = None  # MoE nodes the plugin cannot take (engine.not_in_plugin)
+
+
+class Profile(Strict):
+    index: NonNegative
+    name: str
+    axes: dict[str, list[int]]  # per axis name: min, opt, max
+
+
+class EngineRecord(Strict):
+    """What build_engine built: manifest.json's `engine`."""
+    plan: FileName
+    plan_bytes: NonNegative | None = None  # the optional fields: records of older builds may lack them
+    runtime: str
+    runtime_version: str | None = None
+    strongly_typed: bool | None = None
+    plugin: EnginePlugin
+    moe_nodes: dict[str, NonNegative] | None = None  # count, plugin_layers, bound, inlined
+    limits: Limits
+    profiles: list[Profile] = []
+    num_optimization_profiles: NonNegative | None = None
+    compute_capability: str | None = None
+    builder_optimization_level: int | None = None
+    network_layers: NonNegative | None = None
+    parse_seconds: float | None = None
+    build_seconds: float | None = None
+    log_warnings: NonNegative | None = None
+
+
 class Manifest(Strict):
+    """manifest.json: the contract on disk between export, build, verify, bench and the clients."""
     format: Literal[1]
+    created: str | None = None
     source: Source
     model: ModelFacts
     target: str
@@ -127,10 +202,10 @@ class Manifest(Strict):
     onnx: OnnxSection
     tools: dict[str, str]
     clients: Clients = Clients()  # absent in manifests from before the clients were written
+    engine: EngineRecord | None = None  # after a TensorRT build (--target trt)
 
     @model_validator(mode="after")
     def known_names(self):
-        from ce_export.export import TARGETS
         from ce_export.load import ARCHITECTURES
         from ce_export.quantize import QUANTIZATIONS
 
@@ -141,16 +216,88 @@ class Manifest(Strict):
                 raise PydanticCustomError("known", f"{key}={value!r} is not one of {', '.join(known)}")
         return self
 
+    @property
+    def quantized(self) -> bool:
+        return bool(self.quantization and self.quantization.mode)
 
-def read_manifest(folder: str | Path) -> dict:
-    """manifest.json of a build folder, validated, with the files it records checked; one line on failure."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    data = read_json(path, "manifest (is this a ce_export build folder?)")
+    @property
+    def engine_limits(self) -> Limits:
+        """Limits the engine was built for, else the export limits."""
+        return self.engine.limits if self.engine is not None else self.onnx.limits
+
+    @classmethod
+    def from_json(cls, data, path: Path) -> "Manifest":
+        """Validated; one line naming `path` and the first invalid field on failure."""
+        return parse(cls, data, path)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "Manifest":
+        """manifest.json of a build folder, validated (the files it records are not checked: read_manifest)."""
+        path = Path(folder) / MANIFEST
+        return cls.from_json(read_json(path, "manifest (is this a ce_export build folder?)"), path)
+
+    def write(self, folder: str | Path) -> None:
+        """The keys as read or given (defaults not added), each value as json.dumps writes it."""
+        write_json(Path(folder) / MANIFEST, self.model_dump(exclude_unset=True))
+
+    def with_engine(self, engine: EngineRecord) -> "Manifest":
+        return self.model_copy(update={"engine": engine})
+
+
+class Report(BaseModel):
+    """parity.json's models: values as verify measured them (an unreadable output's error is inf)."""
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class LogitsCheck(Report):
+    passed: bool
+    statistic: str  # the verdict's statistic (verify.TOLERANCES) and its threshold
+    threshold: float
+    worst: float
+    max_rel: float
+    cases: list[dict]  # per parity shape: its outputs' errors
+
+
+class GenerationRow(Report):
+    passed: bool
+    identical: bool
+    first_difference: int | None = None
+    near_tie_margin: float | None = None
+    router_margin: float | None = None
+    identical_to_fp32_reference: bool = False
+
+
+class GenerationCheck(Report):
+    passed: bool
+    new_tokens: int
+    rows: list[GenerationRow]
+
+
+class Parity(Report):
+    """parity.json: verify's report; the quality and free-running sections stay as verify wrote them."""
+    runtime: str
+    dtype: str
+    quantization: str | None = None
+    passed: bool
+    logits: LogitsCheck
+    generation: GenerationCheck
+    free_running: dict | None = None
+    quality: dict | None = None
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "Parity":
+        path = Path(folder) / PARITY
+        return parse(cls, read_json(path, "parity report"), path)
+
+    def write(self, folder: str | Path) -> None:
+        write_json(Path(folder) / PARITY, self.model_dump(exclude_unset=True))
+
+
+def parse(model: type[BaseModel], data, path: Path):
     if not isinstance(data, dict):
         raise OutputError(f"{path}: expected a JSON object")
     try:
-        Manifest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -161,13 +308,13 @@ def read_manifest(folder: str | Path) -> dict:
         else:
             message = f"{where}={short(first.get('input'))} is invalid ({first['msg'][0].lower() + first['msg'][1:]})"
         raise OutputError(f"{path}: {message}") from None
-    check_files(folder, data)
-    return data
 
 
-def onnx_files(onnx: dict) -> list[str]:
-    """The ONNX file and its external data (when any), by name, from the manifest's `onnx` section."""
-    return [onnx["file"]] + ([onnx["external_data"]] if onnx.get("external_data") else [])
+def read_manifest(folder: str | Path) -> Manifest:
+    """manifest.json of a build folder, validated, with the files it records checked; one line on failure."""
+    manifest = Manifest.read(folder)
+    check_files(Path(folder), manifest.onnx)
+    return manifest
 
 
 def recorded_files(folder: Path, names: list[str]) -> dict:
@@ -175,23 +322,22 @@ def recorded_files(folder: Path, names: list[str]) -> dict:
     return {name: file_record(folder / name) for name in names}
 
 
-def check_files(folder: Path, manifest: dict) -> None:
-    onnx = manifest["onnx"]
-    for name in onnx_files(onnx):
+def check_files(folder: Path, onnx: OnnxSection) -> None:
+    for name in onnx.file_names():
         if not (folder / name).is_file():
             raise OutputError(f"{folder / name}: missing (manifest.json lists it)")
-    if not onnx.get("files"):  # a manifest from before the record: at least the structure must hold
-        check_onnx_structure(folder, onnx["file"])
-    for name, record in (onnx.get("files") or {}).items():
+    if not onnx.files:  # a manifest from before the record: at least the structure must hold
+        check_onnx_structure(folder, onnx.file)
+    for name, record in (onnx.files or {}).items():
         path = folder / name
         if not path.is_file():
             raise OutputError(f"{path}: missing (manifest.json records it)")
         size = path.stat().st_size
-        if size != record["bytes"]:
-            change = "truncated" if size < record["bytes"] else "grown"
-            raise OutputError(f"{path}: {size} bytes, but the build wrote {record['bytes']} ({change} since; "
+        if size != record.bytes:
+            change = "truncated" if size < record.bytes else "grown"
+            raise OutputError(f"{path}: {size} bytes, but the build wrote {record.bytes} ({change} since; "
                               f"rebuild the folder)")
-        if file_record(path)["sha256"] != record["sha256"]:
+        if file_record(path)["sha256"] != record.sha256:
             raise OutputError(f"{path}: contents differ from what the build wrote (SHA-256 in manifest.json; "
                               f"edited since? rebuild the folder)")
 

@@ -24,14 +24,14 @@ from ce_export import polygraphy_reference
 from ce_export import quantize as quantize_stage
 from ce_export import runners
 from ce_export import verify as verify_stage
-from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, checkpoint_of, staged_folder, write_json, writing
+from ce_export.artifacts import MANIFEST, PARITY, PARITY_PLOT, staged_folder, writing
 from ce_export.calibration_data import BUILTIN, CHECKPOINT_TASK, prepare
 from ce_export.capture import LOGITS, build_torch_model, build_traced_model, empty_past, parameter_dtype
 from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.dtypes import DTYPES
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
-from ce_export.manifest import onnx_files, read_manifest, recorded_files
+from ce_export.manifest import TARGETS, Manifest, Parity, read_manifest, recorded_files
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.progress import progress_bar
 from ce_export.quantize import quantize_activations
@@ -73,12 +73,12 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[str], None] = print) -> dict:
+def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[str], None] = print) -> Manifest:
     """Build every artifact for `model` (a checkpoint folder or "demo") into `out`; returns the manifest."""
     if options.dtype not in DTYPES:
         raise ExportError(f"unknown dtype {options.dtype!r} (choose from {', '.join(DTYPES)})")
-    if options.target not in export_stage.TARGETS:
-        raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(export_stage.TARGETS)})")
+    if options.target not in TARGETS:
+        raise ExportError(f"unknown target {options.target!r} (choose from {', '.join(TARGETS)})")
     if options.quantize is not None:
         quantize_stage.check_mode(options.quantize)
     if options.logits not in (None, *LOGITS):
@@ -126,17 +126,18 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         del lm
         report(f"  weights: {result.weight_bytes / 1e6:.2f} MB as stored"
                + (f" ({options.quantize}: {result.quantization['weights_stored']} weights quantized)" if options.quantize else ""))
-        manifest = make_manifest(source, loaded, options, result, data, activations, has_task)
-        manifest["clients"] = clients.write_client_files(staging, checkpoint, manifest)
-        manifest["clients"]["polygraphy"] = polygraphy_reference.support(manifest, options.verify)
-        write_json(staging / MANIFEST, manifest)
+        written = make_manifest(source, loaded, options, result, data, activations, has_task)
+        exported = Manifest.from_json(written, staging / MANIFEST)
+        written["clients"] = clients.write_client_files(staging, checkpoint, exported)
+        polygraphy = written["clients"]["polygraphy"] = polygraphy_reference.support(exported, options.verify)
+        manifest = Manifest.from_json(written, staging / MANIFEST)
+        manifest.write(staging)
         if options.verify:
-            reference = (polygraphy_reference.ReferenceWriter(staging, manifest)
-                         if manifest["clients"]["polygraphy"]["supported"] else None)
+            reference = polygraphy_reference.ReferenceWriter(staging, manifest) if polygraphy["supported"] else None
             parity = run_parity(staging, manifest, loaded, timer, record_reference=reference)
             if reference is not None:
                 reference.write_script()
-            write_json(staging / PARITY, parity)
+            parity.write(staging)
             verify_stage.plot_parity(parity, staging / PARITY_PLOT)
         if options.target == "trt":
             from ce_export.engine import build_engine, default_plugin_library
@@ -144,10 +145,11 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
 
             with timer("build: TensorRT engine"):
                 library = options.plugin_library or default_plugin_library()
-                manifest["engine"] = build_engine(staging, max_batch=options.max_batch, max_seq=options.max_seq,
-                                                  max_context=options.max_context, plugin_library=library, report=report)
-            write_json(staging / MANIFEST, manifest)
-            write_trtexec_script(staging, engine=manifest["engine"])
+                manifest = manifest.with_engine(build_engine(
+                    staging, max_batch=options.max_batch, max_seq=options.max_seq, max_context=options.max_context,
+                    plugin_library=library, report=report))
+            manifest.write(staging)
+            write_trtexec_script(staging)
     report(f"artifacts: {out.absolute()}")
     if options.triton_repo:
         from ce_export.triton_repo import write_triton_repo
@@ -155,7 +157,7 @@ def build(model: str, out: str | Path, options: BuildOptions, report: Callable[[
         write_triton_repo(out, options.triton_repo, force=options.force, report=report)
     if options.verify:
         report(summarize(parity))
-        if not parity["passed"]:
+        if not parity.passed:
             raise VerifyError(f"{out / PARITY}: parity FAILED ({failure_reason(parity)}); artifacts kept for inspection")
     return manifest
 
@@ -219,35 +221,35 @@ def make_manifest(source: dict, loaded, options: BuildOptions, result: export_st
     }
 
 
-def verify(folder: str | Path, report: Callable[[str], None] = print) -> dict:
+def verify(folder: str | Path, report: Callable[[str], None] = print) -> Parity:
     folder = Path(folder)
     manifest = read_manifest(folder)
     timer = StageTimer(report)
     with timer("load"):
-        loaded = load_checkpoint(checkpoint_of(folder, manifest))
+        loaded = load_checkpoint(manifest.source.checkpoint(folder))
     parity = run_parity(folder, manifest, loaded, timer)
     try:
-        write_json(folder / PARITY, parity)
+        parity.write(folder)
         verify_stage.plot_parity(parity, folder / PARITY_PLOT)
     except OSError as error:
         raise OutputError(f"{folder / PARITY}: cannot write ({error.strerror or error})") from None
     report(summarize(parity))
-    if not parity["passed"]:
+    if not parity.passed:
         raise VerifyError(f"{folder / PARITY}: parity FAILED ({failure_reason(parity)})")
     return parity
 
 
-def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record_reference=None) -> dict:
+def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", record_reference=None) -> Parity:
     """Parity of the artifact with PyTorch, in two phases whose memory peaks do not add up: ONNX Runtime
     first, on every input (parity shapes, greedy generation, held-out perplexity, the task's held-out
     problems), keeping only its outputs; the session is then released and the PyTorch models are built and run one at a time,
     each keeping the routed experts' weights in the checkpoint's dtype (upcast per expert).
     `record_reference`: receives the logits check's feeds and reference outputs (polygraphy_reference)."""
-    dtype_name = manifest["dtype"]
+    dtype_name = manifest.dtype
     spec = loaded.spec
-    onnx_path = folder / manifest["onnx"]["file"]
-    quantization = (manifest.get("quantization") or {}).get("mode")
-    scales = ((manifest.get("quantization") or {}).get("activations") or {}).get("scales")
+    onnx_path = folder / manifest.onnx.file
+    quantization = manifest.quantization.mode if manifest.quantization else None
+    scales = manifest.quantization.activations.scales if quantization and manifest.quantization.activations else None
     artifact_dtype = DTYPES[dtype_name]
     tolerance = verify_stage.TOLERANCES[dtype_name]
     view = OnnxPrecisionView(onnx_path, dtype_name)
@@ -255,11 +257,11 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     evaluation = evaluation_inputs(folder, manifest, loaded)
     sequences = evaluation.sequences
     cases, new_tokens = verify_stage.PARITY_CASES, verify_stage.GENERATION_TOKENS
-    logits_kept = manifest["onnx"].get("logits", "all")
+    logits_kept = manifest.onnx.logits
     with timer("verify: ONNX Runtime session"):
         runtime = runners.OrtRunner(view.model_for_runtime(), exact_dequantize=bool(quantization),
                                     weights_as_stored=True, path=onnx_path)
-        runtime.check_names(manifest["onnx"]["inputs"], manifest["onnx"]["outputs"], folder / MANIFEST)
+        runtime.check_names(manifest.onnx.inputs, manifest.onnx.outputs, folder / MANIFEST)
     with timer(f"verify: ONNX Runtime on {len(cases)} shapes, {new_tokens} greedy tokens, "
                f"{len(sequences)} held-out sequences" + (", the task's held-out problems" if evaluation.task else "")), \
             progress_bar(total=len(cases) + new_tokens + len(sequences) + bool(evaluation.task),
@@ -292,7 +294,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
     reference = torch_model("reference (fp32)", torch.float32, reference_weights)
     with timer(f"verify: PyTorch logits on {len(cases)} shapes"), \
             progress_bar(total=len(cases), desc="  PyTorch") as bar:
-        logits = verify_stage.compare_logits(reference, recorded, manifest["onnx"]["outputs"], tolerance, progress=bar,
+        logits = verify_stage.compare_logits(reference, recorded, manifest.onnx.outputs, tolerance, progress=bar,
                                              record=record_reference, logits=logits_kept)
     del recorded
     low_precision_torch = dtype_name != "fp32" and not view.emulated
@@ -319,7 +321,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
         with timer("verify: logits and greedy generation, synchronized at each FP8 quantizer"):
             pair = synchronized.SynchronizedPair(view.model_for_runtime(), reference, logits=logits_kept)
             try:
-                logits = synchronized.check_logits(pair, spec, manifest["onnx"]["outputs"], runtime_dtype, tolerance)
+                logits = synchronized.check_logits(pair, spec, manifest.onnx.outputs, runtime_dtype, tolerance)
                 synchronized_generation = synchronized.check_generation(pair, spec, runtime_dtype, tolerance)
             finally:
                 pair.close()
@@ -349,7 +351,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
         gc.collect()
     torch_perplexity, torch_task = torch_quality
     quality = quality_report(folder, manifest, evaluation, torch_perplexity, onnx_perplexity, torch_task, onnx_task)
-    return {
+    return Parity.model_validate({
         "runtime": "onnxruntime CPUExecutionProvider",
         "reference": "PyTorch fp32, MoE blocks through ce_export.moe_math (the reference op)",
         "dtype": dtype_name,
@@ -363,7 +365,7 @@ def run_parity(folder: Path, manifest: dict, loaded, timer: "StageTimer", record
         **({"free_running": free_running} if free_running else {}),
         "quality": quality,
         "tools": tool_versions(),
-    }
+    })
 
 
 def free_generation(generation: dict) -> dict:
@@ -434,11 +436,10 @@ class Evaluation:
     task_source: str = ""
 
 
-def evaluation_inputs(folder: Path, manifest: dict, loaded) -> Evaluation:
-    checkpoint = checkpoint_of(folder, manifest)
+def evaluation_inputs(folder: Path, manifest: Manifest, loaded) -> Evaluation:
+    checkpoint = manifest.source.checkpoint(folder)
     task = read_task(checkpoint)
-    recorded = manifest.get("calibration_data") or {}
-    source = recorded.get("source", BUILTIN)
+    source = manifest.calibration_data.source if manifest.calibration_data else BUILTIN
     user_data = source not in (BUILTIN, CHECKPOINT_TASK)
     tokenizer = task_tokenizer(checkpoint, loaded.spec.vocab_size) if task is not None else None
     task_source = str(checkpoint / TASK_FILE)
@@ -456,7 +457,7 @@ def evaluation_inputs(folder: Path, manifest: dict, loaded) -> Evaluation:
     return Evaluation(sequences=sequences, report=report, task=task, tokenizer=tokenizer, task_source=task_source)
 
 
-def quality_report(folder: Path, manifest: dict, evaluation: Evaluation, torch_ppl: float, onnx_ppl: float,
+def quality_report(folder: Path, manifest: Manifest, evaluation: Evaluation, torch_ppl: float, onnx_ppl: float,
                    torch_task: dict | None, onnx_task: dict | None) -> dict:
     """Model size and the quality cost of the artifact, unquantized PyTorch fp32 vs the exported
     file in ONNX Runtime (their results recorded in verify's two phases)."""
@@ -465,10 +466,10 @@ def quality_report(folder: Path, manifest: dict, evaluation: Evaluation, torch_p
         result["task"] = {"source": evaluation.task_source,
                           **compare_exact_match(evaluation.task, evaluation.tokenizer, torch_task, onnx_task)}
     result.update(evaluation.report)
-    files = [folder / name for name in onnx_files(manifest["onnx"])]
+    files = [folder / name for name in manifest.onnx.file_names()]
     return {**result, "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
-            "perplexity_delta": onnx_ppl - torch_ppl, "parameters": manifest["parameters"],
-            "weight_bytes": manifest["parameters"].get("weight_bytes"),
+            "perplexity_delta": onnx_ppl - torch_ppl, "parameters": manifest.parameters.model_dump(mode="json", exclude_unset=True),
+            "weight_bytes": manifest.parameters.weight_bytes,
             "onnx_bytes": sum(f.stat().st_size for f in files)}
 
 
@@ -477,42 +478,42 @@ def data_kind(source: str) -> str:
         source, "user data (--calib)")
 
 
-def failure_reason(parity: dict) -> str:
+def failure_reason(parity: Parity) -> str:
     reasons = []
-    logits, generation = parity["logits"], parity["generation"]
-    if not logits["passed"]:
-        reasons.append(f"{logits['statistic']} {logits['worst']:.2e} > {logits['threshold']:.0e}")
-    for index, row in enumerate(generation["rows"]):
-        if not row["passed"]:
-            router = f", closest router margin {row['router_margin']:.2e}" if row.get("router_margin") is not None else ""
-            reasons.append(f"generated tokens of row {index} differ from step {row['first_difference']} "
-                           f"(PyTorch logit margin {row['near_tie_margin']:.2e}{router}: no near-tie)")
+    logits, generation = parity.logits, parity.generation
+    if not logits.passed:
+        reasons.append(f"{logits.statistic} {logits.worst:.2e} > {logits.threshold:.0e}")
+    for index, row in enumerate(generation.rows):
+        if not row.passed:
+            router = f", closest router margin {row.router_margin:.2e}" if row.router_margin is not None else ""
+            reasons.append(f"generated tokens of row {index} differ from step {row.first_difference} "
+                           f"(PyTorch logit margin {row.near_tie_margin:.2e}{router}: no near-tie)")
     return "; ".join(reasons)
 
 
-def summarize(parity: dict) -> str:
-    logits, generation = parity["logits"], parity["generation"]
-    verdict = "PASSED" if parity["passed"] else "FAILED"
-    rows = generation["rows"]
-    identical = sum(r["identical"] for r in rows)
-    fp32 = sum(bool(r.get("identical_to_fp32_reference")) for r in rows)
-    ties = sum(not r["identical"] and r["passed"] for r in rows) - fp32
+def summarize(parity: Parity) -> str:
+    logits, generation = parity.logits, parity.generation
+    verdict = "PASSED" if parity.passed else "FAILED"
+    rows = generation.rows
+    identical = sum(r.identical for r in rows)
+    fp32 = sum(r.identical_to_fp32_reference for r in rows)
+    ties = sum(not r.identical and r.passed for r in rows) - fp32
     tokens = (f"identical in {identical}/{len(rows)} rows" + (f", {ties} diverging at a near-tie" if ties else "")
               + (f", {fp32} identical to the fp32 reference instead" if fp32 else ""))
-    quality = parity.get("quality")
+    quality = parity.quality
     task = (quality or {}).get("task")
     answers = (f"; task exact match {task['accuracy_onnx']:.1%} of {task['problems']} held-out problems vs "
                f"{task['accuracy_torch_fp32']:.1%} in PyTorch fp32" if task else "")
     ppl = (f"{answers}; held-out perplexity {quality['perplexity_onnx']:.3f} vs {quality['perplexity_torch_fp32']:.3f} "
            f"in PyTorch fp32 (delta {quality['perplexity_delta']:+.4f})" if quality else "")
-    free = parity.get("free_running")
+    free = parity.free_running
     synchronized = (f"; synchronized at each FP8 quantizer (free-running: max relative error "
                     f"{free['logits']['max_rel']:.2e}, greedy tokens identical in "
                     f"{free['generation']['identical_rows']}/{len(rows)} rows)" if free else "")
-    return (f"parity {verdict} ({parity['dtype']}{', ' + parity['quantization'] if parity.get('quantization') else ''}, "
-            f"{parity['runtime']}): {logits['statistic']} "
-            f"{logits['worst']:.2e} over {len(logits['cases'])} shapes (threshold {logits['threshold']:.0e}, "
-            f"max relative error {logits['max_rel']:.2e}); greedy {generation['new_tokens']} tokens {tokens}{ppl}"
+    return (f"parity {verdict} ({parity.dtype}{', ' + parity.quantization if parity.quantization else ''}, "
+            f"{parity.runtime}): {logits.statistic} "
+            f"{logits.worst:.2e} over {len(logits.cases)} shapes (threshold {logits.threshold:.0e}, "
+            f"max relative error {logits.max_rel:.2e}); greedy {generation.new_tokens} tokens {tokens}{ppl}"
             f"{synchronized}")
 
 

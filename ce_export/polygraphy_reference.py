@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ce_export.io_schema import ATTENTION_MASK, INPUT_IDS, PAST_KEY, PAST_VALUE, POSITION_IDS
+from ce_export.manifest import Manifest
 from ce_export.verify import PARITY_CASES, TOLERANCES
 
 FOLDER = "polygraphy"
@@ -29,25 +30,24 @@ INPUTS, REFERENCE, SCRIPT = f"{FOLDER}/inputs", f"{FOLDER}/reference", f"{FOLDER
 REFERENCE_RUNNER = "pytorch-fp32-reference"
 
 
-def support(manifest: dict, verify: bool) -> dict:
+def support(manifest: Manifest, verify: bool) -> dict:
     """manifest.json's clients.polygraphy: which `polygraphy run` commands the build writes."""
     if not verify:
         return {"supported": False, "reason": "built with --no-verify: no reference outputs were computed"}
-    activations = ((manifest.get("quantization") or {}).get("activations"))
-    if activations is not None:
+    if manifest.quantization is not None and manifest.quantization.activations is not None:
         return {"supported": False,
                 "reason": "FP8 activations: parity is synchronized at each quantizer (see parity.json); free-running, "
                           "ONNX Runtime and PyTorch round activations on FP8 midpoints apart, so a plain "
                           "output comparison would fail a good file"}
-    tolerance = TOLERANCES[manifest["dtype"]]
+    tolerance = TOLERANCES[manifest.dtype]
     entry = {"supported": True, "script": SCRIPT, "inputs": INPUTS, "reference": REFERENCE,
              "check": f"{tolerance.statistic.split('_')[0]} absolute error per output <= {tolerance.threshold:g} x "
                       "its smallest max|reference| over the parity shapes",
-             "onnxrt": manifest["dtype"] != "bf16", "tensorrt": manifest["target"] != "ort"}
-    if manifest["dtype"] == "bf16":
+             "onnxrt": manifest.dtype != "bf16", "tensorrt": manifest.target != "ort"}
+    if manifest.dtype == "bf16":
         entry["notes"] = ["no ONNX Runtime command: its CPU provider has no bf16 kernels; the feeds are the parity "
                           "feeds rounded to bf16 (torch tensors), for a TensorRT engine"]
-    if manifest["target"] == "ort":
+    if manifest.target == "ort":
         entry.setdefault("notes", []).append("no TensorRT command: --target ort uses com.microsoft::MoE, an ONNX "
                                              "Runtime contrib op")
     return entry
@@ -57,12 +57,12 @@ class ReferenceWriter:
     """Receives each parity shape's feed and PyTorch outputs (verify.check_logits' `record`) and writes
     them as polygraphy data; `write_script` then writes compare.sh with the tolerances."""
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path, manifest: Manifest):
         self.folder = Path(folder)
         self.manifest = manifest
-        self.input_names = manifest["onnx"]["inputs"]
-        self.output_names = manifest["onnx"]["outputs"]
-        self.bf16 = manifest["dtype"] == "bf16"
+        self.input_names = manifest.onnx.inputs
+        self.output_names = manifest.onnx.outputs
+        self.bf16 = manifest.dtype == "bf16"
         self.smallest_scale: dict[str, float] = {}
         self.index = 0
         for sub in (INPUTS, REFERENCE):
@@ -90,17 +90,17 @@ class ReferenceWriter:
         self.index += 1
 
     def write_script(self) -> Path:
-        tolerance = TOLERANCES[self.manifest["dtype"]]
+        tolerance = TOLERANCES[self.manifest.dtype]
         entry = support(self.manifest, verify=True)
         atol = [f"{name}:{tolerance.threshold * scale!r}" for name, scale in self.smallest_scale.items()]
         compare = ["--load-inputs", INPUTS, "--load-outputs", REFERENCE, "--check-error-stat",
                    tolerance.statistic.split("_")[0], "--rtol", "0", "--atol", *atol]
-        onnxrt = ["polygraphy", "run", self.manifest["onnx"]["file"], "--onnxrt", "--providers", "cpu"]
-        if self.manifest.get("quantization"):
+        onnxrt = ["polygraphy", "run", self.manifest.onnx.file, "--onnxrt", "--providers", "cpu"]
+        if self.manifest.quantization:
             # The Q/DQ nodes as written (parity runs them so too): with its graph optimizations ONNX
             # Runtime fuses DequantizeLinear + MatMul into MatMulNBits, which also quantizes activations.
             onnxrt += ["--graph-optimization-level", "ORT_DISABLE_ALL"]
-        trt = ["polygraphy", "run", self.manifest["onnx"]["file"], "--trt", "--strongly-typed"]
+        trt = ["polygraphy", "run", self.manifest.onnx.file, "--trt", "--strongly-typed"]
         for flag, pick in (("--trt-min-shapes", min), ("--trt-opt-shapes", max), ("--trt-max-shapes", max)):
             trt += [flag, *self.profile_shapes(pick)]
         lines = [
@@ -138,9 +138,9 @@ class ReferenceWriter:
         sequence = pick(case.sequence for case in PARITY_CASES)
         past = pick(case.past for case in PARITY_CASES)
         total = pick(case.past + case.sequence for case in PARITY_CASES)
-        model = self.manifest["model"]
+        model = self.manifest.model
         shapes = {INPUT_IDS: [batch, sequence], ATTENTION_MASK: [batch, total], POSITION_IDS: [batch, sequence]}
-        for layer in range(model["num_layers"]):
-            shapes[PAST_KEY % layer] = [batch, model["kv_heads"], past, model["key_dim"]]
-            shapes[PAST_VALUE % layer] = [batch, model["kv_heads"], past, model["value_dim"]]
+        for layer in range(model.num_layers):
+            shapes[PAST_KEY % layer] = [batch, model.kv_heads, past, model.key_dim]
+            shapes[PAST_VALUE % layer] = [batch, model.kv_heads, past, model.value_dim]
         return [f"{name}:[{','.join(map(str, dims))}]" for name, dims in shapes.items()]

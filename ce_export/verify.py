@@ -17,6 +17,7 @@ import torch
 
 from ce_export.artifacts import atomic_file
 from ce_export.capture import empty_past
+from ce_export.manifest import Parity
 from ce_export.runners import TorchRunner, greedy_tokens
 
 GENERATION_TOKENS = 32
@@ -263,14 +264,14 @@ def router_margin(lm, ids: torch.Tensor, mask: torch.Tensor) -> float | None:
     return min(margins) if margins else None
 
 
-def plot_parity(parity: dict, path: Path) -> None:
+def plot_parity(parity: Parity, path: Path) -> None:
     """parity.png: per shape, the max and mean relative error of every output, and the threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = parity["logits"]["cases"]
+    cases = parity.logits.cases
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(cases)), 4))
     for stat, marker in (("max_rel", "o"), ("mean_rel", "x")):
         for index, case in enumerate(cases):
@@ -278,13 +279,13 @@ def plot_parity(parity: dict, path: Path) -> None:
             ax.scatter([index] * len(values), values, marker=marker, s=14, alpha=0.6,
                        color="tab:red" if stat == "max_rel" else "tab:blue",
                        label=f"{stat} per output" if index == 0 else None)
-    ax.axhline(parity["logits"]["threshold"], color="black", linestyle="--",
-               label=f"threshold on {parity['logits']['statistic']} ({parity['logits']['threshold']:.0e})")
+    ax.axhline(parity.logits.threshold, color="black", linestyle="--",
+               label=f"threshold on {parity.logits.statistic} ({parity.logits.threshold:.0e})")
     ax.set_xticks(range(len(cases)), [case["case"] for case in cases], rotation=30, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("relative error vs PyTorch fp32")
-    verdict = "PASSED" if parity["passed"] else "FAILED"
-    ax.set_title(f"parity {verdict}: {parity['dtype']}, {parity['runtime']}", fontsize=10)
+    verdict = "PASSED" if parity.passed else "FAILED"
+    ax.set_title(f"parity {verdict}: {parity.dtype}, {parity.runtime}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_file(path) as partial:

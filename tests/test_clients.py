@@ -14,6 +14,7 @@ import pytest
 from ce_export import clients
 from ce_export.cli import main
 from ce_export.generate import generate
+from ce_export.manifest import Manifest
 from client_runs import genai_tokens, torch_tokens, until_genai_stops
 
 PROMPT = [5, 17, 200, 3, 44, 9, 100, 250]  # ids the demo never saw: it runs on without a newline (its EOS)
@@ -44,14 +45,17 @@ def test_build_folder_holds_what_the_clients_read(demo_build):
     assert len(list((demo_build / polygraphy["inputs"]).iterdir())) == 8
 
 
-def fake_manifest(**overrides) -> dict:
-    model = {"architecture": "olmoe", "vocab_size": 100, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
-             "kv_heads": 4, "key_dim": 16, "value_dim": 16}
-    manifest = {"model": model, "dtype": "fp32", "quantization": None, "target": "portable",
-                "onnx": {"file": "model.onnx", "limits": {"max_context": 256}}}
+def fake_manifest(**overrides) -> Manifest:
+    model = {"architecture": "olmoe", "use_ce": False, "vocab_size": 100, "hidden_size": 64, "num_layers": 2,
+             "num_attention_heads": 4, "kv_heads": 4, "key_dim": 16, "value_dim": 16}
+    manifest = {"format": 1, "source": {"kind": "checkpoint", "path": "/ckpt"}, "model": model, "dtype": "fp32",
+                "quantization": None, "target": "portable", "parameters": {"total": 1, "active_per_token": 1},
+                "onnx": {"file": "model.onnx", "opset": 18, "inputs": ["input_ids", "attention_mask", "position_ids"],
+                         "outputs": ["logits"], "limits": {"max_batch": 1, "max_sequence": 256, "max_context": 256}},
+                "tools": {}}
     for key, value in overrides.items():
         (model if key in model else manifest)[key] = value
-    return manifest
+    return Manifest.model_validate(manifest)
 
 
 def test_client_files_from_the_checkpoint(tmp_path):
@@ -161,9 +165,9 @@ def test_optimum_generates_pytorch_tokens_from_the_demo_folder(demo_build, optim
     from ce_export import pipeline
 
     gqa = tmp_path / "gqa"
-    manifest = pipeline.build(str(save_tiny("olmoe", tmp_path / "ckpt")), gqa, pipeline.BuildOptions(verify=False),
-                              report=lambda line: None)
-    assert not manifest["clients"]["optimum"]["supported"]
+    pipeline.build(str(save_tiny("olmoe", tmp_path / "ckpt")), gqa, pipeline.BuildOptions(verify=False),
+                   report=lambda line: None)
+    assert not json.loads((gqa / "manifest.json").read_text())["clients"]["optimum"]["supported"]
     result = subprocess.run([optimum_python, "-c", OPTIMUM_SCRIPT, json.dumps(PROMPT), str(demo_build), str(gqa)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -8,34 +8,33 @@ engine needs full TensorRT, a GPU and our plugin library; that test skips elsewh
 from __future__ import annotations
 
 import importlib
-import json
 import shutil
 from pathlib import Path
 
 import onnx
 import pytest
 
-from ce_export.artifacts import MANIFEST, read_json, write_json
+from ce_export.artifacts import MANIFEST, read_json
 from ce_export.engine import (DECODE, PLAN, PLUGIN_LIBRARY_ENV, PLUGIN_NAMESPACE, PLUGIN_VERSION, PREFILL,
                               build_engine, default_plugin_library, load_tensorrt, profile_axes, profile_shapes)
 from ce_export.errors import BuildError
 from ce_export.io_schema import onnx_io
+from ce_export.manifest import Manifest
 from checkpoints import trt_demo
 
 
 
 def trt_demo_engine(tmp_path_factory, lines: list[str] | None = None) -> tuple[Path, dict]:
-    """trt_demo plus its plugin-less engine, recorded in manifest["engine"] as the CLI does."""
+    """trt_demo plus its plugin-less engine, recorded in manifest["engine"] as the CLI does; the record as written."""
     folder = trt_demo(tmp_path_factory)
-    manifest = read_json(folder / MANIFEST)
-    if "engine" not in manifest or not (folder / PLAN).is_file():
+    manifest = Manifest.read(folder)
+    if manifest.engine is None or not (folder / PLAN).is_file():
         _, flavour = load_tensorrt()
         # TensorRT-RTX has no plugin layers: a library given to it is recorded, never loaded.
         library = "/nonexistent/libce_export_trt.so" if flavour == "tensorrt_rtx" else None
-        manifest["engine"] = build_engine(folder, plugin_library=library,
-                                          report=(lines.append if lines is not None else lambda line: None))
-        write_json(folder / MANIFEST, manifest)
-    return folder, manifest["engine"]
+        manifest.with_engine(build_engine(folder, plugin_library=library, report=(
+            lines.append if lines is not None else lambda line: None))).write(folder)
+    return folder, read_json(folder / MANIFEST)["engine"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_profiles_cover_prefill_and_decode():
 
 def test_profile_shapes_follow_the_graph_inputs(tmp_path_factory):
     folder = trt_demo(tmp_path_factory)
-    inputs, outputs = onnx_io(folder)
+    inputs, outputs = onnx_io(folder / "model.onnx")
     manifest = read_json(folder / MANIFEST)
     assert [s.name for s in inputs] == manifest["onnx"]["inputs"]
     assert [s.name for s in outputs] == manifest["onnx"]["outputs"]
@@ -110,7 +109,6 @@ def test_plugin_less_engine_builds_with_both_profiles(tmp_path_factory, tensorrt
     assert decode["past_sequence"] == [0, 128, 128] and decode["sequence"] == [1, 1, 1]
     assert result["limits"] == {"max_batch": 4, "max_sequence": 64, "max_context": 128}
     assert 0 < result["build_seconds"] < 60
-    json.dumps(result)  # the manifest records it
     if lines:  # built in this test (not reused): progress was reported
         assert any("building the engine" in line for line in lines)
         if hasattr(trt, "IProgressMonitor"):
@@ -158,7 +156,7 @@ def test_plugin_engine_binds_every_moe_node(tmp_path_factory, tmp_path):
     for name in (MANIFEST, "model.onnx"):
         shutil.copy(folder / name, tmp_path / name)
     result = build_engine(tmp_path, plugin_library=library, report=lambda line: None)
-    assert result["plugin"]["bound"] is True and result["plugin"]["library"] == str(library)
-    assert result["moe_nodes"]["bound"] == result["moe_nodes"]["count"] == 4
-    assert result["moe_nodes"]["inlined"] == 0 and result["moe_nodes"]["plugin_layers"] >= 4
-    assert (tmp_path / PLAN).stat().st_size == result["plan_bytes"]
+    assert result.plugin.bound is True and result.plugin.library == str(library)
+    assert result.moe_nodes["bound"] == result.moe_nodes["count"] == 4
+    assert result.moe_nodes["inlined"] == 0 and result.moe_nodes["plugin_layers"] >= 4
+    assert (tmp_path / PLAN).stat().st_size == result.plan_bytes

@@ -53,12 +53,12 @@ def test_family_onnx_runtime_and_tensorrt(family, tmp_path):
     out = tmp_path / "trt"
     manifest = pipeline.build(str(folder), out, pipeline.BuildOptions(
         target="trt", logits="all", verify=False, max_batch=4, max_seq=64, max_context=128), **QUIET)
-    assert {node["op_type"] for node in manifest["onnx"]["moe_nodes"]} == {OP_TYPES[family][0]}
-    assert (out / "model.plan").stat().st_size > 0 and manifest["engine"]["plugin"]["bound"] is False
+    assert {node.op_type for node in manifest.onnx.moe_nodes} == {OP_TYPES[family][0]}
+    assert (out / "model.plan").stat().st_size > 0 and manifest.engine.plugin.bound is False
     # The TensorRT plugin node: our plugin's op types carry its attributes; for the others the build says so.
     in_plugin = OP_TYPES[family][0] in onnx_functions.PLUGIN_OP_TYPES
-    assert {node["plugin"] for node in manifest["onnx"]["moe_nodes"]} == {in_plugin}
-    lacking = manifest["engine"]["plugin"].get("not_in_plugin")
+    assert {node.plugin for node in manifest.onnx.moe_nodes} == {in_plugin}
+    lacking = manifest.engine.plugin.not_in_plugin
     assert (lacking is None) if in_plugin else (lacking["op_types"] == [OP_TYPES[family][0]]
                                                  and "does not implement" in lacking["message"])
 
@@ -107,9 +107,9 @@ def test_compressed_experts_through_the_pipeline(family, tmp_path):
     folder = add_compressed_experts(folder)
     manifest = pipeline.build(str(folder), tmp_path / "build", pipeline.BuildOptions(target="portable", verify=False),
                               **QUIET)
-    assert {node["op_type"] for node in manifest["onnx"]["moe_nodes"]} == {OP_TYPES[family][1]}
+    assert {node.op_type for node in manifest.onnx.moe_nodes} == {OP_TYPES[family][1]}
     if family == "gpt_oss":
-        assert [layer["num_experts"] for layer in manifest["model"]["moe_layers"]] == [6, 5]
+        assert [layer.num_experts for layer in manifest.model.moe_layers] == [6, 5]
     model = load_checkpoint(folder)
     captured = build_torch_model(model)
     runtime = OrtRunner(tmp_path / "build" / "model.onnx")
@@ -231,7 +231,7 @@ def test_gpt_oss_runs_on_onnx_runtimes_fused_moe(tmp_path):
         pytest.skip(ort_support.moe_lowering_blocker("fp32"))
     folder = save_tiny("gpt_oss", tmp_path / "ckpt")
     manifest = pipeline.build(str(folder), tmp_path / "build", pipeline.BuildOptions(target="ort", verify=False), **QUIET)
-    assert {(node["domain"], node["op_type"]) for node in manifest["onnx"]["moe_nodes"]} == {("com.microsoft", "MoE")}
+    assert {(node.domain, node.op_type) for node in manifest.onnx.moe_nodes} == {("com.microsoft", "MoE")}
     spec = load_checkpoint(folder).spec
     ids = torch.randint(0, spec.vocab_size, (2, 13), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

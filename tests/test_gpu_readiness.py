@@ -118,4 +118,4 @@ def test_ort_target_keeps_function_bodies_where_onnxruntime_computes_moe_wrongly
         manifest = pipeline.build(str(folder), tmp_path / "build", pipeline.BuildOptions(target="ort", verify=False),
                                   report=lambda line: None)
     # The function bodies: exact on every onnxruntime (tests/test_export.py checks their parity).
-    assert {node["domain"] for node in manifest["onnx"]["moe_nodes"]} == {"ce_export"}
+    assert {node.domain for node in manifest.onnx.moe_nodes} == {"ce_export"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ce_export.cli import main
-from ce_export.manifest import read_manifest
+from ce_export.manifest import Parity, read_manifest
 from checkpoints import TINY_LIMITS, tiny_checkpoint
 
 
@@ -79,7 +79,8 @@ def test_write_failure_of_verify_outputs_leaves_the_build_folder_as_it_was(demo_
     folder = tmp_path / "build"
     shutil.copytree(demo_build, folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    monkeypatch.setattr(pipeline, "run_parity", lambda *args, **kwargs: json.loads(before["parity.json"]))
+    monkeypatch.setattr(pipeline, "run_parity",
+                        lambda *args, **kwargs: Parity.model_validate(json.loads(before["parity.json"])))
 
     def failing_savefig(self, path, **kwargs):
         Path(path).write_bytes(b"\x89PNG half")
@@ -193,4 +194,4 @@ def test_signals_clean_up_and_the_next_build_removes_what_sigkill_left(tiny, tmp
     assert f"removed {stale[0]}: a staging folder left by process {killed.pid}, which is no longer running" in stdout
     assert leftovers(parent) == ["out"]
     manifest = read_manifest(out)  # complete: every recorded file present, sizes and SHA-256 as written
-    assert manifest["onnx"]["files"]["model.onnx"]["bytes"] == (out / "model.onnx").stat().st_size
+    assert manifest.onnx.files["model.onnx"].bytes == (out / "model.onnx").stat().st_size

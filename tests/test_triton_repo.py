@@ -16,6 +16,7 @@ from ce_export.artifacts import MANIFEST, read_json, write_json
 from ce_export.engine import PLAN, build_engine, load_tensorrt
 from ce_export.errors import BuildError, OutputError
 from ce_export.io_schema import TensorSpec, onnx_io
+from ce_export.manifest import EngineRecord, Manifest
 from ce_export.triton_repo import (ONNX_PLATFORM, TRT_PLATFORM, load_model_config_pb2, model_config_text,
                                    validate_model_config, write_triton_repo)
 from checkpoints import trt_demo
@@ -30,10 +31,9 @@ def engine_build(tmp_path_factory) -> Path:
     except BuildError as error:
         pytest.skip(f"no TensorRT builder: {error}")
     folder = trt_demo(tmp_path_factory)
-    manifest = read_json(folder / MANIFEST)
-    if "engine" not in manifest or not (folder / PLAN).is_file():
-        manifest["engine"] = build_engine(folder, report=lambda line: None)
-        write_json(folder / MANIFEST, manifest)
+    manifest = Manifest.read(folder)
+    if manifest.engine is None or not (folder / PLAN).is_file():
+        manifest.with_engine(build_engine(folder, report=lambda line: None)).write(folder)
     return folder
 
 
@@ -57,7 +57,7 @@ def test_repository_configs_match_triton_schema(engine_build, tmp_path, pb2):
     written = write_triton_repo(engine_build, repo, report=lambda line: None)
     assert set(written["models"]) == {"demo_trt", "demo_onnx"}
     assert all(m["schema_checked"] for m in written["models"].values())
-    inputs, outputs = onnx_io(engine_build)
+    inputs, outputs = onnx_io(engine_build / "model.onnx")
     from google.protobuf import text_format
 
     trt = text_format.Parse((repo / "demo_trt" / "config.pbtxt").read_text(), pb2.ModelConfig())
@@ -88,8 +88,9 @@ def test_rtx_engine_and_plugin_notes(engine_build, tmp_path, pb2):
     assert "plugin-less" in text and "LD_PRELOAD" not in text
     if engine["runtime"].startswith("tensorrt_rtx"):
         assert written["models"]["demo_trt"]["notes"] and "TensorRT-RTX" in text
-    bound = dict(engine, runtime="tensorrt 10.16",
-                 plugin={"bound": True, "library": "/opt/ce/libce_export_trt.so", "namespace": "ce_export"})
+    bound = EngineRecord.model_validate(dict(
+        engine, runtime="tensorrt 10.16",
+        plugin={"bound": True, "library": "/opt/ce/libce_export_trt.so", "namespace": "ce_export"}))
     written = write_triton_repo(engine_build, tmp_path / "b", models=["trt"], engine=bound, link="symlink",
                                 report=lambda line: None)
     text = (tmp_path / "b" / "demo_trt" / "config.pbtxt").read_text()

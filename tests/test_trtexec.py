@@ -157,7 +157,7 @@ def test_default_points_stay_inside_the_limits():
 
 
 def test_shapes_name_every_input(build_copy):
-    inputs, _ = onnx_io(build_copy)
+    inputs, _ = onnx_io(build_copy / "model.onnx")
     decode = shapes_arg(inputs, BenchPoint(DECODE, 2, 1, 100))
     entries = dict(item.split(":") for item in decode.split(","))
     assert list(entries) == [s.name for s in inputs]
@@ -235,7 +235,7 @@ def test_script_picks_flags_by_major_version(build_copy, fake_trtexec, monkeypat
     assert done.returncode == 0, done.stderr
     lines = calls.read_text().splitlines()
     assert len(lines) == 3
-    inputs, _ = onnx_io(build_copy)
+    inputs, _ = onnx_io(build_copy / "model.onnx")
     for line, point in zip(lines, default_points({"max_batch": 4, "max_sequence": 64, "max_context": 128})):
         args = line.split()
         assert f"--loadEngine={build_copy / PLAN}" in args
