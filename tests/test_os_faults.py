@@ -156,12 +156,15 @@ def staging_folders(parent: Path) -> list[Path]:
 def test_signals_clean_up_and_the_next_build_removes_what_sigkill_left(tiny, tmp_path, capsys):
     runs = {}
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        # One at a time: each is signalled as soon as its staging folder exists. (Started together,
+        # a later one could finish before its turn on a busy machine, and prove nothing.)
         parent = tmp_path / sig.name
         parent.mkdir()
-        runs[sig] = (parent, start_build(tiny, parent / "out"))
-    for sig, (parent, process) in runs.items():  # all three are loading (in parallel) once staging exists
+        process = start_build(tiny, parent / "out")
         wait_for(lambda: staging_folders(parent) or process.poll() is not None, f"{sig.name} build's staging folder")
+        assert process.poll() is None, f"the {sig.name} build ended before it could be signalled"
         process.send_signal(sig)
+        runs[sig] = (parent, process)
     for sig, (parent, process) in runs.items():
         _, stderr = process.communicate(timeout=120)
         if sig == signal.SIGKILL:
