@@ -138,8 +138,15 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path):
 
 
 def start_build(checkpoint: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ce_export", "build", str(checkpoint), "--out", str(out),
-                             "--no-verify", *TINY_LIMITS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A child inherits an ignored SIGINT (POSIX), and Python then never raises KeyboardInterrupt: start
+    # it with the default handler whatever an earlier test or the runner left in this process.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "ce_export", "build", str(checkpoint), "--out", str(out),
+                                 "--no-verify", *TINY_LIMITS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for(condition, what: str, timeout: float = 120.0) -> None:
