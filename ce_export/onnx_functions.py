@@ -219,12 +219,19 @@ def SwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down):
             out = op.Identity(empty)
         else:
             if op.Equal(count, op.Constant(value_ints=[1])):
-                out = ExpertRows(expert_halves, expert_down, op.Reshape(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), one_column),
-                                 op.Reshape(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), op.Constant(value_ints=[-1, 1])),
+                out = ExpertRows(expert_halves, expert_down,
+                                 op.Reshape(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
+                                            one_column),
+                                 op.Reshape(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
+                                            op.Constant(value_ints=[-1, 1])),
                                  expert_pads)
             else:
-                out = ExpertRows(expert_halves, expert_down, op.Transpose(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 2, 0]),
-                                 op.Transpose(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 0]), expert_pads)
+                out = ExpertRows(expert_halves, expert_down,
+                                 op.Transpose(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
+                                              perm=[1, 2, 0]),
+                                 op.Transpose(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
+                                              perm=[1, 0]),
+                                 expert_pads)
         return out
 
     per_expert = op.Scan(halves, down, counts, pads, table, body=one_expert, num_scan_inputs=5)  # [E, 1, C, H]
@@ -352,13 +359,17 @@ def ClampedSwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, dow
         else:
             if op.Equal(count, op.Constant(value_ints=[1])):
                 out = ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias,
-                                        op.Reshape(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), one_column),
-                                        op.Reshape(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), op.Constant(value_ints=[-1, 1])),
+                                        op.Reshape(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
+                                                   one_column),
+                                        op.Reshape(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
+                                                   op.Constant(value_ints=[-1, 1])),
                                         expert_pads, limit, alpha)
             else:
                 out = ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias,
-                                        op.Transpose(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 2, 0]),
-                                        op.Transpose(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 0]),
+                                        op.Transpose(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
+                                                     perm=[1, 2, 0]),
+                                        op.Transpose(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
+                                                     perm=[1, 0]),
                                         expert_pads, limit, alpha)
         return out
 
