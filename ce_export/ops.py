@@ -14,6 +14,7 @@ captures it fails. `reference_math()` asks for the reference on purpose and is n
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 
@@ -62,33 +63,9 @@ def is_strict() -> bool:
     return _strict or os.environ.get(STRICT_ENV, "") not in ("", "0")
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::moe", mutates_args=())
-def moe(
-    hidden: torch.Tensor,
-    router_logits: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    ces: torch.Tensor | None,
-    top_k: int,
-    n_ce: int,
-    norm_topk_prob: bool,
-    routing: str = moe_math.SOFTMAX_TOPK,
-    routing_scale: float = 1.0,
-    jitter_eps: float = 0.0,
-    score_bias: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    activation: str = moe_math.SWIGLU,
-    swiglu_alpha: float = 1.0,
-    swiglu_limit: float = 0.0,
-    weights_on_input: bool = False,
-) -> torch.Tensor:
-    """moe_math.moe_reference's arguments, in its order."""
-    return moe_math.moe_reference(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
-                                  routing, routing_scale, jitter_eps, score_bias, n_group, topk_group, gate_up_bias,
-                                  down_bias, activation, swiglu_alpha, swiglu_limit, weights_on_input)
+# The op's schema is the reference's signature: one argument list, in moe_math.py.
+moe = torch.library.custom_op(f"{OP_NAMESPACE}::moe", moe_math.moe_reference, mutates_args=())
+_ARGUMENTS = inspect.signature(moe_math.moe_reference)
 
 
 @moe.register_fake
@@ -142,20 +119,17 @@ def kernels_lack_variant(routing: str, weights_on_input: bool) -> str | None:
 
 
 @moe.register_kernel("cuda")
-def _moe_cuda(hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob,
-              routing=moe_math.SOFTMAX_TOPK, routing_scale=1.0, jitter_eps=0.0, score_bias=None, n_group=1,
-              topk_group=1, gate_up_bias=None, down_bias=None, activation=moe_math.SWIGLU, swiglu_alpha=1.0,
-              swiglu_limit=0.0, weights_on_input=False):
-    kernel_args = (hidden, router_logits, gate_up, down, ces, top_k, n_ce, norm_topk_prob, routing, routing_scale,
-                   jitter_eps, score_bias, n_group, topk_group, gate_up_bias, down_bias, activation, swiglu_alpha,
-                   swiglu_limit)
-    args = (*kernel_args, weights_on_input)
+def _moe_cuda(*args, **kwargs):
+    call = _ARGUMENTS.bind(*args, **kwargs)
+    call.apply_defaults()
     if _reference_on_cuda:
-        return moe_math.moe_reference(*args)
-    reason = why_not_kernels(hidden, gate_up, down) or kernels_lack_variant(routing, weights_on_input)
+        return moe_math.moe_reference(*call.args)
+    hidden, gate_up, down = call.arguments["hidden"], call.arguments["gate_up"], call.arguments["down"]
+    reason = (why_not_kernels(hidden, gate_up, down)
+              or kernels_lack_variant(call.arguments["routing"], call.arguments["weights_on_input"]))
     if reason is not None:
         report_fallback(reason)
-        return moe_math.moe_reference(*args)
+        return moe_math.moe_reference(*call.args)
     from ce_kernels import fused_moe
 
-    return fused_moe(*kernel_args)
+    return fused_moe(*call.args[:-1])  # all but weights_on_input, which the kernels lack (checked above)
