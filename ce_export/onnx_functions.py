@@ -122,12 +122,30 @@ def SigmoidTopK(router_logits, score_bias, top_k: int, norm_topk_prob: int, rout
 #     act_scale [T, I] or [T, 1]  (theta1 for CE, ones otherwise)
 #     weights [T, S], experts [T, S]  (S routed slots: the main experts for CE, all K otherwise)
 # and returns sum_s weights[t, s] * down[e] @ (silu(gate[e] @ x_gate[t]) * (up[e] @ x_up[t]) * act_scale[t]).
+# gpt-oss's experts add biases on gate/up [E, 2I] (gate columns first, then up) and down [E, H], and
+# use ClampedSwiGLU. Each form (sparse, gathered, dense) is built from the pieces below, so that the
+# two variants differ only in those biases and the activation.
 
 
 @onnxscript.script(ce_opset, default_opset=op)
-def GatheredSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
-    """Few tokens (decode): gather each (token, slot) pair's expert weights, batched matmuls."""
-    last = op.Constant(value_ints=[-1])
+def ClampedSwiGLU(gate, up, limit, alpha):
+    """gpt-oss's activation: min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)."""
+    gate = op.Min(gate, limit)
+    up = op.Max(op.Min(up, limit), op.Neg(limit))
+    return op.Mul(op.Mul(gate, op.Sigmoid(op.Mul(gate, alpha))), op.Add(up, op.CastLike(1.0, limit)))
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def WeightedSlots(y, weights):
+    """y [T, S, H] -> sum_s weights[t, s] * y[t, s]  [T, H]."""
+    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, y), op.Constant(value_ints=[-1]))),
+                        op.Constant(value_ints=[1]), keepdims=0)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def GatheredProjections(x_gate, x_up, experts, gate_up, down):
+    """Few tokens (decode): each (token, slot) pair's gate and up projections through its expert's
+    gathered weights, batched matmuls: [T, S, 2, I]."""
     tokens = op.Shape(x_gate, start=0, end=1)
     hidden_size = op.Shape(x_gate, start=1, end=2)
     slots = op.Shape(experts, start=1, end=2)
@@ -139,13 +157,35 @@ def GatheredSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
     inputs = op.Unsqueeze(op.Concat(op.Unsqueeze(x_gate, op.Constant(value_ints=[1])),
                                     op.Unsqueeze(x_up, op.Constant(value_ints=[1])), axis=1),
                           op.Constant(value_ints=[1, 4]))
-    projected = op.Squeeze(op.MatMul(pair_gate_up, inputs), last)  # [T, S, 2, I]
+    return op.Squeeze(op.MatMul(pair_gate_up, inputs), op.Constant(value_ints=[-1]))
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def GatheredDown(act, act_scale, experts, down):
+    """The pairs' activations [T, S, 1, I], times act_scale, through their experts' gathered down
+    weights: [T, S, H]."""
+    last = op.Constant(value_ints=[-1])
+    scaled = op.Mul(op.Squeeze(act, op.Constant(value_ints=[2])), op.Unsqueeze(act_scale, op.Constant(value_ints=[1])))
+    return op.Squeeze(op.MatMul(op.Gather(down, experts, axis=0), op.Unsqueeze(scaled, last)), last)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def GatheredSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
+    gate, up = op.Split(GatheredProjections(x_gate, x_up, experts, gate_up, down), axis=2, num_outputs=2)
+    return WeightedSlots(GatheredDown(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), act_scale, experts, down), weights)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def GatheredClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                          swiglu_alpha: float, swiglu_limit: float):
+    projected = GatheredProjections(x_gate, x_up, experts, gate_up, down)
+    projected = op.Add(projected, op.Reshape(op.CastLike(op.Gather(gate_up_bias, experts, axis=0), x_gate),
+                                             op.Shape(projected)))
     gate, up = op.Split(projected, axis=2, num_outputs=2)
-    act = op.Mul(op.Squeeze(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Constant(value_ints=[2])),
-                 op.Unsqueeze(act_scale, op.Constant(value_ints=[1])))  # [T, S, I]
-    y = op.Squeeze(op.MatMul(op.Gather(down, experts, axis=0), op.Unsqueeze(act, last)), last)  # [T, S, H]
-    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, x_gate), last)), op.Constant(value_ints=[1]),
-                        keepdims=0)
+    act = ClampedSwiGLU(gate, up, op.CastLike(op.Constant(value_float=swiglu_limit), x_gate),
+                        op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate))
+    y = op.Add(GatheredDown(act, act_scale, experts, down), op.CastLike(op.Gather(down_bias, experts, axis=0), x_gate))
+    return WeightedSlots(y, weights)
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -173,15 +213,70 @@ def ExpertTable(experts, num_experts):
 
 
 @onnxscript.script(ce_opset, default_opset=op)
+def SparseLayout(x_gate, x_up, act_scale, experts, gate_up, down):
+    """What the sparse form's Scan over the experts takes: (counts [E, 1], table [E, C], slot [T*S])
+    from ExpertTable; pads [E, 6], each expert's rows padded to C; x_both [T, 2, H], the gate and up
+    inputs side by side; scale_rows [T, 1, I or 1]; halves [E, 2, I, H], the gate and up weights;
+    empty [1, C, H], an idle expert's output."""
+    one = op.Constant(value_ints=[1])
+    hidden_size = op.Shape(x_gate, start=1, end=2)
+    num_experts = op.Shape(gate_up, start=0, end=1)
+    counts, table, slot = ExpertTable(experts, num_experts)
+    capacity = op.Shape(table, start=1, end=2)
+    zeros = op.Expand(op.Constant(value_ints=[0]), op.Concat(num_experts, op.Constant(value_ints=[5]), axis=0))
+    pads = op.Concat(op.Slice(zeros, op.Constant(value_ints=[0]), op.Constant(value_ints=[4]), one),
+                     op.Sub(capacity, counts), op.Slice(zeros, op.Constant(value_ints=[4]), op.Constant(value_ints=[5]), one),
+                     axis=1)
+    x_both = op.Concat(op.Unsqueeze(x_gate, one), op.Unsqueeze(x_up, one), axis=1)
+    halves = op.Reshape(gate_up, op.Concat(num_experts, op.Constant(value_ints=[2]), op.Shape(down, start=2, end=3),
+                                           hidden_size, axis=0))
+    empty = op.Expand(op.CastLike(op.Constant(value_float=0.0), x_gate), op.Concat(one, capacity, hidden_size, axis=0))
+    return counts, table, slot, pads, x_both, op.Unsqueeze(act_scale, one), halves, empty
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def OneTokenColumns(rows, tokens):
+    """An expert's one token of rows [T, A, B] as the column [A, B, 1] its rows function takes, by
+    Reshape: a plain matrix-vector product (ONNX Runtime's fused transposed form reads the weights
+    at about half that bandwidth)."""
+    first = op.Gather(tokens, op.Constant(value_int=0), axis=0)  # a scalar index: Gather drops the axis
+    return op.Unsqueeze(op.Gather(rows, first, axis=0), op.Constant(value_ints=[-1]))
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def TokenColumns(rows, tokens, count):
+    """An expert's c > 1 tokens of rows [T, A, B] as the columns [A, B, c] its rows function takes, by
+    Transpose, which ONNX Runtime fuses into the MatMul (its fastest form there)."""
+    return op.Transpose(op.Gather(rows, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0), perm=[1, 2, 0])
+
+
+@onnxscript.script(ce_opset, default_opset=op)
 def ExpertRows(expert_halves, expert_down, columns, scale_columns, expert_pads):
     """One expert of the sparse form on its c tokens, its weights read in place as the left operand:
-    columns [2, H, c] (the gate and up inputs), scale_columns [I or 1, c]; the [1, c, H] result
+    columns [2, H, c] (the gate and up inputs), scale_columns [1, I or 1, c]; the [1, c, H] result
     padded to the busiest expert's [1, C, H]."""
-    projected = op.MatMul(expert_halves, columns)  # [2, I, c]
-    gate, up = op.Split(projected, axis=0, num_outputs=2)
-    act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), scale_columns)  # [1, I, c]
-    y = op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1])  # [1, c, H]
+    gate, up = op.Split(op.MatMul(expert_halves, columns), axis=0, num_outputs=2)  # [1, I, c] each
+    act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), scale_columns)
+    return op.Pad(op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1]), expert_pads)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias, columns, scale_columns,
+                      expert_pads, limit, alpha):
+    """ExpertRows with the biases and gpt-oss's clamped activation (limit and alpha as tensors)."""
+    gate, up = op.Split(op.Add(op.MatMul(expert_halves, columns), expert_half_bias), axis=0, num_outputs=2)
+    act = op.Mul(ClampedSwiGLU(gate, up, limit, alpha), scale_columns)
+    y = op.Add(op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1]), expert_down_bias)  # [1, c, H]
     return op.Pad(y, expert_pads)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def PairRows(per_expert, slot, x_gate, experts):
+    """The Scan's [E, 1, C, H] output back in (token, slot) order: [T, S, H]."""
+    hidden_size = op.Shape(x_gate, start=1, end=2)
+    y = op.Gather(op.Reshape(per_expert, op.Concat(op.Constant(value_ints=[-1]), hidden_size, axis=0)), slot, axis=0)
+    return op.Reshape(y, op.Concat(op.Shape(x_gate, start=0, end=1), op.Shape(experts, start=1, end=2), hidden_size,
+                                   axis=0))
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -190,28 +285,14 @@ def SwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down):
 
     A Scan over the experts hands each iteration its expert's weights in place (Scan slices its
     inputs without copying them) and that expert's rows of the table; it computes exactly those
-    rows and pads its [c, H] output to [C, H]. A Gather then brings each pair's row back. The body
-    runs once per expert, busy or not, so an empty expert takes an If straight to zeros. The inputs
-    reach the weights as columns [2, H, c]: for c > 1 as a Transpose, which ONNX Runtime fuses into
-    the MatMul (its fastest form there), and for c = 1 as a Reshape, since the fused form reads the
-    weights at about half the bandwidth of a plain matrix-vector product (most experts hold one
-    token in decode). (The trt target's file carries SwiGLUExpertsFixedShape under this name instead.)
+    rows and pads its [c, H] output to [C, H]. PairRows then brings each pair's row back. The body
+    runs once per expert, busy or not, so an empty expert takes an If straight to zeros, and an
+    expert with one token its own matrix-vector path (most experts in decode). Each branch calls the
+    rows function itself, so that ONNX Runtime sees the Transpose and the MatMul together. (The trt
+    target's file carries SwiGLUExpertsFixedShape under this name instead.)
     """
-    last = op.Constant(value_ints=[-1])
-    hidden_size = op.Shape(x_gate, start=1, end=2)
-    intermediate = op.Shape(down, start=2, end=3)
-    num_experts = op.Shape(gate_up, start=0, end=1)
-    counts, table, slot = ExpertTable(experts, num_experts)
-    capacity = op.Shape(table, start=1, end=2)
-    zeros = op.Expand(op.Constant(value_ints=[0]), op.Concat(num_experts, op.Constant(value_ints=[4]), axis=0))
-    pads = op.Concat(zeros, op.Sub(capacity, counts), op.Slice(zeros, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
-                                                            op.Constant(value_ints=[1])), axis=1)  # [E, 6]: rows to C
-    x_both = op.Concat(op.Unsqueeze(x_gate, op.Constant(value_ints=[1])), op.Unsqueeze(x_up, op.Constant(value_ints=[1])),
-                       axis=1)  # [T, 2, H]
-    halves = op.Reshape(gate_up, op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
-    empty = op.Expand(op.CastLike(op.Constant(value_float=0.0), x_gate),
-                      op.Concat(op.Constant(value_ints=[1]), capacity, hidden_size, axis=0))  # [1, C, H]
-    one_column = op.Concat(op.Constant(value_ints=[2]), hidden_size, op.Constant(value_ints=[1]), axis=0)
+    counts, table, slot, pads, x_both, scale_rows, halves, empty = SparseLayout(
+        x_gate, x_up, act_scale, experts, gate_up, down)
 
     @onnxscript.graph()
     def one_expert(expert_halves, expert_down, count, expert_pads, tokens):
@@ -219,51 +300,99 @@ def SwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down):
             out = op.Identity(empty)
         else:
             if op.Equal(count, op.Constant(value_ints=[1])):
-                out = ExpertRows(expert_halves, expert_down,
-                                 op.Reshape(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
-                                            one_column),
-                                 op.Reshape(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
-                                            op.Constant(value_ints=[-1, 1])),
-                                 expert_pads)
+                out = ExpertRows(expert_halves, expert_down, OneTokenColumns(x_both, tokens),
+                                 OneTokenColumns(scale_rows, tokens), expert_pads)
             else:
-                out = ExpertRows(expert_halves, expert_down,
-                                 op.Transpose(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
-                                              perm=[1, 2, 0]),
-                                 op.Transpose(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
-                                              perm=[1, 0]),
-                                 expert_pads)
+                out = ExpertRows(expert_halves, expert_down, TokenColumns(x_both, tokens, count),
+                                 TokenColumns(scale_rows, tokens, count), expert_pads)
         return out
 
     per_expert = op.Scan(halves, down, counts, pads, table, body=one_expert, num_scan_inputs=5)  # [E, 1, C, H]
-    y = op.Gather(op.Reshape(per_expert, op.Concat(last, hidden_size, axis=0)), slot, axis=0)  # [T*S, H]
-    tokens = op.Shape(x_gate, start=0, end=1)
-    slots = op.Shape(experts, start=1, end=2)
-    y = op.Reshape(y, op.Concat(tokens, slots, hidden_size, axis=0))
-    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, x_gate), last)), op.Constant(value_ints=[1]),
-                        keepdims=0)
+    return WeightedSlots(PairRows(per_expert, slot, x_gate, experts), weights)
 
 
 @onnxscript.script(ce_opset, default_opset=op)
-def DenseSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
-    """Many tokens, fixed shapes only (TensorRT cannot size a tensor from values): every expert on
-    every token as three large matmuls, masked by the routing weights."""
-    last = op.Constant(value_ints=[-1])
+def ClampedSwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                         swiglu_alpha: float, swiglu_limit: float):
+    """The sparse form (SwiGLUExperts's), with the biases and gpt-oss's clamped activation."""
     one = op.Constant(value_ints=[1])
-    tokens = op.Shape(x_gate, start=0, end=1)
-    hidden_size = op.Shape(x_gate, start=1, end=2)
+    counts, table, slot, pads, x_both, scale_rows, halves, empty = SparseLayout(
+        x_gate, x_up, act_scale, experts, gate_up, down)
+    per_expert_shape = op.Concat(op.Shape(gate_up, start=0, end=1), op.Constant(value_ints=[2]), op.Shape(down, start=2, end=3),
+                                 one, axis=0)
+    half_biases = op.Reshape(op.CastLike(gate_up_bias, x_gate), per_expert_shape)  # [E, 2, I, 1]
+    down_biases = op.Reshape(op.CastLike(down_bias, x_gate), op.Concat(op.Shape(down, start=0, end=1), one, one,
+                                                                       op.Shape(x_gate, start=1, end=2), axis=0))
+    limit = op.CastLike(op.Constant(value_float=swiglu_limit), x_gate)
+    alpha = op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate)
+
+    @onnxscript.graph()
+    def one_expert(expert_halves, expert_down, expert_half_bias, expert_down_bias, count, expert_pads, tokens):
+        if op.Equal(count, op.Constant(value_ints=[0])):
+            out = op.Identity(empty)
+        else:
+            if op.Equal(count, op.Constant(value_ints=[1])):
+                out = ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias,
+                                        OneTokenColumns(x_both, tokens), OneTokenColumns(scale_rows, tokens),
+                                        expert_pads, limit, alpha)
+            else:
+                out = ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias,
+                                        TokenColumns(x_both, tokens, count), TokenColumns(scale_rows, tokens, count),
+                                        expert_pads, limit, alpha)
+        return out
+
+    per_expert = op.Scan(halves, down, half_biases, down_biases, counts, pads, table, body=one_expert,
+                         num_scan_inputs=7)  # [E, 1, C, H]
+    return WeightedSlots(PairRows(per_expert, slot, x_gate, experts), weights)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def DenseProjections(x_gate, x_up, weights, experts, gate_up):
+    """Many tokens, fixed shapes only (TensorRT cannot size a tensor from values): every expert's gate
+    and up projections of every token as two large matmuls, [T, E*I] each, and the routing weights
+    spread over the experts, [T, E] (zero where a token is not routed)."""
+    last = op.Constant(value_ints=[-1])
     num_experts = op.Shape(gate_up, start=0, end=1)
     dense_weights = op.ReduceSum(
         op.Mul(op.CastLike(op.Equal(op.Unsqueeze(experts, last), op.Range(0, op.Squeeze(num_experts), 1)), x_gate),
                op.Unsqueeze(op.CastLike(weights, x_gate), last)),
-        one, keepdims=0)  # [T, E]
+        op.Constant(value_ints=[1]), keepdims=0)
     gate_all, up_all = op.Split(gate_up, axis=1, num_outputs=2)  # [E, I, H] each
-    by_row = op.Concat(last, hidden_size, axis=0)
-    gate = op.MatMul(x_gate, op.Transpose(op.Reshape(gate_all, by_row), perm=[1, 0]))  # [T, E*I]
+    by_row = op.Concat(last, op.Shape(x_gate, start=1, end=2), axis=0)
+    gate = op.MatMul(x_gate, op.Transpose(op.Reshape(gate_all, by_row), perm=[1, 0]))
     up = op.MatMul(x_up, op.Transpose(op.Reshape(up_all, by_row), perm=[1, 0]))
-    act = op.Mul(op.Reshape(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Concat(tokens, num_experts, last, axis=0)),
-                 op.Mul(op.Unsqueeze(act_scale, one), op.Unsqueeze(dense_weights, last)))  # [T, E, I]
-    down_all = op.Reshape(op.Transpose(down, perm=[0, 2, 1]), by_row)  # [E*I, H]
-    return op.MatMul(op.Reshape(act, op.Concat(tokens, last, axis=0)), down_all)
+    return gate, up, dense_weights
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def DenseDown(act, act_scale, dense_weights, down):
+    """Every expert's activations [T, E*I], times act_scale and masked by the routing weights, through
+    the down weights of all experts as one matmul: [T, H]."""
+    last = op.Constant(value_ints=[-1])
+    one = op.Constant(value_ints=[1])
+    tokens = op.Shape(act, start=0, end=1)
+    per_expert = op.Reshape(act, op.Concat(tokens, op.Shape(down, start=0, end=1), last, axis=0))  # [T, E, I]
+    masked = op.Mul(per_expert, op.Mul(op.Unsqueeze(act_scale, one), op.Unsqueeze(dense_weights, last)))
+    down_all = op.Reshape(op.Transpose(down, perm=[0, 2, 1]), op.Concat(last, op.Shape(down, start=1, end=2), axis=0))
+    return op.MatMul(op.Reshape(masked, op.Concat(tokens, last, axis=0)), down_all)  # down_all: [E*I, H]
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def DenseSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down):
+    gate, up, dense_weights = DenseProjections(x_gate, x_up, weights, experts, gate_up)
+    return DenseDown(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), act_scale, dense_weights, down)
+
+
+@onnxscript.script(ce_opset, default_opset=op)
+def DenseClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
+                       swiglu_alpha: float, swiglu_limit: float):
+    last = op.Constant(value_ints=[-1])
+    gate, up, dense_weights = DenseProjections(x_gate, x_up, weights, experts, gate_up)
+    gate_bias, up_bias = op.Split(op.CastLike(gate_up_bias, x_gate), axis=1, num_outputs=2)  # [E, I] each
+    act = ClampedSwiGLU(op.Add(gate, op.Reshape(gate_bias, last)), op.Add(up, op.Reshape(up_bias, last)),
+                        op.CastLike(op.Constant(value_float=swiglu_limit), x_gate),
+                        op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate))
+    return op.Add(DenseDown(act, act_scale, dense_weights, down), op.MatMul(dense_weights, op.CastLike(down_bias, x_gate)))
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -276,141 +405,6 @@ def SwiGLUExpertsFixedShape(x_gate, x_up, act_scale, weights, experts, gate_up, 
     else:
         out = GatheredSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down)
     return out
-
-
-# gpt-oss's experts: biases on gate/up [E, 2I] (gate columns first, then up) and down [E, H], and
-#     act = min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
-# in the same three forms as SwiGLU's.
-
-
-@onnxscript.script(ce_opset, default_opset=op)
-def GatheredClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
-                          swiglu_alpha: float, swiglu_limit: float):
-    """Few tokens (decode): gather each (token, slot) pair's expert weights and biases, batched matmuls."""
-    last = op.Constant(value_ints=[-1])
-    tokens = op.Shape(x_gate, start=0, end=1)
-    hidden_size = op.Shape(x_gate, start=1, end=2)
-    slots = op.Shape(experts, start=1, end=2)
-    intermediate = op.Shape(down, start=2, end=3)
-    pair_gate_up = op.Reshape(op.Gather(gate_up, experts, axis=0),
-                              op.Concat(tokens, slots, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
-    inputs = op.Unsqueeze(op.Concat(op.Unsqueeze(x_gate, op.Constant(value_ints=[1])),
-                                    op.Unsqueeze(x_up, op.Constant(value_ints=[1])), axis=1),
-                          op.Constant(value_ints=[1, 4]))
-    pair_bias = op.Reshape(op.CastLike(op.Gather(gate_up_bias, experts, axis=0), x_gate),
-                           op.Concat(tokens, slots, op.Constant(value_ints=[2]), intermediate, axis=0))
-    projected = op.Add(op.Squeeze(op.MatMul(pair_gate_up, inputs), last), pair_bias)  # [T, S, 2, I]
-    gate, up = op.Split(projected, axis=2, num_outputs=2)
-    limit = op.CastLike(op.Constant(value_float=swiglu_limit), x_gate)
-    gate = op.Min(gate, limit)
-    up = op.Max(op.Min(up, limit), op.Neg(limit))
-    glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate))))
-    act = op.Mul(op.Squeeze(op.Mul(glu, op.Add(up, op.CastLike(op.Constant(value_float=1.0), x_gate))),
-                            op.Constant(value_ints=[2])),
-                 op.Unsqueeze(act_scale, op.Constant(value_ints=[1])))  # [T, S, I]
-    y = op.Squeeze(op.MatMul(op.Gather(down, experts, axis=0), op.Unsqueeze(act, last)), last)  # [T, S, H]
-    y = op.Add(y, op.CastLike(op.Gather(down_bias, experts, axis=0), x_gate))
-    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, x_gate), last)), op.Constant(value_ints=[1]),
-                        keepdims=0)
-
-
-@onnxscript.script(ce_opset, default_opset=op)
-def ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias, columns, scale_columns,
-                      expert_pads, limit, alpha):
-    """ExpertRows with the biases and gpt-oss's clamped activation (limit and alpha as tensors)."""
-    projected = op.Add(op.MatMul(expert_halves, columns), expert_half_bias)  # [2, I, c]
-    gate, up = op.Split(projected, axis=0, num_outputs=2)
-    gate = op.Min(gate, limit)
-    up = op.Max(op.Min(up, limit), op.Neg(limit))
-    act = op.Mul(op.Mul(op.Mul(gate, op.Sigmoid(op.Mul(gate, alpha))), op.Add(up, op.CastLike(1.0, limit))),
-                 scale_columns)  # [1, I, c]
-    y = op.Add(op.Transpose(op.MatMul(expert_down, act), perm=[0, 2, 1]), expert_down_bias)  # [1, c, H]
-    return op.Pad(y, expert_pads)
-
-
-@onnxscript.script(ce_opset, default_opset=op)
-def ClampedSwiGLUExperts(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
-                         swiglu_alpha: float, swiglu_limit: float):
-    """The sparse form (SwiGLUExperts's), with the biases and gpt-oss's clamped activation."""
-    last = op.Constant(value_ints=[-1])
-    one = op.Constant(value_ints=[1])
-    hidden_size = op.Shape(x_gate, start=1, end=2)
-    intermediate = op.Shape(down, start=2, end=3)
-    num_experts = op.Shape(gate_up, start=0, end=1)
-    counts, table, slot = ExpertTable(experts, num_experts)
-    capacity = op.Shape(table, start=1, end=2)
-    zeros = op.Expand(op.Constant(value_ints=[0]), op.Concat(num_experts, op.Constant(value_ints=[4]), axis=0))
-    pads = op.Concat(zeros, op.Sub(capacity, counts), op.Slice(zeros, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
-                                                            op.Constant(value_ints=[1])), axis=1)  # [E, 6]: rows to C
-    x_both = op.Concat(op.Unsqueeze(x_gate, one), op.Unsqueeze(x_up, one), axis=1)  # [T, 2, H]
-    halves = op.Reshape(gate_up, op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, hidden_size, axis=0))
-    half_biases = op.Reshape(op.CastLike(gate_up_bias, x_gate),
-                             op.Concat(num_experts, op.Constant(value_ints=[2]), intermediate, one, axis=0))  # [E, 2, I, 1]
-    down_biases = op.Reshape(op.CastLike(down_bias, x_gate), op.Concat(num_experts, one, one, hidden_size, axis=0))
-    limit = op.CastLike(op.Constant(value_float=swiglu_limit), x_gate)
-    alpha = op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate)
-    empty = op.Expand(op.CastLike(op.Constant(value_float=0.0), x_gate), op.Concat(one, capacity, hidden_size, axis=0))
-    one_column = op.Concat(op.Constant(value_ints=[2]), hidden_size, one, axis=0)
-
-    @onnxscript.graph()
-    def one_expert(expert_halves, expert_down, expert_half_bias, expert_down_bias, count, expert_pads, tokens):
-        if op.Equal(count, op.Constant(value_ints=[0])):
-            out = op.Identity(empty)
-        else:
-            if op.Equal(count, op.Constant(value_ints=[1])):
-                out = ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias,
-                                        op.Reshape(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
-                                                   one_column),
-                                        op.Reshape(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
-                                                   op.Constant(value_ints=[-1, 1])),
-                                        expert_pads, limit, alpha)
-            else:
-                out = ClampedExpertRows(expert_halves, expert_down, expert_half_bias, expert_down_bias,
-                                        op.Transpose(op.Gather(x_both, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
-                                                     perm=[1, 2, 0]),
-                                        op.Transpose(op.Gather(act_scale, op.Slice(tokens, op.Constant(value_ints=[0]), count), axis=0),
-                                                     perm=[1, 0]),
-                                        expert_pads, limit, alpha)
-        return out
-
-    per_expert = op.Scan(halves, down, half_biases, down_biases, counts, pads, table, body=one_expert,
-                         num_scan_inputs=7)  # [E, 1, C, H]
-    y = op.Gather(op.Reshape(per_expert, op.Concat(last, hidden_size, axis=0)), slot, axis=0)  # [T*S, H]
-    tokens = op.Shape(x_gate, start=0, end=1)
-    slots = op.Shape(experts, start=1, end=2)
-    y = op.Reshape(y, op.Concat(tokens, slots, hidden_size, axis=0))
-    return op.ReduceSum(op.Mul(y, op.Unsqueeze(op.CastLike(weights, x_gate), last)), op.Constant(value_ints=[1]),
-                        keepdims=0)
-
-
-@onnxscript.script(ce_opset, default_opset=op)
-def DenseClampedSwiGLU(x_gate, x_up, act_scale, weights, experts, gate_up, down, gate_up_bias, down_bias,
-                       swiglu_alpha: float, swiglu_limit: float):
-    """DenseSwiGLU's fixed-shape form, with the biases and gpt-oss's clamped activation."""
-    last = op.Constant(value_ints=[-1])
-    one = op.Constant(value_ints=[1])
-    tokens = op.Shape(x_gate, start=0, end=1)
-    hidden_size = op.Shape(x_gate, start=1, end=2)
-    num_experts = op.Shape(gate_up, start=0, end=1)
-    dense_weights = op.ReduceSum(
-        op.Mul(op.CastLike(op.Equal(op.Unsqueeze(experts, last), op.Range(0, op.Squeeze(num_experts), 1)), x_gate),
-               op.Unsqueeze(op.CastLike(weights, x_gate), last)),
-        one, keepdims=0)  # [T, E]
-    gate_all, up_all = op.Split(gate_up, axis=1, num_outputs=2)  # [E, I, H] each
-    gate_bias, up_bias = op.Split(op.CastLike(gate_up_bias, x_gate), axis=1, num_outputs=2)  # [E, I] each
-    by_row = op.Concat(last, hidden_size, axis=0)
-    gate = op.Add(op.MatMul(x_gate, op.Transpose(op.Reshape(gate_all, by_row), perm=[1, 0])), op.Reshape(gate_bias, last))
-    up = op.Add(op.MatMul(x_up, op.Transpose(op.Reshape(up_all, by_row), perm=[1, 0])), op.Reshape(up_bias, last))
-    limit = op.CastLike(op.Constant(value_float=swiglu_limit), x_gate)
-    gate = op.Min(gate, limit)
-    up = op.Max(op.Min(up, limit), op.Neg(limit))
-    glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, op.CastLike(op.Constant(value_float=swiglu_alpha), x_gate))))
-    act = op.Mul(op.Reshape(op.Mul(glu, op.Add(up, op.CastLike(op.Constant(value_float=1.0), x_gate))),
-                            op.Concat(tokens, num_experts, last, axis=0)),
-                 op.Mul(op.Unsqueeze(act_scale, one), op.Unsqueeze(dense_weights, last)))  # [T, E, I]
-    down_all = op.Reshape(op.Transpose(down, perm=[0, 2, 1]), by_row)  # [E*I, H]
-    out = op.MatMul(op.Reshape(act, op.Concat(tokens, last, axis=0)), down_all)
-    return op.Add(out, op.MatMul(dense_weights, op.CastLike(down_bias, x_gate)))
 
 
 @onnxscript.script(ce_opset, default_opset=op)
@@ -567,12 +561,15 @@ OPS = {
 }
 
 SPARSE, FIXED_SHAPE = "sparse", "fixed-shape"
+_SPARSE_PIECES = (SparseLayout, ExpertTable, OneTokenColumns, TokenColumns, PairRows, WeightedSlots)
+_FIXED_SHAPE_PIECES = (GatheredProjections, GatheredDown, WeightedSlots, DenseProjections, DenseDown)
 # form -> {experts function: (the body it gets, the functions that body calls)}
 EXPERTS_FORMS = {
-    SPARSE: {SwiGLUExperts: (SwiGLUExperts, (ExpertTable, ExpertRows)),
-             ClampedSwiGLUExperts: (ClampedSwiGLUExperts, (ExpertTable, ClampedExpertRows))},
-    FIXED_SHAPE: {SwiGLUExperts: (SwiGLUExpertsFixedShape, (GatheredSwiGLU, DenseSwiGLU)),
-                  ClampedSwiGLUExperts: (ClampedSwiGLUExpertsFixedShape, (GatheredClampedSwiGLU, DenseClampedSwiGLU))},
+    SPARSE: {SwiGLUExperts: (SwiGLUExperts, (*_SPARSE_PIECES, ExpertRows)),
+             ClampedSwiGLUExperts: (ClampedSwiGLUExperts, (*_SPARSE_PIECES, ClampedExpertRows, ClampedSwiGLU))},
+    FIXED_SHAPE: {SwiGLUExperts: (SwiGLUExpertsFixedShape, (GatheredSwiGLU, DenseSwiGLU, *_FIXED_SHAPE_PIECES)),
+                  ClampedSwiGLUExperts: (ClampedSwiGLUExpertsFixedShape, (GatheredClampedSwiGLU, DenseClampedSwiGLU,
+                                                                          *_FIXED_SHAPE_PIECES, ClampedSwiGLU))},
 }
 
 # The op types our TensorRT plugin (plugins/trt) implements; the others carry no plugin attributes,

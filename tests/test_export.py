@@ -41,7 +41,8 @@ def test_onnx_has_one_custom_node_per_moe_layer_with_a_standard_body(demo_build)
     moe_nodes = [n for n in model.graph.node if n.domain == "ce_export"]
     assert [n.op_type for n in moe_nodes] == ["CompressedMoE"] * 4
     assert sorted(f.name for f in model.functions) == [
-        "CompressedExperts", "CompressedInputs", "CompressedMoE", "ExpertRows", "ExpertTable", "SoftmaxTopK", "SwiGLUExperts"]
+        "CompressedExperts", "CompressedInputs", "CompressedMoE", "ExpertRows", "ExpertTable", "OneTokenColumns", "PairRows",
+        "SoftmaxTopK", "SparseLayout", "SwiGLUExperts", "TokenColumns", "WeightedSlots"]
 
     def all_nodes(nodes):
         for node in nodes:
