@@ -10,9 +10,12 @@ import sys
 import threading
 import time
 import warnings
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from ce_export.errors import CeExportError, one_line
+
+COMMANDS_GROUP = "ce_export.commands"  # entry points: callables that add subcommands setting `run`
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -74,27 +77,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--trtexec", action="store_true",
                        help="instead, run trtexec on the folder's TensorRT engine (writes bench_trtexec.json)")
 
-    calibrate = sub.add_parser("calibrate", help="router statistics, layer/block similarities and perplexity on "
-                                                 "calibration text (JSON + expert-usage heatmap PNG)")
-    calibrate.add_argument("model", help="checkpoint folder, or 'demo'")
-    calibrate.add_argument("--out", required=True)
-    calibrate.add_argument("--data", help="text, JSONL (a 'text' field) or token ids (.npy / JSON); default: the "
-                                          "checkpoint's task.json calibration text when it has one, else built-in corpus")
-    calibrate.add_argument("--seq-len", type=int, default=128)
-    calibrate.add_argument("--num-sequences", type=int, default=128)
-    calibrate.add_argument("--force", action="store_true")
-
-    trim = sub.add_parser("trim", help="expert / layer / block drop from calibration statistics; writes a checkpoint "
-                                       "in the MoE compression study's format")
-    trim.add_argument("model", help="checkpoint folder (the one calibrated)")
-    trim.add_argument("--stats", required=True, help="calibration.json from `calibrate`")
-    trim.add_argument("--out", required=True)
-    trim.add_argument("--expert-drop", type=float, default=0.0, help="fraction of experts to drop (by router mass)")
-    trim.add_argument("--scope", choices=("global", "layer"), default="global")
-    trim.add_argument("--layer-drop", type=int, default=0, help="MoE sub-layers to drop (most similar in/out)")
-    trim.add_argument("--block-drop", type=int, default=0, help="whole blocks to drop (most similar in/out)")
-    trim.add_argument("--force", action="store_true")
-
     generate = sub.add_parser("generate", help="greedy tokens from a build folder, printed as they come "
                                                "(onnxruntime-genai when installed, else ONNX Runtime)")
     generate.add_argument("folder", help="a build folder")
@@ -111,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     demo.add_argument("out")
     demo.add_argument("--plain", action="store_true", help="the same model without compressed experts (top-k MoE)")
     demo.add_argument("--force", action="store_true")
+    # Other packages' commands (ce_calibrate's `calibrate` and `trim`), found without importing them.
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda entry: entry.name):
+        entry.load()(sub)
     return parser.parse_args(argv)
 
 
@@ -144,21 +129,6 @@ def run(args: argparse.Namespace) -> None:
         files = bench.write_results(data, Path(args.out or args.folder))
         print(bench.markdown_table(data))
         print("results: " + ", ".join(str(f) for f in files))
-    elif args.command in ("calibrate", "trim"):
-        import ce_calibrate  # the only import of ce_calibrate in ce_export (DESIGN.md, "Who imports whom")
-
-        model = args.model
-        if model == "demo":
-            import tempfile
-
-            model = write_demo_checkpoint(Path(tempfile.mkdtemp(prefix="ce_export_demo_")) / "demo")
-        if args.command == "calibrate":
-            ce_calibrate.calibrate(model, args.out, data=args.data, seq_len=args.seq_len,
-                                   num_sequences=args.num_sequences, force=args.force)
-        else:
-            path = ce_calibrate.trim(model, args.stats, args.out, expert_drop=args.expert_drop, scope=args.scope,
-                                     layer_drop=args.layer_drop, block_drop=args.block_drop, force=args.force)
-            print(f"trimmed checkpoint: {path}")
     elif args.command == "generate":
         from ce_export.generate import generate, parse_ids
 
@@ -167,6 +137,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         path = write_demo_checkpoint(args.out, compressed=not args.plain, force=args.force)
         print(f"demo checkpoint ({'plain' if args.plain else 'CE'}): {path.absolute()}")
+    else:  # a command from the entry point group
+        args.run(args)
 
 
 class Terminated(BaseException):
