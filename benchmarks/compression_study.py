@@ -112,12 +112,12 @@ def build_and_score(variant: Variant, out: Path) -> dict:
         row["error"] = str(error)
     parity = Parity.read(out)
     manifest = Manifest.read(out)
-    quality, task = parity.quality, parity.quality["task"]
-    row.update(parity_passed=parity.passed, accuracy_onnx=task["accuracy_onnx"],
-               accuracy_torch_fp32=task["accuracy_torch_fp32"], per_task_onnx=task["per_task_onnx"],
-               perplexity_onnx=quality["perplexity_onnx"], perplexity_torch_fp32=quality["perplexity_torch_fp32"],
-               total_parameters=quality["parameters"]["total"],
-               active_parameters=quality["parameters"]["active_per_token"], weight_bytes=quality["weight_bytes"],
+    quality, task = parity.quality, parity.quality.task
+    row.update(parity_passed=parity.passed, accuracy_onnx=task.accuracy_onnx,
+               accuracy_torch_fp32=task.accuracy_torch_fp32, per_task_onnx=task.per_task_onnx,
+               perplexity_onnx=quality.perplexity_onnx, perplexity_torch_fp32=quality.perplexity_torch_fp32,
+               total_parameters=quality.parameters.total,
+               active_parameters=quality.parameters.active_per_token, weight_bytes=quality.weight_bytes,
                experts_per_layer=[layer.num_experts if isinstance(layer, MoeLayerSpec) else 0
                                   for layer in manifest.model.moe_layers],
                layers=manifest.model.num_layers)

@@ -37,16 +37,16 @@ def measure(checkpoint: Path, mode: str | None, dtype: str, out: Path) -> dict:
     except CeExportError as error:
         row["error"] = str(error)
     parity = Parity.read(out)
-    quality = parity.quality
-    task = quality.get("task") or {}
+    quality, task = parity.quality, parity.quality.task
     rows = parity.generation.rows
     return row | {"passed": parity.passed, "statistic": parity.logits.statistic,
                   "worst": parity.logits.worst, "max_rel": parity.logits.max_rel,
                   "generation_identical_rows": sum(r.identical for r in rows), "generation_rows": len(rows),
-                  "weight_bytes": quality["weight_bytes"], "perplexity_onnx": quality["perplexity_onnx"],
-                  "perplexity_torch_fp32": quality["perplexity_torch_fp32"],
-                  "perplexity_delta": quality["perplexity_delta"], "accuracy_onnx": task.get("accuracy_onnx"),
-                  "accuracy_torch_fp32": task.get("accuracy_torch_fp32")}
+                  "weight_bytes": quality.weight_bytes, "perplexity_onnx": quality.perplexity_onnx,
+                  "perplexity_torch_fp32": quality.perplexity_torch_fp32,
+                  "perplexity_delta": quality.perplexity_delta,
+                  "accuracy_onnx": task.accuracy_onnx if task is not None else None,
+                  "accuracy_torch_fp32": task.accuracy_torch_fp32 if task is not None else None}
 
 
 def accuracy(row: dict) -> str:

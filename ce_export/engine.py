@@ -30,7 +30,7 @@ from typing import Callable
 
 from ce_export.errors import BuildError
 from ce_export.io_schema import TensorSpec, onnx_io, resolve_dims
-from ce_export.manifest import EngineRecord, Manifest, MoeNode
+from ce_export.manifest import EngineMoeNodes, EngineRecord, Manifest, MoeNode, NotInPlugin
 
 PLAN = "model.plan"
 PLUGIN_NAMESPACE = "ce_export"
@@ -291,15 +291,15 @@ def _set_compute_capability(trt, config, compute_capability: str | None) -> str:
     return name
 
 
-def not_in_plugin(nodes: list[MoeNode]) -> dict:
+def not_in_plugin(nodes: list[MoeNode]) -> NotInPlugin:
     """What our plugin cannot take among `nodes` (manifest moe_nodes without plugin attributes)."""
     from ce_export.onnx_functions import NOT_IN_PLUGIN
 
     op_types = sorted({node.op_type for node in nodes})
     lacks = sorted({NOT_IN_PLUGIN.get(op_type, f"the op type {op_type}") for op_type in op_types})
-    return {"op_types": op_types, "nodes": len(nodes),
-            "message": f"the TensorRT plugin does not implement {', '.join(op_types)} ({'; '.join(lacks)}): "
-                       f"those {len(nodes)} MoE node(s) run their ONNX function bodies in TensorRT"}
+    return NotInPlugin(op_types=op_types, nodes=len(nodes),
+                       message=f"the TensorRT plugin does not implement {', '.join(op_types)} ({'; '.join(lacks)}): "
+                               f"those {len(nodes)} MoE node(s) run their ONNX function bodies in TensorRT")
 
 
 def build_engine(
@@ -342,8 +342,8 @@ def build_engine(
     plugin = {"bound": False, "library": str(plugin_library) if plugin_library else None,
               "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION}
     if body_only:
-        plugin["not_in_plugin"] = not_in_plugin(body_only)
-        report(f"  {plugin['not_in_plugin']['message']}")
+        plugin["not_in_plugin"] = lacking = not_in_plugin(body_only)
+        report(f"  {lacking.message}")
     use_plugin = False
     if plugin_library is None:
         plugin["reason"] = "no plugin library given: MoE nodes inlined from their ONNX function bodies"
@@ -443,9 +443,9 @@ def build_engine(
         "runtime_version": trt.__version__,
         "strongly_typed": bool(flags),
         "plugin": plugin,
-        "moe_nodes": {"count": len(moe_nodes), "plugin_layers": sum(c["plugin"] for c in counts.values()),
-                      "bound": len(bound) if use_plugin else 0,
-                      "inlined": sum(1 for c in counts.values() if c["inlined"] > 0)},
+        "moe_nodes": EngineMoeNodes(count=len(moe_nodes), plugin_layers=sum(c["plugin"] for c in counts.values()),
+                                    bound=len(bound) if use_plugin else 0,
+                                    inlined=sum(1 for c in counts.values() if c["inlined"] > 0)),
         "limits": limits,
         "profiles": profiles,
         "num_optimization_profiles": int(config.num_optimization_profiles),

@@ -40,7 +40,7 @@ from ce_export.dtypes import DTYPE_NAMES
 from ce_export.engine import PLUGIN_VERSION
 from ce_export.errors import CeExportError, ExportError
 from ce_export.io_schema import io_names
-from ce_export.manifest import TARGETS
+from ce_export.manifest import TARGETS, MoeNode
 from ce_export.progress import progress_bar
 from ce_export.spec import LoadedModel, MoeLayerSpec
 
@@ -66,7 +66,7 @@ class ExportResult:
     input_names: list[str]
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
-    moe_nodes: list[dict]  # one per MoE node: name, op_type, domain, layer
+    moe_nodes: list[MoeNode]
     opset: int
     quantization: dict | None = None  # what quantize.store_quantized_weights stored, when quantized
     weight_bytes: int = 0  # bytes of every initializer as stored (int4 packed two per byte)
@@ -158,7 +158,7 @@ def export_onnx(
     optimize(onnx_model, weights)
     fold_weight_transposes(onnx_model, weights)
     moe_layers = [layer.layer for layer in model.spec.moe_layers if isinstance(layer, MoeLayerSpec)]
-    moe_nodes = name_moe_nodes(onnx_model, moe_layers)
+    layer_of_node = name_moe_nodes(onnx_model, moe_layers)
     experts_form = experts_form_for(target)
     attach_functions(onnx_model, experts_form)
     if target == "ort":
@@ -169,7 +169,7 @@ def export_onnx(
             warnings.warn(f"--target ort: plain MoE layers keep their exact function bodies: {blocker}", stacklevel=2)
     elif target == "trt":
         mark_plugin_nodes(onnx_model)
-    moe_nodes = [dict(entry, **node_facts(onnx_model, entry["name"])) for entry in moe_nodes]
+    moe_nodes = [moe_node(onnx_model, name, layer) for name, layer in layer_of_node.items()]
     quantization = None
     if quantize:
         quantization = quantize_stage.store_quantized_weights(
@@ -349,22 +349,25 @@ def root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line}"
 
 
-def name_moe_nodes(model: ir.Model, moe_layers: list[int]) -> list[dict]:
-    """Give each MoE node a readable name, /model/layers.{l}/mlp/{op_type}; nodes come in layer order."""
+def name_moe_nodes(model: ir.Model, moe_layers: list[int]) -> dict[str, int]:
+    """Give each MoE node a readable name, /model/layers.{l}/mlp/{op_type}; nodes come in layer order.
+    Returns each name's layer."""
     nodes = custom_moe_nodes(model)
     if len(nodes) != len(moe_layers):
         raise ExportError(f"exported graph has {len(nodes)} MoE nodes for {len(moe_layers)} MoE layers")
-    entries = []
+    layer_of_node = {}
     for layer, node in zip(moe_layers, nodes):
         node.name = f"/model/layers.{layer}/mlp/{node.op_type}"
-        entries.append({"name": node.name, "layer": layer})
-    return entries
+        layer_of_node[node.name] = layer
+    return layer_of_node
 
 
-def node_facts(model: ir.Model, name: str) -> dict:
-    """op_type, domain, and whether the node carries the plugin attributes TensorRT binds our plugin by."""
+def moe_node(model: ir.Model, name: str, layer: int) -> MoeNode:
+    """The node as the graph finally holds it (ORT lowering replaces some): op_type, domain, and
+    whether it carries the plugin attributes TensorRT binds our plugin by."""
     node = next(node for node in model.graph if node.name == name)
-    return {"op_type": node.op_type, "domain": node.domain, "plugin": "plugin_namespace" in node.attributes}
+    return MoeNode(name=name, op_type=node.op_type, domain=node.domain, plugin="plugin_namespace" in node.attributes,
+                   layer=layer)
 
 
 def experts_form_for(target: str) -> str:

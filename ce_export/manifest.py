@@ -104,6 +104,7 @@ class MoeNode(Strict):
     op_type: str
     domain: str
     plugin: bool = True
+    layer: NonNegative  # the decoder layer it computes
 
 
 class OnnxSection(Strict):
@@ -151,6 +152,13 @@ class Clients(Strict):
     onnxruntime_genai: GenaiClient = GenaiClient()
 
 
+class NotInPlugin(Strict):
+    """The engine's MoE nodes the plugin cannot take: TensorRT runs their ONNX function bodies."""
+    op_types: list[str]
+    nodes: NonNegative
+    message: str
+
+
 class EnginePlugin(Strict):
     """Whether the engine's MoE nodes became plugin layers, and with which library."""
     bound: bool
@@ -159,13 +167,21 @@ class EnginePlugin(Strict):
     version: str | None = None
     reason: str | None = None  # why not bound
     mechanism: str | None = None  # how the plugin creators were registered
-    not_in_plugin: dict | None = None  # MoE nodes the plugin cannot take (engine.not_in_plugin)
+    not_in_plugin: NotInPlugin | None = None
 
 
 class Profile(Strict):
     index: NonNegative
     name: str
     axes: dict[str, list[int]]  # per axis name: min, opt, max
+
+
+class EngineMoeNodes(Strict):
+    """The MoE nodes of the network TensorRT parsed, and the layers they became."""
+    count: NonNegative  # those our plugin implements
+    plugin_layers: NonNegative
+    bound: NonNegative  # nodes that became plugin layers, no layer of their bodies left
+    inlined: NonNegative  # nodes whose function bodies became TensorRT layers
 
 
 class EngineRecord(Strict):
@@ -176,7 +192,7 @@ class EngineRecord(Strict):
     runtime_version: str | None = None
     strongly_typed: bool | None = None
     plugin: EnginePlugin
-    moe_nodes: dict[str, NonNegative] | None = None  # count, plugin_layers, bound, inlined
+    moe_nodes: EngineMoeNodes | None = None
     limits: Limits
     profiles: list[Profile] = []
     num_optimization_profiles: NonNegative | None = None
@@ -249,13 +265,33 @@ class Report(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
+class OutputErrors(Report):
+    """One output's error against the reference (verify.compare); relative: to the reference's largest magnitude."""
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    mean_rel: float
+
+
+class LogitsCase(Report):
+    """One parity shape: the worst of its outputs' errors, and each output's."""
+    case: str
+    batch: int
+    sequence: int
+    past: int
+    max_rel: float
+    mean_rel: float
+    logits_top1_agreement: float
+    outputs: dict[str, OutputErrors]
+
+
 class LogitsCheck(Report):
     passed: bool
     statistic: str  # the verdict's statistic (verify.TOLERANCES) and its threshold
     threshold: float
     worst: float
     max_rel: float
-    cases: list[dict]  # per parity shape: its outputs' errors
+    cases: list[LogitsCase]
 
 
 class GenerationRow(Report):
@@ -273,16 +309,69 @@ class GenerationCheck(Report):
     rows: list[GenerationRow]
 
 
+class FreeRunningLogits(Report):
+    statistic: str
+    worst: float
+    max_rel: float
+    min_top1_agreement: float
+
+
+class FreeRunningGeneration(Report):
+    identical_rows: NonNegative
+    rows: list[GenerationRow]
+
+
+class FreeRunning(Report):
+    """With FP8 activations: the logits and generation checks against the reference left free-running
+    (reported; the verdict is the same checks synchronized at each FP8 quantizer)."""
+    logits: FreeRunningLogits
+    generation: FreeRunningGeneration
+
+
+class TaskQuality(Report):
+    """Exact match on the task's held-out problems, PyTorch fp32 vs the artifact in ONNX Runtime."""
+    source: str
+    name: str
+    problems: NonNegative
+    metric: str
+    tokenizer: str
+    accuracy_torch_fp32: float
+    accuracy_onnx: float
+    accuracy_delta: float
+    per_task_torch_fp32: dict[str, float]
+    per_task_onnx: dict[str, float]
+    problems_scored_differently: NonNegative
+
+
+class EvaluationData(Report):
+    source: str
+    kind: str
+    tokenizer: str
+
+
+class Quality(Report):
+    """The quality cost of the artifact: unquantized PyTorch fp32 vs the file in ONNX Runtime."""
+    task: TaskQuality | None = None  # for a checkpoint with a task (task.json)
+    evaluation: str
+    data: EvaluationData
+    perplexity_torch_fp32: float
+    perplexity_onnx: float
+    perplexity_delta: float
+    parameters: Parameters
+    weight_bytes: NonNegative | None = None
+    onnx_bytes: NonNegative
+
+
 class Parity(Report):
-    """parity.json: verify's report; the quality and free-running sections stay as verify wrote them."""
+    """parity.json: verify's report."""
     runtime: str
     dtype: str
     quantization: str | None = None
     passed: bool
     logits: LogitsCheck
     generation: GenerationCheck
-    free_running: dict | None = None
-    quality: dict | None = None
+    free_running: FreeRunning | None = None  # with FP8 activations
+    quality: Quality | None = None
 
     @classmethod
     def read(cls, folder: str | Path) -> "Parity":

@@ -31,7 +31,8 @@ from ce_export.demo import DEMO_NAME, write_demo_checkpoint
 from ce_export.dtypes import DTYPES
 from ce_export.errors import BuildError, ExportError, OutputError, VerifyError
 from ce_export.load import load_checkpoint, parameter_count
-from ce_export.manifest import TARGETS, Manifest, Parity, read_manifest, recorded_files
+from ce_export.manifest import (TARGETS, EvaluationData, FreeRunning, FreeRunningGeneration, FreeRunningLogits,
+                                Manifest, Parity, Quality, TaskQuality, read_manifest, recorded_files)
 from ce_export.onnx_precision import OnnxPrecisionView
 from ce_export.progress import progress_bar
 from ce_export.quantize import quantize_activations
@@ -312,10 +313,8 @@ def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", re
         # FP8 activations: the free-running checks are reported; the pass criterion is the same
         # checks with the reference synchronized at each FP8 quantizer (synchronized.py says why).
         # This check runs ONNX Runtime and the reference side by side: both models are resident.
-        free_running = {"logits": {key: logits[key] for key in ("statistic", "worst", "max_rel")}
-                        | {"min_top1_agreement": min(case["logits_top1_agreement"] for case in logits["cases"])}}
-        if generation is not None:
-            free_running["generation"] = free_generation(generation)
+        free_logits = FreeRunningLogits(statistic=logits.statistic, worst=logits.worst, max_rel=logits.max_rel,
+                                        min_top1_agreement=min(case.logits_top1_agreement for case in logits.cases))
         from ce_export import synchronized
 
         with timer("verify: logits and greedy generation, synchronized at each FP8 quantizer"):
@@ -340,9 +339,8 @@ def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", re
             accept_fp32_reference_tokens(generation, generation_with(reference))
             del reference
             gc.collect()
-        if free_running is not None:
-            free_running["generation"] = free_generation(generation)
     if scales:
+        free_running = FreeRunning(logits=free_logits, generation=free_generation(generation))
         generation = synchronized_generation
     if torch_quality is None:
         unquantized = torch_model("fp32 (unquantized)", torch.float32, None, like_artifact=False)
@@ -359,17 +357,18 @@ def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", re
         "numerics": view.numerics_note + (f"; {quantization}: Q/DQ run as written (ONNX Runtime's QDQ fusions, "
                                           "e.g. MatMulNBits, which also quantizes activations, disabled)"
                                           if quantization else ""),
-        "passed": logits["passed"] and generation["passed"],
+        "passed": logits.passed and generation["passed"],
         "logits": logits,
         "generation": generation,
-        **({"free_running": free_running} if free_running else {}),
+        **({"free_running": free_running} if free_running is not None else {}),
         "quality": quality,
         "tools": tool_versions(),
     })
 
 
-def free_generation(generation: dict) -> dict:
-    return {"identical_rows": sum(row["identical"] for row in generation["rows"]), "rows": generation["rows"]}
+def free_generation(generation: dict) -> FreeRunningGeneration:
+    return FreeRunningGeneration(identical_rows=sum(row["identical"] for row in generation["rows"]),
+                                 rows=generation["rows"])
 
 
 def artifact_weights(loaded, round_to: torch.dtype | None, quantization: str | None, artifact_dtype: torch.dtype,
@@ -430,7 +429,8 @@ class Evaluation:
     problems, else on the built-in corpus's held-out slice."""
 
     sequences: torch.Tensor  # [N, S] held-out tokens (perplexity)
-    report: dict  # the report's "evaluation" and "data" entries
+    description: str  # the quality report's `evaluation`
+    data: EvaluationData
     task: object = None  # task.Task
     tokenizer: object = None
     task_source: str = ""
@@ -445,32 +445,30 @@ def evaluation_inputs(folder: Path, manifest: Manifest, loaded) -> Evaluation:
     task_source = str(checkpoint / TASK_FILE)
     if task is not None and not user_data:
         sequences = held_out_sequences(task, tokenizer, EVAL_SEQ_LEN, TASK_PERPLEXITY_SEQUENCES)
-        report = {"evaluation": (f"{len(task.held_out)} held-out problems of {task.name!r} (exact match); "
-                                 f"perplexity on {len(sequences)} x {sequences.shape[1]} tokens of their text"),
-                  "data": {"source": task_source, "kind": "the checkpoint's task (held-out problems)",
-                           "tokenizer": type(tokenizer).__name__}}
+        description = (f"{len(task.held_out)} held-out problems of {task.name!r} (exact match); "
+                       f"perplexity on {len(sequences)} x {sequences.shape[1]} tokens of their text")
+        evaluation_data = EvaluationData(source=task_source, kind="the checkpoint's task (held-out problems)",
+                                         tokenizer=type(tokenizer).__name__)
     else:
         data = calibration_data(checkpoint, loaded, source if user_data else None)
         sequences = data.evaluation[:EVAL_SEQUENCES]
-        report = {"evaluation": f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}",
-                  "data": {"source": data.source, "kind": data_kind(data.source), "tokenizer": data.tokenizer}}
-    return Evaluation(sequences=sequences, report=report, task=task, tokenizer=tokenizer, task_source=task_source)
+        description = f"{len(sequences)} x {sequences.shape[1]} held-out tokens, {data.tokenizer}"
+        evaluation_data = EvaluationData(source=data.source, kind=data_kind(data.source), tokenizer=data.tokenizer)
+    return Evaluation(sequences=sequences, description=description, data=evaluation_data, task=task,
+                      tokenizer=tokenizer, task_source=task_source)
 
 
 def quality_report(folder: Path, manifest: Manifest, evaluation: Evaluation, torch_ppl: float, onnx_ppl: float,
-                   torch_task: dict | None, onnx_task: dict | None) -> dict:
+                   torch_task: dict | None, onnx_task: dict | None) -> Quality:
     """Model size and the quality cost of the artifact, unquantized PyTorch fp32 vs the exported
     file in ONNX Runtime (their results recorded in verify's two phases)."""
-    result = {}
-    if evaluation.task is not None:
-        result["task"] = {"source": evaluation.task_source,
-                          **compare_exact_match(evaluation.task, evaluation.tokenizer, torch_task, onnx_task)}
-    result.update(evaluation.report)
+    task = None if evaluation.task is None else TaskQuality(
+        source=evaluation.task_source, **compare_exact_match(evaluation.task, evaluation.tokenizer, torch_task, onnx_task))
     files = [folder / name for name in manifest.onnx.file_names()]
-    return {**result, "perplexity_torch_fp32": torch_ppl, "perplexity_onnx": onnx_ppl,
-            "perplexity_delta": onnx_ppl - torch_ppl, "parameters": manifest.parameters.model_dump(mode="json", exclude_unset=True),
-            "weight_bytes": manifest.parameters.weight_bytes,
-            "onnx_bytes": sum(f.stat().st_size for f in files)}
+    return Quality(**({"task": task} if task is not None else {}), evaluation=evaluation.description,
+                   data=evaluation.data, perplexity_torch_fp32=torch_ppl, perplexity_onnx=onnx_ppl,
+                   perplexity_delta=onnx_ppl - torch_ppl, parameters=manifest.parameters,
+                   weight_bytes=manifest.parameters.weight_bytes, onnx_bytes=sum(f.stat().st_size for f in files))
 
 
 def data_kind(source: str) -> str:
@@ -501,15 +499,15 @@ def summarize(parity: Parity) -> str:
     tokens = (f"identical in {identical}/{len(rows)} rows" + (f", {ties} diverging at a near-tie" if ties else "")
               + (f", {fp32} identical to the fp32 reference instead" if fp32 else ""))
     quality = parity.quality
-    task = (quality or {}).get("task")
-    answers = (f"; task exact match {task['accuracy_onnx']:.1%} of {task['problems']} held-out problems vs "
-               f"{task['accuracy_torch_fp32']:.1%} in PyTorch fp32" if task else "")
-    ppl = (f"{answers}; held-out perplexity {quality['perplexity_onnx']:.3f} vs {quality['perplexity_torch_fp32']:.3f} "
-           f"in PyTorch fp32 (delta {quality['perplexity_delta']:+.4f})" if quality else "")
+    task = quality.task if quality is not None else None
+    answers = (f"; task exact match {task.accuracy_onnx:.1%} of {task.problems} held-out problems vs "
+               f"{task.accuracy_torch_fp32:.1%} in PyTorch fp32" if task is not None else "")
+    ppl = (f"{answers}; held-out perplexity {quality.perplexity_onnx:.3f} vs {quality.perplexity_torch_fp32:.3f} "
+           f"in PyTorch fp32 (delta {quality.perplexity_delta:+.4f})" if quality is not None else "")
     free = parity.free_running
     synchronized = (f"; synchronized at each FP8 quantizer (free-running: max relative error "
-                    f"{free['logits']['max_rel']:.2e}, greedy tokens identical in "
-                    f"{free['generation']['identical_rows']}/{len(rows)} rows)" if free else "")
+                    f"{free.logits.max_rel:.2e}, greedy tokens identical in "
+                    f"{free.generation.identical_rows}/{len(rows)} rows)" if free is not None else "")
     return (f"parity {verdict} ({parity.dtype}{', ' + parity.quantization if parity.quantization else ''}, "
             f"{parity.runtime}): {logits.statistic} "
             f"{logits.worst:.2e} over {len(logits.cases)} shapes (threshold {logits.threshold:.0e}, "

@@ -22,6 +22,7 @@ import torch
 from ce_export import verify
 from ce_export.capture import activation_sites, empty_past
 from ce_export.errors import VerifyError
+from ce_export.manifest import LogitsCheck
 from ce_export.runners import OrtRunner, TorchRunner, greedy
 
 SCALE_SUFFIX = ".input_scale"
@@ -92,7 +93,7 @@ class SynchronizedPair:
 
 
 def check_logits(pair: SynchronizedPair, spec, output_names, dtype, tolerance: verify.Tolerance,
-                 cases=verify.PARITY_CASES, seed: int = 0) -> dict:
+                 cases=verify.PARITY_CASES, seed: int = 0) -> LogitsCheck:
     """verify.check_logits's report, the reference synchronized at each FP8 quantizer."""
     gen = torch.Generator().manual_seed(seed)
     results, synchronized = [], set()
@@ -103,7 +104,7 @@ def check_logits(pair: SynchronizedPair, spec, output_names, dtype, tolerance: v
         per_output.update({f"fp8 input of {site}": entry for site, entry in pair.inputs.items()})
         synchronized |= set(pair.inputs)
         results.append(verify.case_result(case, expected[0], actual[0], per_output))
-    return verify.summarize_cases(results, tolerance) | {"synchronized_at_fp8_quantizers": sorted(synchronized)}
+    return verify.summarize_cases(results, tolerance, synchronized_at_fp8_quantizers=sorted(synchronized))
 
 
 def check_generation(pair: SynchronizedPair, spec, dtype, tolerance: verify.Tolerance,

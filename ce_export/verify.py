@@ -17,7 +17,7 @@ import torch
 
 from ce_export.artifacts import atomic_file
 from ce_export.capture import empty_past
-from ce_export.manifest import Parity
+from ce_export.manifest import LogitsCase, LogitsCheck, OutputErrors, Parity
 from ce_export.runners import TorchRunner, greedy_tokens
 
 GENERATION_TOKENS = 32
@@ -77,7 +77,9 @@ def random_inputs(case: ParityCase, spec, dtype, gen: torch.Generator):
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     reference, candidate = reference.double(), candidate.double()
     if reference.shape != candidate.shape:
-        return {"shape_mismatch": [list(reference.shape), list(candidate.shape)], "max_abs": float("inf"), "max_rel": float("inf")}
+        inf = float("inf")
+        return {"shape_mismatch": [list(reference.shape), list(candidate.shape)], "max_abs": inf, "max_rel": inf,
+                "mean_abs": inf, "mean_rel": inf}
     if reference.numel() == 0:
         return {"max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "mean_rel": 0.0}
     abs_err = (reference - candidate).abs()
@@ -108,7 +110,7 @@ def record_logits(runtime, spec, dtype, cases=PARITY_CASES, seed=0, progress=Non
 
 
 def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tolerance: Tolerance, progress=None,
-                   record=None, logits: str = "all") -> dict:
+                   record=None, logits: str = "all") -> LogitsCheck:
     """The parity report of recorded runtime outputs against the reference (PyTorch, past in fp32).
     `record(inputs, expected)`, when given, receives each shape's feed and the reference's outputs;
     `logits`: the artifact's (capture.LOGITS), the reference computes the same positions."""
@@ -126,23 +128,26 @@ def compare_logits(reference_lm, recorded: list[RecordedCase], output_names, tol
 
 
 def check_logits(reference_lm, runtime, spec, output_names, dtype, tolerance: Tolerance, cases=PARITY_CASES, seed=0,
-                 record=None, logits: str = "all") -> dict:
+                 record=None, logits: str = "all") -> LogitsCheck:
     return compare_logits(reference_lm, record_logits(runtime, spec, dtype, cases, seed), output_names, tolerance,
                           record=record, logits=logits)
 
 
-def case_result(case: ParityCase, expected_logits, actual_logits, per_output: dict) -> dict:
+def case_result(case: ParityCase, expected_logits, actual_logits, per_output: dict[str, dict]) -> LogitsCase:
+    """`per_output`: verify.compare's errors of each output."""
     top1 = (expected_logits.argmax(-1) == actual_logits.argmax(-1)).double().mean().item()
-    return {"case": case.name, "batch": case.batch, "sequence": case.sequence, "past": case.past,
-            "max_rel": max(r["max_rel"] for r in per_output.values()),
-            "mean_rel": max(r["mean_rel"] for r in per_output.values()),
-            "logits_top1_agreement": top1, "outputs": per_output}
+    outputs = {name: OutputErrors.model_validate(errors) for name, errors in per_output.items()}
+    return LogitsCase(case=case.name, batch=case.batch, sequence=case.sequence, past=case.past,
+                      max_rel=max(r.max_rel for r in outputs.values()), mean_rel=max(r.mean_rel for r in outputs.values()),
+                      logits_top1_agreement=top1, outputs=outputs)
 
 
-def summarize_cases(results: list[dict], tolerance: Tolerance) -> dict:
-    worst = max(r[tolerance.statistic] for r in results)
-    return {"statistic": tolerance.statistic, "threshold": tolerance.threshold, "worst": worst,
-            "max_rel": max(r["max_rel"] for r in results), "passed": bool(worst <= tolerance.threshold), "cases": results}
+def summarize_cases(results: list[LogitsCase], tolerance: Tolerance, **extra) -> LogitsCheck:
+    """The logits check over every parity shape; `extra`: further keys of the report."""
+    worst = max(getattr(r, tolerance.statistic) for r in results)
+    return LogitsCheck(statistic=tolerance.statistic, threshold=tolerance.threshold, worst=worst,
+                       max_rel=max(r.max_rel for r in results), passed=bool(worst <= tolerance.threshold), cases=results,
+                       **extra)
 
 
 def perplexity(runtime, sequences: torch.Tensor, spec, dtype, logits: str = "all", progress=None) -> float:
@@ -275,13 +280,13 @@ def plot_parity(parity: Parity, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(cases)), 4))
     for stat, marker in (("max_rel", "o"), ("mean_rel", "x")):
         for index, case in enumerate(cases):
-            values = [max(r[stat], 1e-12) for r in case["outputs"].values()]
+            values = [max(getattr(r, stat), 1e-12) for r in case.outputs.values()]
             ax.scatter([index] * len(values), values, marker=marker, s=14, alpha=0.6,
                        color="tab:red" if stat == "max_rel" else "tab:blue",
                        label=f"{stat} per output" if index == 0 else None)
     ax.axhline(parity.logits.threshold, color="black", linestyle="--",
                label=f"threshold on {parity.logits.statistic} ({parity.logits.threshold:.0e})")
-    ax.set_xticks(range(len(cases)), [case["case"] for case in cases], rotation=30, ha="right")
+    ax.set_xticks(range(len(cases)), [case.case for case in cases], rotation=30, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("relative error vs PyTorch fp32")
     verdict = "PASSED" if parity.passed else "FAILED"

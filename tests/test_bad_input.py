@@ -341,3 +341,23 @@ def test_verify_and_bench_with_a_manifest_that_disagrees_with_the_file(demo_buil
     for command in ("verify", "bench", "generate"):
         code, err = run_cli(capsys, command, str(folder), *COMMAND_ARGUMENTS[command])
         assert_one_line_error(code, err, "manifest.json: dtype='fp64' is invalid")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda parity: parity["logits"]["cases"][0].pop("outputs"), "logits.cases.0.outputs is missing"),
+    (lambda parity: parity["logits"]["cases"][1]["outputs"]["logits"].update(max_rel="small"),
+     "logits.cases.1.outputs.logits.max_rel='small' is invalid"),
+    (lambda parity: parity["quality"]["task"].update(problems=-1), "quality.task.problems=-1 is invalid"),
+    (lambda parity: parity.update(free_running={"logits": {}}), "free_running.logits.statistic is missing"),
+])
+def test_a_malformed_parity_report_is_refused_in_one_line(demo_build, tmp_path, edit, fragment):
+    from ce_export.errors import OutputError
+    from ce_export.manifest import Parity
+
+    parity = json.loads((demo_build / "parity.json").read_text())
+    edit(parity)
+    (tmp_path / "parity.json").write_text(json.dumps(parity))
+    with pytest.raises(OutputError) as refused:
+        Parity.read(tmp_path)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'parity.json'}: ") and fragment in message, message

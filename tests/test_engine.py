@@ -157,6 +157,6 @@ def test_plugin_engine_binds_every_moe_node(tmp_path_factory, tmp_path):
         shutil.copy(folder / name, tmp_path / name)
     result = build_engine(tmp_path, plugin_library=library, report=lambda line: None)
     assert result.plugin.bound is True and result.plugin.library == str(library)
-    assert result.moe_nodes["bound"] == result.moe_nodes["count"] == 4
-    assert result.moe_nodes["inlined"] == 0 and result.moe_nodes["plugin_layers"] >= 4
+    assert result.moe_nodes.bound == result.moe_nodes.count == 4
+    assert result.moe_nodes.inlined == 0 and result.moe_nodes.plugin_layers >= 4
     assert (tmp_path / PLAN).stat().st_size == result.plan_bytes

@@ -59,8 +59,8 @@ def test_family_onnx_runtime_and_tensorrt(family, tmp_path):
     in_plugin = OP_TYPES[family][0] in onnx_functions.PLUGIN_OP_TYPES
     assert {node.plugin for node in manifest.onnx.moe_nodes} == {in_plugin}
     lacking = manifest.engine.plugin.not_in_plugin
-    assert (lacking is None) if in_plugin else (lacking["op_types"] == [OP_TYPES[family][0]]
-                                                 and "does not implement" in lacking["message"])
+    assert (lacking is None) if in_plugin else (lacking.op_types == [OP_TYPES[family][0]]
+                                                 and "does not implement" in lacking.message)
 
     spec = load_checkpoint(folder).spec
     stock = stock_model(folder)
