@@ -132,4 +132,5 @@ def _moe_cuda(*args, **kwargs):
         return moe_math.moe_reference(*call.args)
     from ce_kernels import fused_moe
 
-    return fused_moe(*call.args[:-1])  # all but weights_on_input, which the kernels lack (checked above)
+    kernel_arguments = {name: value for name, value in call.arguments.items() if name != "weights_on_input"}
+    return fused_moe(**kernel_arguments)  # the kernels lack weights_on_input (checked above)

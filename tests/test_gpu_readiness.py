@@ -5,6 +5,7 @@ and computes correctly, and the kernels' tile tables are picked per dtype and sh
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 
@@ -119,3 +120,16 @@ def test_ort_target_keeps_function_bodies_where_onnxruntime_computes_moe_wrongly
                                   report=lambda line: None)
     # The function bodies: exact on every onnxruntime (tests/test_export.py checks their parity).
     assert {node.domain for node in manifest.onnx.moe_nodes} == {"ce_export"}
+
+
+def test_cuda_op_hands_the_kernels_every_argument_but_weights_on_input(monkeypatch):
+    """What the CUDA implementation passes to fused_moe, by name (on CPU tensors, fused_moe replaced)."""
+    import ce_kernels
+
+    received = {}
+    monkeypatch.setattr(ce_kernels, "fused_moe", lambda **arguments: received.update(arguments) or arguments["hidden"])
+    hidden, logits, gate_up, down = small_layer()
+    ops._moe_cuda(hidden, logits, gate_up, down, None, 2, 0, False, routing_scale=2.5, swiglu_limit=7.0)
+    expected = [name for name in inspect.signature(moe_math.moe_reference).parameters if name != "weights_on_input"]
+    assert list(received) == expected
+    assert (received["routing_scale"], received["swiglu_limit"], received["top_k"]) == (2.5, 7.0, 2)
