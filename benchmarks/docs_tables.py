@@ -95,9 +95,9 @@ def quantization_modes() -> list[str]:
 
     body = [["unquantized", parity_cell("demo", "unquantized"), trained_cell("none")]]
     body += [[f"`{mode}`", parity_cell("demo", mode), trained_cell(f"quantize {mode}")] for mode in QUANTIZATION_MODES]
-    body += [[f"{mode} on the demo with hidden size {model.rsplit(' ', 1)[1]}", parity_cell(model, mode), "-"]
+    body += [[f"{mode} on the demo with hidden size {model.rsplit(' ', 1)[1]} (random weights)", parity_cell(model, mode), "-"]
              for model, mode, dtype in parity if model != "demo" and dtype == "fp32"]
-    return _table(["mode", "parity on the random-weight demo, worst of 8 shapes (threshold: the dtype's)",
+    return _table(["mode", "parity on the trained demo, worst of 8 shapes (threshold: the dtype's)",
                    "fp32 build of the trained CE demo: weight bytes, exact match, perplexity"], body) + [
         "", "From `benchmarks/results/quantization-demo/results.json` (parity) and "
             "`benchmarks/results/compression-demo/results.json` (the trained CE demo)."]

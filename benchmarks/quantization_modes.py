@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                                                        "tools": pipeline.tool_versions(), "results": results}, indent=1))
     lines = [f"Command: `{command}` ({machine['platform']}). Logits statistic (worst of 8 shapes; fp32 max_rel, "
              "fp16/bf16 mean_rel), greedy rows identical to PyTorch, weight bytes as stored; the quality report: "
-             "exact match on the demo task's 400 held-out problems in ONNX Runtime (unquantized PyTorch fp32 in "
+             "exact match on the demo task's held-out problems (300) in ONNX Runtime (unquantized PyTorch fp32 in "
              "brackets), perplexity on their text and its delta vs unquantized PyTorch fp32 (the hidden-256 model "
              "has random weights: its perplexity, on the built-in corpus, says nothing).", "",
              "| model | mode | dtype | statistic | passed | identical rows | weight MB | exact match | perplexity (delta) |",
