@@ -223,10 +223,8 @@ def SparseLayout(x_gate, x_up, act_scale, experts, gate_up, down):
     num_experts = op.Shape(gate_up, start=0, end=1)
     counts, table, slot = ExpertTable(experts, num_experts)
     capacity = op.Shape(table, start=1, end=2)
-    zeros = op.Expand(op.Constant(value_ints=[0]), op.Concat(num_experts, op.Constant(value_ints=[5]), axis=0))
-    pads = op.Concat(op.Slice(zeros, op.Constant(value_ints=[0]), op.Constant(value_ints=[4]), one),
-                     op.Sub(capacity, counts), op.Slice(zeros, op.Constant(value_ints=[4]), op.Constant(value_ints=[5]), one),
-                     axis=1)
+    # Pad's [begin x 3, end x 3] for a [1, c, H] output: C - c rows at the end of axis 1
+    pads = op.Mul(op.Sub(capacity, counts), op.Constant(value_ints=[0, 0, 0, 0, 1, 0]))
     x_both = op.Concat(op.Unsqueeze(x_gate, one), op.Unsqueeze(x_up, one), axis=1)
     halves = op.Reshape(gate_up, op.Concat(num_experts, op.Constant(value_ints=[2]), op.Shape(down, start=2, end=3),
                                            hidden_size, axis=0))
