@@ -9,6 +9,13 @@ if not torch.cuda.is_available():
 
 import pytest
 
+# Parallel workers (pytest-xdist, `-n` in pyproject's addopts) share the cores: each runs torch and
+# ONNX Runtime on one thread, here and in the subprocesses it starts, instead of one per core each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    os.environ["CE_EXPORT_ORT_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 from ce_export.demo import write_demo_checkpoint
 
 

@@ -212,7 +212,9 @@ def test_ort_target_fuses_exactly_where_com_microsoft_moe_computes_the_family(fa
 
     tokens = torch.randn(9, hidden, generator=gen)
     logits = torch.randn(9, experts, generator=gen)
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"hidden": tokens.numpy(), "router_logits": logits.numpy()})[0])
     extras = {n: weights[n] for n in names if n not in ("gate_up", "down")}
     want = torch.ops.ce_export.moe(tokens, logits, weights["gate_up"], weights["down"], None, layout.top_k, 0,

@@ -30,6 +30,7 @@ def layer_model(op_type: str, form: str, gate_up, down, ces, attributes: dict, *
 def run_layer(model: onnx.ModelProto, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {"hidden": hidden.numpy(), "router_logits": logits.float().numpy()})
     return torch.from_numpy(out)

@@ -69,6 +69,7 @@ def ort_run(nodes, inputs, outputs, initializers=(), feeds=None):
                               ir_version=ort_support.ir_version_for_runtime(onnx.IR_VERSION, {"": 21}))
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_quant_qdq", "1")
+    options.intra_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds or {})
 
 
