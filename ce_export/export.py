@@ -257,7 +257,8 @@ def bind_weights(onnx_model: ir.Model, model: LoadedModel, dtype: torch.dtype) -
 
 def optimize(onnx_model: ir.Model, weights: dict[str, WeightInitializer]) -> None:
     """torch.onnx's optimization (onnxscript's optimizer), except that transposes of weights are left
-    to fold_weight_transposes, which folds them without reading the weights."""
+    to fold_weight_transposes, which folds them without reading the weights, and that each FP8
+    quantizer keeps its own scale (quantize.restore_activation_scales)."""
     import onnxscript.optimizer
 
     def should_fold(node: ir.Node):
@@ -266,7 +267,9 @@ def optimize(onnx_model: ir.Model, weights: dict[str, WeightInitializer]) -> Non
             return False
         return None
 
+    activation_scales = quantize_stage.activation_scale_inputs(onnx_model)
     onnxscript.optimizer.optimize_ir(onnx_model, should_fold=should_fold)
+    quantize_stage.restore_activation_scales(onnx_model, activation_scales)
 
 
 def fold_weight_transposes(onnx_model: ir.Model, weights: dict[str, WeightInitializer]) -> None:

@@ -318,7 +318,8 @@ def run_parity(folder: Path, manifest: Manifest, loaded, timer: "StageTimer", re
         from ce_export import synchronized
 
         with timer("verify: logits and greedy generation, synchronized at each FP8 quantizer"):
-            pair = synchronized.SynchronizedPair(view.model_for_runtime(), reference, logits=logits_kept)
+            pair = synchronized.SynchronizedPair(view.model_for_runtime(), reference, logits=logits_kept,
+                                                 path=onnx_path)
             try:
                 logits = synchronized.check_logits(pair, spec, manifest.onnx.outputs, runtime_dtype, tolerance)
                 synchronized_generation = synchronized.check_generation(pair, spec, runtime_dtype, tolerance)

@@ -430,3 +430,34 @@ def fake_quantize_fp8_translation(x, scale):
 
     zero_point = op.Constant(value=ir.tensor(np.zeros((), dtype=ml_dtypes.float8_e4m3fn)))
     return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point, saturate=1), scale, zero_point)
+
+
+ACTIVATION_SCALE_SUFFIX = ".input_scale"  # each FP8 quantizer's scale: the initializer "<module path>.input_scale"
+
+
+def activation_scale_inputs(model: ir.Model) -> dict[ir.Node, str]:
+    """Each FP8 activation Quantize/DequantizeLinear node -> the name of its scale initializer, as
+    exported (one per quantized module), for restore_activation_scales."""
+    return {node: node.inputs[1].name for node in model.graph
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.inputs[1] is not None
+            and (node.inputs[1].name or "").endswith(ACTIVATION_SCALE_SUFFIX)}
+
+
+def restore_activation_scales(model: ir.Model, scale_inputs: dict[ir.Node, str]) -> None:
+    """Give every FP8 quantizer back its own scale initializer. onnxscript's optimizer merges
+    initializers of equal value, and two sites' scales are often equal once rounded to bf16: the
+    file would then name one site's scale at another site's quantizer, and whatever reads the
+    scales by name (synchronized parity, a user's calibration tooling) would take it for that
+    site's."""
+    graph = model.graph
+    for node, name in scale_inputs.items():
+        if node.graph is not graph or node.inputs[1].name == name:
+            continue  # removed as a duplicate (CSE), or still its own
+        scale = graph.initializers.get(name)
+        if scale is None:
+            shared = node.inputs[1]
+            scale = ir.Value(name=name, shape=shared.shape, type=shared.type,
+                             const_value=ir.tensor(shared.const_value.numpy(), name=name))
+            graph.register_initializer(scale)
+        node.replace_input_with(1, scale)
+

@@ -23,9 +23,8 @@ from ce_export import verify
 from ce_export.capture import activation_sites, empty_past
 from ce_export.errors import VerifyError
 from ce_export.manifest import LogitsCheck
+from ce_export.quantize import ACTIVATION_SCALE_SUFFIX
 from ce_export.runners import OrtRunner, TorchRunner, greedy
-
-SCALE_SUFFIX = ".input_scale"
 
 
 class SynchronizedPair:
@@ -35,24 +34,31 @@ class SynchronizedPair:
     own quantizer input (before synchronizing it) against ONNX Runtime's."""
 
     def __init__(self, onnx_path, reference_lm: torch.nn.Module, exact_dequantize: bool = True,
-                 logits: str = "all"):
-        """onnx_path: the file, or an onnx_ir model of it (e.g. onnx_precision's fp32 view), which gains outputs."""
+                 logits: str = "all", path=None):
+        """onnx_path: the file, or an onnx_ir model of it (e.g. onnx_precision's fp32 view), which gains
+        outputs; `path` then names the file it was read from in messages."""
         import onnx_ir as ir
 
-        model = onnx_path if isinstance(onnx_path, ir.Model) else ir.load(onnx_path)
+        in_memory = isinstance(onnx_path, ir.Model)
+        model = onnx_path if in_memory else ir.load(onnx_path)
+        where = path or ("model.onnx (in memory)" if in_memory else onnx_path)
         self.outputs = len(model.graph.outputs)
         self.site_of_output: dict[str, str] = {}  # QuantizeLinear input -> the site whose scale it uses
         for node in model.graph:
-            if node.op_type == "QuantizeLinear" and node.inputs[1].name.endswith(SCALE_SUFFIX):
+            if node.op_type == "QuantizeLinear" and node.inputs[1].name.endswith(ACTIVATION_SCALE_SUFFIX):
                 value = node.inputs[0]
                 if value.name in self.site_of_output:
                     continue
+                site = node.inputs[1].name.removesuffix(ACTIVATION_SCALE_SUFFIX).removeprefix("lm.")
+                if site in self.site_of_output.values():  # e.g. a file whose optimizer merged equal scales
+                    raise VerifyError(f"{where}: two FP8 quantizers use the scale of {site}: which site each "
+                                      "quantizes cannot be told (rebuild the artifact)")
                 if value not in model.graph.outputs:  # (DeepSeek's cached latent already is one)
                     model.graph.outputs.append(value)
-                self.site_of_output[value.name] = node.inputs[1].name.removesuffix(SCALE_SUFFIX).removeprefix("lm.")
+                self.site_of_output[value.name] = site
         if not self.site_of_output:
-            raise VerifyError(f"{onnx_path}: no FP8 activation QuantizeLinear found")
-        self.runtime = OrtRunner(model, exact_dequantize=exact_dequantize, weights_as_stored=True)
+            raise VerifyError(f"{where}: no FP8 activation QuantizeLinear found")
+        self.runtime = OrtRunner(model, exact_dequantize=exact_dequantize, weights_as_stored=True, path=where)
         self.reference = TorchRunner(reference_lm, logits)
         self._feeds: dict[str, torch.Tensor] = {}
         self._replaced: dict[int, torch.Tensor] = {}

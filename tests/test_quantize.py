@@ -116,6 +116,7 @@ BUILDS = [  # checkpoint, target, mode, dtype
     ("demo_ce", "portable", "int4-g128", "fp32"), ("demo_ce", "portable", "int4-channel", "fp32"),
     ("demo_ce", "portable", "int8", "fp16"), ("demo_ce", "portable", "fp8", "fp16"),
     ("demo_ce", "portable", "fp8-w8a8", "fp16"), ("demo_ce", "portable", "int4", "bf16"),
+    ("demo_ce", "portable", "fp8-w8a8", "bf16"),  # the trained demo's scales: several equal once in bf16
 ]
 ACTIVATION_SITES = 21  # per layer q, k, v, o projections and the experts' input; the LM head
 
@@ -154,6 +155,9 @@ def test_quantized_build_matches_its_reference_and_reports_quality(checkpoint, t
         assert parity["logits"]["max_rel"] <= 1e-4  # exact up to float summation order
     if FORMATS[mode].activations:  # checked synchronized at each FP8 quantizer; free-running reported
         assert len(parity["logits"]["synchronized_at_fp8_quantizers"]) == 13  # q/k/v share one
+        quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert len({n.input[1] for n in quantizers}) == len(quantizers) == 13  # each its own scale
+        assert all(n.input[1].endswith(".input_scale") for n in quantizers)
         assert any(name.startswith("fp8 input of") for name in parity["logits"]["cases"][0]["outputs"])
         assert parity["generation"]["synchronized_at_fp8_quantizers"] and "free_running" in parity
     else:
@@ -294,3 +298,43 @@ def test_docs_state_every_mode_against_its_dtypes_threshold():
         for dtype in ("fp32", "fp16", "bf16"):
             tolerance = verify.TOLERANCES[dtype]
             assert f"{dtype} {tolerance.statistic} " in rows[mode], (mode, dtype)
+
+
+def two_quantizers_with_equal_scales() -> onnx.ModelProto:
+    """x -> Q/DQ(scale of site a) -> Q/DQ(scale of site b), the two scales equal in value."""
+    zero = numpy_helper.from_array(np.zeros((), dtype=ml_dtypes.float8_e4m3fn), "zero")
+    scales = [numpy_helper.from_array(np.array(0.0125, dtype=np.float32), f"lm.{site}.input_scale") for site in "ab"]
+    nodes = []
+    for index, site in enumerate("ab"):
+        source = "x" if index == 0 else "y0"
+        nodes += [helper.make_node("QuantizeLinear", [source, f"lm.{site}.input_scale", "zero"], [f"q{index}"]),
+                  helper.make_node("DequantizeLinear", [f"q{index}", f"lm.{site}.input_scale", "zero"], [f"d{index}"]),
+                  helper.make_node("Relu", [f"d{index}"], [f"y{index}"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y1", onnx.TensorProto.FLOAT, [4])], [zero, *scales])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_each_fp8_quantizer_keeps_its_own_scale_through_the_optimizer():
+    import onnx_ir as ir
+
+    from ce_export import export
+
+    model = ir.from_proto(two_quantizers_with_equal_scales())
+    export.optimize(model, {})
+    scale_of = {node.outputs[0].name: node.inputs[1].name for node in model.graph
+                if node.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert scale_of == {"q0": "lm.a.input_scale", "d0": "lm.a.input_scale",
+                        "q1": "lm.b.input_scale", "d1": "lm.b.input_scale"}
+
+
+def test_synchronized_parity_refuses_quantizers_sharing_one_sites_scale():
+    import onnx_ir as ir
+
+    from ce_export.synchronized import SynchronizedPair
+
+    proto = two_quantizers_with_equal_scales()
+    for node in proto.graph.node:  # what the optimizer alone makes of it: site b's quantizer on a's scale
+        node.input[:] = [name.replace("lm.b.", "lm.a.") for name in node.input]
+    with pytest.raises(VerifyError, match=r"^model.onnx: two FP8 quantizers use the scale of a: "):
+        SynchronizedPair(ir.from_proto(proto), reference_lm=None, path="model.onnx")
