@@ -107,22 +107,67 @@ def write_gpu_checkpoints(folder: Path, size: str, device: str) -> dict[str, Pat
 
 
 def run_cpu_suite(args, command: str) -> None:
-    summary = [f"Command: `{command}`", ""]
+    ceilings = bench.measure_ceilings("cpu", torch.float32)
+    print(f"== cpu: memory {ceilings['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul "
+          f"{ceilings['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (measured)", flush=True)
+    summary = [f"Command: `{command}`", "", cpu_floor_text(ceilings), ""]
     with tempfile.TemporaryDirectory() as scratch:
         for size in args.sizes:
+            results = {}
             for compressed in (True, False):
                 name = f"{size}-{'ce' if compressed else 'plain'}"
                 print(f"== {name}", flush=True)
                 checkpoint = write_checkpoint(Path(scratch) / name / "checkpoint", size, compressed)
                 build_dir = Path(scratch) / name / "build"
                 options = pipeline.BuildOptions(target="ort", verify=args.verify, logits=args.logits)
-                pipeline.build(str(checkpoint), build_dir, options, report=print)
+                manifest = pipeline.build(str(checkpoint), build_dir, options, report=print)
                 data = bench.bench(build_dir, points=args.points or bench.CPU_POINTS, budget_s=args.budget)
                 data["command"] = command
                 data["build"] = f"{size} model, {'CE' if compressed else 'plain'}, --target ort (scratch folder)"
+                data["ceilings"] = ceilings
                 bench.write_results(data, args.out / name)
-                summary += [f"## {name}", "", bench.markdown_table(data), f"![{name}]({name}/bench.png)", ""]
+                results["ce" if compressed else "plain"] = data
+                config = json.loads((checkpoint / "config.json").read_text())
+                points = list({row["label"]: row["point"] for row in data["results"]}.items())
+                floors = [f"{label} {floors_ms(config, compressed, **point, ceilings=ceilings, logits=manifest.onnx.logits):.1f} ms"
+                          for label, point in points]
+                summary += [f"## {name}", "", bench.markdown_table(data), "",
+                            f"Floor (logits: {manifest.onnx.logits}): " + "; ".join(floors) + ".",
+                            "", f"![{name}]({name}/bench.png)", ""]
+            summary += [f"### {size}: issue 12's targets, from the rows above", ""]
+            summary += [f"- {line}" for line in cpu_target_lines(results)] + [""]
     (args.out / "summary.md").write_text("\n".join(summary))
+
+
+def cpu_floor_text(ceilings: dict) -> str:
+    return (f"Floor: max(weight bytes read / {ceilings['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul FLOPs / "
+            f"{ceilings['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s), the rates {ceilings['source']} (fp32); "
+            "attention's scores and everything but the weight matmuls counted as free.")
+
+
+def cpu_target_lines(results: dict) -> list[str]:
+    """Issue 12's whole-model targets: CE in ONNX Runtime (our portable body) <= 0.9x plain top-8 in
+    ONNX Runtime (com.microsoft::MoE), and >= 2x faster than the captured PyTorch model."""
+    def ms(model: str, runtime: str, phase: str):
+        rows = [row for row in results.get(model, {}).get("results", [])
+                if row["runtime"].startswith(runtime) and row["point"]["phase"] == phase and "median_ms" in row]
+        return rows[0]["median_ms"] if rows else None
+
+    lines = []
+    for phase in ("prefill", "decode"):
+        ce_ort, plain_ort, ce_torch = ms("ce", "ONNX Runtime", phase), ms("plain", "ONNX Runtime", phase), \
+            ms("ce", "PyTorch", phase)
+        for what, value, goal, better in (
+                (f"CE / plain in ONNX Runtime, {phase}", ratio(ce_ort, plain_ort), 0.9, "<="),
+                (f"CE: PyTorch / ONNX Runtime, {phase}", ratio(ce_torch, ce_ort), 2.0, ">=")):
+            if value is None:
+                continue
+            target = ""
+            if phase == "prefill":  # the issue sets targets on prefill only
+                met = value <= goal if better == "<=" else value >= goal
+                target = f" (target {better} {goal}: {'met' if met else 'NOT met'})"
+            lines.append(f"{what}: {value:.2f}{target}")
+    return lines
 
 
 def gpu_points(batches, quick: bool) -> tuple:
@@ -205,25 +250,28 @@ def write_headline(out: Path, size: str, command: str) -> None:
     (out / "summary.md").write_text("\n".join(summary))
 
 
-def floors_ms(config: dict, compressed: bool, batch: int, tokens: int, phase: str, ceilings: dict) -> float:
+def floors_ms(config: dict, compressed: bool, batch: int, tokens: int, phase: str, ceilings: dict,
+              logits: str = "all") -> float:
     """max(active weight bytes / bandwidth, active FLOPs / matmul rate) for one point, in the rows'
-    dtype, with the rates measured on the device in the same run (`ceilings`)."""
+    dtype, with the rates measured on the device in the same run (`ceilings`). `logits`: "last"
+    when the model computes the LM head on each sequence's last position only."""
     hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    experts_run = (config["num_experts_per_tok"] - (GPU_N_CE if compressed else 0))
+    experts_run = config["num_experts_per_tok"] - (config["n_ce"] if compressed else 0)
     attention = 4 * hidden * hidden
-    per_token_params = layers * (attention + experts_run * 3 * hidden * inter) + config["vocab_size"] * hidden
+    lm_head = config["vocab_size"] * hidden
     new_tokens = batch * (tokens if phase == "prefill" else 1)
+    logits_rows = batch if logits == "last" else new_tokens
     # Weight bytes: every expert some token picks is read once; at batch 1 decode that is the active set.
     distinct_experts = min(config["num_experts"], experts_run * new_tokens)
     element_bytes = torch.finfo(getattr(torch, ceilings["dtype"])).bits // 8
     weight_bytes = element_bytes * (layers * (attention + distinct_experts * 3 * hidden * inter)
-                                    + config["vocab_size"] * hidden)
-    flops = 2 * per_token_params * new_tokens
+                                    + lm_head)
+    flops = 2 * (layers * (attention + experts_run * 3 * hidden * inter) * new_tokens + lm_head * logits_rows)
     return 1e3 * max(weight_bytes / ceilings["bandwidth_bytes_per_s"], flops / ceilings["matmul_flops_per_s"])
 
 
 def headline_table(results: dict, size: str) -> str:
-    config = demo_config(True) | SIZES[size]
+    config = demo_config(True) | SIZES[size] | {"n_ce": GPU_N_CE}
     rows = []  # (runtime label, model, result row)
     for name, data in results.items():
         for row in data["results"]:
