@@ -190,15 +190,19 @@ def moe_layer_cpu() -> list[str]:
     body += [[f"floor, {name}", *(_ms(data["floors"][reference][t]["floor_ms"]) for t in tokens)]
              for reference, name in (("ce", "CE"), ("top8", "top-8"))]
     sparse, fused = data["rows"]["ort_ce_sparse"]["by_tokens"], data["rows"]["ort_top8_ms"]["by_tokens"]
-    body.append(["**CE sparse / com.microsoft::MoE top-8**",
+    body.append(["CE sparse / com.microsoft::MoE top-8, from the rows above",
                  *(f"{sparse[t]['median_ms'] / fused[t]['median_ms']:.2f}x" for t in tokens)])
+    interleaved = data["head_to_head"]
+    body.append(["**CE sparse / com.microsoft::MoE top-8, interleaved**",
+                 *(f"{interleaved[t]['ratio_median']:.2f}x" for t in tokens)])
     worst = max(cell["rel_err"] for row in data["rows"].values() for cell in row["by_tokens"].values())
     ceilings = data["ceilings"]
     return _table(["implementation", *(f"T={t}" for t in tokens)], body) + [
         "", f"Fastest implementation per T in bold. Largest relative error vs `moe_math.py` in this table: "
             f"{worst:.1e}. Floor: touched expert bytes at "
             f"{ceilings['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s or FLOPs at {ceilings['matmul_flops_per_s'] / 1e9:.0f} "
-            f"GFLOP/s, whichever is longer ({ceilings['source']})."]
+            f"GFLOP/s, whichever is longer ({ceilings['source']}). Interleaved: the two sessions resident and "
+            f"called in turn, the median of the rounds' ratios; the rows are timed one after another."]
 
 
 def moe_layer_cpu_decode_forms() -> list[str]:

@@ -460,4 +460,3 @@ def restore_activation_scales(model: ir.Model, scale_inputs: dict[ir.Node, str])
                              const_value=ir.tensor(shared.const_value.numpy(), name=name))
             graph.register_initializer(scale)
         node.replace_input_with(1, scale)
-

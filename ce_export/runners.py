@@ -18,13 +18,25 @@ import numpy as np
 import torch
 
 from ce_export.capture import KvCacheDecoder
-from ce_export.errors import VerifyError, one_line
+from ce_export.errors import RuntimeInputError, VerifyError, one_line
 
 CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
 # ONNX Runtime's intra-op threads when a runner is not given `threads` (unset: one per physical core).
 # For processes sharing a machine, as parallel test workers do: ONNX Runtime's threads spin while
 # they wait, and two sessions with a thread per core each on the same cores ran 7-9x slower.
 THREADS_VARIABLE = "CE_EXPORT_ORT_THREADS"
+
+
+def threads_from_environment() -> int:
+    """CE_EXPORT_ORT_THREADS as a thread count; 0 when unset."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise RuntimeInputError(f"{THREADS_VARIABLE}={value!r}: expected a positive number of threads")
+    return int(value)
+
+
 ORT_FLOAT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                    "tensor(bfloat16)": torch.bfloat16}
 NUMPY_DTYPES = {torch.int64: np.int64, torch.float32: np.float32, torch.float16: np.float16}
@@ -95,7 +107,7 @@ class OrtRunner:
             options.add_session_config_entry("session.disable_prepacking", "1")
             options.enable_cpu_mem_arena = False
             extra["disabled_optimizers"] = ["ConstantFolding"]
-        threads = threads or int(os.environ.get(THREADS_VARIABLE) or 0)
+        threads = threads or threads_from_environment()
         if threads:
             options.intra_op_num_threads = threads
         provider = CUDA_PROVIDER if self.device.type == "cuda" else CPU_PROVIDER

@@ -361,3 +361,11 @@ def test_a_malformed_parity_report_is_refused_in_one_line(demo_build, tmp_path, 
         Parity.read(tmp_path)
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{tmp_path / 'parity.json'}: ") and fragment in message, message
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1"])
+def test_a_bad_thread_count_in_the_environment_is_one_line(demo_build, monkeypatch, capsys, value):
+    monkeypatch.setenv("CE_EXPORT_ORT_THREADS", value)
+    code, err = run_cli(capsys, "generate", str(demo_build), "--ids", "1,2,3", "--max-new-tokens", "1",
+                        "--runtime", "ort")
+    assert_one_line_error(code, err, f"CE_EXPORT_ORT_THREADS={value!r}: expected a positive number of threads")

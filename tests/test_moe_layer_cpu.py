@@ -30,6 +30,8 @@ def test_cpu_layer_benchmark_on_a_tiny_layer(tmp_path):
             assert cell["rel_err"] < 1e-5, (key, tokens, cell["rel_err"])
     for floor in data["floors"].values():
         assert all(entry["floor_ms"] > 0 for entry in floor.values())
+    assert set(data["head_to_head"]) == {"1", "37"}
+    assert all(entry["ratio_median"] > 0 and entry["rounds"] >= 5 for entry in data["head_to_head"].values())
     decode = data["decode_forms"]
     assert set(decode["gathered"]) == set(decode["scanned"]) == {str(t) for t in decode["tokens"]} == {"1", "2", "4"}
     markdown = (tmp_path / "moe_layer_cpu.md").read_text()
