@@ -201,6 +201,44 @@ def tensorrt_absence() -> str:
     return "a TensorRT runtime is present but this harness has no TensorRT row yet: use `ce_export bench --trtexec`"
 
 
+def interleaved(folder: str | Path, runtimes: tuple[str, str], point: Point, rounds: int = 7,
+                report: Callable[[str], None] = print) -> dict:
+    """Two of `bench`'s CPU rows of build folder `folder` on `point`, both resident and called in
+    turn, `rounds` times: each one's median and the median of the rounds' ratios (first / second).
+    On a machine whose speed drifts between minutes, rows timed one after another can drift apart;
+    rows called in turn cannot."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    onnx = OnnxFile(folder / manifest.onnx.file, manifest.dtype, manifest.target, manifest.quantized,
+                    manifest.onnx.logits)
+    checkpoint = manifest.source.checkpoint(folder)
+    loaded = load_checkpoint(checkpoint)
+    device, dtype = torch.device("cpu"), torch.float32
+    skipped: dict[str, str] = {}
+    max_context = point.tokens + (point.phase == "decode")
+    rows = {row.name: row for row in rows_for(checkpoint, onnx, loaded, device, dtype, max_context, skipped)}
+    missing = [name for name in runtimes if name not in rows]
+    if missing:
+        raise ValueError(f"no row {missing[0]!r} for {folder} (rows: {', '.join(rows)}; not run: {skipped})")
+    steps = {name: rows[name].make().prepare(*point_inputs(point, loaded.spec, dtype, device)) for name in runtimes}
+    times: dict[str, list[float]] = {name: [] for name in runtimes}
+    for step in steps.values():
+        step.run()  # warm-up
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step.run()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    first, second = runtimes
+    ratios = [a / b for a, b in zip(times[first], times[second])]
+    result = {"point": asdict(point), "label": point.label, "runtimes": list(runtimes), "rounds": rounds,
+              "median_ms": {name: statistics.median(values) for name, values in times.items()},
+              "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    report(f"  {point.label}: {first} / {second}, called in turn: {result['ratio_median']:.2f}x "
+           f"({rounds} rounds, {min(ratios):.2f}-{max(ratios):.2f})")
+    return result
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, budget_s: float = 1.0,
             warmup: int = 2) -> dict:
     for _ in range(warmup):

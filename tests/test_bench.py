@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ce_export import bench
 
 POINTS = (bench.Point("prefill", 1, 16), bench.Point("decode", 2, 16))
@@ -30,3 +32,15 @@ def test_plain_model_bench_includes_transformers_rows(demo_plain_build):
                         "PyTorch (ce_export op)", "ce_export fast path",
                         "ONNX Runtime CPU (fp32)"]
     assert all(r["parity_max_rel"] < 1e-4 for r in data["results"])
+
+
+def test_two_rows_called_in_turn_give_each_median_and_their_ratio(demo_build):
+    from ce_export import bench
+
+    rows = ("PyTorch (ce_export op)", "ONNX Runtime CPU (fp32)")
+    result = bench.interleaved(demo_build, rows, bench.Point("prefill", 1, 8), rounds=3, report=lambda line: None)
+    assert result["runtimes"] == list(rows) and result["rounds"] == 3 and result["label"] == "prefill b1 S=8"
+    assert set(result["median_ms"]) == set(rows) and all(ms > 0 for ms in result["median_ms"].values())
+    assert 0 < result["ratio_min"] <= result["ratio_median"] <= result["ratio_max"]
+    with pytest.raises(ValueError, match="no row 'TensorRT'"):
+        bench.interleaved(demo_build, ("TensorRT", rows[1]), bench.Point("prefill", 1, 8), report=lambda line: None)
