@@ -202,7 +202,8 @@ def moe_layer_cpu() -> list[str]:
             f"{worst:.1e}. Floor: touched expert bytes at "
             f"{ceilings['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s or FLOPs at {ceilings['matmul_flops_per_s'] / 1e9:.0f} "
             f"GFLOP/s, whichever is longer ({ceilings['source']}). Interleaved: the two sessions resident and "
-            f"called in turn, the median of the rounds' ratios; the rows are timed one after another."]
+            f"called in turn, each call after a 0.2 s pause (for the other's threads to stop spinning), the median "
+            f"of the rounds' ratios; the rows are timed one after another."]
 
 
 def moe_layer_cpu_decode_forms() -> list[str]:

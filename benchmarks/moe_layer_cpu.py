@@ -44,6 +44,7 @@ from moe_layer import LayerShape  # noqa: E402
 DEFAULT_TOKENS = (1, 8, 64, 256, 2048)
 DECODE_TOKENS = (1, 2, 4, 8, 16)  # T x 4 main slots <= 64 experts: the fixed-shape form gathers
 BYTES_FP32 = 4
+PAUSE_S = 0.2  # before each interleaved call (run_head_to_head)
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,9 @@ def run_head_to_head(shape: LayerShape, tokens: list[int], budget_s: float, weig
                      report: Callable[[str], None]) -> dict:
     """CE's sparse form against com.microsoft::MoE top-8 with both sessions resident and their calls
     alternating, so that a slow spell of a shared machine (its timings drift between minutes) falls
-    on both: per T, each implementation's median and the median of the rounds' ratios."""
+    on both: per T, each implementation's median and the median of the rounds' ratios. Each call
+    waits PAUSE_S first, for the other session's intra-op threads to stop spinning (started at once,
+    both ran up to 1.6x slower and their ratio at T=8 read 0.63x instead of 0.53x)."""
     gen = torch.Generator().manual_seed(1)  # run_rows's inputs
     inputs = {t: (torch.randn(t, shape.hidden, generator=gen), torch.randn(t, shape.experts, generator=gen))
               for t in tokens}
@@ -236,6 +239,7 @@ def run_head_to_head(shape: LayerShape, tokens: list[int], budget_s: float, weig
         times = {name: [] for name in sessions}
         for _ in range(rounds):
             for name, session in sessions.items():
+                time.sleep(PAUSE_S)
                 start = time.perf_counter()
                 session.run(None, feeds)
                 times[name].append(1e3 * (time.perf_counter() - start))
@@ -305,7 +309,7 @@ def markdown(results: dict, tokens: list[int]) -> str:
     lines += ["", f"Milliseconds per layer call, median (max relative error vs moe_math.py with the same routing). "
               f"Floor = max(bytes of the touched experts / {c['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs / "
               f"{c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s), both {c['source']}. Interleaved: the two sessions "
-              f"resident and called in turn, the median of the rounds' ratios (the rows above are timed one "
+              f"resident and called in turn, each call after a {PAUSE_S} s pause, the median of the rounds' ratios (the rows above are timed one "
               f"after another, and this machine's speed drifts between minutes).", ""]
     decode = results.get("decode_forms")
     if decode:

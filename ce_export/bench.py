@@ -202,11 +202,13 @@ def tensorrt_absence() -> str:
 
 
 def interleaved(folder: str | Path, runtimes: tuple[str, str], point: Point, rounds: int = 7,
-                report: Callable[[str], None] = print) -> dict:
+                report: Callable[[str], None] = print, pause_s: float = 0.2) -> dict:
     """Two of `bench`'s CPU rows of build folder `folder` on `point`, both resident and called in
     turn, `rounds` times: each one's median and the median of the rounds' ratios (first / second).
     On a machine whose speed drifts between minutes, rows timed one after another can drift apart;
-    rows called in turn cannot."""
+    rows called in turn cannot. Each call waits `pause_s` first: a runtime's threads spin for a while
+    after a call (ONNX Runtime's intra-op pool, OpenMP's), and a call started at once shares the
+    cores with them (measured: 1.6x slower, ratios biased by 20%; 0.1 s was enough)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     onnx = OnnxFile(folder / manifest.onnx.file, manifest.dtype, manifest.target, manifest.quantized,
@@ -226,6 +228,7 @@ def interleaved(folder: str | Path, runtimes: tuple[str, str], point: Point, rou
         step.run()  # warm-up
     for _ in range(rounds):
         for name, step in steps.items():
+            time.sleep(pause_s)
             start = time.perf_counter()
             step.run()
             times[name].append(1e3 * (time.perf_counter() - start))
