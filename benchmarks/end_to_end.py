@@ -9,7 +9,9 @@
 CPU suite: for each size it writes the checkpoint (random weights from a fixed seed, CE and plain),
 builds it (`--target ort`: plain MoE layers through com.microsoft::MoE, CE layers through our
 function bodies), runs `ce_export bench` and writes bench.json / bench.md / bench.png per model
-plus a summary.md.
+plus a summary.md. It measures the CPU's memory bandwidth and fp32 matmul rate first; summary.md
+gives each model's floor from them and issue 12's whole-model targets, the CE model's PyTorch /
+ONNX Runtime prefill ratio also measured with the two rows called in turn (bench.interleaved).
 
 GPU suite: an OLMoE-1B-7B-shaped model (hidden 2048, 64 experts, top-8, 16 layers; random weights
 drawn on the GPU, no download), plain top-8 and CE (4 main + 4 compressed experts, sharing every
@@ -134,10 +136,11 @@ def run_cpu_suite(args, command: str) -> None:
                 results["ce" if compressed else "plain"] = data
                 config = json.loads((checkpoint / "config.json").read_text())
                 points = list({row["label"]: row["point"] for row in data["results"]}.items())
-                floors = [f"{label} {floors_ms(config, compressed, **point, ceilings=ceilings, logits=manifest.onnx.logits):.1f} ms"
+                logits = manifest.onnx.logits
+                floors = [f"{label} {floors_ms(config, compressed, **point, ceilings=ceilings, logits=logits):.1f} ms"
                           for label, point in points]
                 summary += [f"## {name}", "", bench.markdown_table(data), "",
-                            f"Floor (logits: {manifest.onnx.logits}): " + "; ".join(floors) + ".",
+                            f"Floor (logits: {logits}): " + "; ".join(floors) + ".",
                             "", f"![{name}]({name}/bench.png)", ""]
             summary += [f"### {size}: issue 12's targets, from the rows above", ""]
             summary += [f"- {line}" for line in cpu_target_lines(results)] + [""]
@@ -162,8 +165,9 @@ def cpu_target_lines(results: dict) -> list[str]:
     interleaved = results.get("ce", {}).get("interleaved")
     if interleaved:
         value = interleaved["ratio_median"]
+        spread = f"{interleaved['ratio_min']:.2f}-{interleaved['ratio_max']:.2f}"
         lines.append(f"CE: PyTorch / ONNX Runtime, {interleaved['label']}, the two called in turn "
-                     f"({interleaved['rounds']} rounds, {interleaved['ratio_min']:.2f}-{interleaved['ratio_max']:.2f}): "
+                     f"({interleaved['rounds']} rounds, {spread}): "
                      f"{value:.2f} (target >= 2.0: {'met' if value >= 2.0 else 'NOT met'})")
     for phase in ("prefill", "decode"):
         ce_ort, plain_ort, ce_torch = ms("ce", "ONNX Runtime", phase), ms("plain", "ONNX Runtime", phase), \

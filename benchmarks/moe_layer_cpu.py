@@ -309,8 +309,9 @@ def markdown(results: dict, tokens: list[int]) -> str:
     lines += ["", f"Milliseconds per layer call, median (max relative error vs moe_math.py with the same routing). "
               f"Floor = max(bytes of the touched experts / {c['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs / "
               f"{c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s), both {c['source']}. Interleaved: the two sessions "
-              f"resident and called in turn, each call after a {PAUSE_S} s pause, the median of the rounds' ratios (the rows above are timed one "
-              f"after another, and this machine's speed drifts between minutes).", ""]
+              f"resident and called in turn, each call after a {PAUSE_S} s pause, the median of the rounds' "
+              f"ratios (the rows above are timed one after another, and this machine's speed drifts between "
+              f"minutes).", ""]
     decode = results.get("decode_forms")
     if decode:
         lines += ["Few tokens, CE (ms): the sparse form's scan over the experts vs gathering the selected experts' "
