@@ -231,7 +231,7 @@ def run_gpu_suite(args, command: str) -> None:
                                                 max_batch=max(p.batch for p in points), max_seq=max_tokens,
                                                 max_context=2 * max_tokens)
                 manifest = pipeline.build(str(checkpoints[name]), build_dir, options, report=print)
-                onnx = bench.OnnxFile(build_dir / manifest.onnx.file, manifest.dtype, manifest.target)
+                onnx = bench.OnnxFile.of_build(build_dir, manifest)
             print(f"== {name}: bench on {args.device} ({time.perf_counter() - started:.0f} s so far)", flush=True)
             data = bench.bench_checkpoint(checkpoints[name], points=points, budget_s=args.budget, device=args.device,
                                           dtype=args.dtype, compile_decode=args.compile, onnx=onnx,

@@ -44,7 +44,6 @@ from moe_layer import LayerShape  # noqa: E402
 DEFAULT_TOKENS = (1, 8, 64, 256, 2048)
 DECODE_TOKENS = (1, 2, 4, 8, 16)  # T x 4 main slots <= 64 experts: the fixed-shape form gathers
 BYTES_FP32 = 4
-PAUSE_S = 0.2  # before each interleaved call (run_head_to_head)
 
 
 @dataclass(frozen=True)
@@ -216,11 +215,11 @@ def run_rows(shape: LayerShape, tokens: list[int], budget_s: float, weights: dic
 
 def run_head_to_head(shape: LayerShape, tokens: list[int], budget_s: float, weights: dict,
                      report: Callable[[str], None]) -> dict:
-    """CE's sparse form against com.microsoft::MoE top-8 with both sessions resident and their calls
-    alternating, so that a slow spell of a shared machine (its timings drift between minutes) falls
-    on both: per T, each implementation's median and the median of the rounds' ratios. Each call
-    waits PAUSE_S first, for the other session's intra-op threads to stop spinning (started at once,
-    both ran up to 1.6x slower and their ratio at T=8 read 0.63x instead of 0.53x)."""
+    """CE's sparse form against com.microsoft::MoE top-8 with both sessions resident, timed by
+    bench.called_in_turn, so that a slow spell of a shared machine (its timings drift between
+    minutes) falls on both: per T, each implementation's median and the median of the rounds' ratios."""
+    from ce_export.bench import called_in_turn
+
     gen = torch.Generator().manual_seed(1)  # run_rows's inputs
     inputs = {t: (torch.randn(t, shape.hidden, generator=gen), torch.randn(t, shape.experts, generator=gen))
               for t in tokens}
@@ -229,26 +228,17 @@ def run_head_to_head(shape: LayerShape, tokens: list[int], budget_s: float, weig
     result = {}
     for t, (hidden, logits) in inputs.items():
         feeds = {"hidden": hidden.numpy(), "router_logits": logits.numpy()}
-        once = {}
-        for name, session in sessions.items():
-            session.run(None, feeds)  # warm-up
+        calls = {name: (lambda session=session: session.run(None, feeds)) for name, session in sessions.items()}
+        once = 0.0
+        for call in calls.values():
+            call()  # warm-up
             start = time.perf_counter()
-            session.run(None, feeds)
-            once[name] = time.perf_counter() - start
-        rounds = int(max(5, min(50, 2 * budget_s / sum(once.values()))))
-        times = {name: [] for name in sessions}
-        for _ in range(rounds):
-            for name, session in sessions.items():
-                time.sleep(PAUSE_S)
-                start = time.perf_counter()
-                session.run(None, feeds)
-                times[name].append(1e3 * (time.perf_counter() - start))
-        ratios = [ce / fused for ce, fused in zip(times["ce_sparse"], times["ms_top8"])]
-        result[t] = {**{f"{name}_median_ms": statistics.median(values) for name, values in times.items()},
-                     "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                     "rounds": rounds}
-        report(f"  interleaved T={t:>5}: CE sparse / com.microsoft::MoE {result[t]['ratio_median']:.2f}x "
-               f"(rounds {rounds}, {min(ratios):.2f}-{max(ratios):.2f})")
+            call()
+            once += time.perf_counter() - start
+        timed = called_in_turn(calls, rounds=int(max(5, min(50, 2 * budget_s / once))))
+        result[t] = {**{f"{name}_median_ms": ms for name, ms in timed.pop("median_ms").items()}, **timed}
+        report(f"  interleaved T={t:>5}: CE sparse / com.microsoft::MoE {timed['ratio_median']:.2f}x "
+               f"(rounds {timed['rounds']}, {timed['ratio_min']:.2f}-{timed['ratio_max']:.2f})")
     del sessions
     gc.collect()
     return result
@@ -289,6 +279,8 @@ def environment(argv: list[str]) -> dict:
 
 
 def markdown(results: dict, tokens: list[int]) -> str:
+    from ce_export.bench import TURN_PAUSE_S
+
     lines = ["| implementation | " + " | ".join(f"T={t}" for t in tokens) + " |", "|" + "---|" * (len(tokens) + 1)]
     for row in ROWS:
         cells = []
@@ -309,7 +301,7 @@ def markdown(results: dict, tokens: list[int]) -> str:
     lines += ["", f"Milliseconds per layer call, median (max relative error vs moe_math.py with the same routing). "
               f"Floor = max(bytes of the touched experts / {c['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs / "
               f"{c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s), both {c['source']}. Interleaved: the two sessions "
-              f"resident and called in turn, each call after a {PAUSE_S} s pause, the median of the rounds' "
+              f"resident and called in turn, each call after a {TURN_PAUSE_S} s pause, the median of the rounds' "
               f"ratios (the rows above are timed one after another, and this machine's speed drifts between "
               f"minutes).", ""]
     decode = results.get("decode_forms")

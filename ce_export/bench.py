@@ -160,6 +160,11 @@ class OnnxFile:
     quantized: bool = False
     logits: str = "all"  # every position, or the last one (capture.LOGITS)
 
+    @classmethod
+    def of_build(cls, folder: Path, manifest) -> "OnnxFile":
+        return cls(folder / manifest.onnx.file, manifest.dtype, manifest.target, manifest.quantized,
+                   manifest.onnx.logits)
+
 
 def rows_for(checkpoint: Path, onnx: OnnxFile | None, loaded, device: torch.device, dtype: torch.dtype,
              max_context: int, skipped: dict, compile_decode: bool = False, no_onnx_reason: str = "") -> list[Row]:
@@ -201,44 +206,52 @@ def tensorrt_absence() -> str:
     return "a TensorRT runtime is present but this harness has no TensorRT row yet: use `ce_export bench --trtexec`"
 
 
+# Before each call timed in turn: a runtime's threads spin for a while after a call (ONNX Runtime's
+# intra-op pool, OpenMP's), and a call started at once shares the cores with them (measured: up to
+# 1.6x slower, ratios biased by 20%; 0.1 s was enough).
+TURN_PAUSE_S = 0.2
+
+
+def called_in_turn(calls: dict[str, Callable[[], object]], rounds: int, pause_s: float = TURN_PAUSE_S) -> dict:
+    """Two calls, both warmed up, then called in turn `rounds` times, each after `pause_s`: each one's
+    median ms and the median, min and max of the rounds' ratios (first / second). On a machine whose
+    speed drifts between minutes, calls timed one after another can drift apart; calls in turn cannot."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        call()  # warm-up
+    for _ in range(rounds):
+        for name, call in calls.items():
+            time.sleep(pause_s)
+            start = time.perf_counter()
+            call()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    first, second = times.values()
+    ratios = [a / b for a, b in zip(first, second)]
+    return {"median_ms": {name: statistics.median(values) for name, values in times.items()}, "rounds": rounds,
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
 def interleaved(folder: str | Path, runtimes: tuple[str, str], point: Point, rounds: int = 7,
-                report: Callable[[str], None] = print, pause_s: float = 0.2) -> dict:
-    """Two of `bench`'s CPU rows of build folder `folder` on `point`, both resident and called in
-    turn, `rounds` times: each one's median and the median of the rounds' ratios (first / second).
-    On a machine whose speed drifts between minutes, rows timed one after another can drift apart;
-    rows called in turn cannot. Each call waits `pause_s` first: a runtime's threads spin for a while
-    after a call (ONNX Runtime's intra-op pool, OpenMP's), and a call started at once shares the
-    cores with them (measured: 1.6x slower, ratios biased by 20%; 0.1 s was enough)."""
+                report: Callable[[str], None] = print) -> dict:
+    """Two of `bench`'s CPU rows of build folder `folder` on `point`, both resident and timed by
+    called_in_turn."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    onnx = OnnxFile(folder / manifest.onnx.file, manifest.dtype, manifest.target, manifest.quantized,
-                    manifest.onnx.logits)
     checkpoint = manifest.source.checkpoint(folder)
     loaded = load_checkpoint(checkpoint)
     device, dtype = torch.device("cpu"), torch.float32
     skipped: dict[str, str] = {}
     max_context = point.tokens + (point.phase == "decode")
-    rows = {row.name: row for row in rows_for(checkpoint, onnx, loaded, device, dtype, max_context, skipped)}
+    rows = {row.name: row for row in rows_for(checkpoint, OnnxFile.of_build(folder, manifest), loaded, device, dtype,
+                                               max_context, skipped)}
     missing = [name for name in runtimes if name not in rows]
     if missing:
         raise ValueError(f"no row {missing[0]!r} for {folder} (rows: {', '.join(rows)}; not run: {skipped})")
     steps = {name: rows[name].make().prepare(*point_inputs(point, loaded.spec, dtype, device)) for name in runtimes}
-    times: dict[str, list[float]] = {name: [] for name in runtimes}
-    for step in steps.values():
-        step.run()  # warm-up
-    for _ in range(rounds):
-        for name, step in steps.items():
-            time.sleep(pause_s)
-            start = time.perf_counter()
-            step.run()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    first, second = runtimes
-    ratios = [a / b for a, b in zip(times[first], times[second])]
-    result = {"point": asdict(point), "label": point.label, "runtimes": list(runtimes), "rounds": rounds,
-              "median_ms": {name: statistics.median(values) for name, values in times.items()},
-              "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
-    report(f"  {point.label}: {first} / {second}, called in turn: {result['ratio_median']:.2f}x "
-           f"({rounds} rounds, {min(ratios):.2f}-{max(ratios):.2f})")
+    result = {"point": asdict(point), "label": point.label, "runtimes": list(runtimes),
+              **called_in_turn({name: step.run for name, step in steps.items()}, rounds)}
+    report(f"  {point.label}: {' / '.join(runtimes)}, called in turn: {result['ratio_median']:.2f}x "
+           f"({rounds} rounds, {result['ratio_min']:.2f}-{result['ratio_max']:.2f})")
     return result
 
 
@@ -336,8 +349,7 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: 
     CPU, bf16 on CUDA); `compile_decode` adds a fast-path row whose decode step goes through torch.compile."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    onnx = OnnxFile(folder / manifest.onnx.file, manifest.dtype, manifest.target, manifest.quantized,
-                    manifest.onnx.logits)
+    onnx = OnnxFile.of_build(folder, manifest)
     data = bench_checkpoint(manifest.source.checkpoint(folder), points, budget_s, device, dtype, compile_decode,
                             report, onnx=onnx)
     data["build"] = str(folder.absolute())

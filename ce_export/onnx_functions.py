@@ -446,7 +446,8 @@ def CompressedInputs(hidden, weights, experts, down, ces, n_ce: int):
     mix = op.Div(aux_weights, op.ReduceSum(aux_weights, last, keepdims=1))
     aux_ces = op.Cast(op.Gather(ces, aux_experts, axis=0), to=FLOAT.dtype)  # [T, n_ce, 3, C]
     flat_ces = op.Reshape(aux_ces, op.Concat(op.Shape(aux_ces, start=0, end=2), last, axis=0))  # [T, n_ce, 3C]
-    theta = op.CastLike(op.Reshape(WeightedSlots(flat_ces, mix), op.Concat(last, op.Shape(ces, start=1, end=3), axis=0)), hidden)
+    theta_shape = op.Concat(last, op.Shape(ces, start=1, end=3), axis=0)  # [T, 3, C]
+    theta = op.CastLike(op.Reshape(WeightedSlots(flat_ces, mix), theta_shape), hidden)
     hidden_size = op.Shape(hidden, start=1, end=2)
     intermediate = op.Shape(down, start=2, end=3)
     rows_and_width = op.Constant(value_ints=[1, 2])
