@@ -215,6 +215,23 @@ def moe_layer_cpu_decode_forms() -> list[str]:
         "", f"Gather faster at T = {', '.join(map(str, faster)) if faster else 'none of these'}."]
 
 
+def ort_breakdown() -> list[str]:
+    data = _json("ort-breakdown-2core/breakdown.json")
+    peak = data["ceilings"]["matmul_flops_per_s"] / 1e9
+    classes = {name: entry for name, entry in data["profile"]["classes"].items() if entry["nodes"]}
+    total = sum(entry["ms"] for entry in classes.values())
+    body = []
+    for name, entry in classes.items():
+        rate = entry["gflop"] / (entry["ms"] / 1e3) if entry["gflop"] else None
+        body.append([name, _ms(entry["ms"]), f"{100 * entry['ms'] / total:.0f}%",
+                     f"{rate:.0f} ({100 * rate / peak:.0f}%)" if rate else "-"])
+    curve = data["expert_gemm_curve"]
+    return _table(["class (ONNX Runtime's profile)", "ms per call", "share", "GFLOP/s (of the 2048^3 rate)"], body) + [
+        "", "One expert's gate and up GEMM in the sparse body's form, against tokens per expert c:", ""] + _table(
+        ["c"] + [str(point["tokens"]) for point in curve],
+        [["GFLOP/s"] + [f"{point['gflop_per_s']:.0f}" for point in curve]])
+
+
 TABLES: dict[str, Callable[[], list[str]]] = {
     "demo-checkpoints": demo_checkpoints,
     "quantization-modes": quantization_modes,
@@ -225,6 +242,7 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "end-to-end-olmoe-2-layers-last": end_to_end_olmoe_2_layers_last,
     "moe-layer-cpu": moe_layer_cpu,
     "moe-layer-cpu-decode-forms": moe_layer_cpu_decode_forms,
+    "ort-breakdown": ort_breakdown,
 }
 
 
