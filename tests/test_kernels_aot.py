@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 GEMM_PREFIXES = ("gate_up_swiglu", "down_weighted")
-MODEL_BUFFERS = {"hidden", "router_logits", "gate_up", "down", "ces", "out"}
+MODEL_BUFFERS = {"hidden", "router_logits", "gate_up", "down", "ces", "score_bias", "out"}
 SHAPES = {"T": 37, "H": 2048, "I": 1024, "C": 2048, "E": 64, "K": 8, "KM": 4}
 
 
@@ -34,8 +34,8 @@ def run_aot(*options: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def compile_ahead_of_time(out: Path, *options: str) -> dict:
-    result = run_aot("--out", str(out), *options)
+def compile_ahead_of_time(out: Path, *options: str, timeout: int = 300) -> dict:
+    result = run_aot("--out", str(out), *options, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "manifest.json").read_text())
 
@@ -138,6 +138,62 @@ def test_plain_moe_with_sparsemixer_routing_compiles(tmp_path):
     gate_up = [k for k in manifest["kernels"] if k["entry"] == "gate_up_swiglu_kernel"]
     assert gate_up and all(k["constexprs"]["HAS_CE"] is False for k in gate_up)
     assert all(k["resources"]["spill_stores"] == 0 for k in manifest["kernels"])
+
+
+@pytest.mark.slow
+def test_deepseek_v3_sigmoid_routing_set_compiles_without_spills(tmp_path):
+    """SigmoidMoE / CompressedSigmoidMoE's set (DeepSeek-V3's routing: 256 experts in 8 groups, the
+    best 4 kept, top-8, renormalised, scaled; here with CE) for sm_80 and sm_90: the sigmoid routing
+    kernel reads the layer's fp32 score_bias, its group constants are compiled in, nothing spills
+    (with 4 warps its routing kernel did at E = 256: aot.sigmoid_routing_tiling). About 3.5 min on
+    2 cores, most of it ptxas reading back the GEMMs."""
+    out = tmp_path / "aot"
+    manifest = compile_ahead_of_time(
+        out, "--arch", "80", "90", "--dtypes", "bf16", "--routing", "sigmoid_topk", "--num-experts", "256",
+        "--top-k", "8", "--n-ce", "4", "--norm-topk-prob", "--routing-scale", "2.5", "--n-group", "8",
+        "--topk-group", "4", timeout=900)
+    assert manifest["model"]["routing"] == "sigmoid_topk"
+    assert (manifest["model"]["n_group"], manifest["model"]["topk_group"]) == (8, 4)
+    entries = {k["entry"] for k in manifest["kernels"]}
+    assert "sigmoid_topk_kernel" in entries and "topk_softmax_kernel" not in entries
+    assert "mix_compressed_experts_kernel" in entries
+    for arch in (80, 90):
+        routing = {k["stem"]: k for k in manifest["kernels"] if k["arch"] == arch and k["entry"] == "sigmoid_topk_kernel"}
+        assert set(routing) == {"sigmoid_topk_bf16_e256", "sigmoid_topk_bf16_e256_logits_fp32"}
+        for kernel in routing.values():
+            assert {k: kernel["constexprs"][k] for k in ("TOP_K", "N_GROUP", "TOPK_GROUP", "HAS_SCORE_BIAS",
+                                                        "NORM_TOPK_PROB", "ROUTING_SCALE")} == \
+                {"TOP_K": 8, "N_GROUP": 8, "TOPK_GROUP": 4, "HAS_SCORE_BIAS": True, "NORM_TOPK_PROB": True,
+                 "ROUTING_SCALE": 2.5}
+            bias = next(a for a in kernel["args"] if a["name"] == "score_bias_ptr")
+            assert (bias["type"], bias["value"], bias["divisible_by_16"]) == ("*fp32", "score_bias", True)
+            ptx = (out / kernel["ptx"]).read_text()
+            entry = re.search(rf"\.entry {kernel['entry']}\((.*?)\)", ptx, re.S)
+            assert entry and entry.group(1).count(".param") == len(kernel["args"]) + 2, kernel["stem"]
+    for plan in manifest["launch_plans"]:
+        assert plan["launch"][0] == "sigmoid_topk_bf16_e256"
+    for kernel in manifest["kernels"]:
+        resources = kernel["resources"]
+        assert 0 < resources["registers"] <= 255, kernel["stem"]
+        assert resources["spill_stores"] == resources["spill_loads"] == resources["stack_frame"] == 0, \
+            (kernel["stem"], kernel["arch"], resources)
+    source = (out / "kernel_set.inc").read_text()
+    assert 'pointer("score_bias_ptr", kBufScoreBias, 0, true)' in source
+    assert "a.routing = Routing::kSigmoidTopK;" in source
+    assert "a.nGroup = 8;" in source and "a.topkGroup = 4;" in source
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--routing", "sigmoid_topk", "--num-experts", "16", "--n-group", "3"), "16 experts do not split into 3"),
+    (("--routing", "sigmoid_topk", "--num-experts", "16", "--n-group", "4", "--topk-group", "5"),
+     "--topk-group 5 outside 1..4"),
+    (("--routing", "sigmoid_topk", "--num-experts", "16", "--n-group", "8", "--topk-group", "2"),
+     "--top-k 8 exceeds the 4 experts of the kept groups"),
+    (("--num-experts", "16", "--n-group", "2"), "--n-group / --topk-group need --routing sigmoid_topk"),
+])
+def test_aot_refuses_expert_groups_that_do_not_fit(tmp_path, options, message):
+    result = run_aot("--out", str(tmp_path), "--top-k", "8", "--n-ce", "0", *options)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 
 
 def test_fp16_and_bf16_sets_embed_a_routing_variant_for_fp32_router_logits(aot_output):

@@ -27,7 +27,7 @@ LOGIC_SOURCES = ["src/moe_plugin_logic.cpp", "tests/logic_tests.cpp", "tests/all
 CASES = [
     "shape_arithmetic", "fields_roundtrip", "creator_field_names", "shape_rules", "type_rules",
     "format_combinations", "select_arch", "manifest_fixture_ce", "workspace_monotone", "manifest_fixture_sparsemixer",
-    "manifest_fixture_scaled", "plan_errors", "plan_zero_tokens", "synthetic_manifest", "several_sets",
+    "manifest_fixture_scaled", "manifest_fixture_sigmoid", "plan_errors", "plan_zero_tokens", "synthetic_manifest", "several_sets",
     "resolve_pointers", "no_allocation_in_plan", "fuzz_fields", "fuzz_shapes", "example_request_checks", "aot_contract",
 ]
 JOBS = str(max(os.cpu_count() or 1, 1))

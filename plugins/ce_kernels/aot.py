@@ -2,7 +2,8 @@
 
     python -m ce_kernels.aot --arch 80 90 --out DIR [--dtypes bf16 fp16] [--num-experts 64 ...]
                              [--top-k 8] [--n-ce 4] [--norm-topk-prob]
-                             [--routing softmax_topk|sparsemixer] [--routing-scale S] [--jitter-eps J]
+                             [--routing softmax_topk|sparsemixer|sigmoid_topk] [--routing-scale S]
+                             [--jitter-eps J] [--n-group G --topk-group G]
 
 writes DIR/sm{arch}/{stem}.ptx and .cubin, DIR/kernel_set.inc and DIR/manifest.json.
 
@@ -46,7 +47,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
-from ce_export.moe_math import ROUTINGS, SOFTMAX_TOPK, SPARSEMIXER
+from ce_export.moe_math import RENORMALISE_EPS, ROUTINGS, SIGMOID_TOPK, SOFTMAX_TOPK, SPARSEMIXER
 from ce_kernels import align, aot_cpp, combine, grouped_gemm, routing, theta
 from ce_kernels.shape_exprs import C, E, H, I, K, KM, T, Value, cdiv, largest, max_blocks, max_padded_pairs
 from ce_kernels.tile_configs import (DTYPES, LAST, MAX_SHARED_BYTES, MoeTileConfig, arch_tile_table, tile_configs,
@@ -76,8 +77,8 @@ class WorkspaceBuffer:
 
 
 WORKSPACE = [
-    WorkspaceBuffer("routing_weights", "fp32", lambda bm: (T, K), "topk_softmax_kernel or sparsemixer_top2_kernel"),
-    WorkspaceBuffer("expert_ids", "i32", lambda bm: (T, K), "topk_softmax_kernel or sparsemixer_top2_kernel"),
+    WorkspaceBuffer("routing_weights", "fp32", lambda bm: (T, K), "the routing kernel"),
+    WorkspaceBuffer("expert_ids", "i32", lambda bm: (T, K), "the routing kernel"),
     WorkspaceBuffer("theta", "model", lambda bm: (T, 3, C), "mix_compressed_experts_kernel (CE only; C = 0 otherwise)"),
     WorkspaceBuffer("expert_counts", "i32", lambda bm: (E,), "count_pairs_per_expert_kernel"),
     WorkspaceBuffer("sorted_pair_ids", "i32", lambda bm: (max_padded_pairs(T * KM, E, bm),),
@@ -108,6 +109,8 @@ class AotModel:
     routing: str = SOFTMAX_TOPK
     routing_scale: float = 1.0
     jitter_eps: float = 0.0
+    n_group: int = 1       # sigmoid_topk: experts in n_group equal groups, the choice within the best topk_group
+    topk_group: int = 1
 
     @property
     def km(self) -> int:
@@ -135,27 +138,53 @@ def _ptr(name: str, dtype: str, buffer: str, offset: Value = 0) -> tuple[str, st
     return (name, TRITON_TYPES[dtype], Pointer(buffer, offset))
 
 
+# sigmoid_topk keeps several [BLOCK_T, BLOCK_E] fp32 tiles live (logits, scores, choice, group worth):
+# at 16 tokens x 256 experts, 4 warps spill on sm_80 and sm_90 (DeepSeek-V3). A program gets 8 warps
+# past 2048 lanes and fewer tokens past 4096 (ptxas reports no spills at E = 256 and 512 then).
+SIGMOID_LANES_PER_4_WARPS = 2048
+SIGMOID_MAX_LANES = 4096
+
+
+def sigmoid_routing_tiling(num_experts: int, top_k: int) -> tuple[dict[str, int], int]:
+    """(BLOCK_T / BLOCK_E / BLOCK_K, num_warps) of the AOT sigmoid routing kernel."""
+    blocks = routing.routing_block_sizes(num_experts, top_k)
+    blocks["BLOCK_T"] = min(blocks["BLOCK_T"], max(1, SIGMOID_MAX_LANES // blocks["BLOCK_E"]))
+    num_warps = 4 if blocks["BLOCK_T"] * blocks["BLOCK_E"] <= SIGMOID_LANES_PER_4_WARPS else 8
+    return blocks, num_warps
+
+
 def routing_build(model: AotModel, dtype: str, num_experts: int, logits_dtype: str | None = None) -> KernelBuild:
     """The routing kernel for `dtype` activations; `logits_dtype` (default: dtype) is the router
-    logits' type: fp32 for models whose router runs in fp32 (DeepSeek-V2) in fp16 / bf16 engines."""
+    logits' type: fp32 for models whose router runs in fp32 (DeepSeek-V2) in fp16 / bf16 engines.
+    sigmoid_topk reads the layer's score_bias [E] too: fp32 whatever the activations (the exporter
+    keeps it fp32, capture.parameter_dtype); the plugin's op types always have one."""
     blocks = routing.routing_block_sizes(num_experts, model.top_k)
     logits_dtype = logits_dtype or dtype
     suffix = "" if logits_dtype == dtype else f"_logits_{logits_dtype}"
+    bias, num_warps = [], 4
     if model.routing == SOFTMAX_TOPK:
         kernel, stem = routing.topk_softmax_kernel, f"topk_softmax_{dtype}_e{num_experts}{suffix}"
         constexprs = {"TOP_K": model.top_k, "NORM_TOPK_PROB": model.norm_topk_prob,
                       "ROUTING_SCALE": float(model.routing_scale), **blocks}
+    elif model.routing == SIGMOID_TOPK:
+        kernel, stem = routing.sigmoid_topk_kernel, f"sigmoid_topk_{dtype}_e{num_experts}{suffix}"
+        blocks, num_warps = sigmoid_routing_tiling(num_experts, model.top_k)
+        constexprs = {"TOP_K": model.top_k, "NORM_TOPK_PROB": model.norm_topk_prob,
+                      "ROUTING_SCALE": float(model.routing_scale), "HAS_SCORE_BIAS": True,
+                      "N_GROUP": model.n_group, "TOPK_GROUP": model.topk_group, "RENORM_EPS": RENORMALISE_EPS,
+                      **blocks}
+        bias = [_ptr("score_bias_ptr", "fp32", "score_bias")]
     else:
         kernel, stem = routing.sparsemixer_top2_kernel, f"sparsemixer_top2_{dtype}_e{num_experts}{suffix}"
         constexprs = {"JITTER_EPS": float(model.jitter_eps), "BLOCK_T": blocks["BLOCK_T"], "BLOCK_E": blocks["BLOCK_E"]}
     return KernelBuild(
         kernel, stem,
-        [_ptr("logits_ptr", logits_dtype, "router_logits"),
+        [_ptr("logits_ptr", logits_dtype, "router_logits"), *bias,
          _ptr("weights_ptr", "fp32", "routing_weights"),
          _ptr("expert_ids_ptr", "i32", "expert_ids"),
          _i32("num_tokens", T), _i32("num_experts", E), _i32("stride_logits_t", E)],
-        constexprs, {"logits_ptr", "weights_ptr", "expert_ids_ptr"}, (cdiv(T, blocks["BLOCK_T"]), 1, 1),
-        logits_dtype=logits_dtype,
+        constexprs, {"logits_ptr", "weights_ptr", "expert_ids_ptr"} | {name for name, _, _ in bias},
+        (cdiv(T, blocks["BLOCK_T"]), 1, 1), num_warps=num_warps, logits_dtype=logits_dtype,
     )
 
 
@@ -390,7 +419,8 @@ def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: P
         "triton_version": triton.__version__,
         "model": {"num_experts": list(model.num_experts), "top_k": model.top_k, "n_ce": model.n_ce,
                   "km": model.km, "norm_topk_prob": model.norm_topk_prob, "routing": model.routing,
-                  "routing_scale": model.routing_scale, "jitter_eps": model.jitter_eps},
+                  "routing_scale": model.routing_scale, "jitter_eps": model.jitter_eps,
+                  "n_group": model.n_group, "topk_group": model.topk_group},
         "assumptions": ["H % 16 == 0", "I % 16 == 0", "C % 16 == 0", "every buffer 16-byte aligned",
                         "hidden, gate_up, down, ces and out contiguous"],
         "workspace": [{"name": w.name, "dtype": w.dtype, "elements": str(w.elements(kernel_set.block_ms)),
@@ -487,6 +517,22 @@ def check_tables_main(argv: list[str]) -> int:
     return 1 if problems else 0
 
 
+def group_problem(routing_name: str, num_experts: list[int], top_k: int, n_group: int, topk_group: int) -> str | None:
+    """Why --n-group / --topk-group do not fit, or None (moe_math.check_moe_arguments' rules)."""
+    if (n_group, topk_group) == (1, 1):
+        return None
+    if routing_name != SIGMOID_TOPK:
+        return "--n-group / --topk-group need --routing sigmoid_topk"
+    if not 1 <= topk_group <= n_group:
+        return f"--topk-group {topk_group} outside 1..{n_group} (--n-group)"
+    for experts in num_experts:
+        if experts % n_group or experts // n_group < 2:
+            return f"{experts} experts do not split into {n_group} equal groups of at least 2"
+        if top_k > topk_group * (experts // n_group):
+            return f"--top-k {top_k} exceeds the {topk_group * (experts // n_group)} experts of the kept groups"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ce_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
@@ -497,8 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-ce", type=int, default=4)
     parser.add_argument("--norm-topk-prob", action="store_true")
     parser.add_argument("--routing", choices=ROUTINGS, default=SOFTMAX_TOPK)
-    parser.add_argument("--routing-scale", type=float, default=1.0, help="softmax_topk weights are multiplied by it")
+    parser.add_argument("--routing-scale", type=float, default=1.0,
+                        help="softmax_topk / sigmoid_topk weights are multiplied by it")
     parser.add_argument("--jitter-eps", type=float, default=0.0, help="sparsemixer's band")
+    parser.add_argument("--n-group", type=int, default=1, help="sigmoid_topk: the experts' groups")
+    parser.add_argument("--topk-group", type=int, default=1, help="sigmoid_topk: the groups the choice is within")
     argv = sys.argv[1:] if argv is None else argv
     if "--check-tables" in argv:
         return check_tables_main(argv)
@@ -507,10 +556,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--n-ce must be in 0..{args.top_k - 1}")
     if args.routing == SPARSEMIXER and args.top_k != 2:
         parser.error("--routing sparsemixer needs --top-k 2")
+    problem = group_problem(args.routing, args.num_experts, args.top_k, args.n_group, args.topk_group)
+    if problem:
+        parser.error(problem)
     if isinstance(routing.topk_softmax_kernel, InterpretedFunction):
         parser.error("TRITON_INTERPRET=1 is set: unset it to compile ahead of time")
     model = AotModel(tuple(args.num_experts), args.top_k, args.n_ce, args.norm_topk_prob,
-                     args.routing, args.routing_scale, args.jitter_eps)
+                     args.routing, args.routing_scale, args.jitter_eps, args.n_group, args.topk_group)
     manifest = compile_all(model, args.arch, args.dtypes, args.out)
     for entry in manifest["kernels"]:
         res = entry["resources"]

@@ -22,45 +22,85 @@ char const* pluginName(Variant v)
     case Variant::kCompressed: return "CompressedMoE";
     case Variant::kSparseMixer: return "SparseMixerMoE";
     case Variant::kCompressedSparseMixer: return "CompressedSparseMixerMoE";
+    case Variant::kSigmoid: return "SigmoidMoE";
+    case Variant::kCompressedSigmoid: return "CompressedSigmoidMoE";
     }
     return "?";
 }
 
 bool isCompressed(Variant v)
 {
-    return v == Variant::kCompressed || v == Variant::kCompressedSparseMixer;
+    return v == Variant::kCompressed || v == Variant::kCompressedSparseMixer || v == Variant::kCompressedSigmoid;
 }
 
 Routing routingOf(Variant v)
 {
-    return v == Variant::kSparseMixer || v == Variant::kCompressedSparseMixer ? Routing::kSparseMixer
-                                                                               : Routing::kSoftmaxTopK;
+    switch (v)
+    {
+    case Variant::kSparseMixer:
+    case Variant::kCompressedSparseMixer: return Routing::kSparseMixer;
+    case Variant::kSigmoid:
+    case Variant::kCompressedSigmoid: return Routing::kSigmoidTopK;
+    case Variant::kPlain:
+    case Variant::kCompressed: return Routing::kSoftmaxTopK;
+    }
+    return Routing::kSoftmaxTopK;
 }
 
 char const* routingName(Routing r)
 {
-    return r == Routing::kSparseMixer ? "sparsemixer" : "softmax_topk";
+    switch (r)
+    {
+    case Routing::kSoftmaxTopK: return "softmax_topk";
+    case Routing::kSparseMixer: return "sparsemixer";
+    case Routing::kSigmoidTopK: return "sigmoid_topk";
+    }
+    return "?";
 }
 
 int32_t numInputs(Variant v)
 {
-    return isCompressed(v) ? 5 : 4;
+    return 4 + (isCompressed(v) ? 1 : 0) + (routingOf(v) == Routing::kSigmoidTopK ? 1 : 0);
 }
 
-std::string describeLayer(Variant v, MoeAttrs const& a)
+int32_t scoreBiasInput(Variant v)
+{
+    return routingOf(v) == Routing::kSigmoidTopK ? numInputs(v) - 1 : -1;
+}
+
+BufferId inputBuffer(Variant v, int32_t input)
+{
+    return input == scoreBiasInput(v) ? kBufScoreBias : static_cast<BufferId>(input);
+}
+
+namespace
+{
+
+//! The routing constants of `a` as "name=value" pairs after a leading ", ".
+std::string routingConstants(MoeAttrs const& a)
 {
     std::ostringstream out;
-    out << pluginName(v) << "(top_k=" << a.topK << ", n_ce=" << a.nCe;
-    if (a.routing == Routing::kSoftmaxTopK)
-    {
-        out << ", norm_topk_prob=" << a.normTopkProb << ", routing_scale=" << a.routingScale;
-    }
-    else
+    if (a.routing == Routing::kSparseMixer)
     {
         out << ", jitter_eps=" << a.jitterEps;
     }
-    out << ")";
+    else
+    {
+        out << ", norm_topk_prob=" << a.normTopkProb << ", routing_scale=" << a.routingScale;
+    }
+    if (a.routing == Routing::kSigmoidTopK)
+    {
+        out << ", n_group=" << a.nGroup << ", topk_group=" << a.topkGroup;
+    }
     return out.str();
+}
+
+} // namespace
+
+std::string describeLayer(Variant v, MoeAttrs const& a)
+{
+    return std::string(pluginName(v)) + "(top_k=" + std::to_string(a.topK) + ", n_ce=" + std::to_string(a.nCe)
+        + routingConstants(a) + ")";
 }
 
 size_t dtypeSize(DType t)
@@ -182,7 +222,8 @@ bool readFloatField(FieldView const& f, float& value, std::string* error)
 std::vector<FieldView> creatorFieldNames(Variant v)
 {
     std::vector<FieldView> fields;
-    if (routingOf(v) == Routing::kSoftmaxTopK)
+    bool const sparseMixer = routingOf(v) == Routing::kSparseMixer;
+    if (!sparseMixer)
     {
         fields.push_back(FieldView{kFieldTopK, nullptr, FieldType::kINT32, 1});
     }
@@ -190,14 +231,19 @@ std::vector<FieldView> creatorFieldNames(Variant v)
     {
         fields.push_back(FieldView{kFieldNCe, nullptr, FieldType::kINT32, 1});
     }
-    if (routingOf(v) == Routing::kSoftmaxTopK)
+    if (sparseMixer)
+    {
+        fields.push_back(FieldView{kFieldJitterEps, nullptr, FieldType::kFLOAT32, 1});
+    }
+    else
     {
         fields.push_back(FieldView{kFieldNormTopkProb, nullptr, FieldType::kINT32, 1});
         fields.push_back(FieldView{kFieldRoutingScale, nullptr, FieldType::kFLOAT32, 1});
     }
-    else
+    if (routingOf(v) == Routing::kSigmoidTopK)
     {
-        fields.push_back(FieldView{kFieldJitterEps, nullptr, FieldType::kFLOAT32, 1});
+        fields.push_back(FieldView{kFieldNGroup, nullptr, FieldType::kINT32, 1});
+        fields.push_back(FieldView{kFieldTopkGroup, nullptr, FieldType::kINT32, 1});
     }
     return fields;
 }
@@ -236,9 +282,40 @@ bool validateAttrs(Variant v, MoeAttrs const& a, std::string* error)
         return setError(error, op + ": SparseMixer routing is top-2, unscaled, not renormalised (top_k="
                 + std::to_string(a.topK) + ")");
     }
+    if (a.routing == Routing::kSigmoidTopK && (a.nGroup < 1 || a.topkGroup < 1 || a.topkGroup > a.nGroup))
+    {
+        return setError(error, op + ": n_group=" + std::to_string(a.nGroup) + ", topk_group="
+                + std::to_string(a.topkGroup) + " must satisfy 1 <= topk_group <= n_group");
+    }
+    if (a.routing != Routing::kSigmoidTopK && (a.nGroup != 1 || a.topkGroup != 1))
+    {
+        return setError(error, op + ": n_group / topk_group need sigmoid routing");
+    }
     if (a.maxTokens < 0)
     {
         return setError(error, op + ": max_tokens=" + std::to_string(a.maxTokens) + " must be >= 0");
+    }
+    return true;
+}
+
+bool checkExpertGroups(Variant v, MoeAttrs const& a, int64_t numExperts, std::string* error)
+{
+    if (routingOf(v) != Routing::kSigmoidTopK || numExperts < 0)
+    {
+        return true;
+    }
+    std::string const op = pluginName(v);
+    if (a.nGroup < 1 || numExperts % a.nGroup != 0 || (a.nGroup > 1 && numExperts / a.nGroup < 2))
+    {
+        return setError(error, op + ": " + std::to_string(numExperts) + " experts do not split into n_group="
+                + std::to_string(a.nGroup) + " equal groups" + (a.nGroup > 1 ? " of at least 2" : ""));
+    }
+    int64_t const kept = static_cast<int64_t>(a.topkGroup) * (numExperts / a.nGroup);
+    if (a.topK > kept)
+    {
+        return setError(error, op + ": top_k=" + std::to_string(a.topK) + " exceeds the " + std::to_string(kept)
+                + " experts of the kept groups (topk_group=" + std::to_string(a.topkGroup) + " of n_group="
+                + std::to_string(a.nGroup) + ", E=" + std::to_string(numExperts) + ")");
     }
     return true;
 }
@@ -262,7 +339,12 @@ bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& ou
         }
         std::string_view const name(f.name);
         int64_t value = 0;
-        if (name == kFieldTopK || name == kFieldNCe || name == kFieldNormTopkProb)
+        bool const groupField = name == kFieldNGroup || name == kFieldTopkGroup;
+        if (groupField && attrs.routing != Routing::kSigmoidTopK)
+        {
+            continue; // not an attribute of the other ops (nor serialized for them): ignored like unknown fields
+        }
+        if (name == kFieldTopK || name == kFieldNCe || name == kFieldNormTopkProb || groupField)
         {
             if (!readIntField(f, value, error))
             {
@@ -281,14 +363,22 @@ bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& ou
             {
                 attrs.nCe = static_cast<int32_t>(value);
             }
+            else if (name == kFieldNGroup)
+            {
+                attrs.nGroup = static_cast<int32_t>(value);
+            }
+            else if (name == kFieldTopkGroup)
+            {
+                attrs.topkGroup = static_cast<int32_t>(value);
+            }
             else
             {
                 attrs.normTopkProb = static_cast<int32_t>(value);
             }
         }
-        else if (name == kFieldJitterEps && attrs.routing == Routing::kSoftmaxTopK)
+        else if (name == kFieldJitterEps && attrs.routing != Routing::kSparseMixer)
         {
-            continue; // not an attribute of the softmax ops (nor serialized for them): ignored like unknown fields
+            continue; // not an attribute of the softmax / sigmoid ops (nor serialized for them): ignored
         }
         else if (name == kFieldRoutingScale || name == kFieldJitterEps)
         {
@@ -327,6 +417,8 @@ void SerializedFields::fill(Variant v, MoeAttrs const& attrs)
     mNorm = attrs.normTopkProb;
     mScale = attrs.routingScale;
     mEps = attrs.jitterEps;
+    mNGroup = attrs.nGroup;
+    mTopkGroup = attrs.topkGroup;
     mMaxTokens = attrs.maxTokens;
     mCount = 0;
     for (FieldView const& f : creatorFieldNames(v))
@@ -336,6 +428,8 @@ void SerializedFields::fill(Variant v, MoeAttrs const& attrs)
             : name == kFieldNCe               ? static_cast<void const*>(&mNCe)
             : name == kFieldNormTopkProb      ? static_cast<void const*>(&mNorm)
             : name == kFieldRoutingScale      ? static_cast<void const*>(&mScale)
+            : name == kFieldNGroup            ? static_cast<void const*>(&mNGroup)
+            : name == kFieldTopkGroup         ? static_cast<void const*>(&mTopkGroup)
                                               : static_cast<void const*>(&mEps);
         mViews[mCount++] = FieldView{f.name, data, f.type, 1};
     }
@@ -468,6 +562,15 @@ bool checkShapes(Variant v, Shape const* in, int32_t nbInputs, LayerDims& dims, 
                     + std::to_string(std::max(out.H, out.I)));
         }
     }
+    int32_t const biasInput = scoreBiasInput(v);
+    if (biasInput >= 0)
+    {
+        Shape const& bias = in[biasInput];
+        if (bias.rank != 1 || !unify(out.E, bias.d[0]))
+        {
+            return setError(error, op + ": score_bias " + dimsText(bias) + " must be [E] with E = " + std::to_string(out.E));
+        }
+    }
     if (out.E == 0)
     {
         return setError(error, op + ": no experts (E = 0)");
@@ -512,10 +615,15 @@ bool checkTypes(Variant v, DType const* in, int32_t nbInputs, std::string* error
         return setError(error, op + ": router_logits is " + dtypeName(in[kRouterLogits]) + "; must be fp32 or "
                 + dtypeName(act) + " (hidden's type)");
     }
+    int32_t const biasInput = scoreBiasInput(v);
+    if (biasInput >= 0 && in[biasInput] != DType::kFP32)
+    {
+        return setError(error, op + ": score_bias is " + dtypeName(in[biasInput]) + "; must be fp32");
+    }
     char const* const names[] = {"hidden", "router_logits", "gate_up", "down", "ces"};
     for (int32_t i = kGateUp; i < nbInputs; ++i)
     {
-        if (in[i] != act)
+        if (i != biasInput && in[i] != act)
         {
             return setError(error,
                 op + ": " + names[i] + " is " + dtypeName(in[i]) + "; must be " + dtypeName(act) + " (hidden's type)");
@@ -555,6 +663,10 @@ bool supportsCombination(Variant v, MoeAttrs const& attrs, int32_t pos, TensorTy
         }
         return set < 0 || library->hasLogitsType(set, act, t.type);
     }
+    if (pos == scoreBiasInput(v))
+    {
+        return t.type == DType::kFP32;
+    }
     return t.type == act; // weights, ces and the output
 }
 
@@ -568,9 +680,13 @@ bool sameLayer(MoeAttrs const& compiled, MoeAttrs const& attrs)
         return false;
     }
     // The routing constants are compiled into the routing kernel as fp32 constants.
-    return compiled.routing == Routing::kSoftmaxTopK
-        ? compiled.normTopkProb == attrs.normTopkProb && compiled.routingScale == attrs.routingScale
-        : compiled.jitterEps == attrs.jitterEps;
+    if (compiled.routing == Routing::kSparseMixer)
+    {
+        return compiled.jitterEps == attrs.jitterEps;
+    }
+    bool const groups
+        = compiled.routing != Routing::kSigmoidTopK || (compiled.nGroup == attrs.nGroup && compiled.topkGroup == attrs.topkGroup);
+    return compiled.normTopkProb == attrs.normTopkProb && compiled.routingScale == attrs.routingScale && groups;
 }
 
 namespace
@@ -694,13 +810,17 @@ std::string KernelLibrary::describe() const
             experts.insert(set.plans[p].numExperts);
         }
         out << (s ? "; " : "") << routingName(layer.routing) << " top_k=" << layer.topK << " n_ce=" << layer.nCe;
-        if (layer.routing == Routing::kSoftmaxTopK)
+        if (layer.routing == Routing::kSparseMixer)
         {
-            out << " norm_topk_prob=" << layer.normTopkProb << " routing_scale=" << layer.routingScale;
+            out << " jitter_eps=" << layer.jitterEps;
         }
         else
         {
-            out << " jitter_eps=" << layer.jitterEps;
+            out << " norm_topk_prob=" << layer.normTopkProb << " routing_scale=" << layer.routingScale;
+        }
+        if (layer.routing == Routing::kSigmoidTopK)
+        {
+            out << " n_group=" << layer.nGroup << " topk_group=" << layer.topkGroup;
         }
         out << " E={" << joined(experts) << "} dtypes={" << joined(dtypes) << "} sm={"
             << joined(std::set<int32_t>(set.archs, set.archs + set.numArchs)) << "}";
@@ -798,6 +918,10 @@ bool buildLaunchPlan(KernelLibrary const& library, PlanRequest const& req, Launc
     if (dims.T < 0 || dims.H <= 0 || dims.I <= 0 || dims.E <= 0 || dims.C < 0)
     {
         return setError(error, "launch plan: shapes not known");
+    }
+    if (!checkExpertGroups(req.variant, req.attrs, dims.E, error))
+    {
+        return false;
     }
     int32_t const set = library.findSet(req.attrs, dims.E);
     if (set < 0)
@@ -909,9 +1033,11 @@ bool buildLaunchPlan(KernelLibrary const& library, PlanRequest const& req, Launc
             arg.kind = v.kind;
             if (v.kind == ArgKind::kPointer)
             {
-                if (v.buffer == kBufCes && !isCompressed(req.variant))
+                if ((v.buffer == kBufCes && !isCompressed(req.variant))
+                    || (v.buffer == kBufScoreBias && scoreBiasInput(req.variant) < 0))
                 {
-                    return setError(error, std::string(spec.stem) + ": reads ces, which this op type does not have");
+                    return setError(error, std::string(spec.stem) + ": reads " + (v.buffer == kBufCes ? "ces" : "score_bias")
+                            + ", which this op type does not have");
                 }
                 if (!v.value.ok || v.value.v < 0)
                 {

@@ -6,6 +6,8 @@
 // The ops (ce_export/moe_math.py is the math; ce_export/onnx_functions.py the ONNX forms):
 //   MoE / SparseMixerMoE(hidden [T, H], router_logits [T, E], gate_up [E, 2I, H], down [E, H, I]) -> [T, H]
 //   CompressedMoE / CompressedSparseMixerMoE(..., ces [E, 3, C >= max(H, I)])                   -> [T, H]
+//   SigmoidMoE(hidden, router_logits, gate_up, down, score_bias [E] fp32)                         -> [T, H]
+//   CompressedSigmoidMoE(hidden, router_logits, gate_up, down, ces, score_bias)                  -> [T, H]
 //   attributes: see creatorFieldNames().
 // hidden and router_logits may also carry several leading dimensions ([B, S, H]); T is their product.
 #pragma once
@@ -30,26 +32,32 @@ enum class Routing : int32_t
 {
     kSoftmaxTopK = 0, //!< softmax over all experts (fp32), top-k, optional renormalisation, times routing_scale
     kSparseMixer = 1, //!< Phi-3.5-MoE's SparseMixer (inference form), top-2
+    kSigmoidTopK = 2, //!< DeepSeek-V3's: sigmoid scores, the choice by score + score_bias within the best
+                      //!< topk_group of n_group groups, optional renormalisation, times routing_scale
 };
 
-//! The four ONNX op types of ce_export (onnx_functions.OPS), one creator each.
+//! The ONNX op types of ce_export (onnx_functions.PLUGIN_OP_TYPES), one creator each.
 enum class Variant : int32_t
 {
     kPlain = 0,                 //!< "MoE": 4 inputs; top_k, norm_topk_prob, routing_scale
     kCompressed = 1,            //!< "CompressedMoE": 5 inputs (ces); top_k, n_ce, norm_topk_prob, routing_scale
     kSparseMixer = 2,           //!< "SparseMixerMoE": 4 inputs; jitter_eps (top_k = 2)
     kCompressedSparseMixer = 3, //!< "CompressedSparseMixerMoE": 5 inputs; n_ce, jitter_eps (top_k = 2)
+    kSigmoid = 4,               //!< "SigmoidMoE": 5 inputs (score_bias); top_k, norm_topk_prob, routing_scale,
+                                //!< n_group, topk_group
+    kCompressedSigmoid = 5,     //!< "CompressedSigmoidMoE": 6 inputs (ces, score_bias); the SigmoidMoE fields and n_ce
 };
 
-constexpr int32_t kNumVariants = 4;
-constexpr Variant kAllVariants[kNumVariants]
-    = {Variant::kPlain, Variant::kCompressed, Variant::kSparseMixer, Variant::kCompressedSparseMixer};
+constexpr int32_t kNumVariants = 6;
+constexpr Variant kAllVariants[kNumVariants] = {Variant::kPlain, Variant::kCompressed, Variant::kSparseMixer,
+    Variant::kCompressedSparseMixer, Variant::kSigmoid, Variant::kCompressedSigmoid};
 
 char const* pluginName(Variant v);
 bool isCompressed(Variant v);
 Routing routingOf(Variant v);
-char const* routingName(Routing r); //!< ce_kernels' spelling: "softmax_topk", "sparsemixer"
+char const* routingName(Routing r); //!< ce_kernels' spelling: "softmax_topk", "sparsemixer", "sigmoid_topk"
 int32_t numInputs(Variant v);
+constexpr int32_t kMaxInputs = 6;
 constexpr int32_t kNumOutputs = 1;
 struct MoeAttrs;
 //! "CompressedMoE(top_k=8, n_ce=4, norm_topk_prob=0, routing_scale=1)", for messages.
@@ -63,6 +71,9 @@ enum InputIndex : int32_t
     kDown = 3,
     kCes = 4,
 };
+
+//! The input index of score_bias: the last input of the sigmoid ops (after ces), -1 for the others.
+int32_t scoreBiasInput(Variant v);
 
 // ------------------------------------------------------------------------------------------------
 // Data types
@@ -111,8 +122,10 @@ struct MoeAttrs
     int32_t topK{0};
     int32_t nCe{0};
     int32_t normTopkProb{0};
-    float routingScale{1.0f}; //!< softmax_topk: weights are multiplied by it (DeepSeek-style)
+    float routingScale{1.0f}; //!< softmax_topk, sigmoid_topk: weights are multiplied by it (DeepSeek-style)
     float jitterEps{0.0f};    //!< sparsemixer: the band
+    int32_t nGroup{1};        //!< sigmoid_topk: experts in nGroup equal groups
+    int32_t topkGroup{1};     //!< sigmoid_topk: the choice is within the best topkGroup groups
     //! Largest T configurePlugin saw (serialized; informational, 0 = unknown). Nothing depends on
     //! it: configurePlugin runs per profile, possibly on clones, and the workspace TensorRT hands to
     //! enqueue is getWorkspaceSize() of the profile in use.
@@ -121,7 +134,8 @@ struct MoeAttrs
     bool operator==(MoeAttrs const& o) const
     {
         return routing == o.routing && topK == o.topK && nCe == o.nCe && normTopkProb == o.normTopkProb
-            && routingScale == o.routingScale && jitterEps == o.jitterEps && maxTokens == o.maxTokens;
+            && routingScale == o.routingScale && jitterEps == o.jitterEps && nGroup == o.nGroup
+            && topkGroup == o.topkGroup && maxTokens == o.maxTokens;
     }
 };
 
@@ -130,23 +144,28 @@ constexpr char kFieldNCe[] = "n_ce";
 constexpr char kFieldNormTopkProb[] = "norm_topk_prob";
 constexpr char kFieldRoutingScale[] = "routing_scale";
 constexpr char kFieldJitterEps[] = "jitter_eps";
+constexpr char kFieldNGroup[] = "n_group";
+constexpr char kFieldTopkGroup[] = "topk_group";
 constexpr char kFieldMaxTokens[] = "max_tokens";
 
 //! The fields a creator advertises (getFieldNames): the op type's ONNX attributes
 //!   MoE: top_k, norm_topk_prob, routing_scale        CompressedMoE: top_k, n_ce, norm_topk_prob, routing_scale
 //!   SparseMixerMoE: jitter_eps                       CompressedSparseMixerMoE: n_ce, jitter_eps
+//!   SigmoidMoE: MoE's, then n_group, topk_group      CompressedSigmoidMoE: CompressedMoE's, then n_group, topk_group
 //! max_tokens is not one (the ONNX parser would warn that the node lacks it); it is accepted when present.
 std::vector<FieldView> creatorFieldNames(Variant v);
 
 //! Reads attributes: integers as INT32 (what the ONNX parser gives for INT attributes) or INT64,
-//! floats as FLOAT32 (or FLOAT64), length 1. Unknown fields, and jitter_eps on the softmax ops, are
-//! ignored. Defaults: n_ce 0, norm_topk_prob 0, routing_scale 1, jitter_eps 0; top_k is required for
-//! the softmax ops and is 2 for the SparseMixer ops. On failure returns false with a message.
+//! floats as FLOAT32 (or FLOAT64), length 1. Unknown fields, jitter_eps on the softmax and sigmoid
+//! ops and n_group / topk_group on the softmax and SparseMixer ops are ignored. Defaults: n_ce 0,
+//! norm_topk_prob 0, routing_scale 1, jitter_eps 0, n_group 1, topk_group 1; top_k is required for
+//! the softmax and sigmoid ops and is 2 for the SparseMixer ops. On failure returns false with a message.
 bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& out, std::string* error);
 
 //! Checks the attributes against the op type: top_k >= 1, n_ce in 1..top_k-1 for the compressed
-//! ops (0 otherwise), norm_topk_prob in {0, 1}, finite routing_scale, jitter_eps >= 0, and top_k = 2,
-//! routing_scale = 1, norm_topk_prob = 0 for SparseMixer.
+//! ops (0 otherwise), norm_topk_prob in {0, 1}, finite routing_scale, jitter_eps >= 0, top_k = 2,
+//! routing_scale = 1, norm_topk_prob = 0 for SparseMixer, 1 <= topk_group <= n_group for sigmoid
+//! (both 1 otherwise). The rules that involve E are checkShapes'.
 bool validateAttrs(Variant v, MoeAttrs const& attrs, std::string* error);
 
 //! Storage + views for getFieldsToSerialize. The views point into this object: do not copy it
@@ -168,8 +187,10 @@ private:
     int32_t mNorm{0};
     float mScale{1.0f};
     float mEps{0.0f};
+    int32_t mNGroup{1};
+    int32_t mTopkGroup{1};
     int64_t mMaxTokens{0};
-    std::array<FieldView, 6> mViews{};
+    std::array<FieldView, 8> mViews{};
     int32_t mCount{0};
 };
 
@@ -198,12 +219,18 @@ struct LayerDims
 
 //! Checks ranks and every dimension that is known (>= 0), including the kernels' assumptions
 //! (H, I, C multiples of 16); fills `dims` (-1 where unknown). T = product of hidden's leading dims.
+//! score_bias is [E].
 bool checkShapes(Variant v, Shape const* inputs, int32_t nbInputs, LayerDims& dims, std::string* error);
+
+//! The rules between the attributes and E (sigmoid: n_group equal groups of >= 2 experts, top_k <=
+//! the kept groups' experts, as moe_math.check_moe_arguments); buildLaunchPlan applies them.
+bool checkExpertGroups(Variant v, MoeAttrs const& attrs, int64_t numExperts, std::string* error);
 
 //! The output has hidden's shape.
 Shape outputShape(Shape const& hidden);
 
-//! hidden fp32/fp16/bf16; router_logits fp32 or hidden's type; gate_up, down, ces hidden's type.
+//! hidden fp32/fp16/bf16; router_logits fp32 or hidden's type; gate_up, down, ces hidden's type;
+//! score_bias fp32 (the exporter keeps it fp32 whatever the model's type).
 bool checkTypes(Variant v, DType const* inputs, int32_t nbInputs, std::string* error);
 
 //! The output has hidden's type.
@@ -299,9 +326,13 @@ enum BufferId : int32_t
     kBufGateUp,
     kBufDown,
     kBufCes,
+    kBufScoreBias,
     kBufOut,
     kNumIoBuffers,
 };
+
+//! The buffer input `input` of op type `v` is (score_bias is input 4 or 5, kBufScoreBias either way).
+BufferId inputBuffer(Variant v, int32_t input);
 
 constexpr int32_t kMaxWorkspaceBuffers = 16;
 constexpr int32_t kMaxBuffers = kNumIoBuffers + kMaxWorkspaceBuffers;
@@ -430,7 +461,8 @@ private:
 };
 
 //! Whether kernels compiled for `compiled` run a layer with `attrs`: routing, top_k, n_ce and the
-//! routing constants (norm_topk_prob, routing_scale / jitter_eps: fp32 constants in the kernels).
+//! routing constants (norm_topk_prob, routing_scale / jitter_eps: fp32 constants in the kernels;
+//! n_group, topk_group for sigmoid).
 bool sameLayer(MoeAttrs const& compiled, MoeAttrs const& attrs);
 
 //! The image to run on a device of compute capability `cc` (major * 10 + minor): an exact match;

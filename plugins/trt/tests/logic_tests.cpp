@@ -130,6 +130,10 @@ namespace ce_trt::fixtures::sparsemixer
 {
 #include "fixtures/sparsemixer_e8_e16.inc"
 }
+namespace ce_trt::fixtures::sigmoid
+{
+#include "fixtures/sigmoid_k4_nce2_g4_e16.inc"
+}
 
 // A hand-written kernel set over the same types: two routing kernels (bf16 logits and its fp32
 // twin), a kernel with an offset pointer, a u32 argument, a grid that can be empty and one
@@ -243,6 +247,26 @@ KernelLibrary const& scaledLibrary()
     return library;
 }
 
+KernelLibrary const& sigmoidLibrary()
+{
+    static KernelLibrary const& library = fixtureLibrary(fixtures::sigmoid::kKernelSet);
+    return library;
+}
+
+//! The sigmoid fixture's layer: DeepSeek-V3-like routing (groups, renormalised, scaled) with CE.
+MoeAttrs sigmoidAttrs()
+{
+    MoeAttrs a;
+    a.routing = Routing::kSigmoidTopK;
+    a.topK = 4;
+    a.nCe = 2;
+    a.normTopkProb = 1;
+    a.routingScale = 2.5f;
+    a.nGroup = 4;
+    a.topkGroup = 2;
+    return a;
+}
+
 KernelLibrary const& syntheticLibrary()
 {
     static KernelLibrary const& library = fixtureLibrary(fixtures::synthetic::kKernelSet);
@@ -294,12 +318,17 @@ TEST_CASE(fields_roundtrip)
     {
         MoeAttrs attrs;
         attrs.routing = routingOf(v);
-        bool const softmax = attrs.routing == Routing::kSoftmaxTopK;
-        attrs.topK = softmax ? 8 : 2;
-        attrs.nCe = isCompressed(v) ? (softmax ? 4 : 1) : 0;
-        attrs.normTopkProb = softmax ? 1 : 0;
-        attrs.routingScale = softmax ? 2.5f : 1.0f;
-        attrs.jitterEps = softmax ? 0.0f : 0.01f;
+        bool const topK = attrs.routing != Routing::kSparseMixer;
+        attrs.topK = topK ? 8 : 2;
+        attrs.nCe = isCompressed(v) ? (topK ? 4 : 1) : 0;
+        attrs.normTopkProb = topK ? 1 : 0;
+        attrs.routingScale = topK ? 2.5f : 1.0f;
+        attrs.jitterEps = topK ? 0.0f : 0.01f;
+        if (attrs.routing == Routing::kSigmoidTopK)
+        {
+            attrs.nGroup = 8;
+            attrs.topkGroup = 4;
+        }
         attrs.maxTokens = int64_t{1} << 40;
         SerializedFields fields;
         fields.fill(v, attrs);
@@ -387,6 +416,58 @@ TEST_CASE(fields_roundtrip)
     CHECK(!parseFields(Variant::kPlain, badNorm, 2, attrs, &error));
     FieldView const empty[] = {{"top_k", nullptr, FieldType::kINT32, 0}};
     CHECK(!parseFields(Variant::kPlain, empty, 1, attrs, &error));
+
+    // The sigmoid ops: CompressedSigmoidMoE's ONNX attributes (DeepSeek-V3: 8 groups, the best 4).
+    int32_t const nGroup = 8;
+    int32_t const topkGroup = 4;
+    FieldView const sigmoid[] = {
+        {"top_k", &topK, FieldType::kINT32, 1},
+        {"n_ce", &nCe, FieldType::kINT32, 1},
+        {"norm_topk_prob", &one, FieldType::kINT32, 1},
+        {"routing_scale", &scale, FieldType::kFLOAT32, 1},
+        {"n_group", &nGroup, FieldType::kINT32, 1},
+        {"topk_group", &topkGroup, FieldType::kINT32, 1},
+        {"jitter_eps", &eps, FieldType::kFLOAT32, 1}, // not a sigmoid attribute: ignored
+    };
+    CHECK(parseFields(Variant::kCompressedSigmoid, sigmoid, 7, attrs, &error));
+    CHECK(attrs.routing == Routing::kSigmoidTopK);
+    CHECK_EQ(attrs.topK, 8);
+    CHECK_EQ(attrs.nCe, 4);
+    CHECK_EQ(attrs.normTopkProb, 1);
+    CHECK_EQ(attrs.routingScale, 16.0f);
+    CHECK_EQ(attrs.nGroup, 8);
+    CHECK_EQ(attrs.topkGroup, 4);
+    CHECK_EQ(attrs.jitterEps, 0.0f);
+    // Without the group fields: one group (GLM-4.5 without groups, dots1, MiniMax-M2).
+    CHECK(parseFields(Variant::kSigmoid, sigmoid, 1, attrs, &error));
+    CHECK_EQ(attrs.nGroup, 1);
+    CHECK_EQ(attrs.topkGroup, 1);
+    // SigmoidMoE has no n_ce; the groups are ignored on the other ops, like unknown fields.
+    CHECK(!parseFields(Variant::kSigmoid, sigmoid, 7, attrs, &error));
+    CHECK_CONTAINS(error, "SigmoidMoE has n_ce=4");
+    FieldView const groupsOnSoftmax[] = {sigmoid[0], sigmoid[4], sigmoid[5]};
+    CHECK(parseFields(Variant::kPlain, groupsOnSoftmax, 3, attrs, &error));
+    CHECK_EQ(attrs.nGroup, 1);
+    CHECK_EQ(attrs.topkGroup, 1);
+    CHECK(parseFields(Variant::kSigmoid, groupsOnSoftmax, 3, attrs, &error));
+    CHECK_EQ(attrs.nGroup, 8);
+    // topk_group must be in 1..n_group.
+    FieldView const tooManyGroups[] = {sigmoid[0], {"n_group", &topkGroup, FieldType::kINT32, 1},
+        {"topk_group", &nGroup, FieldType::kINT32, 1}};
+    CHECK(!parseFields(Variant::kSigmoid, tooManyGroups, 3, attrs, &error));
+    CHECK_CONTAINS(error, "n_group=4, topk_group=8");
+    int32_t const zero = 0;
+    FieldView const noGroups[] = {sigmoid[0], {"n_group", &zero, FieldType::kINT32, 1}};
+    CHECK(!parseFields(Variant::kSigmoid, noGroups, 2, attrs, &error));
+    FieldView const floatGroups[] = {sigmoid[0], {"n_group", &scale, FieldType::kFLOAT32, 1}};
+    CHECK(!parseFields(Variant::kSigmoid, floatGroups, 2, attrs, &error));
+    CHECK_CONTAINS(error, "n_group has type FLOAT32");
+    // Groups on a softmax layer's attributes are refused by validation (the parser never sets them).
+    MoeAttrs grouped;
+    grouped.topK = 2;
+    grouped.nGroup = 2;
+    CHECK(!validateAttrs(Variant::kPlain, grouped, &error));
+    CHECK_CONTAINS(error, "need sigmoid routing");
 }
 
 TEST_CASE(creator_field_names)
@@ -403,6 +484,33 @@ TEST_CASE(creator_field_names)
     CHECK_EQ(names(Variant::kCompressed), std::string("top_k:i,n_ce:i,norm_topk_prob:i,routing_scale:f"));
     CHECK_EQ(names(Variant::kSparseMixer), std::string("jitter_eps:f"));
     CHECK_EQ(names(Variant::kCompressedSparseMixer), std::string("n_ce:i,jitter_eps:f"));
+    CHECK_EQ(names(Variant::kSigmoid),
+        std::string("top_k:i,norm_topk_prob:i,routing_scale:f,n_group:i,topk_group:i"));
+    CHECK_EQ(names(Variant::kCompressedSigmoid),
+        std::string("top_k:i,n_ce:i,norm_topk_prob:i,routing_scale:f,n_group:i,topk_group:i"));
+    CHECK_EQ(std::string(pluginName(Variant::kSigmoid)), std::string("SigmoidMoE"));
+    CHECK_EQ(std::string(pluginName(Variant::kCompressedSigmoid)), std::string("CompressedSigmoidMoE"));
+    CHECK_EQ(std::string(routingName(routingOf(Variant::kCompressedSigmoid))), std::string("sigmoid_topk"));
+    CHECK(isCompressed(Variant::kCompressedSigmoid) && !isCompressed(Variant::kSigmoid));
+    // score_bias is the last input (onnx_functions.SigmoidMoE / CompressedSigmoidMoE), after ces.
+    CHECK_EQ(numInputs(Variant::kSigmoid), 5);
+    CHECK_EQ(numInputs(Variant::kCompressedSigmoid), 6);
+    CHECK_EQ(scoreBiasInput(Variant::kSigmoid), 4);
+    CHECK_EQ(scoreBiasInput(Variant::kCompressedSigmoid), 5);
+    CHECK_EQ(scoreBiasInput(Variant::kCompressed), -1);
+    CHECK_EQ(scoreBiasInput(Variant::kSparseMixer), -1);
+    CHECK(inputBuffer(Variant::kSigmoid, 4) == kBufScoreBias);
+    CHECK(inputBuffer(Variant::kCompressedSigmoid, 4) == kBufCes);
+    CHECK(inputBuffer(Variant::kCompressedSigmoid, 5) == kBufScoreBias);
+    CHECK(inputBuffer(Variant::kCompressed, 4) == kBufCes);
+    for (Variant v : kAllVariants)
+    {
+        for (int32_t i = 0; i < numInputs(v); ++i)
+        {
+            CHECK(inputBuffer(v, i) >= 0 && inputBuffer(v, i) < kBufOut);
+        }
+        CHECK(numInputs(v) <= kMaxInputs);
+    }
     CHECK_EQ(std::string(pluginName(Variant::kPlain)), std::string("MoE"));
     CHECK_EQ(std::string(pluginName(Variant::kCompressed)), std::string("CompressedMoE"));
     CHECK_EQ(std::string(pluginName(Variant::kSparseMixer)), std::string("SparseMixerMoE"));
@@ -487,6 +595,54 @@ TEST_CASE(shape_rules)
     reset();
     bad[kDown] = Shape::of({64, 2048});
     CHECK(!checkShapes(Variant::kCompressed, bad, 5, dims, &error));
+
+    // The sigmoid ops: score_bias [E] last.
+    Shape sigmoid[] = {ce[0], ce[1], ce[2], ce[3], ce[4], Shape::of({64})};
+    CHECK(checkShapes(Variant::kCompressedSigmoid, sigmoid, 6, dims, &error));
+    CHECK_EQ(dims.E, 64);
+    CHECK_EQ(dims.C, 2048);
+    CHECK(!checkShapes(Variant::kCompressedSigmoid, sigmoid, 5, dims, &error));
+    CHECK_CONTAINS(error, "takes 6 inputs");
+    Shape plainSigmoid[] = {ce[0], ce[1], ce[2], ce[3], Shape::of({64})};
+    CHECK(checkShapes(Variant::kSigmoid, plainSigmoid, 5, dims, &error));
+    CHECK_EQ(dims.C, 0);
+    CHECK(!checkShapes(Variant::kSigmoid, sigmoid, 5, dims, &error)); // ces where score_bias belongs
+    CHECK_CONTAINS(error, "score_bias [64, 3, 2048] must be [E] with E = 64");
+    for (Shape const& wrong : {Shape::of({32}), Shape::of({1, 64}), Shape::of({}), Shape::of({65})})
+    {
+        sigmoid[5] = wrong;
+        CHECK(!checkShapes(Variant::kCompressedSigmoid, sigmoid, 6, dims, &error));
+        CHECK_CONTAINS(error, "score_bias");
+    }
+    sigmoid[5] = Shape::of({-1}); // unknown at build time: E comes from the others
+    CHECK(checkShapes(Variant::kCompressedSigmoid, sigmoid, 6, dims, &error));
+    CHECK_EQ(dims.E, 64);
+    // score_bias alone can tell E.
+    Shape unknownE[] = {Shape::of({7, 2048}), Shape::of({7, -1}), Shape::of({-1, 2048, 2048}),
+        Shape::of({-1, 2048, 1024}), Shape::of({16})};
+    CHECK(checkShapes(Variant::kSigmoid, unknownE, 5, dims, &error));
+    CHECK_EQ(dims.E, 16);
+
+    // The rules between the groups and E (moe_math.check_moe_arguments').
+    MoeAttrs groups;
+    groups.routing = Routing::kSigmoidTopK;
+    groups.topK = 8;
+    groups.nGroup = 8;
+    groups.topkGroup = 4;
+    CHECK(checkExpertGroups(Variant::kSigmoid, groups, 256, &error)); // DeepSeek-V3
+    CHECK(checkExpertGroups(Variant::kSigmoid, groups, 16, &error));  // 4 groups of 2 = 8 experts kept
+    CHECK(!checkExpertGroups(Variant::kSigmoid, groups, 100, &error));
+    CHECK_CONTAINS(error, "100 experts do not split into n_group=8 equal groups of at least 2");
+    CHECK(!checkExpertGroups(Variant::kSigmoid, groups, 8, &error)); // groups of 1
+    groups.topK = 9;
+    CHECK(!checkExpertGroups(Variant::kSigmoid, groups, 16, &error));
+    CHECK_CONTAINS(error, "top_k=9 exceeds the 8 experts of the kept groups");
+    groups.nGroup = 1;
+    groups.topkGroup = 1;
+    CHECK(checkExpertGroups(Variant::kSigmoid, groups, 9, &error));
+    CHECK(!checkExpertGroups(Variant::kSigmoid, groups, 8, &error)); // top_k > E
+    CHECK(checkExpertGroups(Variant::kSigmoid, groups, -1, &error)); // E unknown: nothing to check yet
+    CHECK(checkExpertGroups(Variant::kPlain, groups, 8, &error));    // not a sigmoid op
 }
 
 TEST_CASE(type_rules)
@@ -510,6 +666,20 @@ TEST_CASE(type_rules)
     CHECK(!checkTypes(Variant::kPlain, ints, 4, &error));
     CHECK(!checkTypes(Variant::kCompressed, bf16, 4, &error));
     CHECK_EQ(dtypeSize(DType::kBF16), size_t{2});
+    // score_bias is fp32 whatever the activations (capture.parameter_dtype keeps it fp32).
+    DType const sigmoid[] = {DType::kBF16, DType::kFP32, DType::kBF16, DType::kBF16, DType::kBF16, DType::kFP32};
+    CHECK(checkTypes(Variant::kCompressedSigmoid, sigmoid, 6, &error));
+    CHECK(outputType(sigmoid, 6) == DType::kBF16);
+    CHECK(!checkTypes(Variant::kSigmoid, sigmoid, 5, &error)); // ces bf16 where score_bias belongs
+    CHECK_CONTAINS(error, "score_bias is bf16; must be fp32");
+    DType const plainSigmoid[] = {DType::kFP16, DType::kFP16, DType::kFP16, DType::kFP16, DType::kFP32};
+    CHECK(checkTypes(Variant::kSigmoid, plainSigmoid, 5, &error));
+    DType const bf16Bias[] = {DType::kBF16, DType::kFP32, DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16};
+    CHECK(!checkTypes(Variant::kCompressedSigmoid, bf16Bias, 6, &error));
+    CHECK_CONTAINS(error, "score_bias is bf16");
+    DType const fp32Ces[] = {DType::kBF16, DType::kFP32, DType::kBF16, DType::kBF16, DType::kFP32, DType::kFP32};
+    CHECK(!checkTypes(Variant::kCompressedSigmoid, fp32Ces, 6, &error));
+    CHECK_CONTAINS(error, "ces is fp32");
 }
 
 TEST_CASE(format_combinations)
@@ -566,6 +736,35 @@ TEST_CASE(format_combinations)
     synth.normTopkProb = 1;
     auto s = combo(DType::kBF16, DType::kFP32, DType::kBF16, DType::kBF16);
     CHECK(supportsCombination(Variant::kCompressed, synth, 1, s.data(), 5, 1, &syntheticLibrary()));
+
+    // CompressedSigmoidMoE: score_bias (input 5) fp32, the output (position 6) the activation type.
+    MoeAttrs const sigmoid = sigmoidAttrs();
+    auto sigmoidCombo = [](DType act, DType logits, DType bias) {
+        return std::vector<TensorTypeFormat>{{act, true}, {logits, true}, {act, true}, {act, true}, {act, true},
+            {bias, true}, {act, true}};
+    };
+    auto sigmoidOk = [&](std::vector<TensorTypeFormat> const& c, KernelLibrary const* library) {
+        for (int32_t pos = 0; pos < 7; ++pos)
+        {
+            if (!supportsCombination(Variant::kCompressedSigmoid, sigmoid, pos, c.data(), 6, 1, library))
+            {
+                return false;
+            }
+        }
+        return true;
+    };
+    CHECK(sigmoidOk(sigmoidCombo(DType::kBF16, DType::kFP32, DType::kFP32), nullptr));
+    CHECK(sigmoidOk(sigmoidCombo(DType::kFP16, DType::kFP16, DType::kFP32), nullptr));
+    CHECK(!sigmoidOk(sigmoidCombo(DType::kBF16, DType::kFP32, DType::kBF16), nullptr));
+    // The sigmoid fixture: bf16 with bf16 or fp32 router logits (its twin), nothing for fp16.
+    CHECK(sigmoidOk(sigmoidCombo(DType::kBF16, DType::kFP32, DType::kFP32), &sigmoidLibrary()));
+    CHECK(sigmoidOk(sigmoidCombo(DType::kBF16, DType::kBF16, DType::kFP32), &sigmoidLibrary()));
+    CHECK(!sigmoidOk(sigmoidCombo(DType::kFP16, DType::kFP16, DType::kFP32), &sigmoidLibrary()));
+    auto const plainSigmoid = std::vector<TensorTypeFormat>{{DType::kBF16, true}, {DType::kFP32, true},
+        {DType::kBF16, true}, {DType::kBF16, true}, {DType::kFP32, true}, {DType::kBF16, true}};
+    CHECK(supportsCombination(Variant::kSigmoid, sigmoid, 4, plainSigmoid.data(), 5, 1, nullptr));
+    CHECK(supportsCombination(Variant::kSigmoid, sigmoid, 5, plainSigmoid.data(), 5, 1, nullptr));
+    CHECK(!supportsCombination(Variant::kSigmoid, sigmoid, 4, plainSigmoid.data(), 6, 1, nullptr));
 }
 
 TEST_CASE(select_arch)
@@ -822,6 +1021,112 @@ TEST_CASE(manifest_fixture_scaled)
     CHECK_EQ(plan.numLaunches, 6);
 }
 
+TEST_CASE(manifest_fixture_sigmoid)
+{
+    KernelLibrary const& lib = sigmoidLibrary();
+    CHECK_CONTAINS(lib.describe(),
+        "sigmoid_topk top_k=4 n_ce=2 norm_topk_prob=1 routing_scale=2.5 n_group=4 topk_group=2 E={16} dtypes={bf16} sm={90}");
+    MoeAttrs const attrs = sigmoidAttrs();
+    CHECK(sameLayer(lib.set(0).layer(), attrs));
+    CHECK_EQ(lib.findSet(attrs, 16), 0);
+    // The groups are compiled into the routing kernel: a layer with others needs its own set.
+    MoeAttrs other = attrs;
+    other.nGroup = 8;
+    CHECK(!sameLayer(lib.set(0).layer(), other));
+    CHECK_EQ(lib.findSet(other, 16), -1);
+    other = attrs;
+    other.topkGroup = 3;
+    CHECK_EQ(lib.findSet(other, 16), -1);
+    other = attrs;
+    other.routingScale = 1.0f;
+    CHECK_EQ(lib.findSet(other, 16), -1);
+
+    // DeepSeek-V3's engines: bf16 activations, fp32 router logits (its router runs in fp32).
+    PlanRequest req;
+    req.variant = Variant::kCompressedSigmoid;
+    req.attrs = attrs;
+    req.activation = DType::kBF16;
+    req.logits = DType::kFP32;
+    req.dims = LayerDims{40, 128, 64, 16, 128};
+    req.arch = 90;
+    LaunchPlan plan;
+    std::string error;
+    bool const ok = buildLaunchPlan(lib, req, plan, &error);
+    CHECK(ok);
+    if (!ok)
+    {
+        std::cerr << error << "\n";
+    }
+    int64_t const T = 40;
+    int64_t const E = 16;
+    CHECK_EQ(plan.numLaunches, 7);
+    CHECK_EQ(stemOf(lib, plan, 0), std::string("sigmoid_topk_bf16_e16_logits_fp32"));
+    CHECK_EQ(stemOf(lib, plan, 1), std::string("mix_compressed_experts_bf16"));
+    CHECK_EQ(stemOf(lib, plan, 2), std::string("count_pairs_per_expert_e16"));
+    CHECK_EQ(stemOf(lib, plan, 6), std::string("sum_main_slots_bf16"));
+    KernelLaunch const& route = plan.launches[0];
+    CHECK_EQ(route.grid[0], static_cast<uint32_t>(cdiv(T, 16)));
+    CHECK_EQ(route.numArgs, 7 + 2);
+    CHECK_EQ(route.args[0].buffer, static_cast<int32_t>(kBufRouterLogits));
+    CHECK_EQ(route.args[1].buffer, static_cast<int32_t>(kBufScoreBias));
+    CHECK(route.args[1].aligned16);
+    CHECK_EQ(route.args[2].buffer, kNumIoBuffers + 0); // routing_weights
+    CHECK_EQ(route.args[3].buffer, kNumIoBuffers + 1); // expert_ids
+    CHECK_EQ(route.args[4].value, T);
+    CHECK_EQ(route.args[5].value, E);
+    CHECK_EQ(route.args[6].value, E);
+    CHECK_EQ(plan.launches[1].args[2].buffer, static_cast<int32_t>(kBufCes));
+    // bf16 router logits: the plan's own routing kernel.
+    req.logits = DType::kBF16;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    CHECK_EQ(stemOf(lib, plan, 0), std::string("sigmoid_topk_bf16_e16"));
+
+    // enqueue's buffer bases: each input at inputBuffer(), so score_bias (input 5) is what the
+    // routing kernel's score_bias_ptr resolves to, ces (input 4) what theta's ces_ptr does.
+    uint64_t bases[kMaxBuffers] = {};
+    for (int32_t i = 0; i < numInputs(req.variant); ++i)
+    {
+        bases[inputBuffer(req.variant, i)] = 0x100000 * static_cast<uint64_t>(i + 1);
+    }
+    uint64_t address = 0;
+    CHECK(resolvePointer(plan.launches[0].args[1], bases, address));
+    CHECK_EQ(address, uint64_t{0x600000});
+    CHECK(resolvePointer(plan.launches[1].args[2], bases, address));
+    CHECK_EQ(address, uint64_t{0x500000});
+
+    // E must split into the compiled groups (checked before looking for kernels).
+    req.dims.E = 18;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "18 experts do not split into n_group=4 equal groups");
+    // The kernels read ces and score_bias: a SigmoidMoE (no ces) or a softmax op cannot take them.
+    req = PlanRequest{};
+    req.variant = Variant::kCompressed;
+    req.attrs = attrs;
+    req.activation = DType::kBF16;
+    req.logits = DType::kBF16;
+    req.dims = LayerDims{40, 128, 64, 16, 128};
+    req.arch = 90;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "does not match the op type");
+    req.attrs.routing = Routing::kSoftmaxTopK;
+    req.attrs.nGroup = 1;
+    req.attrs.topkGroup = 1;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "no AOT kernels compiled for it");
+    // Every tile entry builds (the fallback included) and the workspace is the CE layout.
+    req.variant = Variant::kCompressedSigmoid;
+    req.attrs = attrs;
+    for (int64_t tokens : {1, 32, 33, 256, 257, 1024, 1025, 8192})
+    {
+        req.dims.T = tokens;
+        CHECK(buildLaunchPlan(lib, req, plan, &error));
+        CHECK_EQ(plan.numLaunches, 7);
+        CHECK_EQ(plan.workspace.bytes[2], size_t(tokens * 3 * 128 * 2)); // theta
+    }
+    std::vector<int32_t> const archs = {90};
+    CHECK(checkTokenRange(lib, req, 1, 4096, archs, &error));
+}
+
 TEST_CASE(plan_errors)
 {
     KernelLibrary const& lib = ceLibrary();
@@ -962,6 +1267,15 @@ TEST_CASE(several_sets)
     CHECK(lib.archs() == std::vector<int32_t>({80, 90}));
     ce.topK = 5;
     CHECK(lib.setsFor(ce).empty());
+    // A softmax layer with the sigmoid set's top_k, n_ce and constants does not take its kernels.
+    KernelLibrary const mixed({&fixtures::ce::kKernelSet, &fixtures::sigmoid::kKernelSet});
+    MoeAttrs softmax = sigmoidAttrs();
+    softmax.routing = Routing::kSoftmaxTopK;
+    softmax.nGroup = 1;
+    softmax.topkGroup = 1;
+    CHECK_EQ(mixed.findSet(softmax, 16), -1);
+    CHECK_EQ(mixed.findSet(sigmoidAttrs(), 16), 1);
+    CHECK_EQ(mixed.findSet(sigmoidAttrs(), 8), -1);
 }
 
 TEST_CASE(resolve_pointers)
@@ -1075,7 +1389,7 @@ TEST_CASE(fuzz_fields)
     // read past it is an ASan error.
     Fuzz fuzz(1);
     std::vector<char const*> const names = {"top_k", "n_ce", "norm_topk_prob", "routing_scale", "jitter_eps", "max_tokens",
-        "plugin_namespace", "plugin_version", "", "top_k_", "TOP_K", nullptr};
+        "n_group", "topk_group", "plugin_namespace", "plugin_version", "", "top_k_", "TOP_K", nullptr};
     int64_t accepted = 0;
     int64_t const iterations = fuzzIterations(100000);
     for (int64_t i = 0; i < iterations; ++i)
@@ -1152,22 +1466,29 @@ TEST_CASE(fuzz_shapes)
     for (int64_t i = 0; i < iterations; ++i)
     {
         Variant const v = kAllVariants[fuzz.range(0, kNumVariants - 1)];
-        int32_t const nbInputs = static_cast<int32_t>(fuzz.chance(90) ? numInputs(v) : fuzz.range(0, 5));
-        std::array<Shape, 5> shapes{};
+        int32_t const nbInputs = static_cast<int32_t>(fuzz.chance(90) ? numInputs(v) : fuzz.range(0, kMaxInputs));
+        std::array<Shape, kMaxInputs> shapes{};
         LayerDims consistent{fuzz.range(0, 64), fuzz.range(1, 8) * 16, fuzz.range(1, 8) * 16, fuzz.range(1, 16), 0};
         consistent.C = std::max(consistent.H, consistent.I);
-        for (int32_t s = 0; s < 5; ++s)
+        for (int32_t s = 0; s < kMaxInputs; ++s)
         {
             Shape& shape = shapes[static_cast<size_t>(s)];
             if (fuzz.chance(60)) // a consistent layer, then maybe one extent replaced
             {
-                switch (s)
+                if (s == scoreBiasInput(v))
                 {
-                case kHidden: shape = Shape::of({consistent.T, consistent.H}); break;
-                case kRouterLogits: shape = Shape::of({consistent.T, consistent.E}); break;
-                case kGateUp: shape = Shape::of({consistent.E, 2 * consistent.I, consistent.H}); break;
-                case kDown: shape = Shape::of({consistent.E, consistent.H, consistent.I}); break;
-                default: shape = Shape::of({consistent.E, 3, consistent.C}); break;
+                    shape = Shape::of({consistent.E});
+                }
+                else
+                {
+                    switch (s)
+                    {
+                    case kHidden: shape = Shape::of({consistent.T, consistent.H}); break;
+                    case kRouterLogits: shape = Shape::of({consistent.T, consistent.E}); break;
+                    case kGateUp: shape = Shape::of({consistent.E, 2 * consistent.I, consistent.H}); break;
+                    case kDown: shape = Shape::of({consistent.E, consistent.H, consistent.I}); break;
+                    default: shape = Shape::of({consistent.E, 3, consistent.C}); break;
+                    }
                 }
                 if (fuzz.chance(30))
                 {
@@ -1201,6 +1522,11 @@ TEST_CASE(fuzz_shapes)
         if (isCompressed(v) && dims.C >= 0)
         {
             CHECK(dims.C % 16 == 0 && (dims.H < 0 || dims.C >= dims.H) && (dims.I < 0 || dims.C >= dims.I));
+        }
+        if (scoreBiasInput(v) >= 0)
+        {
+            Shape const& bias = shapes[static_cast<size_t>(scoreBiasInput(v))];
+            CHECK(bias.rank == 1 && (bias.d[0] == -1 || dims.E == bias.d[0]));
         }
     }
     std::cout << "  fuzz_shapes: " << iterations << " shape sets, " << accepted << " accepted\n";
@@ -1289,9 +1615,11 @@ TEST_CASE(aot_contract)
             }
         }
         MoeAttrs const attrs = set.layer();
-        bool const sparse = attrs.routing == Routing::kSparseMixer;
-        Variant const variant = attrs.nCe > 0 ? (sparse ? Variant::kCompressedSparseMixer : Variant::kCompressed)
-                                              : (sparse ? Variant::kSparseMixer : Variant::kPlain);
+        Variant variant = Variant::kPlain;
+        for (Variant v : kAllVariants)
+        {
+            variant = routingOf(v) == attrs.routing && isCompressed(v) == (attrs.nCe > 0) ? v : variant;
+        }
         for (int32_t p = 0; p < set.numPlans; ++p)
         {
             for (int32_t a = 0; a < set.numArchs; ++a)

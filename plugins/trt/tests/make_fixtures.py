@@ -25,6 +25,9 @@ SETS = {
                              [90], ["fp16"]),
     "sparsemixer_e8_e16": (aot.AotModel(num_experts=(8, 16), top_k=2, n_ce=0, routing="sparsemixer", jitter_eps=0.01),
                            [90], ["fp16"]),
+    "sigmoid_k4_nce2_g4_e16": (aot.AotModel(num_experts=(16,), top_k=4, n_ce=2, norm_topk_prob=True,
+                                            routing="sigmoid_topk", routing_scale=2.5, n_group=4, topk_group=2),
+                               [90], ["bf16"]),
 }
 
 
