@@ -188,7 +188,7 @@ int32_t MoePlugin::getOutputDataTypes(
                     + " inputs and 1 output");
             return -1;
         }
-        DType types[5];
+        DType types[kMaxInputs];
         for (int32_t i = 0; i < nbInputs; ++i)
         {
             types[i] = toDType(inputTypes[i]);
@@ -220,7 +220,7 @@ int32_t MoePlugin::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nb
                     + " inputs and 1 output, got " + std::to_string(nbInputs) + " and " + std::to_string(nbOutputs));
             return -1;
         }
-        Shape shapes[5];
+        Shape shapes[kMaxInputs];
         for (int32_t i = 0; i < nbInputs; ++i)
         {
             Shape& s = shapes[i];
@@ -254,7 +254,7 @@ bool MoePlugin::supportsFormatCombination(
     {
         return false;
     }
-    TensorTypeFormat tf[6];
+    TensorTypeFormat tf[kMaxInputs + kNumOutputs];
     for (int32_t i = 0; i <= pos; ++i)
     {
         tf[i].type = toDType(inOut[i].desc.type);
@@ -285,9 +285,9 @@ int32_t MoePlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, 
             logMessage(ILogger::Severity::kERROR, where() + ": wrong number of inputs or outputs");
             return -1;
         }
-        DType types[5];
-        Shape maxShapes[5];
-        Shape minShapes[5];
+        DType types[kMaxInputs];
+        Shape maxShapes[kMaxInputs];
+        Shape minShapes[kMaxInputs];
         for (int32_t i = 0; i < nbInputs; ++i)
         {
             types[i] = toDType(in[i].desc.type);
@@ -392,8 +392,8 @@ size_t MoePlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inpu
         {
             return 0;
         }
-        DType types[5];
-        Shape shapes[5];
+        DType types[kMaxInputs];
+        Shape shapes[kMaxInputs];
         for (int32_t i = 0; i < nbInputs; ++i)
         {
             types[i] = toDType(inputs[i].desc.type);
@@ -424,8 +424,8 @@ bool MoePlugin::prepare(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, 
     try
     {
         mPlanValid = false;
-        DType types[5];
-        Shape shapes[5];
+        DType types[kMaxInputs];
+        Shape shapes[kMaxInputs];
         for (int32_t i = 0; i < nbInputs; ++i)
         {
             types[i] = toDType(in[i].type);
@@ -532,7 +532,7 @@ int32_t MoePlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1
     uint64_t bases[kMaxBuffers] = {};
     for (int32_t i = 0; i < numInputs(mVariant); ++i)
     {
-        bases[i] = reinterpret_cast<uint64_t>(inputs[i]);
+        bases[inputBuffer(mVariant, i)] = reinterpret_cast<uint64_t>(inputs[i]);
     }
     bases[kBufOut] = reinterpret_cast<uint64_t>(outputs[0]);
     for (int32_t i = 0; i < plan.workspace.count; ++i)
@@ -674,8 +674,10 @@ std::array<MoePluginCreator*, kNumVariants> const& allCreators()
     static MoePluginCreator compressed(Variant::kCompressed);
     static MoePluginCreator sparseMixer(Variant::kSparseMixer);
     static MoePluginCreator compressedSparseMixer(Variant::kCompressedSparseMixer);
+    static MoePluginCreator sigmoid(Variant::kSigmoid);
+    static MoePluginCreator compressedSigmoid(Variant::kCompressedSigmoid);
     static std::array<MoePluginCreator*, kNumVariants> const creators
-        = {&plain, &compressed, &sparseMixer, &compressedSparseMixer};
+        = {&plain, &compressed, &sparseMixer, &compressedSparseMixer, &sigmoid, &compressedSigmoid};
     return creators;
 }
 

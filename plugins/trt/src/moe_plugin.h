@@ -1,5 +1,5 @@
 // TensorRT IPluginV3 for one MoE / Compressed-Experts layer: ONNX nodes ce_export::MoE,
-// CompressedMoE, SparseMixerMoE and CompressedSparseMixerMoE (plugin_namespace "ce_export",
+// CompressedMoE, SparseMixerMoE, CompressedSparseMixerMoE, SigmoidMoE and CompressedSigmoidMoE (plugin_namespace "ce_export",
 // plugin_version "1"; one creator per op type, one plugin class). The math runs in the
 // ahead-of-time-compiled Triton kernels of plugins/ce_kernels, launched through the CUDA driver
 // API; the rules (shapes, types, workspace, launch plan) live in moe_plugin_logic.h.
@@ -106,8 +106,9 @@ private:
     nvinfer1::PluginFieldCollection mCollection{};
 };
 
-//! The four creators ("MoE", "CompressedMoE", "SparseMixerMoE", "CompressedSparseMixerMoE"), in
-//! that order, shared by both registration mechanisms.
+//! The six creators ("MoE", "CompressedMoE", "SparseMixerMoE", "CompressedSparseMixerMoE",
+//! "SigmoidMoE", "CompressedSigmoidMoE"), in that order (kAllVariants'), shared by both
+//! registration mechanisms.
 std::array<MoePluginCreator*, kNumVariants> const& allCreators();
 
 } // namespace ce_trt

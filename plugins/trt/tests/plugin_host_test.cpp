@@ -273,6 +273,19 @@ void exercise(std::vector<nvinfer1::IPluginCreatorInterface*> const& creators, K
                 CHECK(std::string(f->fields[f->nbFields - 1].name) == "jitter_eps");
             }
         }
+        for (char const* name : {"SigmoidMoE", "CompressedSigmoidMoE"})
+        {
+            nvinfer1::IPluginCreatorV3One* sigmoid = findCreator(creators, name);
+            CHECK(sigmoid != nullptr);
+            if (sigmoid != nullptr)
+            {
+                CHECK(std::string(sigmoid->getPluginNamespace()) == "ce_export");
+                PluginFieldCollection const* f = sigmoid->getFieldNames();
+                CHECK(f->nbFields >= 2 && std::string(f->fields[f->nbFields - 2].name) == "n_group"
+                    && std::string(f->fields[f->nbFields - 1].name) == "topk_group");
+                CHECK(f->fields[f->nbFields - 1].type == PluginFieldType::kINT32);
+            }
+        }
     });
     if (ce == nullptr || plain == nullptr)
     {
@@ -513,7 +526,7 @@ int main(int argc, char** argv)
             std::cerr << dlerror() << "\n";
             return;
         }
-        CHECK(gRegistry.entries.size() == 4);
+        CHECK(gRegistry.entries.size() == 6);
         for (auto const& e : gRegistry.entries)
         {
             CHECK(e.ns == "ce_export");
@@ -556,7 +569,7 @@ int main(int argc, char** argv)
         gActive = &finderLogger;
         int32_t n = 0;
         nvinfer1::IPluginCreatorInterface* const* list = getCreators(n);
-        CHECK(n == 4 && list != nullptr);
+        CHECK(n == 6 && list != nullptr);
         for (int32_t i = 0; i < n; ++i)
         {
             dynamicCreators.push_back(list[i]);
