@@ -10,7 +10,7 @@ and gets two optimization profiles from the build limits:
     1 decode   batch 1..max_batch, sequence 1,          past 0..max_context (attention_mask = past + 1)
 
 Every MoE node of an op type our plugin implements (`ce_export::MoE`, `CompressedMoE`, the SparseMixer
-pair) carries plugin_namespace/plugin_version (see export.mark_plugin_nodes); the other op types'
+and the sigmoid pairs: onnx_functions.PLUGIN_OP_TYPES) carries plugin_namespace/plugin_version (see export.mark_plugin_nodes); the other op types'
 bodies always run. With full TensorRT and our plugin library loaded, the parser binds
 each node to the plugin (ENABLE_PLUGIN_OVERRIDE when the flag exists), and we check from the network
 that every MoE node became an IPluginV3 layer. Without a plugin (TensorRT-RTX, or no library) the

@@ -575,11 +575,10 @@ EXPERTS_FORMS = {
 
 # The op types our TensorRT plugin (plugins/trt) implements; the others carry no plugin attributes,
 # so TensorRT always runs their function bodies.
-PLUGIN_OP_TYPES = ("MoE", "CompressedMoE", "SparseMixerMoE", "CompressedSparseMixerMoE")
+PLUGIN_OP_TYPES = ("MoE", "CompressedMoE", "SparseMixerMoE", "CompressedSparseMixerMoE", "SigmoidMoE",
+                   "CompressedSigmoidMoE")
 # What the plugin lacks for each other op type (the Triton kernels have all but Llama 4's).
 NOT_IN_PLUGIN = {
-    "SigmoidMoE": "sigmoid routing with a score-correction bias and expert groups",
-    "CompressedSigmoidMoE": "sigmoid routing with a score-correction bias and expert groups",
     "ClampedSwiGLUMoE": "expert biases and the clamped SwiGLU",
     "CompressedClampedSwiGLUMoE": "expert biases and the clamped SwiGLU",
     "SigmoidTop1MoE": "the routing weight on the expert input",

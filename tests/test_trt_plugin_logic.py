@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -201,6 +202,21 @@ def test_current_aot_output_matches_the_plugin_contract(tmp_path):
     assert "[ OK ] aot_contract" in result and "cubins hold their entries" in result, result
 
 
+def test_the_exporters_plugin_op_types_are_the_plugins_creators():
+    """onnx_functions.PLUGIN_OP_TYPES (the nodes export marks with plugin_namespace) are exactly the
+    op types the plugin has creators for (pluginName in moe_plugin_logic.cpp); every other op type
+    says in NOT_IN_PLUGIN why it is not one."""
+    from ce_export import onnx_functions
+
+    source = (TRT_DIR / "src" / "moe_plugin_logic.cpp").read_text()
+    body = source[source.index("char const* pluginName(Variant v)"):]
+    body = body[:body.index("\n}\n")]
+    creators = re.findall(r'case Variant::\w+: return "(\w+)";', body)
+    assert sorted(creators) == sorted(onnx_functions.PLUGIN_OP_TYPES)
+    assert "SigmoidMoE" in creators and "CompressedSigmoidMoE" in creators
+    assert set(onnx_functions.NOT_IN_PLUGIN) == set(onnx_functions.OPS) - set(creators)
+
+
 def test_aot_arguments_for_a_model_manifest(tmp_path):
     """One ce_kernels.aot run per distinct layer configuration, with every expert count it uses."""
     layer = {"kind": "moe", "num_experts": 64, "top_k": 8, "n_ce": 4, "norm_topk_prob": False,
@@ -209,16 +225,28 @@ def test_aot_arguments_for_a_model_manifest(tmp_path):
         layer, dict(layer, num_experts=32), dict(layer, kind="removed", num_experts=0),
         dict(layer, n_ce=0, norm_topk_prob=True, routing_scale=2.5),
         dict(layer, top_k=2, n_ce=1, routing="sparsemixer", jitter_eps=0.01),
+        # DeepSeek-V3's routing: its groups are in the key; MiniMax-M2's (no groups) is another set.
+        deepseek_v3 := dict(layer, num_experts=256, n_ce=2, norm_topk_prob=True, routing="sigmoid_topk",
+                            routing_scale=2.5, score_bias=True, n_group=8, topk_group=4),
+        dict(deepseek_v3, num_experts=128), dict(deepseek_v3, topk_group=2),
+        dict(deepseek_v3, routing_scale=1.0, n_group=1, topk_group=1),
+        # Op types the plugin does not implement need no kernels: gpt-oss's, Llama 4's.
+        dict(layer, activation="clamped_swiglu", expert_bias=True, top_k=4),
+        dict(layer, top_k=1, n_ce=0, routing="sigmoid_topk", weights_on_input=True),
     ]}}
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
     out = run([sys.executable, TRT_DIR / "tools" / "aot_args_for_model.py", path, "--arch", "90"]).stdout.splitlines()
+    sigmoid = "--arch 90 --dtypes bf16 --num-experts {} --top-k 8 --n-ce 2 --norm-topk-prob --routing sigmoid_topk"
     assert out == [
         "--arch 90 --dtypes bf16 --num-experts 32 64 --top-k 8 --n-ce 4",
         "--arch 90 --dtypes bf16 --num-experts 64 --top-k 8 --n-ce 0 --norm-topk-prob --routing-scale 2.5",
         "--arch 90 --dtypes bf16 --num-experts 64 --top-k 2 --n-ce 1 --routing sparsemixer --jitter-eps 0.01",
+        sigmoid.format("128 256") + " --routing-scale 2.5 --n-group 8 --topk-group 4",
+        sigmoid.format("256") + " --routing-scale 2.5 --n-group 8 --topk-group 2",
+        sigmoid.format("256"),
     ]
     path.write_text(json.dumps({"model": {"moe_layers": []}}))
     result = subprocess.run([sys.executable, TRT_DIR / "tools" / "aot_args_for_model.py", path],
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "no MoE layers" in result.stderr
+    assert result.returncode == 2 and "no MoE layers of the plugin's op types" in result.stderr

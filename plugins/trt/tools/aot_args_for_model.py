@@ -3,8 +3,10 @@
     python3 aot_args_for_model.py DIR/manifest.json [--arch 80 90] [--dtypes bf16 ...]
 
 prints one line per distinct routed-experts configuration of the model's MoE layers (top_k, n_ce,
-norm_topk_prob, routing, routing_scale, jitter_eps), each the AOT arguments (without --out) with
-every expert count those layers use. The routing constants and K are compiled into the kernels, so
+norm_topk_prob, routing, routing_scale, jitter_eps, n_group, topk_group), each the AOT arguments
+(without --out) with every expert count those layers use; layers of op types the plugin does not
+implement (onnx_functions.NOT_IN_PLUGIN: expert biases with the clamped SwiGLU, Llama 4's weight on
+the input) need no kernels and are left out. The routing constants and K are compiled into the kernels, so
 a model whose layers differ needs one kernel set per configuration; the plugin embeds them all and
 picks per layer. Activation dtype: the manifest's "dtype" unless --dtypes is given. Standard
 library only (CMake runs it at configure time: -DCE_MODEL_MANIFEST=...).
@@ -18,24 +20,33 @@ import sys
 from pathlib import Path
 
 
+def in_plugin(layer: dict) -> bool:
+    """Whether the layer's op type (onnx_functions.op_type_for) is one the plugin implements
+    (onnx_functions.PLUGIN_OP_TYPES): SwiGLU experts without biases, the weight on the output, and
+    for sigmoid routing a score bias (SigmoidMoE / CompressedSigmoidMoE)."""
+    if layer.get("activation", "swiglu") != "swiglu" or layer.get("weights_on_input", False):
+        return False
+    return layer.get("routing", "softmax_topk") != "sigmoid_topk" or bool(layer.get("score_bias", False))
+
+
 def configurations(manifest: dict) -> list[tuple[tuple, list[int]]]:
     """[(config key, sorted expert counts)] in first-layer order."""
     model = manifest.get("model") or {}
     found: dict[tuple, set[int]] = {}
     for layer in model.get("moe_layers", []):
-        if layer.get("kind", "moe") != "moe":
+        if layer.get("kind", "moe") != "moe" or not in_plugin(layer):
             continue
         key = (
             int(layer["top_k"]), int(layer.get("n_ce", 0)), bool(layer.get("norm_topk_prob", False)),
             layer.get("routing", "softmax_topk"), float(layer.get("routing_scale", 1.0)),
-            float(layer.get("jitter_eps", 0.0)),
+            float(layer.get("jitter_eps", 0.0)), int(layer.get("n_group", 1)), int(layer.get("topk_group", 1)),
         )
         found.setdefault(key, set()).add(int(layer["num_experts"]))
     return [(key, sorted(experts)) for key, experts in found.items()]
 
 
 def aot_arguments(key: tuple, experts: list[int], archs: list[int], dtypes: list[str]) -> list[str]:
-    top_k, n_ce, norm, routing, scale, jitter = key
+    top_k, n_ce, norm, routing, scale, jitter, n_group, topk_group = key
     args = ["--arch", *map(str, archs), "--dtypes", *dtypes, "--num-experts", *map(str, experts),
             "--top-k", str(top_k), "--n-ce", str(n_ce)]
     if norm:
@@ -46,6 +57,8 @@ def aot_arguments(key: tuple, experts: list[int], archs: list[int], dtypes: list
         args += ["--routing-scale", repr(scale)]
     if jitter != 0.0:
         args += ["--jitter-eps", repr(jitter)]
+    if (n_group, topk_group) != (1, 1):
+        args += ["--n-group", str(n_group), "--topk-group", str(topk_group)]
     return args
 
 
@@ -63,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes or [manifest.get("dtype", "bf16")]
     configs = configurations(manifest)
     if not configs:
-        print(f"{args.manifest}: the model has no MoE layers", file=sys.stderr)
+        print(f"{args.manifest}: the model has no MoE layers of the plugin's op types", file=sys.stderr)
         return 2
     for key, experts in configs:
         print(" ".join(aot_arguments(key, experts, args.arch, dtypes)))
