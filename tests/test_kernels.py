@@ -269,6 +269,7 @@ def test_sparsemixer_routing_matches_torch(ck, experts, jitter_eps, band_admits_
 @pytest.mark.parametrize(("experts", "top_k", "norm", "scale", "with_bias", "n_group", "topk_group"), [
     (8, 4, True, 2.5, True, 4, 2), (8, 2, False, 1.0, True, 2, 1), (16, 6, True, 1.0, True, 8, 3),
     (6, 3, True, 1.0, True, 1, 1), (7, 2, False, 1.0, False, 1, 1), (64, 8, True, 2.5, True, 8, 4),
+    (512, 8, True, 2.5, True, 8, 4),  # 8 tokens per program (routing.sigmoid_routing_tiling)
 ])
 def test_sigmoid_topk_routing_matches_torch(ck, experts, top_k, norm, scale, with_bias, n_group, topk_group):
     """DeepSeek-V3's routing: ids in the reference's rank order, weights the unbiased scores."""

@@ -145,7 +145,7 @@ def test_deepseek_v3_sigmoid_routing_set_compiles_without_spills(tmp_path):
     """SigmoidMoE / CompressedSigmoidMoE's set (DeepSeek-V3's routing: 256 experts in 8 groups, the
     best 4 kept, top-8, renormalised, scaled; here with CE) for sm_80 and sm_90: the sigmoid routing
     kernel reads the layer's fp32 score_bias, its group constants are compiled in, nothing spills
-    (with 4 warps its routing kernel did at E = 256: aot.sigmoid_routing_tiling). About 3.5 min on
+    (with 4 warps its routing kernel did at E = 256: routing.sigmoid_routing_tiling). About 3.5 min on
     2 cores, most of it ptxas reading back the GEMMs."""
     out = tmp_path / "aot"
     manifest = compile_ahead_of_time(

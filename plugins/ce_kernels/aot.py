@@ -138,21 +138,6 @@ def _ptr(name: str, dtype: str, buffer: str, offset: Value = 0) -> tuple[str, st
     return (name, TRITON_TYPES[dtype], Pointer(buffer, offset))
 
 
-# sigmoid_topk keeps several [BLOCK_T, BLOCK_E] fp32 tiles live (logits, scores, choice, group worth):
-# at 16 tokens x 256 experts, 4 warps spill on sm_80 and sm_90 (DeepSeek-V3). A program gets 8 warps
-# past 2048 lanes and fewer tokens past 4096 (ptxas reports no spills at E = 256 and 512 then).
-SIGMOID_LANES_PER_4_WARPS = 2048
-SIGMOID_MAX_LANES = 4096
-
-
-def sigmoid_routing_tiling(num_experts: int, top_k: int) -> tuple[dict[str, int], int]:
-    """(BLOCK_T / BLOCK_E / BLOCK_K, num_warps) of the AOT sigmoid routing kernel."""
-    blocks = routing.routing_block_sizes(num_experts, top_k)
-    blocks["BLOCK_T"] = min(blocks["BLOCK_T"], max(1, SIGMOID_MAX_LANES // blocks["BLOCK_E"]))
-    num_warps = 4 if blocks["BLOCK_T"] * blocks["BLOCK_E"] <= SIGMOID_LANES_PER_4_WARPS else 8
-    return blocks, num_warps
-
-
 def routing_build(model: AotModel, dtype: str, num_experts: int, logits_dtype: str | None = None) -> KernelBuild:
     """The routing kernel for `dtype` activations; `logits_dtype` (default: dtype) is the router
     logits' type: fp32 for models whose router runs in fp32 (DeepSeek-V2) in fp16 / bf16 engines.
@@ -168,7 +153,7 @@ def routing_build(model: AotModel, dtype: str, num_experts: int, logits_dtype: s
                       "ROUTING_SCALE": float(model.routing_scale), **blocks}
     elif model.routing == SIGMOID_TOPK:
         kernel, stem = routing.sigmoid_topk_kernel, f"sigmoid_topk_{dtype}_e{num_experts}{suffix}"
-        blocks, num_warps = sigmoid_routing_tiling(num_experts, model.top_k)
+        blocks, num_warps = routing.sigmoid_routing_tiling(num_experts, model.top_k)
         constexprs = {"TOP_K": model.top_k, "NORM_TOPK_PROB": model.norm_topk_prob,
                       "ROUTING_SCALE": float(model.routing_scale), "HAS_SCORE_BIAS": True,
                       "N_GROUP": model.n_group, "TOPK_GROUP": model.topk_group, "RENORM_EPS": RENORMALISE_EPS,

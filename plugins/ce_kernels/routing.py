@@ -186,6 +186,21 @@ def routing_block_sizes(num_experts: int, top_k: int) -> dict[str, int]:
     }
 
 
+# sigmoid_topk keeps several [BLOCK_T, BLOCK_E] fp32 tiles live (logits, scores, choice, group worth):
+# at 16 tokens x 256 experts, 4 warps spill on sm_80 and sm_90 (DeepSeek-V3). A program gets 8 warps
+# past 2048 lanes and fewer tokens past 4096 (ptxas reports no spills at E = 256 and 512 then).
+SIGMOID_LANES_PER_4_WARPS = 2048
+SIGMOID_MAX_LANES = 4096
+
+
+def sigmoid_routing_tiling(num_experts: int, top_k: int) -> tuple[dict[str, int], int]:
+    """(BLOCK_T / BLOCK_E / BLOCK_K, num_warps) of sigmoid_topk_kernel, here and ahead of time."""
+    blocks = routing_block_sizes(num_experts, top_k)
+    blocks["BLOCK_T"] = min(blocks["BLOCK_T"], max(1, SIGMOID_MAX_LANES // blocks["BLOCK_E"]))
+    num_warps = 4 if blocks["BLOCK_T"] * blocks["BLOCK_E"] <= SIGMOID_LANES_PER_4_WARPS else 8
+    return blocks, num_warps
+
+
 def route(
     router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
     routing: str = SOFTMAX_TOPK, routing_scale: float = 1.0, jitter_eps: float = 0.0,
@@ -204,7 +219,8 @@ def route(
     expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
     if num_tokens == 0:
         return weights, expert_ids
-    blocks = routing_block_sizes(num_experts, top_k)
+    blocks, num_warps = (sigmoid_routing_tiling(num_experts, top_k) if routing == SIGMOID_TOPK
+                         else (routing_block_sizes(num_experts, top_k), 4))
     grid = (triton.cdiv(num_tokens, blocks["BLOCK_T"]),)
     args = (router_logits, weights, expert_ids, num_tokens, num_experts, router_logits.stride(0))
     if routing == SOFTMAX_TOPK:
@@ -217,7 +233,7 @@ def route(
             router_logits, bias, weights, expert_ids, num_tokens, num_experts, router_logits.stride(0),
             TOP_K=top_k, NORM_TOPK_PROB=norm_topk_prob, ROUTING_SCALE=float(routing_scale),
             HAS_SCORE_BIAS=score_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
-            RENORM_EPS=RENORMALISE_EPS, **blocks,
+            RENORM_EPS=RENORMALISE_EPS, **blocks, num_warps=num_warps,
         )
     else:
         sparsemixer_top2_kernel[grid](
