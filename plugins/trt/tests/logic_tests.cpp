@@ -23,6 +23,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 // ------------------------------------------------------------------------------------------------
@@ -290,6 +291,23 @@ PlanRequest ceRequest(int64_t tokens, int32_t arch = 90, DType act = DType::kBF1
 std::string stemOf(KernelLibrary const& lib, LaunchPlan const& plan, int32_t i)
 {
     return lib.set(plan.set).kernels[plan.launches[i].kernel].stem;
+}
+
+//! Where launch i's kernel takes the argument `name` (its generated args list), or -1: the tests
+//! name arguments instead of counting them, so a kernel gaining one does not shift what they check.
+int32_t argIndex(KernelLibrary const& lib, LaunchPlan const& plan, int32_t i, std::string_view name)
+{
+    KernelDesc const& kernel = lib.set(plan.set).kernels[plan.launches[i].kernel];
+    std::array<ArgValue, kMaxKernelArgs> values{};
+    int32_t const count = kernel.args(Dims{}, values.data()); // the names do not depend on the shapes
+    for (int32_t a = 0; a < count; ++a)
+    {
+        if (name == values[a].name)
+        {
+            return a;
+        }
+    }
+    return -1;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -878,19 +896,19 @@ TEST_CASE(manifest_fixture_ce)
         KernelLaunch const& gate = plan.launches[4];
         int64_t const blocks = maxBlocks(T * KM, E, e.blockM);
         CHECK_EQ(gate.grid[0], static_cast<uint32_t>(blocks * cdiv(I, e.gateBlockN)));
-        CHECK_EQ(gate.numArgs, 16 + 2);
+        CHECK_EQ(gate.numArgs, 17 + 2); // the kernel's arguments (gate_up_bias_ptr included), 2 scratch pointers
         CHECK_EQ(gate.args[0].buffer, static_cast<int32_t>(kBufHidden));
         CHECK(gate.args[0].aligned16);
         CHECK_EQ(gate.args[1].buffer, kNumIoBuffers + 2); // theta
         CHECK_EQ(gate.args[3].buffer, kNumIoBuffers + 7); // act
-        CHECK_EQ(gate.args[7].value, T * KM);
-        CHECK_EQ(gate.args[13].value, 2 * I * H);
+        CHECK_EQ(gate.args[argIndex(lib, plan, 4, "num_pairs")].value, T * KM);
+        CHECK_EQ(gate.args[argIndex(lib, plan, 4, "stride_w_e")].value, 2 * I * H);
         CHECK(gate.block == 128u || gate.block == 256u);
 
         KernelLaunch const& down = plan.launches[5];
         CHECK_EQ(down.grid[0], static_cast<uint32_t>(blocks * cdiv(H, e.downBlockN)));
         CHECK_EQ(down.args[3].buffer, kNumIoBuffers + 8); // pair_out
-        CHECK_EQ(down.args[13].value, K);                 // stride_routing_t
+        CHECK_EQ(down.args[argIndex(lib, plan, 5, "stride_routing_t")].value, K);
 
         KernelLaunch const& combine = plan.launches[6];
         CHECK_EQ(combine.grid[0], static_cast<uint32_t>(cdiv(T, 4))); // BLOCK_T = 4 in this snapshot
@@ -967,8 +985,8 @@ TEST_CASE(manifest_fixture_sparsemixer)
     CHECK_EQ(stemOf(lib, plan, 0), std::string("sparsemixer_top2_fp16_e16"));
     KernelLaunch const& gate = plan.launches[3];
     CHECK_EQ(gate.args[1].buffer, static_cast<int32_t>(kBufHidden)); // theta_ptr -> hidden, never read
-    CHECK_EQ(gate.args[11].value, 0);                                  // stride_theta_t
-    CHECK_EQ(gate.args[12].value, 0);
+    CHECK_EQ(gate.args[argIndex(lib, plan, 3, "stride_theta_t")].value, 0);
+    CHECK_EQ(gate.args[argIndex(lib, plan, 3, "stride_theta_r")].value, 0);
     for (int32_t i = 0; i < plan.numLaunches; ++i)
     {
         for (int32_t a = 0; a < plan.launches[i].numArgs; ++a)
