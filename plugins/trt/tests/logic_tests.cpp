@@ -274,18 +274,26 @@ KernelLibrary const& syntheticLibrary()
     return library;
 }
 
-PlanRequest ceRequest(int64_t tokens, int32_t arch = 90, DType act = DType::kBF16)
+PlanRequest planRequest(
+    Variant variant, MoeAttrs const& attrs, DType act, DType logits, LayerDims const& dims, int32_t arch)
 {
     PlanRequest r;
-    r.variant = Variant::kCompressed;
-    r.attrs.topK = 4;
-    r.attrs.nCe = 2;
-    r.attrs.normTopkProb = 0;
+    r.variant = variant;
+    r.attrs = attrs;
     r.activation = act;
-    r.logits = act;
-    r.dims = LayerDims{tokens, 128, 64, 8, 128};
+    r.logits = logits;
+    r.dims = dims;
     r.arch = arch;
     return r;
+}
+
+PlanRequest ceRequest(int64_t tokens, int32_t arch = 90, DType act = DType::kBF16)
+{
+    MoeAttrs attrs;
+    attrs.topK = 4;
+    attrs.nCe = 2;
+    attrs.normTopkProb = 0;
+    return planRequest(Variant::kCompressed, attrs, act, act, LayerDims{tokens, 128, 64, 8, 128}, arch);
 }
 
 std::string stemOf(KernelLibrary const& lib, LaunchPlan const& plan, int32_t i)
@@ -971,13 +979,8 @@ TEST_CASE(manifest_fixture_sparsemixer)
     attrs.topK = 2;
     attrs.jitterEps = 0.01f;
     CHECK_EQ(lib.findSet(attrs, 16), 0);
-    PlanRequest req;
-    req.variant = Variant::kSparseMixer;
-    req.attrs = attrs;
-    req.activation = DType::kFP16;
-    req.logits = DType::kFP16;
-    req.dims = LayerDims{64, 128, 64, 16, 0};
-    req.arch = 90;
+    PlanRequest req
+        = planRequest(Variant::kSparseMixer, attrs, DType::kFP16, DType::kFP16, LayerDims{64, 128, 64, 16, 0}, 90);
     LaunchPlan plan;
     std::string error;
     CHECK(buildLaunchPlan(lib, req, plan, &error));
@@ -1025,13 +1028,8 @@ TEST_CASE(manifest_fixture_scaled)
     attrs.normTopkProb = 0;
     CHECK_EQ(lib.findSet(attrs, 8), -1);
     attrs.normTopkProb = 1;
-    PlanRequest req;
-    req.variant = Variant::kPlain;
-    req.attrs = attrs;
-    req.activation = DType::kFP16;
-    req.logits = DType::kFP16;
-    req.dims = LayerDims{3, 256, 128, 8, 0};
-    req.arch = 90;
+    PlanRequest req
+        = planRequest(Variant::kPlain, attrs, DType::kFP16, DType::kFP16, LayerDims{3, 256, 128, 8, 0}, 90);
     LaunchPlan plan;
     std::string error;
     CHECK(buildLaunchPlan(lib, req, plan, &error));
@@ -1060,13 +1058,8 @@ TEST_CASE(manifest_fixture_sigmoid)
     CHECK_EQ(lib.findSet(other, 16), -1);
 
     // DeepSeek-V3's engines: bf16 activations, fp32 router logits (its router runs in fp32).
-    PlanRequest req;
-    req.variant = Variant::kCompressedSigmoid;
-    req.attrs = attrs;
-    req.activation = DType::kBF16;
-    req.logits = DType::kFP32;
-    req.dims = LayerDims{40, 128, 64, 16, 128};
-    req.arch = 90;
+    PlanRequest req
+        = planRequest(Variant::kCompressedSigmoid, attrs, DType::kBF16, DType::kFP32, LayerDims{40, 128, 64, 16, 128}, 90);
     LaunchPlan plan;
     std::string error;
     bool const ok = buildLaunchPlan(lib, req, plan, &error);
@@ -1164,15 +1157,12 @@ TEST_CASE(plan_errors)
     CHECK(buildLaunchPlan(lib, req, plan, &error));
     CHECK_EQ(stemOf(lib, plan, 0), std::string("topk_softmax_bf16_e8_logits_fp32"));
     // The SparseMixer fixture (fp16 only) has no twin compiled: refused, and said so.
-    PlanRequest sparse;
-    sparse.variant = Variant::kSparseMixer;
-    sparse.attrs.routing = Routing::kSparseMixer;
-    sparse.attrs.topK = 2;
-    sparse.attrs.jitterEps = 0.01f;
-    sparse.activation = DType::kFP16;
-    sparse.logits = DType::kBF16;
-    sparse.dims = LayerDims{16, 128, 64, 8, 0};
-    sparse.arch = 90;
+    MoeAttrs band;
+    band.routing = Routing::kSparseMixer;
+    band.topK = 2;
+    band.jitterEps = 0.01f;
+    PlanRequest const sparse
+        = planRequest(Variant::kSparseMixer, band, DType::kFP16, DType::kBF16, LayerDims{16, 128, 64, 8, 0}, 90);
     CHECK(!buildLaunchPlan(sparseMixerLibrary(), sparse, plan, &error));
     CHECK_CONTAINS(error, "no routing kernel for bf16 router logits like sparsemixer_top2_fp16_e8");
     req = ceRequest(16, 75);
@@ -1214,15 +1204,12 @@ TEST_CASE(plan_zero_tokens)
 TEST_CASE(synthetic_manifest)
 {
     KernelLibrary const& lib = syntheticLibrary();
-    PlanRequest req;
-    req.variant = Variant::kCompressed;
-    req.attrs.topK = 2;
-    req.attrs.nCe = 1;
-    req.attrs.normTopkProb = 1;
-    req.activation = DType::kBF16;
-    req.logits = DType::kFP32;
-    req.dims = LayerDims{20, 16, 16, 4, 16};
-    req.arch = 80;
+    MoeAttrs attrs;
+    attrs.topK = 2;
+    attrs.nCe = 1;
+    attrs.normTopkProb = 1;
+    PlanRequest req
+        = planRequest(Variant::kCompressed, attrs, DType::kBF16, DType::kFP32, LayerDims{20, 16, 16, 4, 16}, 80);
     LaunchPlan plan;
     std::string error;
     CHECK(buildLaunchPlan(lib, req, plan, &error));
