@@ -1631,13 +1631,8 @@ TEST_CASE(aot_contract)
             {
                 for (int64_t T : {int64_t{1}, int64_t{17}, int64_t{255}, int64_t{1000}, int64_t{8192}})
                 {
-                    PlanRequest req;
-                    req.variant = variant;
-                    req.attrs = attrs;
-                    req.activation = set.plans[p].dtype;
-                    req.logits = set.plans[p].dtype;
-                    req.dims = LayerDims{T, 2048, 1024, set.plans[p].numExperts, attrs.nCe > 0 ? 2048 : 0};
-                    req.arch = set.archs[a];
+                    PlanRequest const req = planRequest(variant, attrs, set.plans[p].dtype, set.plans[p].dtype,
+                        LayerDims{T, 2048, 1024, set.plans[p].numExperts, attrs.nCe > 0 ? 2048 : 0}, set.archs[a]);
                     LaunchPlan plan;
                     std::string error;
                     bool const ok = buildLaunchPlan(lib, req, plan, &error);
