@@ -19,6 +19,9 @@ on CPU only: it gathers every token's experts' weights, which at OLMoE shapes ne
 GPU's memory for a 2048-token prompt.
 Points: prefill of S tokens (past 0) and one decode step at context C, per batch size. A decode
 step is timed by feeding the same past of length C repeatedly, so every repetition sees context C.
+The rows are timed one after another, one runtime resident at a time. On the CPU, `in_turn_rounds`
+then times the captured PyTorch model and ONNX Runtime called in turn (called_in_turn), both
+resident: the ratio a drifting machine cannot bias.
 
 Parity: the relative error max|row - reference| / max|reference| of the logits at the last input
 position (they depend on every earlier token), against the captured model in fp32 with the MoE
@@ -45,7 +48,7 @@ from ce_export import ops
 from ce_export.artifacts import atomic_file, environment_errors, write_json, write_text
 from ce_export.capture import build_torch_model
 from ce_export.dtypes import DTYPES
-from ce_export.load import load_checkpoint
+from ce_export.load import load_checkpoint, parameter_count
 from ce_export.manifest import read_manifest
 from ce_export.runners import OrtRunner, PreparedStep, TorchRunner
 from ce_export.spec import ModelSpec, MoeLayerSpec
@@ -123,6 +126,9 @@ class FastPathRunner:
         return PreparedStep(run, lambda: out["logits"][:, -1].float().cpu())
 
 
+PYTORCH_ROW = "PyTorch (ce_export op)"
+
+
 @dataclass
 class Row:
     name: str
@@ -175,7 +181,7 @@ def rows_for(checkpoint: Path, onnx: OnnxFile | None, loaded, device: torch.devi
     else:
         skipped["transformers"] = ("transformers' own classes cannot run this model "
                                    "(compressed experts, trimmed layers or not OLMoE)")
-    rows.append(Row("PyTorch (ce_export op)", lambda: TorchRunner(build_torch_model(loaded, dtype).to(device), logits)))
+    rows.append(Row(PYTORCH_ROW, lambda: TorchRunner(build_torch_model(loaded, dtype).to(device), logits)))
     rows.append(Row("ce_export fast path", lambda: FastPathRunner(build_torch_model(loaded, dtype).to(device),
                                                                   loaded.spec, max_context)))
     if compile_decode:
@@ -239,20 +245,43 @@ def interleaved(folder: str | Path, runtimes: tuple[str, str], point: Point, rou
     manifest = read_manifest(folder)
     checkpoint = manifest.source.checkpoint(folder)
     loaded = load_checkpoint(checkpoint)
-    device, dtype = torch.device("cpu"), torch.float32
     skipped: dict[str, str] = {}
     max_context = point.tokens + (point.phase == "decode")
-    rows = {row.name: row for row in rows_for(checkpoint, OnnxFile.of_build(folder, manifest), loaded, device, dtype,
-                                               max_context, skipped)}
-    missing = [name for name in runtimes if name not in rows]
+    rows = rows_for(checkpoint, OnnxFile.of_build(folder, manifest), loaded, torch.device("cpu"), torch.float32,
+                    max_context, skipped)
+    names = [row.name for row in rows]
+    missing = [name for name in runtimes if name not in names]
     if missing:
-        raise ValueError(f"no row {missing[0]!r} for {folder} (rows: {', '.join(rows)}; not run: {skipped})")
-    steps = {name: rows[name].make().prepare(*point_inputs(point, loaded.spec, dtype, device)) for name in runtimes}
-    result = {"point": asdict(point), "label": point.label, "runtimes": list(runtimes),
-              **called_in_turn({name: step.run for name, step in steps.items()}, rounds)}
-    report(f"  {point.label}: {' / '.join(runtimes)}, called in turn: {result['ratio_median']:.2f}x "
-           f"({rounds} rounds, {result['ratio_min']:.2f}-{result['ratio_max']:.2f})")
-    return result
+        raise ValueError(f"no row {missing[0]!r} for {folder} (rows: {', '.join(names)}; not run: {skipped})")
+    return in_turn(rows, runtimes, (point,), loaded.spec, torch.float32, rounds, report)[0]
+
+
+def in_turn(rows: list[Row], runtimes: tuple[str, str], points, spec: ModelSpec, dtype: torch.dtype, rounds: int,
+            report: Callable[[str], None]) -> list[dict]:
+    """Rows `runtimes` (two of `rows`, on the CPU) both resident, timed by called_in_turn on each point."""
+    by_name = {row.name: row for row in rows}
+    runners = {name: by_name[name].make() for name in runtimes}
+    results = []
+    for point in points:
+        steps = {name: runner.prepare(*point_inputs(point, spec, dtype, torch.device("cpu")))
+                 for name, runner in runners.items()}
+        result = {"point": asdict(point), "label": point.label, "runtimes": list(runtimes),
+                  **called_in_turn({name: step.run for name, step in steps.items()}, rounds)}
+        report(f"  {point.label}: {' / '.join(runtimes)}, called in turn: {result['ratio_median']:.2f}x "
+               f"({rounds} rounds, {result['ratio_min']:.2f}-{result['ratio_max']:.2f})")
+        results.append(result)
+    return results
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, budget_s: float = 1.0,
@@ -344,14 +373,16 @@ def kernel_configuration(layer: MoeLayerSpec) -> MoeLayerSpec:
 
 
 def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: str = "cpu",
-          dtype: str | None = None, compile_decode: bool = False, report: Callable[[str], None] = print) -> dict:
+          dtype: str | None = None, compile_decode: bool = False, in_turn_rounds: int = 0,
+          report: Callable[[str], None] = print) -> dict:
     """Time every row of build folder `folder` on `points`; `dtype` is the PyTorch rows' (default fp32 on
-    CPU, bf16 on CUDA); `compile_decode` adds a fast-path row whose decode step goes through torch.compile."""
+    CPU, bf16 on CUDA); `compile_decode` adds a fast-path row whose decode step goes through torch.compile;
+    `in_turn_rounds` > 0 also times the captured PyTorch model and ONNX Runtime called in turn (CPU)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     onnx = OnnxFile.of_build(folder, manifest)
     data = bench_checkpoint(manifest.source.checkpoint(folder), points, budget_s, device, dtype, compile_decode,
-                            report, onnx=onnx)
+                            report, onnx=onnx, in_turn_rounds=in_turn_rounds)
     data["build"] = str(folder.absolute())
     data["tools"] = manifest.tools | data["tools"]
     return data
@@ -360,9 +391,11 @@ def bench(folder: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: 
 def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float = 1.0, device: str = "cpu",
                      dtype: str | None = None, compile_decode: bool = False,
                      report: Callable[[str], None] = print, onnx: OnnxFile | None = None,
-                     no_onnx_reason: str = "") -> dict:
+                     no_onnx_reason: str = "", in_turn_rounds: int = 0) -> dict:
     """Time every PyTorch row of a checkpoint folder, and the ONNX Runtime row when `onnx` is given
-    (else it is listed as not run, with `no_onnx_reason`)."""
+    (else it is listed as not run, with `no_onnx_reason`). The rows are timed one after another, one
+    runtime resident at a time; with `in_turn_rounds` > 0 on the CPU, the captured PyTorch model and
+    ONNX Runtime are then also timed called in turn, both resident (in_turn_pair)."""
     checkpoint = Path(checkpoint)
     device = torch.device(device)
     dtype_name = dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -378,8 +411,9 @@ def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float 
             warm_up_kernels(loaded.spec, [p.new_tokens for p in points], torch_dtype, device, report)
         except Exception as error:  # the op's rows then fail one by one with the same error; the others run
             report(f"  Triton kernel warm-up failed: {type(error).__name__}: {error}")
-        for row in rows_for(checkpoint, onnx, loaded, device, torch_dtype, max_context, skipped, compile_decode,
-                            no_onnx_reason):
+        rows = rows_for(checkpoint, onnx, loaded, device, torch_dtype, max_context, skipped, compile_decode,
+                        no_onnx_reason)
+        for row in rows:
             try:
                 runner = row.make()
             except Exception as error:  # one row failing must not lose the others' measurements
@@ -396,6 +430,15 @@ def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float 
                     report(f"  {point.label:<22} {row.name:<30} FAILED: {type(error).__name__}: {error}")
             del runner
             free_memory(device)
+    called = []
+    if in_turn_rounds > 0:
+        pair = in_turn_pair(rows, device, loaded, skipped)
+        if pair:
+            report(f"== called in turn: {' / '.join(pair)}, both resident, {in_turn_rounds} rounds")
+            try:
+                called = in_turn(rows, pair, points, loaded.spec, torch_dtype, in_turn_rounds, report)
+            except Exception as error:  # the rows' measurements above stand without it
+                skipped[IN_TURN] = f"failed: {type(error).__name__}: {error}"
     for name, why in skipped.items():
         report(f"  not run: {name}: {why}")
     return {"build": str(checkpoint.absolute()), "model": loaded.spec.architecture,
@@ -404,7 +447,30 @@ def bench_checkpoint(checkpoint: str | Path, points=CPU_POINTS, budget_s: float 
             "torch_dtype": dtype_name, "device": str(device),
             "machine": machine_facts(device), "tools": runtime_versions(), "parity": "max relative error of the "
             "last position's logits vs the fp32 reference (captured model, MoE through moe_math.py)",
-            "skipped": skipped, "results": results}
+            "skipped": skipped, "results": results, "called_in_turn": called}
+
+
+IN_TURN = "called in turn"
+
+
+def in_turn_pair(rows: list[Row], device: torch.device, loaded, skipped: dict) -> tuple[str, str] | None:
+    """The captured PyTorch model's row and the ONNX Runtime row, if both ran and fit in memory
+    together; else None, with the reason in `skipped`."""
+    names = [row.name for row in rows if row.name not in skipped]
+    onnx_rows = [name for name in names if name.startswith("ONNX Runtime")]
+    if device.type != "cpu":
+        skipped[IN_TURN] = "on the CPU only"
+    elif not onnx_rows or PYTORCH_ROW not in names:
+        skipped[IN_TURN] = f"needs the rows {PYTORCH_ROW!r} and ONNX Runtime"
+    else:
+        total, _ = parameter_count(loaded)
+        needed, available = 2 * 4 * total, available_memory_bytes()  # two fp32 copies of the weights
+        if available is not None and needed > available:
+            skipped[IN_TURN] = (f"both runtimes resident need about {needed / 2**30:.1f} GiB, "
+                                f"{available / 2**30:.1f} GiB available")
+        else:
+            return PYTORCH_ROW, onnx_rows[0]
+    return None
 
 
 def measure(name: str, runner, point: Point, spec, input_dtype, device, expected, budget_s, report) -> dict:
@@ -547,6 +613,17 @@ def markdown_table(data: dict) -> str:
             cells = [f"{cell[label, rt]['peak_torch_allocated_mib']:.0f} / {cell[label, rt]['device_used_mib']:.0f}"
                      if "peak_torch_allocated_mib" in cell.get((label, rt), {}) else "-" for rt in runtimes]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    called = data.get("called_in_turn") or []
+    if called:
+        first, second = called[0]["runtimes"]
+        lines += ["", f"Called in turn: {first} and {second} both resident, each call after a {TURN_PAUSE_S} s pause "
+                  f"(the rows above are timed one after another, which a machine whose speed drifts can bias), "
+                  f"{called[0]['rounds']} rounds; median ms and the median (min-max) of the rounds' ratios:", "",
+                  f"| point | {first} | {second} | {first} / {second} |", "|---|---|---|---|"]
+        for entry in called:
+            ms = entry["median_ms"]
+            lines.append(f"| {entry['label']} | {ms[first]:.3f} | {ms[second]:.3f} | {entry['ratio_median']:.2f}x "
+                         f"({entry['ratio_min']:.2f}-{entry['ratio_max']:.2f}) |")
     for name, why in data.get("skipped", {}).items():
         lines.append(f"\nNot run: {name}: {why}")
     return "\n".join(lines) + "\n"

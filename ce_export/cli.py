@@ -25,6 +25,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"ce_export: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ce_export.dtypes import DTYPES
     from ce_export.manifest import TARGETS
@@ -74,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
                        help="PyTorch rows' precision (default fp32 on cpu, bf16 on cuda)")
     bench.add_argument("--compile", action="store_true", help="add a fast-path row with the decode step torch.compile'd")
+    bench.add_argument("--in-turn", type=non_negative_int, default=5, metavar="ROUNDS",
+                       help="then time the captured PyTorch model and ONNX Runtime called in turn, both resident, "
+                            "for ROUNDS rounds per point (CPU; default 5; 0: skip)")
     bench.add_argument("--trtexec", action="store_true",
                        help="instead, run trtexec on the folder's TensorRT engine (writes bench_trtexec.json)")
 
@@ -125,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
             return
         points = bench.GPU_POINTS if args.device.startswith("cuda") else bench.CPU_POINTS
         data = bench.bench(args.folder, points=points, budget_s=args.budget, device=args.device, dtype=args.dtype,
-                           compile_decode=args.compile)
+                           compile_decode=args.compile, in_turn_rounds=args.in_turn)
         files = bench.write_results(data, Path(args.out or args.folder))
         print(bench.markdown_table(data))
         print("results: " + ", ".join(str(f) for f in files))

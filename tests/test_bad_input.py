@@ -290,7 +290,7 @@ def truncate(path, keep=0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-COMMAND_ARGUMENTS = {"verify": [], "bench": ["--budget", "0"],
+COMMAND_ARGUMENTS = {"verify": [], "bench": ["--budget", "0", "--in-turn", "0"],
                      "generate": ["--ids", "1,2", "--max-new-tokens", "2", "--runtime", "ort"]}
 
 

@@ -44,3 +44,25 @@ def test_two_rows_called_in_turn_give_each_median_and_their_ratio(demo_build):
     assert 0 < result["ratio_min"] <= result["ratio_median"] <= result["ratio_max"]
     with pytest.raises(ValueError, match="no row 'TensorRT'"):
         bench.interleaved(demo_build, ("TensorRT", rows[1]), bench.Point("prefill", 1, 8), report=lambda line: None)
+
+
+def test_bench_times_pytorch_and_onnx_runtime_called_in_turn(demo_build, tmp_path):
+    data = bench.bench(demo_build, points=POINTS, budget_s=0.05, in_turn_rounds=3, report=lambda line: None)
+    called = data["called_in_turn"]
+    assert [entry["label"] for entry in called] == [point.label for point in POINTS]
+    for entry in called:
+        assert entry["runtimes"] == ["PyTorch (ce_export op)", "ONNX Runtime CPU (fp32)"] and entry["rounds"] == 3
+        assert all(ms > 0 for ms in entry["median_ms"].values())
+        assert 0 < entry["ratio_min"] <= entry["ratio_median"] <= entry["ratio_max"]
+    bench.write_results(data, tmp_path)
+    table = (tmp_path / "bench.md").read_text()
+    assert "Called in turn: PyTorch (ce_export op) and ONNX Runtime CPU (fp32) both resident" in table
+    assert "| decode b2 C=16 |" in table.split("Called in turn")[1]
+
+
+def test_called_in_turn_is_skipped_with_its_reason(demo_build, monkeypatch):
+    assert bench.bench(demo_build, points=POINTS[:1], budget_s=0.05, report=lambda line: None)["called_in_turn"] == []
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda: 1024)
+    data = bench.bench(demo_build, points=POINTS[:1], budget_s=0.05, in_turn_rounds=3, report=lambda line: None)
+    assert data["called_in_turn"] == [] and "GiB available" in data["skipped"][bench.IN_TURN]
+    assert "Not run: called in turn: both runtimes resident need" in bench.markdown_table(data)

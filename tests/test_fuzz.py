@@ -673,7 +673,7 @@ def test_bench_on_edited_manifests(tiny_build, tmp_path):
             for change in changes:
                 document = edited_json(document, *change)
             (build / "manifest.json").write_text(json.dumps(document))
-            outcomes.check(["bench", str(build), "--budget", "0"])
+            outcomes.check(["bench", str(build), "--budget", "0", "--in-turn", "0"])
 
     case()
     outcomes.summary(MINIMUM_CASES["bench_on_edited_manifests"])
