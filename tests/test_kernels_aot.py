@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 GEMM_PREFIXES = ("gate_up_swiglu", "down_weighted")
-MODEL_BUFFERS = {"hidden", "router_logits", "gate_up", "down", "ces", "score_bias", "out"}
+MODEL_BUFFERS = {"hidden", "router_logits", "gate_up", "down", "ces", "score_bias", "gate_up_bias", "down_bias", "out"}
 SHAPES = {"T": 37, "H": 2048, "I": 1024, "C": 2048, "E": 64, "K": 8, "KM": 4}
 
 
@@ -181,6 +181,80 @@ def test_deepseek_v3_sigmoid_routing_set_compiles_without_spills(tmp_path):
     assert 'pointer("score_bias_ptr", kBufScoreBias, 0, true)' in source
     assert "a.routing = Routing::kSigmoidTopK;" in source
     assert "a.nGroup = 8;" in source and "a.topkGroup = 4;" in source
+
+
+@pytest.mark.slow
+def test_gpt_oss_clamped_swiglu_set_compiles_without_spills(tmp_path):
+    """ClampedSwiGLUMoE / CompressedClampedSwiGLUMoE's set (gpt-oss-20b: 32 experts, top-4,
+    renormalised, alpha 1.702, limit 7; here with CE) for sm_80 only, to stay cheap (about 20 s; sm_90
+    and the set without CE were compiled by hand, plugins/trt/README.md): the GEMMs read the layer's
+    gate_up_bias / down_bias, the clamped SwiGLU's constants are compiled in, nothing spills (with the
+    gate/up biases added after the loop, the BLOCK_M 32 gate/up GEMM spilled on sm_80)."""
+    out = tmp_path / "aot"
+    manifest = compile_ahead_of_time(
+        out, "--arch", "80", "--dtypes", "bf16", "--num-experts", "32", "--top-k", "4", "--n-ce", "2",
+        "--norm-topk-prob", "--activation", "clamped_swiglu", "--swiglu-alpha", "1.702", "--swiglu-limit", "7.0")
+    assert (manifest["model"]["activation"], manifest["model"]["swiglu_alpha"], manifest["model"]["swiglu_limit"]) \
+        == ("clamped_swiglu", 1.702, 7.0)
+    gemms = {entry: [k for k in manifest["kernels"] if k["entry"] == entry]
+             for entry in ("gate_up_swiglu_kernel", "down_weighted_kernel")}
+    assert gemms["gate_up_swiglu_kernel"] and gemms["down_weighted_kernel"]
+    for kernel in gemms["gate_up_swiglu_kernel"]:
+        assert "_clamped_" in kernel["stem"]
+        assert {k: kernel["constexprs"][k] for k in ("HAS_BIAS", "CLAMPED", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "HAS_CE")} \
+            == {"HAS_BIAS": True, "CLAMPED": True, "SWIGLU_ALPHA": 1.702, "SWIGLU_LIMIT": 7.0, "HAS_CE": True}
+        bias = next(a for a in kernel["args"] if a["name"] == "gate_up_bias_ptr")
+        assert (bias["type"], bias["value"], bias["divisible_by_16"]) == ("*bf16", "gate_up_bias", True)
+    for kernel in gemms["down_weighted_kernel"]:
+        assert kernel["constexprs"]["HAS_BIAS"] is True and "_bias_" in kernel["stem"]
+        bias = next(a for a in kernel["args"] if a["name"] == "down_bias_ptr")
+        assert (bias["type"], bias["value"], bias["divisible_by_16"]) == ("*bf16", "down_bias", True)
+    for kernel in manifest["kernels"]:
+        ptx = (out / kernel["ptx"]).read_text()
+        entry = re.search(rf"\.entry {kernel['entry']}\((.*?)\)", ptx, re.S)
+        assert entry and entry.group(1).count(".param") == len(kernel["args"]) + 2, kernel["stem"]
+        resources = kernel["resources"]
+        assert 0 < resources["registers"] <= 255, kernel["stem"]
+        assert resources["spill_stores"] == resources["spill_loads"] == resources["stack_frame"] == 0, \
+            (kernel["stem"], kernel["arch"], resources)
+    source = (out / "kernel_set.inc").read_text()
+    assert 'pointer("gate_up_bias_ptr", kBufGateUpBias, 0, true)' in source
+    assert 'pointer("down_bias_ptr", kBufDownBias, 0, true)' in source
+    assert "a.activation = Activation::kClampedSwiGLU;" in source
+    assert "a.swigluAlpha = 1.702f;" in source and "a.swigluLimit = 7.0f;" in source
+
+
+def test_swiglu_sets_read_no_expert_biases():
+    """Without --activation the GEMMs are compiled as before: HAS_BIAS / CLAMPED off, the bias
+    pointers given a weight buffer they never read, and kernel_set.inc sets no activation (MoeAttrs'
+    default, SwiGLU)."""
+    from ce_kernels import aot, aot_cpp
+    from ce_kernels.tile_configs import tile_configs
+
+    model = aot.AotModel(num_experts=(8,), top_k=4, n_ce=2)
+    config = tile_configs(aot.tables_for(["bf16"], [90])["bf16"])[0]
+    gate_up, down = aot.gemm_builds(model, "bf16", config)
+    assert {k: gate_up.constexprs[k] for k in ("HAS_BIAS", "CLAMPED")} == {"HAS_BIAS": False, "CLAMPED": False}
+    assert down.constexprs["HAS_BIAS"] is False
+    assert {str(v) for n, _, v in gate_up.args + down.args if n.endswith("bias_ptr")} == {"gate_up", "down"}
+    assert not {"gate_up_bias_ptr", "down_bias_ptr"} & (gate_up.divisible_by_16 | down.divisible_by_16)
+    assert "clamped" not in gate_up.stem and "bias" not in down.stem
+    clamped = aot.AotModel(num_experts=(8,), top_k=4, n_ce=2, activation="clamped_swiglu", swiglu_alpha=1.702,
+                           swiglu_limit=7.0)
+    gate_up, down = aot.gemm_builds(clamped, "bf16", config)
+    assert {str(v) for n, _, v in gate_up.args + down.args if n.endswith("bias_ptr")} == {"gate_up_bias", "down_bias"}
+    assert aot_cpp.ACTIVATION_IDS[clamped.activation] == "Activation::kClampedSwiGLU"
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--swiglu-limit", "7"), "--swiglu-alpha / --swiglu-limit need --activation clamped_swiglu"),
+    (("--activation", "clamped_swiglu", "--routing", "sparsemixer", "--top-k", "2"),
+     "--activation clamped_swiglu needs --routing softmax_topk"),
+    (("--activation", "clamped_swiglu", "--swiglu-limit", "inf"), "must be finite"),
+])
+def test_aot_refuses_activation_options_that_do_not_fit(tmp_path, options, message):
+    result = run_aot("--out", str(tmp_path), "--top-k", "4", "--n-ce", "0", "--num-experts", "8", *options)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -4,6 +4,7 @@
                              [--top-k 8] [--n-ce 4] [--norm-topk-prob]
                              [--routing softmax_topk|sparsemixer|sigmoid_topk] [--routing-scale S]
                              [--jitter-eps J] [--n-group G --topk-group G]
+                             [--activation swiglu|clamped_swiglu --swiglu-alpha A --swiglu-limit L]
 
 writes DIR/sm{arch}/{stem}.ptx and .cubin, DIR/kernel_set.inc and DIR/manifest.json.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import re
 import subprocess
@@ -47,7 +49,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
-from ce_export.moe_math import RENORMALISE_EPS, ROUTINGS, SIGMOID_TOPK, SOFTMAX_TOPK, SPARSEMIXER
+from ce_export.moe_math import (ACTIVATIONS, CLAMPED_SWIGLU, RENORMALISE_EPS, ROUTINGS, SIGMOID_TOPK, SOFTMAX_TOPK,
+                                SPARSEMIXER, SWIGLU)
 from ce_kernels import align, aot_cpp, combine, grouped_gemm, routing, theta
 from ce_kernels.shape_exprs import C, E, H, I, K, KM, T, Value, cdiv, largest, max_blocks, max_padded_pairs
 from ce_kernels.tile_configs import (DTYPES, LAST, MAX_SHARED_BYTES, MoeTileConfig, arch_tile_table, tile_configs,
@@ -111,10 +114,19 @@ class AotModel:
     jitter_eps: float = 0.0
     n_group: int = 1       # sigmoid_topk: experts in n_group equal groups, the choice within the best topk_group
     topk_group: int = 1
+    activation: str = SWIGLU   # clamped_swiglu: gpt-oss's experts, with their gate_up_bias / down_bias
+    swiglu_alpha: float = 1.0
+    swiglu_limit: float = 0.0
 
     @property
     def km(self) -> int:
         return self.top_k - self.n_ce
+
+    @property
+    def expert_biases(self) -> bool:
+        """The plugin's op types have expert biases exactly when their SwiGLU is clamped (gpt-oss's
+        ClampedSwiGLUMoE / CompressedClampedSwiGLUMoE)."""
+        return self.activation == CLAMPED_SWIGLU
 
 
 @dataclass
@@ -213,9 +225,13 @@ def _alignment_args() -> list[tuple[str, str, Pointer]]:
             _ptr("num_padded_ptr", "i32", "num_padded")]
 
 
-# The plugin's experts are SwiGLU without biases: the bias pointers get a weight buffer that
-# HAS_BIAS=False never reads (the biased, clamped experts of gpt-oss are not plugin op types).
-PLUGIN_EXPERTS = {"HAS_BIAS": False, "CLAMPED": False, "SWIGLU_ALPHA": 1.0, "SWIGLU_LIMIT": 0.0}
+def expert_constexprs(model: AotModel) -> dict:
+    """The gate/up kernel's activation constants: SwiGLU without biases, or gpt-oss's clamped SwiGLU
+    with them (the constants compiled in as fp32)."""
+    clamped = model.activation == CLAMPED_SWIGLU
+    return {"HAS_BIAS": model.expert_biases, "CLAMPED": clamped,
+            "SWIGLU_ALPHA": float(model.swiglu_alpha) if clamped else 1.0,
+            "SWIGLU_LIMIT": float(model.swiglu_limit) if clamped else 0.0}
 
 
 def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[KernelBuild]:
@@ -223,43 +239,45 @@ def gemm_builds(model: AotModel, dtype: str, config: MoeTileConfig) -> list[Kern
     precision = "ieee" if dtype == "fp32" else "tf32"
     swap = "_swap" if config.swap_ab else ""
     alignment_ptrs = {"sorted_pair_ids_ptr", "block_expert_ids_ptr", "num_padded_ptr"}
+    # Without biases the bias pointers get a weight buffer that HAS_BIAS=False never reads.
+    biased = model.expert_biases
     gate = config.gate_up
     gate_up = KernelBuild(
         grouped_gemm.gate_up_swiglu_kernel,
-        f"gate_up_swiglu_{dtype}_{'ce' if has_ce else 'plain'}_bm{config.block_m}_bn{gate.block_n}_bk{gate.block_k}"
-        f"_w{gate.num_warps}_s{gate.num_stages}_g{config.group_m}{swap}",
+        f"gate_up_swiglu_{dtype}_{'ce' if has_ce else 'plain'}{'_clamped' if biased else ''}_bm{config.block_m}"
+        f"_bn{gate.block_n}_bk{gate.block_k}_w{gate.num_warps}_s{gate.num_stages}_g{config.group_m}{swap}",
         [_ptr("hidden_ptr", dtype, "hidden"), _ptr("theta_ptr", dtype, "theta" if has_ce else "hidden"),
          _ptr("gate_up_ptr", dtype, "gate_up"), _ptr("act_ptr", dtype, "act"),
-         _ptr("gate_up_bias_ptr", dtype, "gate_up"), *_alignment_args(),
+         _ptr("gate_up_bias_ptr", dtype, "gate_up_bias" if biased else "gate_up"), *_alignment_args(),
          _i32("num_pairs", T * KM), _i32("hidden_size", H), _i32("intermediate", I),
          _i32("stride_hidden_t", H), _i32("stride_theta_t", 3 * C if has_ce else 0),
          _i32("stride_theta_r", C if has_ce else 0), _i32("stride_w_e", 2 * I * H), _i32("stride_w_n", H),
          _i32("stride_act_p", I)],
         {"KM": model.km, "HAS_CE": has_ce, "DOT_PRECISION": precision, "BLOCK_M": config.block_m,
          "BLOCK_N": gate.block_n, "BLOCK_K": gate.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab,
-         **PLUGIN_EXPERTS},
+         **expert_constexprs(model)},
         {"hidden_ptr", "theta_ptr", "gate_up_ptr", "act_ptr", *alignment_ptrs, "hidden_size", "intermediate",
          "stride_hidden_t", "stride_w_e", "stride_w_n", "stride_act_p"}
-        | ({"stride_theta_t", "stride_theta_r"} if has_ce else set()),
+        | ({"stride_theta_t", "stride_theta_r"} if has_ce else set()) | ({"gate_up_bias_ptr"} if biased else set()),
         (max_blocks(T * KM, E, config.block_m) * cdiv(I, gate.block_n), 1, 1), gate.num_warps, gate.num_stages,
     )
     tiles = config.down
     down = KernelBuild(
         grouped_gemm.down_weighted_kernel,
-        f"down_weighted_{dtype}_bm{config.block_m}_bn{tiles.block_n}_bk{tiles.block_k}"
+        f"down_weighted_{dtype}{'_bias' if biased else ''}_bm{config.block_m}_bn{tiles.block_n}_bk{tiles.block_k}"
         f"_w{tiles.num_warps}_s{tiles.num_stages}_g{config.group_m}{swap}",
         [_ptr("act_ptr", dtype, "act"), _ptr("down_ptr", dtype, "down"),
          _ptr("routing_weights_ptr", "fp32", "routing_weights"), _ptr("out_ptr", dtype, "pair_out"),
-         _ptr("down_bias_ptr", dtype, "down"),
+         _ptr("down_bias_ptr", dtype, "down_bias" if biased else "down"),
          *_alignment_args(),
          _i32("num_pairs", T * KM), _i32("hidden_size", H), _i32("intermediate", I),
          _i32("stride_act_p", I), _i32("stride_w_e", H * I), _i32("stride_w_n", I),
          _i32("stride_routing_t", K), _i32("stride_out_p", H)],
         {"KM": model.km, "DOT_PRECISION": precision, "BLOCK_M": config.block_m,
          "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "GROUP_M": config.group_m, "SWAP_AB": config.swap_ab,
-         "HAS_BIAS": False},
+         "HAS_BIAS": biased},
         {"act_ptr", "down_ptr", "routing_weights_ptr", "out_ptr", *alignment_ptrs, "hidden_size", "intermediate",
-         "stride_act_p", "stride_w_e", "stride_w_n", "stride_out_p"},
+         "stride_act_p", "stride_w_e", "stride_w_n", "stride_out_p"} | ({"down_bias_ptr"} if biased else set()),
         (max_blocks(T * KM, E, config.block_m) * cdiv(H, tiles.block_n), 1, 1), tiles.num_warps, tiles.num_stages,
     )
     return [gate_up, down]
@@ -405,9 +423,10 @@ def compile_all(model: AotModel, archs: list[int], dtypes: list[str], out_dir: P
         "model": {"num_experts": list(model.num_experts), "top_k": model.top_k, "n_ce": model.n_ce,
                   "km": model.km, "norm_topk_prob": model.norm_topk_prob, "routing": model.routing,
                   "routing_scale": model.routing_scale, "jitter_eps": model.jitter_eps,
-                  "n_group": model.n_group, "topk_group": model.topk_group},
+                  "n_group": model.n_group, "topk_group": model.topk_group, "activation": model.activation,
+                  "swiglu_alpha": model.swiglu_alpha, "swiglu_limit": model.swiglu_limit},
         "assumptions": ["H % 16 == 0", "I % 16 == 0", "C % 16 == 0", "every buffer 16-byte aligned",
-                        "hidden, gate_up, down, ces and out contiguous"],
+                        "hidden, gate_up, down, ces, gate_up_bias, down_bias and out contiguous"],
         "workspace": [{"name": w.name, "dtype": w.dtype, "elements": str(w.elements(kernel_set.block_ms)),
                        "written_by": w.written_by} for w in WORKSPACE],
         "tile_table": [{"dtype": dtype, **entry} for dtype, table in tables.items() for entry in table],
@@ -518,6 +537,20 @@ def group_problem(routing_name: str, num_experts: list[int], top_k: int, n_group
     return None
 
 
+def activation_problem(routing_name: str, activation: str, swiglu_alpha: float, swiglu_limit: float) -> str | None:
+    """Why --activation / --swiglu-alpha / --swiglu-limit do not fit, or None: the clamped SwiGLU (with
+    expert biases) is an op type only with softmax_topk routing (onnx_functions.op_type_for)."""
+    if activation == SWIGLU:
+        if (swiglu_alpha, swiglu_limit) != (1.0, 0.0):
+            return "--swiglu-alpha / --swiglu-limit need --activation clamped_swiglu"
+        return None
+    if routing_name != SOFTMAX_TOPK:
+        return "--activation clamped_swiglu needs --routing softmax_topk (gpt-oss's op types)"
+    if not (math.isfinite(swiglu_alpha) and math.isfinite(swiglu_limit)):
+        return "--swiglu-alpha and --swiglu-limit must be finite"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ce_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
@@ -533,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jitter-eps", type=float, default=0.0, help="sparsemixer's band")
     parser.add_argument("--n-group", type=int, default=1, help="sigmoid_topk: the experts' groups")
     parser.add_argument("--topk-group", type=int, default=1, help="sigmoid_topk: the groups the choice is within")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default=SWIGLU,
+                        help="clamped_swiglu: gpt-oss's experts, which read gate_up_bias and down_bias")
+    parser.add_argument("--swiglu-alpha", type=float, default=1.0, help="clamped_swiglu's sigmoid slope")
+    parser.add_argument("--swiglu-limit", type=float, default=0.0, help="clamped_swiglu's clamp")
     argv = sys.argv[1:] if argv is None else argv
     if "--check-tables" in argv:
         return check_tables_main(argv)
@@ -541,13 +578,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--n-ce must be in 0..{args.top_k - 1}")
     if args.routing == SPARSEMIXER and args.top_k != 2:
         parser.error("--routing sparsemixer needs --top-k 2")
-    problem = group_problem(args.routing, args.num_experts, args.top_k, args.n_group, args.topk_group)
+    problem = (group_problem(args.routing, args.num_experts, args.top_k, args.n_group, args.topk_group)
+               or activation_problem(args.routing, args.activation, args.swiglu_alpha, args.swiglu_limit))
     if problem:
         parser.error(problem)
     if isinstance(routing.topk_softmax_kernel, InterpretedFunction):
         parser.error("TRITON_INTERPRET=1 is set: unset it to compile ahead of time")
     model = AotModel(tuple(args.num_experts), args.top_k, args.n_ce, args.norm_topk_prob,
-                     args.routing, args.routing_scale, args.jitter_eps, args.n_group, args.topk_group)
+                     args.routing, args.routing_scale, args.jitter_eps, args.n_group, args.topk_group,
+                     args.activation, args.swiglu_alpha, args.swiglu_limit)
     manifest = compile_all(model, args.arch, args.dtypes, args.out)
     for entry in manifest["kernels"]:
         res = entry["resources"]

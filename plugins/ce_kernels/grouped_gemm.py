@@ -11,7 +11,7 @@ gate_up_swiglu: act[p] = act(W_gate[e] @ (h * theta0) + b_gate[e], W_up[e] @ (h 
                 tile as it is loaded and in the epilogue. Same bytes and FLOPs as a plain MoE.
                 act: SwiGLU silu(g) * u, or gpt-oss's clamped SwiGLU (CLAMPED: g = min(g, limit),
                 u = clamp(u, -limit, limit), g * sigmoid(alpha * g) * (u + 1)); biases (HAS_BIAS,
-                gpt-oss) are added in the epilogue.
+                gpt-oss): the gate / up biases are the accumulators' starting values.
 down_weighted:  out[p] = w[t, slot] * (W_down[e] @ act[p] + b_down[e]).
 
 SWAP_AB computes the transposed product (weights x activations^T) so that the weight tile's
@@ -79,6 +79,18 @@ def gate_up_swiglu_kernel(
     else:
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:
+        # [E, 2I]: gate columns, then up columns. The accumulators start from them: added after the
+        # loop, ptxas spilled (sm_80, CE, BLOCK_M 32).
+        bias_ptrs = gate_up_bias_ptr + expert * 2 * intermediate + cols
+        gate_bias = tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+        up_bias = tl.load(bias_ptrs + intermediate, mask=col_ok, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            acc_gate += gate_bias[:, None]
+            acc_up += up_bias[:, None]
+        else:
+            acc_gate += gate_bias[None, :]
+            acc_up += up_bias[None, :]
     for k_start in range(0, hidden_size, BLOCK_K):
         k_ok = ks < hidden_size - k_start
         x = tl.load(hidden_ptrs + k_start, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -104,10 +116,6 @@ def gate_up_swiglu_kernel(
     if SWAP_AB:
         acc_gate = tl.trans(acc_gate)
         acc_up = tl.trans(acc_up)
-    if HAS_BIAS:  # [E, 2I]: gate columns, then up columns
-        bias_ptrs = gate_up_bias_ptr + expert * 2 * intermediate + cols
-        acc_gate += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        acc_up += tl.load(bias_ptrs + intermediate, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if CLAMPED:
         acc_gate = tl.minimum(acc_gate, SWIGLU_LIMIT)
         acc_up = tl.minimum(tl.maximum(acc_up, -SWIGLU_LIMIT), SWIGLU_LIMIT)
