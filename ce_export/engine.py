@@ -9,11 +9,12 @@ and gets two optimization profiles from the build limits:
     0 prefill  batch 1..max_batch, sequence 1..max_seq, past 0            (attention_mask = sequence)
     1 decode   batch 1..max_batch, sequence 1,          past 0..max_context (attention_mask = past + 1)
 
-Every MoE node of an op type our plugin implements (`ce_export::MoE`, `CompressedMoE`, the SparseMixer
-and the sigmoid pairs: onnx_functions.PLUGIN_OP_TYPES) carries plugin_namespace/plugin_version (see export.mark_plugin_nodes); the other op types'
-bodies always run. With full TensorRT and our plugin library loaded, the parser binds
-each node to the plugin (ENABLE_PLUGIN_OVERRIDE when the flag exists), and we check from the network
-that every MoE node became an IPluginV3 layer. Without a plugin (TensorRT-RTX, or no library) the
+Every MoE node of an op type our plugin implements (`ce_export::MoE`, `CompressedMoE`, the SparseMixer,
+sigmoid and clamped SwiGLU pairs: onnx_functions.PLUGIN_OP_TYPES) carries plugin_namespace/plugin_version
+(see export.mark_plugin_nodes); the other op type's (Llama 4's SigmoidTop1MoE) body always runs.
+With full TensorRT and our plugin library loaded, the parser binds each node to the plugin
+(ENABLE_PLUGIN_OVERRIDE when the flag exists), and we check from the network that every MoE node
+became an IPluginV3 layer. Without a plugin (TensorRT-RTX, or no library) the
 parser inlines each node's local-function body (standard ONNX): a plugin-less baseline engine from
 the same file. Which of the two was built is recorded in the returned dict.
 """

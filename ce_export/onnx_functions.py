@@ -576,11 +576,9 @@ EXPERTS_FORMS = {
 # The op types our TensorRT plugin (plugins/trt) implements; the others carry no plugin attributes,
 # so TensorRT always runs their function bodies.
 PLUGIN_OP_TYPES = ("MoE", "CompressedMoE", "SparseMixerMoE", "CompressedSparseMixerMoE", "SigmoidMoE",
-                   "CompressedSigmoidMoE")
-# What the plugin lacks for each other op type (the Triton kernels have all but Llama 4's).
+                   "CompressedSigmoidMoE", "ClampedSwiGLUMoE", "CompressedClampedSwiGLUMoE")
+# What the plugin lacks for each other op type (the Triton kernels lack it too).
 NOT_IN_PLUGIN = {
-    "ClampedSwiGLUMoE": "expert biases and the clamped SwiGLU",
-    "CompressedClampedSwiGLUMoE": "expert biases and the clamped SwiGLU",
     "SigmoidTop1MoE": "the routing weight on the expert input",
 }
 

@@ -28,7 +28,7 @@ LOGIC_SOURCES = ["src/moe_plugin_logic.cpp", "tests/logic_tests.cpp", "tests/all
 CASES = [
     "shape_arithmetic", "fields_roundtrip", "creator_field_names", "shape_rules", "type_rules",
     "format_combinations", "select_arch", "manifest_fixture_ce", "workspace_monotone", "manifest_fixture_sparsemixer",
-    "manifest_fixture_scaled", "manifest_fixture_sigmoid", "plan_errors", "plan_zero_tokens", "synthetic_manifest", "several_sets",
+    "manifest_fixture_scaled", "manifest_fixture_sigmoid", "manifest_fixture_clamped", "plan_errors", "plan_zero_tokens", "synthetic_manifest", "several_sets",
     "resolve_pointers", "no_allocation_in_plan", "fuzz_fields", "fuzz_shapes", "example_request_checks", "aot_contract",
 ]
 JOBS = str(max(os.cpu_count() or 1, 1))
@@ -213,8 +213,14 @@ def test_the_exporters_plugin_op_types_are_the_plugins_creators():
     body = body[:body.index("\n}\n")]
     creators = re.findall(r'case Variant::\w+: return "(\w+)";', body)
     assert sorted(creators) == sorted(onnx_functions.PLUGIN_OP_TYPES)
-    assert "SigmoidMoE" in creators and "CompressedSigmoidMoE" in creators
-    assert set(onnx_functions.NOT_IN_PLUGIN) == set(onnx_functions.OPS) - set(creators)
+    assert {"SigmoidMoE", "CompressedSigmoidMoE", "ClampedSwiGLUMoE", "CompressedClampedSwiGLUMoE"} <= set(creators)
+    assert set(onnx_functions.NOT_IN_PLUGIN) == set(onnx_functions.OPS) - set(creators) == {"SigmoidTop1MoE"}
+    # The plugin reads each op type's inputs in the exporter's order (numInputs / inputName).
+    for op_type in creators:
+        names = onnx_functions.node_inputs(op_type)
+        assert names[:4] == ["hidden", "router_logits", "gate_up", "down"], op_type
+    assert onnx_functions.node_inputs("CompressedClampedSwiGLUMoE")[4:] == ["ces", "gate_up_bias", "down_bias"]
+    assert onnx_functions.node_inputs("ClampedSwiGLUMoE")[4:] == ["gate_up_bias", "down_bias"]
 
 
 def test_aot_arguments_for_a_model_manifest(tmp_path):

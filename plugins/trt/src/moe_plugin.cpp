@@ -676,8 +676,10 @@ std::array<MoePluginCreator*, kNumVariants> const& allCreators()
     static MoePluginCreator compressedSparseMixer(Variant::kCompressedSparseMixer);
     static MoePluginCreator sigmoid(Variant::kSigmoid);
     static MoePluginCreator compressedSigmoid(Variant::kCompressedSigmoid);
-    static std::array<MoePluginCreator*, kNumVariants> const creators
-        = {&plain, &compressed, &sparseMixer, &compressedSparseMixer, &sigmoid, &compressedSigmoid};
+    static MoePluginCreator clamped(Variant::kClamped);
+    static MoePluginCreator compressedClamped(Variant::kCompressedClamped);
+    static std::array<MoePluginCreator*, kNumVariants> const creators = {&plain, &compressed, &sparseMixer,
+        &compressedSparseMixer, &sigmoid, &compressedSigmoid, &clamped, &compressedClamped};
     return creators;
 }
 

@@ -1,6 +1,7 @@
 // TensorRT IPluginV3 for one MoE / Compressed-Experts layer: ONNX nodes ce_export::MoE,
-// CompressedMoE, SparseMixerMoE, CompressedSparseMixerMoE, SigmoidMoE and CompressedSigmoidMoE (plugin_namespace "ce_export",
-// plugin_version "1"; one creator per op type, one plugin class). The math runs in the
+// CompressedMoE, SparseMixerMoE, CompressedSparseMixerMoE, SigmoidMoE, CompressedSigmoidMoE,
+// ClampedSwiGLUMoE and CompressedClampedSwiGLUMoE (plugin_namespace "ce_export", plugin_version "1";
+// one creator per op type, one plugin class). The math runs in the
 // ahead-of-time-compiled Triton kernels of plugins/ce_kernels, launched through the CUDA driver
 // API; the rules (shapes, types, workspace, launch plan) live in moe_plugin_logic.h.
 #pragma once
@@ -106,9 +107,9 @@ private:
     nvinfer1::PluginFieldCollection mCollection{};
 };
 
-//! The six creators ("MoE", "CompressedMoE", "SparseMixerMoE", "CompressedSparseMixerMoE",
-//! "SigmoidMoE", "CompressedSigmoidMoE"), in that order (kAllVariants'), shared by both
-//! registration mechanisms.
+//! The eight creators ("MoE", "CompressedMoE", "SparseMixerMoE", "CompressedSparseMixerMoE",
+//! "SigmoidMoE", "CompressedSigmoidMoE", "ClampedSwiGLUMoE", "CompressedClampedSwiGLUMoE"), in that
+//! order (kAllVariants'), shared by both registration mechanisms.
 std::array<MoePluginCreator*, kNumVariants> const& allCreators();
 
 } // namespace ce_trt

@@ -24,13 +24,16 @@ char const* pluginName(Variant v)
     case Variant::kCompressedSparseMixer: return "CompressedSparseMixerMoE";
     case Variant::kSigmoid: return "SigmoidMoE";
     case Variant::kCompressedSigmoid: return "CompressedSigmoidMoE";
+    case Variant::kClamped: return "ClampedSwiGLUMoE";
+    case Variant::kCompressedClamped: return "CompressedClampedSwiGLUMoE";
     }
     return "?";
 }
 
 bool isCompressed(Variant v)
 {
-    return v == Variant::kCompressed || v == Variant::kCompressedSparseMixer || v == Variant::kCompressedSigmoid;
+    return v == Variant::kCompressed || v == Variant::kCompressedSparseMixer || v == Variant::kCompressedSigmoid
+        || v == Variant::kCompressedClamped;
 }
 
 Routing routingOf(Variant v)
@@ -42,9 +45,27 @@ Routing routingOf(Variant v)
     case Variant::kSigmoid:
     case Variant::kCompressedSigmoid: return Routing::kSigmoidTopK;
     case Variant::kPlain:
-    case Variant::kCompressed: return Routing::kSoftmaxTopK;
+    case Variant::kCompressed:
+    case Variant::kClamped:
+    case Variant::kCompressedClamped: return Routing::kSoftmaxTopK;
     }
     return Routing::kSoftmaxTopK;
+}
+
+Activation activationOf(Variant v)
+{
+    return v == Variant::kClamped || v == Variant::kCompressedClamped ? Activation::kClampedSwiGLU
+                                                                      : Activation::kSwiGLU;
+}
+
+char const* activationName(Activation a)
+{
+    switch (a)
+    {
+    case Activation::kSwiGLU: return "swiglu";
+    case Activation::kClampedSwiGLU: return "clamped_swiglu";
+    }
+    return "?";
 }
 
 char const* routingName(Routing r)
@@ -60,7 +81,8 @@ char const* routingName(Routing r)
 
 int32_t numInputs(Variant v)
 {
-    return 4 + (isCompressed(v) ? 1 : 0) + (routingOf(v) == Routing::kSigmoidTopK ? 1 : 0);
+    return 4 + (isCompressed(v) ? 1 : 0) + (routingOf(v) == Routing::kSigmoidTopK ? 1 : 0)
+        + (activationOf(v) == Activation::kClampedSwiGLU ? 2 : 0);
 }
 
 int32_t scoreBiasInput(Variant v)
@@ -68,15 +90,77 @@ int32_t scoreBiasInput(Variant v)
     return routingOf(v) == Routing::kSigmoidTopK ? numInputs(v) - 1 : -1;
 }
 
+int32_t gateUpBiasInput(Variant v)
+{
+    return activationOf(v) == Activation::kClampedSwiGLU ? numInputs(v) - 2 : -1;
+}
+
+int32_t downBiasInput(Variant v)
+{
+    return activationOf(v) == Activation::kClampedSwiGLU ? numInputs(v) - 1 : -1;
+}
+
 BufferId inputBuffer(Variant v, int32_t input)
 {
-    return input == scoreBiasInput(v) ? kBufScoreBias : static_cast<BufferId>(input);
+    if (input == scoreBiasInput(v))
+    {
+        return kBufScoreBias;
+    }
+    if (input == gateUpBiasInput(v))
+    {
+        return kBufGateUpBias;
+    }
+    if (input == downBiasInput(v))
+    {
+        return kBufDownBias;
+    }
+    return static_cast<BufferId>(input);
+}
+
+bool hasInputBuffer(Variant v, int32_t buffer)
+{
+    for (int32_t i = 0; i < numInputs(v); ++i)
+    {
+        if (inputBuffer(v, i) == buffer)
+        {
+            return true;
+        }
+    }
+    return false;
 }
 
 namespace
 {
 
-//! The routing constants of `a` as "name=value" pairs after a leading ", ".
+char const* ioBufferName(int32_t buffer)
+{
+    switch (buffer)
+    {
+    case kBufHidden: return "hidden";
+    case kBufRouterLogits: return "router_logits";
+    case kBufGateUp: return "gate_up";
+    case kBufDown: return "down";
+    case kBufCes: return "ces";
+    case kBufScoreBias: return "score_bias";
+    case kBufGateUpBias: return "gate_up_bias";
+    case kBufDownBias: return "down_bias";
+    case kBufOut: return "out";
+    default: break;
+    }
+    return "?";
+}
+
+} // namespace
+
+char const* inputName(Variant v, int32_t input)
+{
+    return ioBufferName(inputBuffer(v, input));
+}
+
+namespace
+{
+
+//! The routing and activation constants of `a` as "name=value" pairs after a leading ", ".
 std::string routingConstants(MoeAttrs const& a)
 {
     std::ostringstream out;
@@ -91,6 +175,10 @@ std::string routingConstants(MoeAttrs const& a)
     if (a.routing == Routing::kSigmoidTopK)
     {
         out << ", n_group=" << a.nGroup << ", topk_group=" << a.topkGroup;
+    }
+    if (a.activation == Activation::kClampedSwiGLU)
+    {
+        out << ", swiglu_alpha=" << a.swigluAlpha << ", swiglu_limit=" << a.swigluLimit;
     }
     return out.str();
 }
@@ -245,6 +333,11 @@ std::vector<FieldView> creatorFieldNames(Variant v)
         fields.push_back(FieldView{kFieldNGroup, nullptr, FieldType::kINT32, 1});
         fields.push_back(FieldView{kFieldTopkGroup, nullptr, FieldType::kINT32, 1});
     }
+    if (activationOf(v) == Activation::kClampedSwiGLU)
+    {
+        fields.push_back(FieldView{kFieldSwigluAlpha, nullptr, FieldType::kFLOAT32, 1});
+        fields.push_back(FieldView{kFieldSwigluLimit, nullptr, FieldType::kFLOAT32, 1});
+    }
     return fields;
 }
 
@@ -254,6 +347,10 @@ bool validateAttrs(Variant v, MoeAttrs const& a, std::string* error)
     if (a.routing != routingOf(v))
     {
         return setError(error, op + ": routing " + routingName(a.routing) + " does not match the op type");
+    }
+    if (a.activation != activationOf(v))
+    {
+        return setError(error, op + ": activation " + activationName(a.activation) + " does not match the op type");
     }
     if (a.topK < 1)
     {
@@ -291,6 +388,14 @@ bool validateAttrs(Variant v, MoeAttrs const& a, std::string* error)
     {
         return setError(error, op + ": n_group / topk_group need sigmoid routing");
     }
+    if (a.activation == Activation::kClampedSwiGLU && (!std::isfinite(a.swigluAlpha) || !std::isfinite(a.swigluLimit)))
+    {
+        return setError(error, op + ": swiglu_alpha and swiglu_limit must be finite");
+    }
+    if (a.activation != Activation::kClampedSwiGLU && (a.swigluAlpha != 1.0f || a.swigluLimit != 0.0f))
+    {
+        return setError(error, op + ": swiglu_alpha / swiglu_limit need the clamped SwiGLU");
+    }
     if (a.maxTokens < 0)
     {
         return setError(error, op + ": max_tokens=" + std::to_string(a.maxTokens) + " must be >= 0");
@@ -324,7 +429,10 @@ bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& ou
 {
     MoeAttrs attrs;
     attrs.routing = routingOf(v);
+    attrs.activation = activationOf(v);
     bool haveTopK = false;
+    bool haveAlpha = false;
+    bool haveLimit = false;
     if (attrs.routing == Routing::kSparseMixer)
     {
         attrs.topK = 2;
@@ -380,14 +488,33 @@ bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& ou
         {
             continue; // not an attribute of the softmax / sigmoid ops (nor serialized for them): ignored
         }
-        else if (name == kFieldRoutingScale || name == kFieldJitterEps)
+        else if ((name == kFieldSwigluAlpha || name == kFieldSwigluLimit)
+            && attrs.activation != Activation::kClampedSwiGLU)
+        {
+            continue; // not an attribute of the other ops (nor serialized for them): ignored
+        }
+        else if (name == kFieldRoutingScale || name == kFieldJitterEps || name == kFieldSwigluAlpha
+            || name == kFieldSwigluLimit)
         {
             float x = 0.0f;
             if (!readFloatField(f, x, error))
             {
                 return false;
             }
-            (name == kFieldRoutingScale ? attrs.routingScale : attrs.jitterEps) = x;
+            if (name == kFieldSwigluAlpha)
+            {
+                attrs.swigluAlpha = x;
+                haveAlpha = true;
+            }
+            else if (name == kFieldSwigluLimit)
+            {
+                attrs.swigluLimit = x;
+                haveLimit = true;
+            }
+            else
+            {
+                (name == kFieldRoutingScale ? attrs.routingScale : attrs.jitterEps) = x;
+            }
         }
         else if (name == kFieldMaxTokens)
         {
@@ -401,6 +528,10 @@ bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& ou
     if (!haveTopK)
     {
         return setError(error, std::string(pluginName(v)) + ": missing field top_k");
+    }
+    if (attrs.activation == Activation::kClampedSwiGLU && (!haveAlpha || !haveLimit))
+    {
+        return setError(error, std::string(pluginName(v)) + ": missing field " + (haveAlpha ? kFieldSwigluLimit : kFieldSwigluAlpha));
     }
     if (!validateAttrs(v, attrs, error))
     {
@@ -419,6 +550,8 @@ void SerializedFields::fill(Variant v, MoeAttrs const& attrs)
     mEps = attrs.jitterEps;
     mNGroup = attrs.nGroup;
     mTopkGroup = attrs.topkGroup;
+    mAlpha = attrs.swigluAlpha;
+    mLimit = attrs.swigluLimit;
     mMaxTokens = attrs.maxTokens;
     mCount = 0;
     for (FieldView const& f : creatorFieldNames(v))
@@ -430,6 +563,8 @@ void SerializedFields::fill(Variant v, MoeAttrs const& attrs)
             : name == kFieldRoutingScale      ? static_cast<void const*>(&mScale)
             : name == kFieldNGroup            ? static_cast<void const*>(&mNGroup)
             : name == kFieldTopkGroup         ? static_cast<void const*>(&mTopkGroup)
+            : name == kFieldSwigluAlpha       ? static_cast<void const*>(&mAlpha)
+            : name == kFieldSwigluLimit       ? static_cast<void const*>(&mLimit)
                                               : static_cast<void const*>(&mEps);
         mViews[mCount++] = FieldView{f.name, data, f.type, 1};
     }
@@ -571,6 +706,23 @@ bool checkShapes(Variant v, Shape const* in, int32_t nbInputs, LayerDims& dims, 
             return setError(error, op + ": score_bias " + dimsText(bias) + " must be [E] with E = " + std::to_string(out.E));
         }
     }
+    if (activationOf(v) == Activation::kClampedSwiGLU)
+    {
+        Shape const& gateUpBias = in[gateUpBiasInput(v)];
+        Shape const& downBias = in[downBiasInput(v)];
+        bool biasesOk = gateUpBias.rank == 2 && downBias.rank == 2 && unify(out.E, gateUpBias.d[0])
+            && unify(out.E, downBias.d[0]) && unify(out.H, downBias.d[1]);
+        if (biasesOk && gateUpBias.d[1] >= 0)
+        {
+            biasesOk = gateUpBias.d[1] % 2 == 0 && unify(out.I, gateUpBias.d[1] / 2);
+        }
+        if (!biasesOk)
+        {
+            return setError(error, op + ": gate_up_bias " + dimsText(gateUpBias) + " and down_bias " + dimsText(downBias)
+                    + " must be [E, 2I] and [E, H] with E = " + std::to_string(out.E) + ", I = " + std::to_string(out.I)
+                    + ", H = " + std::to_string(out.H));
+        }
+    }
     if (out.E == 0)
     {
         return setError(error, op + ": no experts (E = 0)");
@@ -620,13 +772,12 @@ bool checkTypes(Variant v, DType const* in, int32_t nbInputs, std::string* error
     {
         return setError(error, op + ": score_bias is " + dtypeName(in[biasInput]) + "; must be fp32");
     }
-    char const* const names[] = {"hidden", "router_logits", "gate_up", "down", "ces"};
     for (int32_t i = kGateUp; i < nbInputs; ++i)
     {
         if (i != biasInput && in[i] != act)
         {
-            return setError(error,
-                op + ": " + names[i] + " is " + dtypeName(in[i]) + "; must be " + dtypeName(act) + " (hidden's type)");
+            return setError(error, op + ": " + inputName(v, i) + " is " + dtypeName(in[i]) + "; must be "
+                    + dtypeName(act) + " (hidden's type)");
         }
     }
     return true;
@@ -667,7 +818,7 @@ bool supportsCombination(Variant v, MoeAttrs const& attrs, int32_t pos, TensorTy
     {
         return t.type == DType::kFP32;
     }
-    return t.type == act; // weights, ces and the output
+    return t.type == act; // weights, ces, expert biases and the output
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -675,7 +826,14 @@ bool supportsCombination(Variant v, MoeAttrs const& attrs, int32_t pos, TensorTy
 
 bool sameLayer(MoeAttrs const& compiled, MoeAttrs const& attrs)
 {
-    if (compiled.routing != attrs.routing || compiled.topK != attrs.topK || compiled.nCe != attrs.nCe)
+    if (compiled.routing != attrs.routing || compiled.topK != attrs.topK || compiled.nCe != attrs.nCe
+        || compiled.activation != attrs.activation)
+    {
+        return false;
+    }
+    // The clamped SwiGLU's constants are compiled into the gate/up GEMM as fp32 constants.
+    if (compiled.activation == Activation::kClampedSwiGLU
+        && (compiled.swigluAlpha != attrs.swigluAlpha || compiled.swigluLimit != attrs.swigluLimit))
     {
         return false;
     }
@@ -821,6 +979,10 @@ std::string KernelLibrary::describe() const
         if (layer.routing == Routing::kSigmoidTopK)
         {
             out << " n_group=" << layer.nGroup << " topk_group=" << layer.topkGroup;
+        }
+        if (layer.activation == Activation::kClampedSwiGLU)
+        {
+            out << " clamped_swiglu swiglu_alpha=" << layer.swigluAlpha << " swiglu_limit=" << layer.swigluLimit;
         }
         out << " E={" << joined(experts) << "} dtypes={" << joined(dtypes) << "} sm={"
             << joined(std::set<int32_t>(set.archs, set.archs + set.numArchs)) << "}";
@@ -1033,10 +1195,9 @@ bool buildLaunchPlan(KernelLibrary const& library, PlanRequest const& req, Launc
             arg.kind = v.kind;
             if (v.kind == ArgKind::kPointer)
             {
-                if ((v.buffer == kBufCes && !isCompressed(req.variant))
-                    || (v.buffer == kBufScoreBias && scoreBiasInput(req.variant) < 0))
+                if (v.buffer < kBufOut && !hasInputBuffer(req.variant, v.buffer))
                 {
-                    return setError(error, std::string(spec.stem) + ": reads " + (v.buffer == kBufCes ? "ces" : "score_bias")
+                    return setError(error, std::string(spec.stem) + ": reads " + ioBufferName(v.buffer)
                             + ", which this op type does not have");
                 }
                 if (!v.value.ok || v.value.v < 0)

@@ -8,6 +8,9 @@
 //   CompressedMoE / CompressedSparseMixerMoE(..., ces [E, 3, C >= max(H, I)])                   -> [T, H]
 //   SigmoidMoE(hidden, router_logits, gate_up, down, score_bias [E] fp32)                         -> [T, H]
 //   CompressedSigmoidMoE(hidden, router_logits, gate_up, down, ces, score_bias)                  -> [T, H]
+//   ClampedSwiGLUMoE(hidden, router_logits, gate_up, down, gate_up_bias [E, 2I], down_bias [E, H]) -> [T, H]
+//   CompressedClampedSwiGLUMoE(hidden, router_logits, gate_up, down, ces, gate_up_bias, down_bias) -> [T, H]
+//   (gate_up and gate_up_bias: gate rows / columns first, then up; the exporter de-interleaves gpt-oss's)
 //   attributes: see creatorFieldNames().
 // hidden and router_logits may also carry several leading dimensions ([B, S, H]); T is their product.
 #pragma once
@@ -36,6 +39,13 @@ enum class Routing : int32_t
                       //!< topk_group of n_group groups, optional renormalisation, times routing_scale
 };
 
+enum class Activation : int32_t
+{
+    kSwiGLU = 0,        //!< silu(gate) * up, no expert biases
+    kClampedSwiGLU = 1, //!< gpt-oss's: expert biases, then gate = min(gate, limit), up = clamp(up, -limit, limit),
+                        //!< gate * sigmoid(alpha * gate) * (up + 1)
+};
+
 //! The ONNX op types of ce_export (onnx_functions.PLUGIN_OP_TYPES), one creator each.
 enum class Variant : int32_t
 {
@@ -46,18 +56,25 @@ enum class Variant : int32_t
     kSigmoid = 4,               //!< "SigmoidMoE": 5 inputs (score_bias); top_k, norm_topk_prob, routing_scale,
                                 //!< n_group, topk_group
     kCompressedSigmoid = 5,     //!< "CompressedSigmoidMoE": 6 inputs (ces, score_bias); the SigmoidMoE fields and n_ce
+    kClamped = 6,               //!< "ClampedSwiGLUMoE": 6 inputs (gate_up_bias, down_bias); top_k, norm_topk_prob,
+                                //!< routing_scale, swiglu_alpha, swiglu_limit (softmax top-k routing)
+    kCompressedClamped = 7,     //!< "CompressedClampedSwiGLUMoE": 7 inputs (ces, gate_up_bias, down_bias); the
+                                //!< ClampedSwiGLUMoE fields and n_ce
 };
 
-constexpr int32_t kNumVariants = 6;
+constexpr int32_t kNumVariants = 8;
 constexpr Variant kAllVariants[kNumVariants] = {Variant::kPlain, Variant::kCompressed, Variant::kSparseMixer,
-    Variant::kCompressedSparseMixer, Variant::kSigmoid, Variant::kCompressedSigmoid};
+    Variant::kCompressedSparseMixer, Variant::kSigmoid, Variant::kCompressedSigmoid, Variant::kClamped,
+    Variant::kCompressedClamped};
 
 char const* pluginName(Variant v);
 bool isCompressed(Variant v);
 Routing routingOf(Variant v);
 char const* routingName(Routing r); //!< ce_kernels' spelling: "softmax_topk", "sparsemixer", "sigmoid_topk"
+Activation activationOf(Variant v);
+char const* activationName(Activation a); //!< ce_kernels' spelling: "swiglu", "clamped_swiglu"
 int32_t numInputs(Variant v);
-constexpr int32_t kMaxInputs = 6;
+constexpr int32_t kMaxInputs = 7;
 constexpr int32_t kNumOutputs = 1;
 struct MoeAttrs;
 //! "CompressedMoE(top_k=8, n_ce=4, norm_topk_prob=0, routing_scale=1)", for messages.
@@ -74,6 +91,12 @@ enum InputIndex : int32_t
 
 //! The input index of score_bias: the last input of the sigmoid ops (after ces), -1 for the others.
 int32_t scoreBiasInput(Variant v);
+//! The input indices of gate_up_bias and down_bias: the last two inputs of the clamped ops (after
+//! ces), -1 for the others.
+int32_t gateUpBiasInput(Variant v);
+int32_t downBiasInput(Variant v);
+//! The ONNX input name of input `input` of op type `v` ("hidden", ..., "down_bias"), for messages.
+char const* inputName(Variant v, int32_t input);
 
 // ------------------------------------------------------------------------------------------------
 // Data types
@@ -126,6 +149,9 @@ struct MoeAttrs
     float jitterEps{0.0f};    //!< sparsemixer: the band
     int32_t nGroup{1};        //!< sigmoid_topk: experts in nGroup equal groups
     int32_t topkGroup{1};     //!< sigmoid_topk: the choice is within the best topkGroup groups
+    Activation activation{Activation::kSwiGLU}; //!< from the op type, not a field
+    float swigluAlpha{1.0f};  //!< clamped SwiGLU: the sigmoid's slope
+    float swigluLimit{0.0f};  //!< clamped SwiGLU: the clamp
     //! Largest T configurePlugin saw (serialized; informational, 0 = unknown). Nothing depends on
     //! it: configurePlugin runs per profile, possibly on clones, and the workspace TensorRT hands to
     //! enqueue is getWorkspaceSize() of the profile in use.
@@ -135,7 +161,8 @@ struct MoeAttrs
     {
         return routing == o.routing && topK == o.topK && nCe == o.nCe && normTopkProb == o.normTopkProb
             && routingScale == o.routingScale && jitterEps == o.jitterEps && nGroup == o.nGroup
-            && topkGroup == o.topkGroup && maxTokens == o.maxTokens;
+            && topkGroup == o.topkGroup && activation == o.activation && swigluAlpha == o.swigluAlpha
+            && swigluLimit == o.swigluLimit && maxTokens == o.maxTokens;
     }
 };
 
@@ -146,26 +173,33 @@ constexpr char kFieldRoutingScale[] = "routing_scale";
 constexpr char kFieldJitterEps[] = "jitter_eps";
 constexpr char kFieldNGroup[] = "n_group";
 constexpr char kFieldTopkGroup[] = "topk_group";
+constexpr char kFieldSwigluAlpha[] = "swiglu_alpha";
+constexpr char kFieldSwigluLimit[] = "swiglu_limit";
 constexpr char kFieldMaxTokens[] = "max_tokens";
 
 //! The fields a creator advertises (getFieldNames): the op type's ONNX attributes
 //!   MoE: top_k, norm_topk_prob, routing_scale        CompressedMoE: top_k, n_ce, norm_topk_prob, routing_scale
 //!   SparseMixerMoE: jitter_eps                       CompressedSparseMixerMoE: n_ce, jitter_eps
 //!   SigmoidMoE: MoE's, then n_group, topk_group      CompressedSigmoidMoE: CompressedMoE's, then n_group, topk_group
+//!   ClampedSwiGLUMoE: MoE's, then swiglu_alpha, swiglu_limit
+//!   CompressedClampedSwiGLUMoE: CompressedMoE's, then swiglu_alpha, swiglu_limit
 //! max_tokens is not one (the ONNX parser would warn that the node lacks it); it is accepted when present.
 std::vector<FieldView> creatorFieldNames(Variant v);
 
 //! Reads attributes: integers as INT32 (what the ONNX parser gives for INT attributes) or INT64,
 //! floats as FLOAT32 (or FLOAT64), length 1. Unknown fields, jitter_eps on the softmax and sigmoid
-//! ops and n_group / topk_group on the softmax and SparseMixer ops are ignored. Defaults: n_ce 0,
-//! norm_topk_prob 0, routing_scale 1, jitter_eps 0, n_group 1, topk_group 1; top_k is required for
-//! the softmax and sigmoid ops and is 2 for the SparseMixer ops. On failure returns false with a message.
+//! ops, n_group / topk_group on the ops without sigmoid routing and swiglu_alpha / swiglu_limit on
+//! the ops without the clamped SwiGLU are ignored. Defaults: n_ce 0, norm_topk_prob 0, routing_scale 1,
+//! jitter_eps 0, n_group 1, topk_group 1; top_k is required for the softmax and sigmoid ops and is 2
+//! for the SparseMixer ops; swiglu_alpha and swiglu_limit are required for the clamped ops (no
+//! default means anything there). On failure returns false with a message.
 bool parseFields(Variant v, FieldView const* fields, int32_t count, MoeAttrs& out, std::string* error);
 
 //! Checks the attributes against the op type: top_k >= 1, n_ce in 1..top_k-1 for the compressed
 //! ops (0 otherwise), norm_topk_prob in {0, 1}, finite routing_scale, jitter_eps >= 0, top_k = 2,
 //! routing_scale = 1, norm_topk_prob = 0 for SparseMixer, 1 <= topk_group <= n_group for sigmoid
-//! (both 1 otherwise). The rules that involve E are checkShapes'.
+//! (both 1 otherwise), finite swiglu_alpha / swiglu_limit for the clamped ops (1 and 0 otherwise).
+//! The rules that involve E are checkShapes'.
 bool validateAttrs(Variant v, MoeAttrs const& attrs, std::string* error);
 
 //! Storage + views for getFieldsToSerialize. The views point into this object: do not copy it
@@ -189,6 +223,8 @@ private:
     float mEps{0.0f};
     int32_t mNGroup{1};
     int32_t mTopkGroup{1};
+    float mAlpha{1.0f};
+    float mLimit{0.0f};
     int64_t mMaxTokens{0};
     std::array<FieldView, 8> mViews{};
     int32_t mCount{0};
@@ -219,7 +255,7 @@ struct LayerDims
 
 //! Checks ranks and every dimension that is known (>= 0), including the kernels' assumptions
 //! (H, I, C multiples of 16); fills `dims` (-1 where unknown). T = product of hidden's leading dims.
-//! score_bias is [E].
+//! score_bias is [E], gate_up_bias [E, 2I], down_bias [E, H].
 bool checkShapes(Variant v, Shape const* inputs, int32_t nbInputs, LayerDims& dims, std::string* error);
 
 //! The rules between the attributes and E (sigmoid: n_group equal groups of >= 2 experts, top_k <=
@@ -230,7 +266,8 @@ bool checkExpertGroups(Variant v, MoeAttrs const& attrs, int64_t numExperts, std
 Shape outputShape(Shape const& hidden);
 
 //! hidden fp32/fp16/bf16; router_logits fp32 or hidden's type; gate_up, down, ces hidden's type;
-//! score_bias fp32 (the exporter keeps it fp32 whatever the model's type).
+//! score_bias fp32 (the exporter keeps it fp32 whatever the model's type); gate_up_bias, down_bias
+//! hidden's type (the exporter stores them in the model's type, capture.parameter_dtype).
 bool checkTypes(Variant v, DType const* inputs, int32_t nbInputs, std::string* error);
 
 //! The output has hidden's type.
@@ -327,12 +364,18 @@ enum BufferId : int32_t
     kBufDown,
     kBufCes,
     kBufScoreBias,
+    kBufGateUpBias,
+    kBufDownBias,
     kBufOut,
     kNumIoBuffers,
 };
 
-//! The buffer input `input` of op type `v` is (score_bias is input 4 or 5, kBufScoreBias either way).
+//! The buffer input `input` of op type `v` is (score_bias is input 4 or 5, kBufScoreBias either way;
+//! gate_up_bias / down_bias are inputs 4, 5 or 5, 6, kBufGateUpBias / kBufDownBias).
 BufferId inputBuffer(Variant v, int32_t input);
+//! Whether op type `v` has an input bound to `buffer` (kernels reading any other input buffer do
+//! not fit it).
+bool hasInputBuffer(Variant v, int32_t buffer);
 
 constexpr int32_t kMaxWorkspaceBuffers = 16;
 constexpr int32_t kMaxBuffers = kNumIoBuffers + kMaxWorkspaceBuffers;
@@ -462,7 +505,8 @@ private:
 
 //! Whether kernels compiled for `compiled` run a layer with `attrs`: routing, top_k, n_ce and the
 //! routing constants (norm_topk_prob, routing_scale / jitter_eps: fp32 constants in the kernels;
-//! n_group, topk_group for sigmoid).
+//! n_group, topk_group for sigmoid), the activation and, for the clamped SwiGLU, swiglu_alpha /
+//! swiglu_limit (fp32 constants in the gate/up GEMM, which reads the expert biases then).
 bool sameLayer(MoeAttrs const& compiled, MoeAttrs const& attrs);
 
 //! The image to run on a device of compute capability `cc` (major * 10 + minor): an exact match;

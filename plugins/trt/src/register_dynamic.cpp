@@ -1,7 +1,7 @@
 // Registration for libce_export_trt_dynamic.so: no static registration; TensorRT asks the library
 // for its creators through the two C entry points below. This is what IPluginRegistry::loadLibrary,
 // `trtexec --dynamicPlugins` and `--setPluginsToSerialize` (plugin library stored in the plan) need.
-// Do not also load libce_export_trt.so into the same process: both provide the same six
+// Do not also load libce_export_trt.so into the same process: both provide the same eight
 // "ce_export::..." creators, and the second registration fails.
 #include "moe_plugin.h"
 

@@ -135,6 +135,10 @@ namespace ce_trt::fixtures::sigmoid
 {
 #include "fixtures/sigmoid_k4_nce2_g4_e16.inc"
 }
+namespace ce_trt::fixtures::clamped
+{
+#include "fixtures/clamped_k4_nce2_e8.inc"
+}
 
 // A hand-written kernel set over the same types: two routing kernels (bf16 logits and its fp32
 // twin), a kernel with an offset pointer, a u32 argument, a grid that can be empty and one
@@ -268,6 +272,26 @@ MoeAttrs sigmoidAttrs()
     return a;
 }
 
+KernelLibrary const& clampedLibrary()
+{
+    static KernelLibrary const& library = fixtureLibrary(fixtures::clamped::kKernelSet);
+    return library;
+}
+
+//! The clamped fixture's layer: gpt-oss's experts (biases, clamped SwiGLU with alpha 1.702, limit 7)
+//! and routing (renormalised softmax top-k), with CE.
+MoeAttrs clampedAttrs()
+{
+    MoeAttrs a;
+    a.topK = 4;
+    a.nCe = 2;
+    a.normTopkProb = 1;
+    a.activation = Activation::kClampedSwiGLU;
+    a.swigluAlpha = 1.702f;
+    a.swigluLimit = 7.0f;
+    return a;
+}
+
 KernelLibrary const& syntheticLibrary()
 {
     static KernelLibrary const& library = fixtureLibrary(fixtures::synthetic::kKernelSet);
@@ -354,6 +378,12 @@ TEST_CASE(fields_roundtrip)
         {
             attrs.nGroup = 8;
             attrs.topkGroup = 4;
+        }
+        attrs.activation = activationOf(v);
+        if (attrs.activation == Activation::kClampedSwiGLU)
+        {
+            attrs.swigluAlpha = 1.702f;
+            attrs.swigluLimit = 7.0f;
         }
         attrs.maxTokens = int64_t{1} << 40;
         SerializedFields fields;
@@ -494,6 +524,64 @@ TEST_CASE(fields_roundtrip)
     grouped.nGroup = 2;
     CHECK(!validateAttrs(Variant::kPlain, grouped, &error));
     CHECK_CONTAINS(error, "need sigmoid routing");
+
+    // The clamped ops: CompressedClampedSwiGLUMoE's ONNX attributes (gpt-oss: top-4, renormalised).
+    float const alpha = 1.702f;
+    float const limit = 7.0f;
+    int32_t const four = 4;
+    int32_t const two = 2;
+    FieldView const clamped[] = {
+        {"top_k", &four, FieldType::kINT32, 1},
+        {"n_ce", &two, FieldType::kINT32, 1},
+        {"norm_topk_prob", &one, FieldType::kINT32, 1},
+        {"routing_scale", &f, FieldType::kFLOAT32, 1},
+        {"swiglu_alpha", &alpha, FieldType::kFLOAT32, 1},
+        {"swiglu_limit", &limit, FieldType::kFLOAT32, 1},
+        {"n_group", &nGroup, FieldType::kINT32, 1}, // not a clamped attribute: ignored
+    };
+    CHECK(parseFields(Variant::kCompressedClamped, clamped, 7, attrs, &error));
+    CHECK(attrs.routing == Routing::kSoftmaxTopK);
+    CHECK(attrs.activation == Activation::kClampedSwiGLU);
+    CHECK_EQ(attrs.topK, 4);
+    CHECK_EQ(attrs.nCe, 2);
+    CHECK_EQ(attrs.normTopkProb, 1);
+    CHECK_EQ(attrs.swigluAlpha, 1.702f);
+    CHECK_EQ(attrs.swigluLimit, 7.0f);
+    CHECK_EQ(attrs.nGroup, 1);
+    // ClampedSwiGLUMoE has no n_ce; swiglu_alpha / swiglu_limit are required (no default means anything).
+    FieldView const plainClamped[] = {clamped[0], clamped[2], clamped[4], clamped[5]};
+    CHECK(parseFields(Variant::kClamped, plainClamped, 4, attrs, &error));
+    CHECK_EQ(attrs.nCe, 0);
+    CHECK(!parseFields(Variant::kClamped, clamped, 7, attrs, &error));
+    CHECK_CONTAINS(error, "ClampedSwiGLUMoE has n_ce=2");
+    CHECK(!parseFields(Variant::kClamped, plainClamped, 3, attrs, &error));
+    CHECK_CONTAINS(error, "missing field swiglu_limit");
+    FieldView const noAlpha[] = {clamped[0], clamped[5]};
+    CHECK(!parseFields(Variant::kClamped, noAlpha, 2, attrs, &error));
+    CHECK_CONTAINS(error, "missing field swiglu_alpha");
+    FieldView const intAlpha[] = {clamped[0], {"swiglu_alpha", &four, FieldType::kINT32, 1}, clamped[5]};
+    CHECK(!parseFields(Variant::kClamped, intAlpha, 3, attrs, &error));
+    CHECK_CONTAINS(error, "expected FLOAT32");
+    FieldView const infLimit[] = {clamped[0], clamped[4], {"swiglu_limit", &inf, FieldType::kFLOAT32, 1}};
+    CHECK(!parseFields(Variant::kClamped, infLimit, 3, attrs, &error));
+    CHECK_CONTAINS(error, "must be finite");
+    // On the other ops they are ignored like unknown fields, and refused by validation if set.
+    CHECK(parseFields(Variant::kPlain, plainClamped, 4, attrs, &error));
+    CHECK(attrs.activation == Activation::kSwiGLU);
+    CHECK_EQ(attrs.swigluAlpha, 1.0f);
+    CHECK_EQ(attrs.swigluLimit, 0.0f);
+    MoeAttrs limited;
+    limited.topK = 2;
+    limited.swigluLimit = 7.0f;
+    CHECK(!validateAttrs(Variant::kPlain, limited, &error));
+    CHECK_CONTAINS(error, "need the clamped SwiGLU");
+    // The activation comes from the op type: a clamped layer's attributes do not fit MoE, nor the reverse.
+    MoeAttrs gptOss = clampedAttrs();
+    CHECK(validateAttrs(Variant::kCompressedClamped, gptOss, &error));
+    CHECK(!validateAttrs(Variant::kCompressed, gptOss, &error));
+    CHECK_CONTAINS(error, "activation clamped_swiglu does not match the op type");
+    gptOss.activation = Activation::kSwiGLU;
+    CHECK(!validateAttrs(Variant::kCompressedClamped, gptOss, &error));
 }
 
 TEST_CASE(creator_field_names)
@@ -514,6 +602,36 @@ TEST_CASE(creator_field_names)
         std::string("top_k:i,norm_topk_prob:i,routing_scale:f,n_group:i,topk_group:i"));
     CHECK_EQ(names(Variant::kCompressedSigmoid),
         std::string("top_k:i,n_ce:i,norm_topk_prob:i,routing_scale:f,n_group:i,topk_group:i"));
+    CHECK_EQ(names(Variant::kClamped),
+        std::string("top_k:i,norm_topk_prob:i,routing_scale:f,swiglu_alpha:f,swiglu_limit:f"));
+    CHECK_EQ(names(Variant::kCompressedClamped),
+        std::string("top_k:i,n_ce:i,norm_topk_prob:i,routing_scale:f,swiglu_alpha:f,swiglu_limit:f"));
+    CHECK_EQ(std::string(pluginName(Variant::kClamped)), std::string("ClampedSwiGLUMoE"));
+    CHECK_EQ(std::string(pluginName(Variant::kCompressedClamped)), std::string("CompressedClampedSwiGLUMoE"));
+    CHECK_EQ(std::string(routingName(routingOf(Variant::kCompressedClamped))), std::string("softmax_topk"));
+    CHECK_EQ(std::string(activationName(activationOf(Variant::kClamped))), std::string("clamped_swiglu"));
+    CHECK(activationOf(Variant::kSigmoid) == Activation::kSwiGLU);
+    CHECK(isCompressed(Variant::kCompressedClamped) && !isCompressed(Variant::kClamped));
+    // gate_up_bias, down_bias are the last two inputs (onnx_functions.ClampedSwiGLUMoE /
+    // CompressedClampedSwiGLUMoE), after ces.
+    CHECK_EQ(numInputs(Variant::kClamped), 6);
+    CHECK_EQ(numInputs(Variant::kCompressedClamped), 7);
+    CHECK_EQ(gateUpBiasInput(Variant::kClamped), 4);
+    CHECK_EQ(downBiasInput(Variant::kClamped), 5);
+    CHECK_EQ(gateUpBiasInput(Variant::kCompressedClamped), 5);
+    CHECK_EQ(downBiasInput(Variant::kCompressedClamped), 6);
+    CHECK_EQ(gateUpBiasInput(Variant::kCompressedSigmoid), -1);
+    CHECK_EQ(downBiasInput(Variant::kPlain), -1);
+    CHECK_EQ(scoreBiasInput(Variant::kClamped), -1);
+    CHECK(inputBuffer(Variant::kClamped, 4) == kBufGateUpBias);
+    CHECK(inputBuffer(Variant::kClamped, 5) == kBufDownBias);
+    CHECK(inputBuffer(Variant::kCompressedClamped, 4) == kBufCes);
+    CHECK(inputBuffer(Variant::kCompressedClamped, 5) == kBufGateUpBias);
+    CHECK(inputBuffer(Variant::kCompressedClamped, 6) == kBufDownBias);
+    CHECK_EQ(std::string(inputName(Variant::kCompressedClamped, 6)), std::string("down_bias"));
+    CHECK_EQ(std::string(inputName(Variant::kCompressedSigmoid, 5)), std::string("score_bias"));
+    CHECK(hasInputBuffer(Variant::kClamped, kBufDownBias) && !hasInputBuffer(Variant::kClamped, kBufCes));
+    CHECK(!hasInputBuffer(Variant::kCompressed, kBufGateUpBias) && !hasInputBuffer(Variant::kSigmoid, kBufDownBias));
     CHECK_EQ(std::string(pluginName(Variant::kSigmoid)), std::string("SigmoidMoE"));
     CHECK_EQ(std::string(pluginName(Variant::kCompressedSigmoid)), std::string("CompressedSigmoidMoE"));
     CHECK_EQ(std::string(routingName(routingOf(Variant::kCompressedSigmoid))), std::string("sigmoid_topk"));
@@ -669,6 +787,41 @@ TEST_CASE(shape_rules)
     CHECK(!checkExpertGroups(Variant::kSigmoid, groups, 8, &error)); // top_k > E
     CHECK(checkExpertGroups(Variant::kSigmoid, groups, -1, &error)); // E unknown: nothing to check yet
     CHECK(checkExpertGroups(Variant::kPlain, groups, 8, &error));    // not a sigmoid op
+
+    // The clamped ops: gate_up_bias [E, 2I] and down_bias [E, H] last (gpt-oss-20b's H = I = 2880).
+    Shape clamped[] = {Shape::of({7, 2880}), Shape::of({7, 32}), Shape::of({32, 5760, 2880}),
+        Shape::of({32, 2880, 2880}), Shape::of({32, 3, 2880}), Shape::of({32, 5760}), Shape::of({32, 2880})};
+    CHECK(checkShapes(Variant::kCompressedClamped, clamped, 7, dims, &error));
+    CHECK_EQ(dims.E, 32);
+    CHECK_EQ(dims.I, 2880);
+    CHECK_EQ(dims.C, 2880);
+    Shape plainClamped[] = {clamped[0], clamped[1], clamped[2], clamped[3], clamped[5], clamped[6]};
+    CHECK(checkShapes(Variant::kClamped, plainClamped, 6, dims, &error));
+    CHECK_EQ(dims.C, 0);
+    CHECK(!checkShapes(Variant::kClamped, clamped, 6, dims, &error)); // ces where gate_up_bias belongs
+    CHECK_CONTAINS(error, "gate_up_bias [32, 3, 2880] and down_bias [32, 5760]");
+    CHECK(!checkShapes(Variant::kCompressedClamped, plainClamped, 6, dims, &error));
+    CHECK_CONTAINS(error, "takes 7 inputs");
+    for (Shape const& wrong : {Shape::of({32, 2880}), Shape::of({16, 5760}), Shape::of({32, 5759}), Shape::of({5760}),
+             Shape::of({32, 2, 2880})})
+    {
+        Shape bad[] = {clamped[0], clamped[1], clamped[2], clamped[3], wrong, clamped[6]};
+        CHECK(!checkShapes(Variant::kClamped, bad, 6, dims, &error));
+        CHECK_CONTAINS(error, "must be [E, 2I] and [E, H]");
+    }
+    for (Shape const& wrong : {Shape::of({32, 5760}), Shape::of({31, 2880}), Shape::of({2880})})
+    {
+        Shape bad[] = {clamped[0], clamped[1], clamped[2], clamped[3], clamped[5], wrong};
+        CHECK(!checkShapes(Variant::kClamped, bad, 6, dims, &error));
+        CHECK_CONTAINS(error, "must be [E, 2I] and [E, H]");
+    }
+    // The biases alone can tell E, I and H.
+    Shape fromBiases[] = {Shape::of({7, -1}), Shape::of({7, -1}), Shape::of({-1, -1, -1}), Shape::of({-1, -1, -1}),
+        Shape::of({32, 5760}), Shape::of({32, 2880})};
+    CHECK(checkShapes(Variant::kClamped, fromBiases, 6, dims, &error));
+    CHECK_EQ(dims.E, 32);
+    CHECK_EQ(dims.I, 2880);
+    CHECK_EQ(dims.H, 2880);
 }
 
 TEST_CASE(type_rules)
@@ -706,6 +859,18 @@ TEST_CASE(type_rules)
     DType const fp32Ces[] = {DType::kBF16, DType::kFP32, DType::kBF16, DType::kBF16, DType::kFP32, DType::kFP32};
     CHECK(!checkTypes(Variant::kCompressedSigmoid, fp32Ces, 6, &error));
     CHECK_CONTAINS(error, "ces is fp32");
+    // gate_up_bias and down_bias have hidden's type (capture.parameter_dtype: the model's dtype).
+    DType const clamped[] = {DType::kBF16, DType::kFP32, DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16,
+        DType::kBF16};
+    CHECK(checkTypes(Variant::kCompressedClamped, clamped, 7, &error));
+    CHECK(checkTypes(Variant::kClamped, clamped, 6, &error));
+    DType const fp32GateUpBias[] = {DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16, DType::kFP32, DType::kBF16};
+    CHECK(!checkTypes(Variant::kClamped, fp32GateUpBias, 6, &error));
+    CHECK_CONTAINS(error, "gate_up_bias is fp32; must be bf16");
+    DType const fp16DownBias[] = {DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16, DType::kBF16,
+        DType::kFP16};
+    CHECK(!checkTypes(Variant::kCompressedClamped, fp16DownBias, 7, &error));
+    CHECK_CONTAINS(error, "down_bias is fp16; must be bf16");
 }
 
 TEST_CASE(format_combinations)
@@ -1136,6 +1301,122 @@ TEST_CASE(manifest_fixture_sigmoid)
     }
     std::vector<int32_t> const archs = {90};
     CHECK(checkTokenRange(lib, req, 1, 4096, archs, &error));
+}
+
+TEST_CASE(manifest_fixture_clamped)
+{
+    KernelLibrary const& lib = clampedLibrary();
+    CHECK_CONTAINS(lib.describe(), "softmax_topk top_k=4 n_ce=2 norm_topk_prob=1 routing_scale=1 clamped_swiglu "
+                                   "swiglu_alpha=1.702 swiglu_limit=7 E={8} dtypes={bf16} sm={90}");
+    MoeAttrs const attrs = clampedAttrs();
+    CHECK(sameLayer(lib.set(0).layer(), attrs));
+    CHECK_EQ(lib.findSet(attrs, 8), 0);
+    // The activation and its constants are compiled into the gate/up GEMM: other values need their
+    // own set, and so does a CompressedMoE layer with the same routing (its kernels read no biases).
+    MoeAttrs other = attrs;
+    other.swigluLimit = 6.0f;
+    CHECK(!sameLayer(lib.set(0).layer(), other));
+    CHECK_EQ(lib.findSet(other, 8), -1);
+    other = attrs;
+    other.swigluAlpha = 1.0f;
+    CHECK_EQ(lib.findSet(other, 8), -1);
+    MoeAttrs unclamped = attrs;
+    unclamped.activation = Activation::kSwiGLU;
+    unclamped.swigluAlpha = 1.0f;
+    unclamped.swigluLimit = 0.0f;
+    CHECK_EQ(lib.findSet(unclamped, 8), -1);
+    // Nor does a SwiGLU set of the same routing (the CE fixture's: not renormalised) run gpt-oss's experts.
+    MoeAttrs ceRouting = attrs;
+    ceRouting.normTopkProb = 0;
+    CHECK_EQ(ceLibrary().findSet(ceRouting, 8), -1);
+    ceRouting.activation = Activation::kSwiGLU;
+    ceRouting.swigluAlpha = 1.0f;
+    ceRouting.swigluLimit = 0.0f;
+    CHECK_EQ(ceLibrary().findSet(ceRouting, 8), 0);
+    LaunchPlan plan;
+    std::string error;
+    PlanRequest req = planRequest(Variant::kCompressed, unclamped, DType::kBF16, DType::kBF16,
+        LayerDims{40, 128, 64, 8, 128}, 90);
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "no AOT kernels compiled for it");
+
+    // gpt-oss's engines: bf16 activations and router logits (its router runs in the model's dtype).
+    req = planRequest(Variant::kCompressedClamped, attrs, DType::kBF16, DType::kBF16, LayerDims{40, 128, 64, 8, 128}, 90);
+    bool const ok = buildLaunchPlan(lib, req, plan, &error);
+    CHECK(ok);
+    if (!ok)
+    {
+        std::cerr << error << "\n";
+    }
+    CHECK_EQ(plan.numLaunches, 7);
+    CHECK_EQ(stemOf(lib, plan, 0), std::string("topk_softmax_bf16_e8"));
+    CHECK_EQ(stemOf(lib, plan, 1), std::string("mix_compressed_experts_bf16"));
+    CHECK_EQ(stemOf(lib, plan, 4), std::string("gate_up_swiglu_bf16_ce_clamped_bm16_bn64_bk128_w4_s3_g4_swap"));
+    CHECK_EQ(stemOf(lib, plan, 5), std::string("down_weighted_bf16_bias_bm16_bn128_bk64_w4_s4_g4_swap"));
+    CHECK_EQ(stemOf(lib, plan, 6), std::string("sum_main_slots_bf16"));
+    int32_t const gateUpBias = argIndex(lib, plan, 4, "gate_up_bias_ptr");
+    int32_t const downBias = argIndex(lib, plan, 5, "down_bias_ptr");
+    CHECK(gateUpBias >= 0 && downBias >= 0);
+    if (gateUpBias < 0 || downBias < 0)
+    {
+        return;
+    }
+    KernelLaunch const& gateUp = plan.launches[4];
+    KernelLaunch const& down = plan.launches[5];
+    CHECK_EQ(gateUp.args[gateUpBias].buffer, static_cast<int32_t>(kBufGateUpBias));
+    CHECK(gateUp.args[gateUpBias].aligned16);
+    CHECK_EQ(gateUp.args[gateUpBias].value, int64_t{0});
+    CHECK_EQ(down.args[downBias].buffer, static_cast<int32_t>(kBufDownBias));
+    CHECK(down.args[downBias].aligned16);
+    CHECK_EQ(gateUp.args[argIndex(lib, plan, 4, "gate_up_ptr")].buffer, static_cast<int32_t>(kBufGateUp));
+    CHECK_EQ(down.args[argIndex(lib, plan, 5, "down_ptr")].buffer, static_cast<int32_t>(kBufDown));
+
+    // enqueue's buffer bases: each input at inputBuffer(), so gate_up_bias (input 5) is what the
+    // gate/up GEMM's bias pointer resolves to, down_bias (input 6) the down GEMM's, ces (input 4) theta's.
+    uint64_t bases[kMaxBuffers] = {};
+    for (int32_t i = 0; i < numInputs(req.variant); ++i)
+    {
+        bases[inputBuffer(req.variant, i)] = 0x100000 * static_cast<uint64_t>(i + 1);
+    }
+    uint64_t address = 0;
+    CHECK(resolvePointer(gateUp.args[gateUpBias], bases, address));
+    CHECK_EQ(address, uint64_t{0x600000});
+    CHECK(resolvePointer(down.args[downBias], bases, address));
+    CHECK_EQ(address, uint64_t{0x700000});
+    CHECK(resolvePointer(plan.launches[1].args[argIndex(lib, plan, 1, "ces_ptr")], bases, address));
+    CHECK_EQ(address, uint64_t{0x500000});
+    bases[kBufDownBias] = 0x700008; // a bias the kernel assumes 16-byte aligned
+    CHECK(!resolvePointer(down.args[downBias], bases, address));
+
+    // fp32 router logits: the routing kernel's twin; the GEMMs are the same.
+    req.logits = DType::kFP32;
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
+    CHECK_EQ(stemOf(lib, plan, 0), std::string("topk_softmax_bf16_e8_logits_fp32"));
+    // Every tile entry builds (the fallback included), each GEMM reading its bias.
+    for (int64_t tokens : {1, 32, 33, 256, 257, 1024, 1025, 8192})
+    {
+        req.dims.T = tokens;
+        CHECK(buildLaunchPlan(lib, req, plan, &error));
+        CHECK_EQ(plan.numLaunches, 7);
+        CHECK_CONTAINS(stemOf(lib, plan, 4), "_clamped_");
+        CHECK_EQ(plan.launches[5].args[argIndex(lib, plan, 5, "down_bias_ptr")].buffer,
+            static_cast<int32_t>(kBufDownBias));
+        CHECK_EQ(plan.workspace.bytes[2], size_t(tokens * 3 * 128 * 2)); // theta
+    }
+    std::vector<int32_t> const archs = {90};
+    CHECK(checkTokenRange(lib, req, 1, 4096, archs, &error));
+    // The GEMMs read gate_up_bias / down_bias: an op type without them cannot plan with this set (its
+    // attributes cannot name it: the activation comes from the op type).
+    req.variant = Variant::kCompressedSigmoid;
+    req.attrs.routing = Routing::kSigmoidTopK;
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "activation clamped_swiglu does not match the op type");
+    // H not a multiple of 16 (gpt-oss's 2880 is): the GEMMs' divisible_by_16 arguments refuse it.
+    req = planRequest(Variant::kCompressedClamped, attrs, DType::kBF16, DType::kBF16, LayerDims{40, 2888, 2880, 8, 2888}, 90);
+    CHECK(!buildLaunchPlan(lib, req, plan, &error));
+    CHECK_CONTAINS(error, "multiple of 16");
+    req.dims = LayerDims{40, 2880, 2880, 8, 2880};
+    CHECK(buildLaunchPlan(lib, req, plan, &error));
 }
 
 TEST_CASE(plan_errors)
@@ -1623,7 +1904,10 @@ TEST_CASE(aot_contract)
         Variant variant = Variant::kPlain;
         for (Variant v : kAllVariants)
         {
-            variant = routingOf(v) == attrs.routing && isCompressed(v) == (attrs.nCe > 0) ? v : variant;
+            variant = routingOf(v) == attrs.routing && activationOf(v) == attrs.activation
+                    && isCompressed(v) == (attrs.nCe > 0)
+                ? v
+                : variant;
         }
         for (int32_t p = 0; p < set.numPlans; ++p)
         {

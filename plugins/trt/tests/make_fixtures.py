@@ -28,6 +28,9 @@ SETS = {
     "sigmoid_k4_nce2_g4_e16": (aot.AotModel(num_experts=(16,), top_k=4, n_ce=2, norm_topk_prob=True,
                                             routing="sigmoid_topk", routing_scale=2.5, n_group=4, topk_group=2),
                                [90], ["bf16"]),
+    "clamped_k4_nce2_e8": (aot.AotModel(num_experts=(8,), top_k=4, n_ce=2, norm_topk_prob=True,
+                                        activation="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0),
+                           [90], ["bf16"]),
 }
 
 

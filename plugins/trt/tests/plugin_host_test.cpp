@@ -286,6 +286,19 @@ void exercise(std::vector<nvinfer1::IPluginCreatorInterface*> const& creators, K
                 CHECK(f->fields[f->nbFields - 1].type == PluginFieldType::kINT32);
             }
         }
+        for (char const* name : {"ClampedSwiGLUMoE", "CompressedClampedSwiGLUMoE"})
+        {
+            nvinfer1::IPluginCreatorV3One* clamped = findCreator(creators, name);
+            CHECK(clamped != nullptr);
+            if (clamped != nullptr)
+            {
+                CHECK(std::string(clamped->getPluginNamespace()) == "ce_export");
+                PluginFieldCollection const* f = clamped->getFieldNames();
+                CHECK(f->nbFields >= 2 && std::string(f->fields[f->nbFields - 2].name) == "swiglu_alpha"
+                    && std::string(f->fields[f->nbFields - 1].name) == "swiglu_limit");
+                CHECK(f->fields[f->nbFields - 1].type == PluginFieldType::kFLOAT32);
+            }
+        }
     });
     if (ce == nullptr || plain == nullptr)
     {
@@ -526,7 +539,7 @@ int main(int argc, char** argv)
             std::cerr << dlerror() << "\n";
             return;
         }
-        CHECK(gRegistry.entries.size() == 6);
+        CHECK(gRegistry.entries.size() == 8);
         for (auto const& e : gRegistry.entries)
         {
             CHECK(e.ns == "ce_export");
@@ -569,7 +582,7 @@ int main(int argc, char** argv)
         gActive = &finderLogger;
         int32_t n = 0;
         nvinfer1::IPluginCreatorInterface* const* list = getCreators(n);
-        CHECK(n == 6 && list != nullptr);
+        CHECK(n == 8 && list != nullptr);
         for (int32_t i = 0; i < n; ++i)
         {
             dynamicCreators.push_back(list[i]);
