@@ -236,8 +236,11 @@ def test_aot_arguments_for_a_model_manifest(tmp_path):
                             routing_scale=2.5, score_bias=True, n_group=8, topk_group=4),
         dict(deepseek_v3, num_experts=128), dict(deepseek_v3, topk_group=2),
         dict(deepseek_v3, routing_scale=1.0, n_group=1, topk_group=1),
-        # Op types the plugin does not implement need no kernels: gpt-oss's, Llama 4's.
-        dict(layer, activation="clamped_swiglu", expert_bias=True, top_k=4),
+        # gpt-oss's experts: the clamped SwiGLU's constants are in the key.
+        gpt_oss := dict(layer, num_experts=32, top_k=4, n_ce=0, norm_topk_prob=True, activation="clamped_swiglu",
+                        swiglu_alpha=1.702, swiglu_limit=7.0, expert_bias=True, router_bias=True),
+        dict(gpt_oss, num_experts=128), dict(gpt_oss, swiglu_limit=5.0),
+        # The op type the plugin does not implement needs no kernels: Llama 4's.
         dict(layer, top_k=1, n_ce=0, routing="sigmoid_topk", weights_on_input=True),
     ]}}
     path = tmp_path / "manifest.json"
@@ -251,8 +254,39 @@ def test_aot_arguments_for_a_model_manifest(tmp_path):
         sigmoid.format("128 256") + " --routing-scale 2.5 --n-group 8 --topk-group 4",
         sigmoid.format("256") + " --routing-scale 2.5 --n-group 8 --topk-group 2",
         sigmoid.format("256"),
+        "--arch 90 --dtypes bf16 --num-experts 32 128 --top-k 4 --n-ce 0 --norm-topk-prob"
+        " --activation clamped_swiglu --swiglu-alpha 1.702 --swiglu-limit 7.0",
+        "--arch 90 --dtypes bf16 --num-experts 32 --top-k 4 --n-ce 0 --norm-topk-prob"
+        " --activation clamped_swiglu --swiglu-alpha 1.702 --swiglu-limit 5.0",
     ]
     path.write_text(json.dumps({"model": {"moe_layers": []}}))
     result = subprocess.run([sys.executable, TRT_DIR / "tools" / "aot_args_for_model.py", path],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "no MoE layers of the plugin's op types" in result.stderr
+
+
+GPT_OSS_20B = {"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_local_experts": 32,
+               "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8,
+               "head_dim": 64, "swiglu_limit": 7.0, "vocab_size": 201088}
+
+
+def test_aot_arguments_for_gpt_oss_20b(tmp_path):
+    """gpt-oss-20b's MoE layers as the exporter records them (the gpt_oss family's routing fields on
+    transformers' own model, on the meta device, laid out like load.py's) need one kernel set: the
+    one plugins/trt/README.md records compiling for sm_80 / sm_90."""
+    pytest.importorskip("transformers")
+    from ce_export import families
+    from ce_export.spec import MoeLayerSpec, layer_json
+
+    lm = families.meta_model(GPT_OSS_20B)
+    layers = []
+    for index, layout in sorted(families.find_moe_blocks(lm).items()):
+        fields = families.routing_fields(families.ARCHITECTURES["gpt_oss"], lm, layout)
+        layers.append(layer_json(MoeLayerSpec(layer=index, num_experts=layout.num_experts, hidden_size=2880,
+                                              intermediate_size=layout.intermediate_size, top_k=layout.top_k, **fields)))
+    assert len(layers) == 24 and all(layer["expert_bias"] and layer["activation"] == "clamped_swiglu" for layer in layers)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"dtype": "bf16", "model": {"moe_layers": layers}}))
+    out = run([sys.executable, TRT_DIR / "tools" / "aot_args_for_model.py", path]).stdout.splitlines()
+    assert out == ["--arch 80 90 --dtypes bf16 --num-experts 32 --top-k 4 --n-ce 0 --norm-topk-prob"
+                   " --activation clamped_swiglu --swiglu-alpha 1.702 --swiglu-limit 7.0"]
