@@ -1675,7 +1675,8 @@ TEST_CASE(fuzz_fields)
     // read past it is an ASan error.
     Fuzz fuzz(1);
     std::vector<char const*> const names = {"top_k", "n_ce", "norm_topk_prob", "routing_scale", "jitter_eps", "max_tokens",
-        "n_group", "topk_group", "plugin_namespace", "plugin_version", "", "top_k_", "TOP_K", nullptr};
+        "n_group", "topk_group", "swiglu_alpha", "swiglu_limit", "plugin_namespace", "plugin_version", "", "top_k_",
+        "TOP_K", nullptr};
     int64_t accepted = 0;
     int64_t const iterations = fuzzIterations(100000);
     for (int64_t i = 0; i < iterations; ++i)
@@ -1748,6 +1749,7 @@ TEST_CASE(fuzz_shapes)
     // every kind, unknown (-1) ones included.
     Fuzz fuzz(4);
     int64_t accepted = 0;
+    int64_t acceptedClamped = 0;
     int64_t const iterations = fuzzIterations(100000);
     for (int64_t i = 0; i < iterations; ++i)
     {
@@ -1764,6 +1766,14 @@ TEST_CASE(fuzz_shapes)
                 if (s == scoreBiasInput(v))
                 {
                     shape = Shape::of({consistent.E});
+                }
+                else if (s == gateUpBiasInput(v))
+                {
+                    shape = Shape::of({consistent.E, 2 * consistent.I});
+                }
+                else if (s == downBiasInput(v))
+                {
+                    shape = Shape::of({consistent.E, consistent.H});
                 }
                 else
                 {
@@ -1814,9 +1824,19 @@ TEST_CASE(fuzz_shapes)
             Shape const& bias = shapes[static_cast<size_t>(scoreBiasInput(v))];
             CHECK(bias.rank == 1 && (bias.d[0] == -1 || dims.E == bias.d[0]));
         }
+        if (activationOf(v) == Activation::kClampedSwiGLU)
+        {
+            Shape const& gateUpBias = shapes[static_cast<size_t>(gateUpBiasInput(v))];
+            Shape const& downBias = shapes[static_cast<size_t>(downBiasInput(v))];
+            CHECK(gateUpBias.rank == 2 && (gateUpBias.d[1] == -1 || dims.I * 2 == gateUpBias.d[1]));
+            CHECK(downBias.rank == 2 && (downBias.d[1] == -1 || dims.H == downBias.d[1]));
+            ++acceptedClamped;
+        }
     }
-    std::cout << "  fuzz_shapes: " << iterations << " shape sets, " << accepted << " accepted\n";
+    std::cout << "  fuzz_shapes: " << iterations << " shape sets, " << accepted << " accepted (" << acceptedClamped
+              << " of the clamped ops)\n";
     CHECK(accepted > 0);
+    CHECK(acceptedClamped > 0);
 }
 
 TEST_CASE(example_request_checks)
