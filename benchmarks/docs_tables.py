@@ -227,9 +227,10 @@ def ort_breakdown() -> list[str]:
                      f"{rate:.0f} ({100 * rate / peak:.0f}%)" if rate else "-"])
     curve = data["expert_gemm_curve"]
     return _table(["class (ONNX Runtime's profile)", "ms per call", "share", "GFLOP/s (of the 2048^3 rate)"], body) + [
-        "", "One expert's gate and up GEMM in the sparse body's form, against tokens per expert c:", ""] + _table(
+        "", "One expert's gate and up GEMM against tokens per expert c, ms per expert: in the sparse body's "
+            "form (weights read in place) and with the weights as prepacked constants, called in turn:", ""] + _table(
         ["c"] + [str(point["tokens"]) for point in curve],
-        [["GFLOP/s"] + [f"{point['gflop_per_s']:.0f}" for point in curve]])
+        [[f"{form} ms"] + [f"{point[form]['ms']:.2f}" for point in curve] for form in ("in_place", "prepacked")])
 
 
 TABLES: dict[str, Callable[[], list[str]]] = {

@@ -11,9 +11,10 @@
    sorts every node's time into the classes of `classify`. Each GEMM's FLOPs come from the shapes
    the profiler records, so each GEMM class has a rate to hold against this machine's fp32 matmul
    rate, measured in the same run (bench.measure_ceilings).
-4. Times one expert's gate and up projections in the sparse body's form (the expert's [2, I, H]
-   weights read in place, times c tokens' inputs transposed) for c tokens per expert: the GEMM shape
-   the experts run at, and its rate against c.
+4. Times one expert's gate and up projections for c tokens per expert, in the sparse body's form
+   (the expert's [2, I, H] weights read in place, times c tokens' inputs transposed) and, called in
+   turn with it, with the weights as prepacked constants (EXPERT_FORMS): the GEMM shape the experts
+   run at, its rate against c, and the one alternative form ONNX Runtime's MLAS offers.
 Writes breakdown.json, breakdown.md and breakdown.png.
 """
 
@@ -122,43 +123,66 @@ def classify(events: list[dict], calls: int) -> dict:
     return {"classes": totals, "profiled_call_ms": statistics.median(runs[-calls:]) if runs else None}
 
 
+EXPERT_FORMS = {
+    "in_place": "the sparse body's form: the expert's [2, I, H] weights read in place (the left operand), "
+                "times c tokens' inputs transposed",
+    "prepacked": "the alternative: c tokens' inputs as rows (two Gemms, gate and up, transB), against the "
+                 "expert's weights as constant initializers, which ONNX Runtime prepacks once at load "
+                 "(a Scan cannot hand a MatMul a constant, so this form needs one node per expert)",
+}
+
+
 def expert_gemm_curve(hidden: int, intermediate: int, token_counts: list[int], experts: int = 64,
-                      repeats: int = 5) -> list[dict]:
-    """One expert's gate and up projections as the sparse body runs them, MatMul([2, I, H] weights,
-    Transpose(gathered [c, 2, H] rows)), over `experts` distinct experts so the weights stream from
-    memory as in the model: ms per expert and GFLOP/s, for each c."""
+                      rounds: int = 5) -> list[dict]:
+    """One expert's gate and up projections in each of EXPERT_FORMS, over `experts` distinct experts
+    so the weights stream from memory as in the model, the two forms called in turn
+    (bench.called_in_turn): for each c, ms per expert and GFLOP/s of each form."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     def value(name, shape):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
-    nodes = [helper.make_node("Transpose", ["rows"], ["columns"], perm=[1, 2, 0])]
-    nodes += [helper.make_node("MatMul", [f"w{e}", "columns"], [f"y{e}"]) for e in range(experts)]
-    graph = helper.make_graph(nodes, "expert_gate_up", [value(f"w{e}", [2, intermediate, hidden]) for e in range(experts)]
-                              + [value("rows", [None, 2, hidden])], [value(f"y{e}", None) for e in range(experts)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    threads = threads_from_environment()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    def session(nodes, inputs, outputs, initializers=()):
+        graph = helper.make_graph(nodes, "expert_gate_up", inputs, outputs, initializer=list(initializers))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        threads = threads_from_environment()
+        if threads:
+            options.intra_op_num_threads = threads
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
     rng = np.random.default_rng(0)
-    weights = {f"w{e}": rng.standard_normal((2, intermediate, hidden), dtype=np.float32) for e in range(experts)}
+    weights = [rng.standard_normal((2, intermediate, hidden), dtype=np.float32) for _ in range(experts)]
+    in_place = session(
+        [helper.make_node("Transpose", ["rows"], ["columns"], perm=[1, 2, 0])]
+        + [helper.make_node("MatMul", [f"w{e}", "columns"], [f"y{e}"]) for e in range(experts)],
+        [value(f"w{e}", [2, intermediate, hidden]) for e in range(experts)] + [value("rows", [None, 2, hidden])],
+        [value(f"y{e}", None) for e in range(experts)])
+    prepacked = session(
+        [helper.make_node("Gemm", [f"x_{half}", f"w{e}_{half}"], [f"y{e}_{half}"], transB=1)
+         for e in range(experts) for half in ("gate", "up")],
+        [value("x_gate", [None, hidden]), value("x_up", [None, hidden])],
+        [value(f"y{e}_{half}", None) for e in range(experts) for half in ("gate", "up")],
+        [numpy_helper.from_array(weights[e][index], f"w{e}_{half}")
+         for e in range(experts) for index, half in enumerate(("gate", "up"))])
     curve = []
     for count in token_counts:
-        feeds = weights | {"rows": rng.standard_normal((count, 2, hidden), dtype=np.float32)}
-        session.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            time.sleep(bench.TURN_PAUSE_S)
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append((time.perf_counter() - start) / experts)
-        seconds = statistics.median(times)
+        rows = rng.standard_normal((count, 2, hidden), dtype=np.float32)
+        in_place_feeds = {f"w{e}": weights[e] for e in range(experts)} | {"rows": rows}
+        prepacked_feeds = {"x_gate": np.ascontiguousarray(rows[:, 0]), "x_up": np.ascontiguousarray(rows[:, 1])}
+        expected = in_place.run(["y0"], in_place_feeds)[0]  # [2, I, c]
+        got = np.stack(prepacked.run(["y0_gate", "y0_up"], prepacked_feeds)).transpose(0, 2, 1)
+        if not np.allclose(got, expected, rtol=1e-4, atol=1e-3):
+            raise AssertionError(f"the two forms disagree at c={count}: max |diff| {np.abs(got - expected).max():.3g}")
+        turn = bench.called_in_turn({"in_place": lambda: in_place.run(None, in_place_feeds),
+                                     "prepacked": lambda: prepacked.run(None, prepacked_feeds)}, rounds)
         flop = 2 * 2 * intermediate * hidden * count
-        curve.append({"tokens": count, "ms": 1e3 * seconds, "gflop_per_s": flop / seconds / 1e9})
+        point = {"tokens": count}
+        for form, ms in turn["median_ms"].items():
+            point[form] = {"ms": ms / experts, "gflop_per_s": flop / (ms / experts / 1e3) / 1e9}
+        curve.append(point)
     return curve
 
 
@@ -225,13 +249,14 @@ def markdown(data: dict) -> str:
                  f"the GEMMs, at the rates above, leave at most {budget['left_for_rest_ms']:.1f} ms for everything "
                  f"else ({budget['rest_ms']:.1f} ms now, by the same share)."), ""]
     curve = data["expert_gemm_curve"]
-    lines += [f"One expert's gate and up projections in the sparse body's form, [2, {data['intermediate']}, "
-              f"{data['hidden']}] weights times c tokens (median per expert over 64 experts):", "",
-              "| c | " + " | ".join(str(p["tokens"]) for p in curve) + " |",
-              "|---|" + "---|" * len(curve),
-              "| ms | " + " | ".join(f"{p['ms']:.2f}" for p in curve) + " |",
-              "| GFLOP/s | " + " | ".join(f"{p['gflop_per_s']:.0f}" for p in curve) + " |", "",
-              "![breakdown](breakdown.png)", ""]
+    lines += [f"One expert's gate and up projections, [2, {data['intermediate']}, {data['hidden']}] weights times "
+              "c tokens, in two forms called in turn (ms per expert over 64 experts, median of the rounds):", ""]
+    lines += [f"- {form}: {note}." for form, note in EXPERT_FORMS.items()]
+    lines += ["", "| c | " + " | ".join(str(p["tokens"]) for p in curve) + " |", "|---|" + "---|" * len(curve)]
+    for form in EXPERT_FORMS:
+        lines += [f"| {form} ms | " + " | ".join(f"{p[form]['ms']:.2f}" for p in curve) + " |",
+                  f"| {form} GFLOP/s | " + " | ".join(f"{p[form]['gflop_per_s']:.0f}" for p in curve) + " |"]
+    lines += ["", "![breakdown](breakdown.png)", ""]
     return "\n".join(lines)
 
 
@@ -260,8 +285,9 @@ def plot(data: dict, path: Path) -> None:
     left.set_title(f"ONNX Runtime, {data['point']}")
     left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, ncol=2)
     curve = data["expert_gemm_curve"]
-    right.plot([p["tokens"] for p in curve], [p["gflop_per_s"] for p in curve], marker="o",
-               label="one expert's gate + up, sparse body's form")
+    for form in EXPERT_FORMS:
+        right.plot([p["tokens"] for p in curve], [p[form]["gflop_per_s"] for p in curve], marker="o",
+                   label=f"one expert's gate + up, {form}")
     right.axhline(data["ceilings"]["matmul_flops_per_s"] / 1e9, color="black", linestyle=":",
                   label="2048^3 fp32 matmul, this run")
     right.set_xlabel("tokens per expert c")
@@ -283,7 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=256, help="prefill length (batch 1)")
     parser.add_argument("--runs", type=int, default=5, help="profiled calls")
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the PyTorch / ONNX Runtime timing")
-    parser.add_argument("--curve-tokens", type=int, nargs="+", default=[2, 4, 8, 12, 16, 17, 20, 24, 32, 33, 48, 64])
+    parser.add_argument("--curve-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 17, 20, 24, 32, 33, 48, 64])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "ort-breakdown")
     args = parser.parse_args(argv)
     command = "python benchmarks/ort_time_breakdown.py " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -84,6 +84,7 @@ def test_script_on_the_demo_model(tmp_path):
     assert classes[breakdown.FUSED_MOE]["nodes"] == 0  # CE layers run the function body
     assert sum(entry["ms"] for entry in classes.values()) <= 1.05 * data["profile"]["profiled_call_ms"]
     assert [point["tokens"] for point in data["expert_gemm_curve"]] == [2, 8]
+    assert all(point[form]["ms"] > 0 for point in data["expert_gemm_curve"] for form in breakdown.EXPERT_FORMS)
     assert data["called_in_turn"]["ratio_median"] > 0 and data["floor_ms"] > 0
     markdown = (tmp_path / "breakdown.md").read_text()
     assert "--size demo" in markdown and "cores)" in markdown and "![breakdown](breakdown.png)" in markdown
