@@ -1,6 +1,7 @@
 """`ce_export bench`: every row timed on the same inputs, each with its parity, in JSON, markdown and PNG."""
 
 import json
+import time
 
 import pytest
 
@@ -66,3 +67,21 @@ def test_called_in_turn_is_skipped_with_its_reason(demo_build, monkeypatch):
     data = bench.bench(demo_build, points=POINTS[:1], budget_s=0.05, in_turn_rounds=3, report=lambda line: None)
     assert data["called_in_turn"] == [] and "GiB available" in data["skipped"][bench.IN_TURN]
     assert "Not run: called in turn: both runtimes resident need" in bench.markdown_table(data)
+
+
+def test_a_short_call_runs_as_a_burst_in_its_turn():
+    counts = {"short": 0, "long": 0}
+
+    def short():
+        counts["short"] += 1
+
+    def long():
+        counts["long"] += 1
+        time.sleep(0.03)
+
+    result = bench.called_in_turn({"short": short, "long": long}, rounds=3, pause_s=0, turn_s=0.02)
+    assert result["calls_per_turn"] == {"short": bench.MAX_BURST, "long": 1}
+    assert counts == {"short": 1 + 3 * (1 + bench.MAX_BURST), "long": 1 + 3}  # warm-up, then per turn
+    assert result["median_ms"]["long"] >= 30 and result["ratio_max"] < 1
+    assert bench.called_in_turn({"short": short, "long": long}, rounds=1, pause_s=0)["calls_per_turn"] == \
+        {"short": 1, "long": 1}
