@@ -52,6 +52,26 @@ def sass(cubin: Path) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
+def assert_entry_takes_its_listed_arguments(out: Path, kernel: dict) -> None:
+    """The kernel's PTX entry has the manifest's arguments plus Triton's two scratch pointers."""
+    ptx = (out / kernel["ptx"]).read_text()
+    entry = re.search(rf"\.entry {kernel['entry']}\((.*?)\)", ptx, re.S)
+    assert entry and entry.group(1).count(".param") == len(kernel["args"]) + 2, kernel["stem"]
+
+
+def assert_no_spills(kernel: dict) -> None:
+    resources = kernel["resources"]
+    assert 0 < resources["registers"] <= 255, kernel["stem"]
+    assert resources["spill_stores"] == resources["spill_loads"] == resources["stack_frame"] == 0, \
+        (kernel["stem"], kernel["arch"], resources)
+
+
+def pointer_argument(kernel: dict, name: str) -> tuple:
+    """(type, the buffer it is bound to, whether it is 16-byte aligned) of the kernel's pointer `name`."""
+    argument = next(a for a in kernel["args"] if a["name"] == name)
+    return argument["type"], argument["value"], argument["divisible_by_16"]
+
+
 def test_every_kernel_compiles_for_both_architectures(aot_output):
     out, manifest = aot_output
     stems = {arch: {k["stem"] for k in manifest["kernels"] if k["arch"] == arch} for arch in (80, 90)}
@@ -66,9 +86,7 @@ def test_every_kernel_compiles_for_both_architectures(aot_output):
         ptx = (out / kernel["ptx"]).read_text()
         assert (out / kernel["cubin"]).stat().st_size > 0
         assert f".target sm_{kernel['arch']}{'a' if kernel['arch'] == 90 else ''}" in ptx
-        entry = re.search(rf"\.entry {kernel['entry']}\((.*?)\)", ptx, re.S)
-        # The listed arguments plus Triton's two scratch pointers, as the manifest notes say.
-        assert entry and entry.group(1).count(".param") == len(kernel["args"]) + 2, kernel["stem"]
+        assert_entry_takes_its_listed_arguments(out, kernel)
 
 
 def test_sm90_gemms_use_hopper_matrix_instructions(aot_output):
@@ -165,18 +183,12 @@ def test_deepseek_v3_sigmoid_routing_set_compiles_without_spills(tmp_path):
                                                         "NORM_TOPK_PROB", "ROUTING_SCALE")} == \
                 {"TOP_K": 8, "N_GROUP": 8, "TOPK_GROUP": 4, "HAS_SCORE_BIAS": True, "NORM_TOPK_PROB": True,
                  "ROUTING_SCALE": 2.5}
-            bias = next(a for a in kernel["args"] if a["name"] == "score_bias_ptr")
-            assert (bias["type"], bias["value"], bias["divisible_by_16"]) == ("*fp32", "score_bias", True)
-            ptx = (out / kernel["ptx"]).read_text()
-            entry = re.search(rf"\.entry {kernel['entry']}\((.*?)\)", ptx, re.S)
-            assert entry and entry.group(1).count(".param") == len(kernel["args"]) + 2, kernel["stem"]
+            assert pointer_argument(kernel, "score_bias_ptr") == ("*fp32", "score_bias", True)
+            assert_entry_takes_its_listed_arguments(out, kernel)
     for plan in manifest["launch_plans"]:
         assert plan["launch"][0] == "sigmoid_topk_bf16_e256"
     for kernel in manifest["kernels"]:
-        resources = kernel["resources"]
-        assert 0 < resources["registers"] <= 255, kernel["stem"]
-        assert resources["spill_stores"] == resources["spill_loads"] == resources["stack_frame"] == 0, \
-            (kernel["stem"], kernel["arch"], resources)
+        assert_no_spills(kernel)
     source = (out / "kernel_set.inc").read_text()
     assert 'pointer("score_bias_ptr", kBufScoreBias, 0, true)' in source
     assert "a.routing = Routing::kSigmoidTopK;" in source
@@ -203,20 +215,13 @@ def test_gpt_oss_clamped_swiglu_set_compiles_without_spills(tmp_path):
         assert "_clamped_" in kernel["stem"]
         assert {k: kernel["constexprs"][k] for k in ("HAS_BIAS", "CLAMPED", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "HAS_CE")} \
             == {"HAS_BIAS": True, "CLAMPED": True, "SWIGLU_ALPHA": 1.702, "SWIGLU_LIMIT": 7.0, "HAS_CE": True}
-        bias = next(a for a in kernel["args"] if a["name"] == "gate_up_bias_ptr")
-        assert (bias["type"], bias["value"], bias["divisible_by_16"]) == ("*bf16", "gate_up_bias", True)
+        assert pointer_argument(kernel, "gate_up_bias_ptr") == ("*bf16", "gate_up_bias", True)
     for kernel in gemms["down_weighted_kernel"]:
         assert kernel["constexprs"]["HAS_BIAS"] is True and "_bias_" in kernel["stem"]
-        bias = next(a for a in kernel["args"] if a["name"] == "down_bias_ptr")
-        assert (bias["type"], bias["value"], bias["divisible_by_16"]) == ("*bf16", "down_bias", True)
+        assert pointer_argument(kernel, "down_bias_ptr") == ("*bf16", "down_bias", True)
     for kernel in manifest["kernels"]:
-        ptx = (out / kernel["ptx"]).read_text()
-        entry = re.search(rf"\.entry {kernel['entry']}\((.*?)\)", ptx, re.S)
-        assert entry and entry.group(1).count(".param") == len(kernel["args"]) + 2, kernel["stem"]
-        resources = kernel["resources"]
-        assert 0 < resources["registers"] <= 255, kernel["stem"]
-        assert resources["spill_stores"] == resources["spill_loads"] == resources["stack_frame"] == 0, \
-            (kernel["stem"], kernel["arch"], resources)
+        assert_entry_takes_its_listed_arguments(out, kernel)
+        assert_no_spills(kernel)
     source = (out / "kernel_set.inc").read_text()
     assert 'pointer("gate_up_bias_ptr", kBufGateUpBias, 0, true)' in source
     assert 'pointer("down_bias_ptr", kBufDownBias, 0, true)' in source

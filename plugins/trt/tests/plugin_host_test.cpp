@@ -262,42 +262,43 @@ void exercise(std::vector<nvinfer1::IPluginCreatorInterface*> const& creators, K
             && std::string(ceFields->fields[3].name) == "routing_scale");
         CHECK(ceFields->fields[1].type == PluginFieldType::kINT32);
         CHECK(ceFields->fields[3].type == PluginFieldType::kFLOAT32);
-        for (char const* name : {"SparseMixerMoE", "CompressedSparseMixerMoE"})
+        // The other op types' creators end with their own fields (the type of the last one where given).
+        struct TrailingFields
         {
-            nvinfer1::IPluginCreatorV3One* sm = findCreator(creators, name);
-            CHECK(sm != nullptr);
-            if (sm != nullptr)
-            {
-                CHECK(std::string(sm->getPluginNamespace()) == "ce_export");
-                PluginFieldCollection const* f = sm->getFieldNames();
-                CHECK(std::string(f->fields[f->nbFields - 1].name) == "jitter_eps");
-            }
-        }
-        for (char const* name : {"SigmoidMoE", "CompressedSigmoidMoE"})
+            char const* opType;
+            std::vector<std::string> names;
+            bool checkLastType;
+            PluginFieldType lastType;
+        };
+        std::vector<TrailingFields> const others = {
+            {"SparseMixerMoE", {"jitter_eps"}, false, PluginFieldType::kFLOAT32},
+            {"CompressedSparseMixerMoE", {"jitter_eps"}, false, PluginFieldType::kFLOAT32},
+            {"SigmoidMoE", {"n_group", "topk_group"}, true, PluginFieldType::kINT32},
+            {"CompressedSigmoidMoE", {"n_group", "topk_group"}, true, PluginFieldType::kINT32},
+            {"ClampedSwiGLUMoE", {"swiglu_alpha", "swiglu_limit"}, true, PluginFieldType::kFLOAT32},
+            {"CompressedClampedSwiGLUMoE", {"swiglu_alpha", "swiglu_limit"}, true, PluginFieldType::kFLOAT32},
+        };
+        for (TrailingFields const& expected : others)
         {
-            nvinfer1::IPluginCreatorV3One* sigmoid = findCreator(creators, name);
-            CHECK(sigmoid != nullptr);
-            if (sigmoid != nullptr)
+            nvinfer1::IPluginCreatorV3One* creator = findCreator(creators, expected.opType);
+            CHECK(creator != nullptr);
+            if (creator == nullptr)
             {
-                CHECK(std::string(sigmoid->getPluginNamespace()) == "ce_export");
-                PluginFieldCollection const* f = sigmoid->getFieldNames();
-                CHECK(f->nbFields >= 2 && std::string(f->fields[f->nbFields - 2].name) == "n_group"
-                    && std::string(f->fields[f->nbFields - 1].name) == "topk_group");
-                CHECK(f->fields[f->nbFields - 1].type == PluginFieldType::kINT32);
+                continue;
             }
-        }
-        for (char const* name : {"ClampedSwiGLUMoE", "CompressedClampedSwiGLUMoE"})
-        {
-            nvinfer1::IPluginCreatorV3One* clamped = findCreator(creators, name);
-            CHECK(clamped != nullptr);
-            if (clamped != nullptr)
+            CHECK(std::string(creator->getPluginNamespace()) == "ce_export");
+            PluginFieldCollection const* f = creator->getFieldNames();
+            int32_t const first = f->nbFields - static_cast<int32_t>(expected.names.size());
+            CHECK(first >= 0);
+            if (first < 0)
             {
-                CHECK(std::string(clamped->getPluginNamespace()) == "ce_export");
-                PluginFieldCollection const* f = clamped->getFieldNames();
-                CHECK(f->nbFields >= 2 && std::string(f->fields[f->nbFields - 2].name) == "swiglu_alpha"
-                    && std::string(f->fields[f->nbFields - 1].name) == "swiglu_limit");
-                CHECK(f->fields[f->nbFields - 1].type == PluginFieldType::kFLOAT32);
+                continue;
             }
+            for (size_t i = 0; i < expected.names.size(); ++i)
+            {
+                CHECK(std::string(f->fields[first + i].name) == expected.names[i]);
+            }
+            CHECK(!expected.checkLastType || f->fields[f->nbFields - 1].type == expected.lastType);
         }
     });
     if (ce == nullptr || plain == nullptr)
